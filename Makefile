@@ -1,0 +1,33 @@
+# wasmshare: `make run` runs the demo, `make test` runs the tests, `make bench` the benchmarks.
+# Each target creates .venv and installs the project with its pinned dependencies first.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-dev
+
+.PHONY: run test bench typecheck guests clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(BIN)/wasmshare demo
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -q
+
+bench: $(STAMP)
+	$(BIN)/wasmshare bench all
+
+typecheck: $(STAMP)
+	$(BIN)/python -m mypy
+
+guests: $(STAMP)
+	for src in guests/*.c; do $(BIN)/wasmshare build $$src -o $${src%.c}.wasm || exit 1; done
+
+clean:
+	rm -rf $(VENV) .pytest_cache .mypy_cache build src/*.egg-info

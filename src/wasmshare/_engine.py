@@ -1,0 +1,173 @@
+"""Engines, the epoch ticker and the compiled-module cache shared by every guest.
+
+wasmtime compiles a module for one engine configuration, so wasmshare keeps one
+engine per combination of the options that change code generation (fuel metering
+and epoch interruption). Every engine keeps linear memories in place
+(``memory_may_move = False`` with the default 4 GiB reservation): that is what lets a
+loan map a region at a fixed address inside a guest's memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.metadata
+import os
+import tempfile
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import wasmtime
+
+EPOCH_TICK_S = 0.001
+"""Period of the epoch ticker: deadlines are measured in these ticks (1 ms)."""
+
+
+@dataclass(frozen=True)
+class EngineOptions:
+    """The engine settings that change compiled code; one engine exists per value."""
+
+    fuel: bool = False
+    epoch: bool = False
+
+    @property
+    def cache_tag(self) -> str:
+        return f"fuel{int(self.fuel)}-epoch{int(self.epoch)}"
+
+
+_engines: dict[EngineOptions, wasmtime.Engine] = {}
+_engines_lock = threading.Lock()
+
+
+def engine_for(options: EngineOptions) -> wasmtime.Engine:
+    """Return the process-wide engine for ``options``, creating it on first use."""
+    with _engines_lock:
+        engine = _engines.get(options)
+        if engine is None:
+            config = wasmtime.Config()
+            config.memory_may_move = False
+            config.consume_fuel = options.fuel
+            config.epoch_interruption = options.epoch
+            engine = wasmtime.Engine(config)
+            _engines[options] = engine
+        return engine
+
+
+class EpochTicker:
+    """Increments an engine's epoch every :data:`EPOCH_TICK_S` while any guest needs it.
+
+    The ticker is a daemon thread; it parks on a condition variable while no guest with
+    a deadline is alive, so an idle process pays nothing. wasm calls release the GIL,
+    so the ticker runs while the main thread is inside a guest.
+    """
+
+    def __init__(self, engine: wasmtime.Engine) -> None:
+        self._engine = engine
+        self._users = 0
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
+
+    def acquire(self) -> None:
+        """Register one guest that needs ticks; starts the thread on first use."""
+        with self._cond:
+            self._users += 1
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._run, name="wasmshare-epoch", daemon=True)
+                self._thread.start()
+            self._cond.notify_all()
+
+    def release(self) -> None:
+        """Unregister a guest; the thread parks when no guest is left."""
+        with self._cond:
+            self._users = max(0, self._users - 1)
+
+    def _run(self) -> None:
+        engine = self._engine
+        while True:
+            with self._cond:
+                while self._users == 0:
+                    self._cond.wait()
+            time.sleep(EPOCH_TICK_S)
+            engine.increment_epoch()
+
+
+_tickers: dict[int, EpochTicker] = {}
+
+
+def ticker_for(engine: wasmtime.Engine) -> EpochTicker:
+    """Return the ticker of ``engine`` (one per engine)."""
+    with _engines_lock:
+        ticker = _tickers.get(id(engine))
+        if ticker is None:
+            ticker = EpochTicker(engine)
+            _tickers[id(engine)] = ticker
+        return ticker
+
+
+def deadline_ticks(deadline_ms: float) -> int:
+    """Epoch ticks to allow so that at least ``deadline_ms`` passes before the trap."""
+    return max(1, int(-(-deadline_ms // (EPOCH_TICK_S * 1000)))) + 1
+
+
+def default_cache_dir() -> Path:
+    """``$WASMSHARE_CACHE_DIR``, else ``$XDG_CACHE_HOME/wasmshare``, else ``~/.cache/wasmshare``."""
+    explicit = os.environ.get("WASMSHARE_CACHE_DIR")
+    if explicit:
+        return Path(explicit)
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    base = Path(xdg) if xdg else Path.home() / ".cache"
+    return base / "wasmshare"
+
+
+_WASMTIME_VERSION = importlib.metadata.version("wasmtime")
+_memory_modules: dict[tuple[str, EngineOptions], wasmtime.Module] = {}
+_memory_lock = threading.Lock()
+
+
+def compile_module(
+    wasm: bytes, options: EngineOptions, *, cache_dir: Path | None | bool = None
+) -> tuple[wasmtime.Module, str]:
+    """Compile ``wasm`` for ``options``, through an in-process and an on-disk cache.
+
+    Returns the module and the wasm's sha256. The on-disk cache stores wasmtime's
+    native artifact (``.cwasm``) keyed by the wasm hash, the engine options and the
+    wasmtime version, so a second process start deserializes (mapping the file) instead
+    of recompiling. ``cache_dir=False`` disables the disk cache. Raises
+    :class:`wasmtime.WasmtimeError` for an invalid module.
+    """
+    digest = hashlib.sha256(wasm).hexdigest()
+    key = (digest, options)
+    with _memory_lock:
+        cached = _memory_modules.get(key)
+    if cached is not None:
+        return cached, digest
+    engine = engine_for(options)
+    module: wasmtime.Module | None = None
+    path: Path | None = None
+    if cache_dir is not False:
+        root = default_cache_dir() if cache_dir is None or cache_dir is True else Path(cache_dir)
+        path = root / "modules" / f"{digest}-{options.cache_tag}-wasmtime{_WASMTIME_VERSION}.cwasm"
+        if path.is_file():
+            try:
+                module = wasmtime.Module.deserialize_file(engine, str(path))
+            except wasmtime.WasmtimeError:
+                module = None  # stale or corrupt artifact: recompile and overwrite it
+    if module is None:
+        module = wasmtime.Module(engine, wasm)
+        if path is not None:
+            _write_atomically(path, bytes(module.serialize()))
+    with _memory_lock:
+        _memory_modules.setdefault(key, module)
+        return _memory_modules[key], digest
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".cwasm")
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except OSError:
+        pass  # a read-only or full cache directory only costs a recompile next time

@@ -1,0 +1,66 @@
+"""Thin ctypes wrappers over the libc calls that place and protect loans.
+
+Python's :mod:`mmap` cannot map at a fixed address or change protection, so the loan
+layer calls libc directly. Every wrapper raises :class:`OSError` with ``errno`` set.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import mmap
+import os
+import sys
+
+PAGE_SIZE: int = mmap.PAGESIZE
+WASM_PAGE_SIZE: int = 65536
+
+PROT_NONE = 0
+PROT_READ = mmap.PROT_READ
+PROT_WRITE = mmap.PROT_WRITE
+MAP_SHARED = mmap.MAP_SHARED
+MAP_PRIVATE = mmap.MAP_PRIVATE
+MAP_ANONYMOUS: int = getattr(mmap, "MAP_ANONYMOUS", 0x20)
+MAP_FIXED: int = 0x10 if sys.platform.startswith("linux") else 0x0010
+
+IS_LINUX: bool = sys.platform.startswith("linux")
+
+_libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+_mmap = _libc.mmap
+_mmap.restype = ctypes.c_void_p
+_mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+_mprotect = _libc.mprotect
+_mprotect.restype = ctypes.c_int
+_mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+_MAP_FAILED = ctypes.c_void_p(-1).value
+
+
+def _raise_errno(what: str) -> None:
+    err = ctypes.get_errno()
+    raise OSError(err, f"{what}: {os.strerror(err)}")
+
+
+def map_fixed(address: int, nbytes: int, prot: int, flags: int, fd: int, offset: int) -> None:
+    """Map ``fd`` at exactly ``address``, replacing whatever was mapped there."""
+    result = _mmap(address, nbytes, prot, flags | MAP_FIXED, fd, offset)
+    if result == _MAP_FAILED or result is None:
+        _raise_errno("mmap")
+    if result != address:  # pragma: no cover - MAP_FIXED either succeeds in place or fails
+        raise OSError(0, f"mmap placed the mapping at {result:#x}, not {address:#x}")
+
+
+def map_anonymous_fixed(address: int, nbytes: int, prot: int) -> None:
+    """Replace ``[address, address+nbytes)`` with fresh zero pages of private memory."""
+    map_fixed(address, nbytes, prot, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0)
+
+
+def protect(address: int, nbytes: int, prot: int) -> None:
+    """Change the protection of a page-aligned range."""
+    if _mprotect(address, nbytes, prot) != 0:
+        _raise_errno("mprotect")
+
+
+def round_up(n: int, multiple: int) -> int:
+    """Round ``n`` up to a multiple of ``multiple``."""
+    return -(-n // multiple) * multiple
