@@ -1,0 +1,178 @@
+"""The ``wasmshare`` command.
+
+Every user mistake (bad path, bad module, compiler error) ends as one red line on
+stderr and a non-zero exit code, never a traceback.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import importlib.util
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import WasmshareError
+
+app = typer.Typer(
+    name="wasmshare",
+    help="Zero-copy shared memory between a Python host and its WebAssembly guests.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+BENCHMARKS = ("calls", "exchange")
+
+
+def _fail(message: str, code: int = 1) -> typer.Exit:
+    errors.print(f"[red bold]error:[/] {message}", highlight=False)
+    return typer.Exit(code)
+
+
+@app.command()
+def build(
+    sources: Annotated[list[Path], typer.Argument(help="C source files of one guest module.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .wasm file to write.")],
+    wasi: Annotated[bool, typer.Option("--wasi", help="Target wasm32-wasi with libc (a reactor module).")] = False,
+    optimize: Annotated[str, typer.Option("--optimize", "-O", help="fast (-O2), small (-Oz) or debug.")] = "fast",
+    initial_memory: Annotated[Optional[int], typer.Option(help="Initial linear memory in bytes (64 KiB multiple).")] = None,
+    max_memory: Annotated[Optional[int], typer.Option(help="Maximum linear memory in bytes (64 KiB multiple).")] = None,
+) -> None:
+    """Compile C guest sources with Zig (from PyPI) against wasmshare.h."""
+    from .abi import build_guest
+
+    if optimize not in ("fast", "small", "debug"):
+        raise _fail(f"--optimize must be fast, small or debug, not {optimize!r}")
+    try:
+        out = build_guest(
+            sources, output, wasi=wasi, optimize=optimize,  # type: ignore[arg-type]
+            initial_memory=initial_memory, max_memory=max_memory,
+        )
+    except (WasmshareError, ValueError, TypeError) as e:
+        raise _fail(str(e)) from None
+    console.print(f"built [bold]{out}[/] ({out.stat().st_size:,} bytes)")
+
+
+@app.command()
+def inspect(module: Annotated[Path, typer.Argument(help="A .wasm or .wat module.")]) -> None:
+    """Show a guest's exports, imports and wasmshare ABI version."""
+    from .guest import Guest
+
+    try:
+        with Guest(module) as guest:
+            table = Table(title=f"{module} (sha256 {guest.module_sha256[:12]})")
+            table.add_column("kind")
+            table.add_column("name")
+            table.add_column("type")
+            for exp in guest._module.exports:
+                table.add_row("export", exp.name, _describe_type(exp.type))
+            for imp in guest._module.imports:
+                table.add_row("import", f"{imp.module}.{imp.name}", _describe_type(imp.type))
+            console.print(table)
+            exported = {e.name for e in guest._module.exports}
+            abi = guest.call("ws_abi_version") if "ws_abi_version" in exported else None
+            console.print(f"wasmshare ABI: {abi if abi is not None else 'none (plain module)'}; "
+                          f"memory: {guest.memory_nbytes:,} bytes")
+    except WasmshareError as e:
+        raise _fail(str(e)) from None
+
+
+def _describe_type(ty: Any) -> str:
+    import wasmtime
+
+    if isinstance(ty, wasmtime.FuncType):
+        params = ", ".join(str(p) for p in ty.params)
+        results = ", ".join(str(r) for r in ty.results) or "()"
+        return f"func ({params}) -> {results}"
+    if isinstance(ty, wasmtime.MemoryType):
+        maximum = ty.limits.max
+        return f"memory {ty.limits.min} pages" + (f", max {maximum}" if maximum is not None else "")
+    if isinstance(ty, wasmtime.GlobalType):
+        return f"global {'mut ' if ty.mutable else ''}{ty.content}"
+    if isinstance(ty, wasmtime.TableType):
+        return f"table {ty.element} {ty.limits.min}"
+    return type(ty).__name__
+
+
+@app.command()
+def info() -> None:
+    """Show the platform, versions and whether loans are zero-copy here."""
+    from ._engine import default_cache_dir
+    from .loan import zero_copy_supported
+
+    table = Table(show_header=False)
+    table.add_row("wasmshare", importlib.metadata.version("wasmshare"))
+    table.add_row("wasmtime", importlib.metadata.version("wasmtime"))
+    table.add_row("numpy", importlib.metadata.version("numpy"))
+    table.add_row("python", sys.version.split()[0])
+    table.add_row("platform", sys.platform)
+    table.add_row("loans", "zero-copy (mmap)" if zero_copy_supported() else "copy fallback")
+    table.add_row("module cache", str(default_cache_dir() / "modules"))
+    console.print(table)
+
+
+@app.command()
+def demo() -> None:
+    """Walk through the core: a guest, numpy and a second process share one region."""
+    from .demo import run_demo
+
+    try:
+        code = run_demo(console)
+    except WasmshareError as e:
+        raise _fail(str(e)) from None
+    raise typer.Exit(code)
+
+
+def _bench_dir() -> Path:
+    for root in (Path.cwd(), Path(__file__).resolve().parents[2]):
+        if (root / "bench" / "_common.py").is_file():
+            return root / "bench"
+    raise WasmshareError("benchmarks live in the source tree's bench/ folder; run from a wasmshare checkout")
+
+
+def _load_bench(name: str) -> Any:
+    path = _bench_dir() / f"bench_{name}.py"
+    spec = importlib.util.spec_from_file_location(f"wasmshare_bench_{name}", path)
+    if spec is None or spec.loader is None:
+        raise WasmshareError(f"cannot load benchmark {path}")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@app.command()
+def bench(
+    name: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCHMARKS)}, or all.")],
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats: a smoke run, not a measurement.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Results folder (default bench/results).")] = None,
+) -> None:
+    """Run a benchmark against its baseline in the same run; write bench/results/NAME.json."""
+    names = BENCHMARKS if name == "all" else (name,)
+    if name != "all" and name not in BENCHMARKS:
+        raise _fail(f"unknown benchmark {name!r}; choose from {', '.join(BENCHMARKS)} or all")
+    status = 0
+    for bench_name in names:
+        try:
+            module = _load_bench(bench_name)
+        except WasmshareError as e:
+            raise _fail(str(e)) from None
+        argv = (["--quick"] if quick else []) + (["--out", str(out)] if out else [])
+        console.rule(f"bench {bench_name}")
+        status |= int(module.main(argv) or 0)
+    raise typer.Exit(status)
+
+
+def main() -> None:
+    """Entry point of the ``wasmshare`` console script."""
+    try:
+        app()
+    except WasmshareError as e:  # pragma: no cover - commands catch their own
+        errors.print(f"[red bold]error:[/] {e}", highlight=False)
+        sys.exit(1)

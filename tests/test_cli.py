@@ -1,0 +1,63 @@
+"""The wasmshare command: user mistakes end in one clear line and a non-zero exit."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from wasmshare.cli import app
+
+GUESTS = Path(__file__).resolve().parent.parent / "guests"
+runner = CliRunner()
+
+
+def test_demo_runs_end_to_end() -> None:
+    result = runner.invoke(app, ["demo"])
+    assert result.exit_code == 0, result.output
+    assert "all checks passed" in result.output
+    assert "✗" not in result.output
+
+
+def test_inspect_shows_exports_and_abi() -> None:
+    result = runner.invoke(app, ["inspect", str(GUESTS / "borrow_sum.wasm")])
+    assert result.exit_code == 0, result.output
+    assert "func (i32) -> f32" in result.output and "wasmshare ABI: 1" in result.output
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["inspect", "/nonexistent.wasm"], "no module at /nonexistent.wasm"),
+        (["bench", "nonsense"], "unknown benchmark 'nonsense'"),
+        (["build", "/nonexistent.c", "-o", "/tmp/x.wasm"], "guest source file not found"),
+        (["build", "x.c", "-o", "y.wasm", "-O", "turbo"], "--optimize must be fast, small or debug"),
+    ],
+)
+def test_errors_are_one_line_without_traceback(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_build_reports_compiler_errors(tmp_path: Path) -> None:
+    pytest.importorskip("ziglang", reason="the Zig toolchain (wasmshare[sdk]) is not installed")
+    bad = tmp_path / "bad.c"
+    bad.write_text("int f( {\n")
+    result = runner.invoke(app, ["build", str(bad), "-o", str(tmp_path / "bad.wasm")])
+    assert result.exit_code == 1 and "expected" in result.output and "Traceback" not in result.output
+    good = tmp_path / "good.c"
+    good.write_text('#include "wasmshare.h"\nWS_EXPORT("twice") int32_t twice(int32_t x) { return 2 * x; }\n')
+    result = runner.invoke(app, ["build", str(good), "-o", str(tmp_path / "good.wasm")])
+    assert result.exit_code == 0, result.output
+    from wasmshare import Guest
+
+    assert Guest(tmp_path / "good.wasm").call("twice", 21) == 42
+
+
+def test_info_reports_zero_copy_on_linux() -> None:
+    result = runner.invoke(app, ["info"])
+    assert result.exit_code == 0
+    assert "wasmtime" in result.output and "50.0.1" in result.output
