@@ -104,9 +104,9 @@ def run_demo(console: Console | None = None) -> int:
         out.print(f"  [red]child failed:[/] {stderr.strip()}")
         failures += 1
     else:
-        count, total = stdout.split()
-        out.print(f"  child (pid {child.pid}) read {count} entries summing to {float(total):.1f}, then negated them")
-        check(acknowledged and int(count) == 64, "the child saw the guest's writes")
+        child_count, total = stdout.split()
+        out.print(f"  child (pid {child.pid}) read {child_count} entries summing to {float(total):.1f}, then negated them")
+        check(acknowledged and int(child_count) == 64, "the child saw the guest's writes")
         guest_sum = guest.call("sum_f32", loan)
         check(guest_sum == -float(total), f"the guest sees the child's writes (sum now {guest_sum:.1f})")
 

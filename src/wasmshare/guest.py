@@ -24,12 +24,13 @@ from wasmtime import _bindings as _ffi
 
 from . import _engine
 from ._libc import WASM_PAGE_SIZE
+from .loan import Access
 from .errors import AbiMismatch, GuestBusy, GuestError, GuestLimitExceeded, GuestTrap, LoanError
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-    from .loan import Access, Loan, Placement
+    from .loan import Loan, Placement
     from .region import Region
 
 __all__ = ["Guest", "GuestFunc", "ABI_VERSION", "ModuleSource"]
@@ -44,7 +45,7 @@ HostFunction = Callable[..., Any]
 
 log = logging.getLogger("wasmshare.guest")
 
-_WS_ACCESS = {1: "ro", 2: "rw"}
+_WS_ACCESS: dict[int, Access] = {1: "ro", 2: "rw"}
 WS_OK = 0
 WS_ERR_BAD_HANDLE = -1
 WS_ERR_ACCESS = -2
@@ -68,6 +69,11 @@ class _State(enum.Enum):
 
 
 def _load_wasm_bytes(source: ModuleSource) -> tuple[bytes, str]:
+    wasm, name = _load_wasm(source)
+    return bytes(wasm), name
+
+
+def _load_wasm(source: ModuleSource) -> tuple[bytes | bytearray, str]:
     """Return wasm bytes and a default name for ``source``."""
     if isinstance(source, (bytes, bytearray)):
         data = bytes(source)
@@ -667,7 +673,7 @@ def _ws_borrow(guest: Guest, handle: int, access_code: int) -> int:
         log.warning("guest '%s': ws_borrow(%d) failed: %s", guest.name, handle, e)
         return 0
     guest._borrowed.add(handle)
-    return offer.loan.ptr
+    return int(offer.loan.ptr)
 
 
 def _ws_release(guest: Guest, handle: int) -> int:

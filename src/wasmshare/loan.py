@@ -55,7 +55,7 @@ _warned_copy = False
 
 def zero_copy_supported() -> bool:
     """True where loans map pages (Linux), False where they fall back to copying."""
-    return _libc.IS_LINUX and os.environ.get("WASMSHARE_FORCE_COPY", "") in ("", "0")
+    return bool(_libc.IS_LINUX) and os.environ.get("WASMSHARE_FORCE_COPY", "") in ("", "0")
 
 
 def _warn_copy_once() -> None:
@@ -89,6 +89,25 @@ class Loan:
     Errors: :class:`LoanError` for a bad placement, overlap, size, alignment or access;
     :class:`LoanRevoked` for using a closed loan.
     """
+
+    guest: Guest
+    """The guest the region is lent into."""
+    region: Region
+    """The lent region."""
+    offset: int
+    """Byte offset of the loan inside the region."""
+    nbytes: int
+    """Lent length in bytes."""
+    dtype: np.dtype[Any]
+    """Element type used when the loan is passed as ``(ptr, len)``."""
+    ptr: int
+    """Guest address of the first lent byte (page-aligned, never 0)."""
+    _map_nbytes: int
+    _window_nbytes: int
+    _zero_copy: bool
+    _protection: Protection
+    _state: LoanState
+    _placement: str
 
     def __init__(self) -> None:  # pragma: no cover - use Guest.lend
         raise TypeError("create loans with Guest.lend(region, access)")
@@ -131,11 +150,11 @@ class Loan:
         self.dtype = np.dtype(dtype)
         self._map_nbytes = round_up(nbytes, PAGE_SIZE)
         self._zero_copy = zero_copy_supported()
-        self._protection: Protection = access
+        self._protection = access
         self._state = LoanState.ACTIVE
-        self._placement: str = at if isinstance(at, str) else "fixed"
+        self._placement = at if isinstance(at, str) else "fixed"
         ptr, window = self._place(at)
-        self.ptr: int = ptr
+        self.ptr = ptr
         self._window_nbytes = window
         try:
             if self._zero_copy:
@@ -184,7 +203,7 @@ class Loan:
         if at == "alloc":
             if "ws_loan_alloc" not in {e.name for e in guest._module.exports}:
                 raise LoanError(f"guest '{guest.name}' does not export ws_loan_alloc; use at='grow'")
-            ptr = guest.call("ws_loan_alloc", self._map_nbytes)
+            ptr = int(guest.call("ws_loan_alloc", self._map_nbytes))
             if ptr == 0:
                 raise LoanError(f"guest '{guest.name}': ws_loan_alloc({self._map_nbytes}) refused the loan")
             ptr &= 0xFFFFFFFF
@@ -264,12 +283,14 @@ class Loan:
         count = int(np.prod(shape))
         if offset + count * dt.itemsize > self.nbytes:
             raise LoanError(f"a view of {shape} {dt} at offset {offset} exceeds the loan ({self.nbytes} bytes)")
-        return self.region.array(dt, shape, offset=self.offset + offset)
+        view: np.ndarray[Any, Any] = self.region.array(dt, shape, offset=self.offset + offset)
+        return view
 
     def tensor(self, dtype: Any = "float32", shape: Any = None, *, offset: int = 0) -> torch.Tensor:
         """A zero-copy torch view of the lent bytes (needs torch); valid while referenced."""
         self._require_open()
-        return self.region.tensor(dtype, shape, offset=self.offset + offset)
+        tensor: torch.Tensor = self.region.tensor(dtype, shape, offset=self.offset + offset)
+        return tensor
 
     def slice(self, dtype: npt.DTypeLike | None = None, start: int = 0, count: int | None = None) -> LoanSlice:
         """A typed sub-range to pass to a guest function as ``(ptr, len)``; units are elements."""
