@@ -149,6 +149,11 @@ def make_row(case: str, ours: dict[str, Any], baseline: str, base: dict[str, Any
 _CORE = ("case", "ours_us", "baseline", "baseline_us", "ratio")
 
 
+def _shown(key: str) -> bool:
+    """Extra row fields shown in the printed table (all of them go to the JSON file)."""
+    return not (key.endswith("_min_us") or key.startswith("steps_"))
+
+
 def _fmt(value: Any) -> str:
     if isinstance(value, float):
         if value == 0 or abs(value) >= 100:
@@ -171,7 +176,9 @@ def report(
     """Write ``<out_dir>/<name>.json`` and print the rows (and targets) as a table.
 
     The file is ``{"bench": name, "machine": machine_info(), "rows": rows, **extra}``.
-    ``extra["targets"]``, if present, is printed one line per target (met / NOT met).
+    The table shows the core columns and the rows' extra fields, except per-repeat detail
+    (``*_min_us``, ``steps_*``), which is only in the file. ``extra["targets"]``, if
+    present, is printed one line per target (met / NOT met).
     Returns the path written.
     """
     for row in rows:
@@ -190,11 +197,11 @@ def report(
     from rich.console import Console
     from rich.table import Table
 
-    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 160)
+    console = Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200)
     extra_cols: list[str] = []
     for row in rows:
         for key in row:
-            if key not in _CORE and key not in extra_cols:
+            if key not in _CORE and key not in extra_cols and _shown(key):
                 extra_cols.append(key)
     m = payload["machine"]
     table = Table(

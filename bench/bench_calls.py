@@ -33,6 +33,8 @@ MIN_RATIO = 15.0
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
+    import wasmtime
+
     from wasmshare import Guest
 
     timing: dict[str, Any] = {"repeat": 3, "min_time_s": 0.05} if quick else {"repeat": 7, "min_time_s": 0.3}
@@ -44,6 +46,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             fast = g.func(name)
             slow = g.func(name, fast=False)
             export = exports[name]
+            if not isinstance(export, wasmtime.Func):
+                raise TypeError(f"export {name!r} is not a function")
             expected = export(store, *args)
             if fast(*args) != expected or slow(*args) != expected:
                 raise AssertionError(f"{name}{args}: fast/slow paths disagree with the raw export")

@@ -13,7 +13,6 @@ import ctypes
 import enum
 import logging
 import os
-import threading
 import weakref
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,13 +23,13 @@ from wasmtime import _bindings as _ffi
 
 from . import _engine
 from ._libc import WASM_PAGE_SIZE
-from .loan import Access
 from .errors import AbiMismatch, GuestBusy, GuestError, GuestLimitExceeded, GuestTrap, LoanError
+from .loan import Access, Loan, LoanSlice
 
 if TYPE_CHECKING:
     import numpy.typing as npt
 
-    from .loan import Loan, Placement
+    from .loan import Placement
     from .region import Region
 
 __all__ = ["Guest", "GuestFunc", "ABI_VERSION", "ModuleSource"]
@@ -167,7 +166,10 @@ class Guest:
         except wasmtime.WasmtimeError as e:
             raise GuestError(f"guest '{self.name}': invalid wasm module: {_first_line(e)}", guest=self.name) from e
 
-        self._lock = threading.Lock()
+        # The guest's single run token. list.pop() and list.append() are atomic under the
+        # GIL and cost a third of a Lock round trip on the fast call path: an empty list
+        # means some thread is inside the guest.
+        self._idle: list[bool] = [True]
         self._caller: wasmtime.Caller | None = None
         self._host_error: BaseException | None = None
         self._loans: list[Loan] = []
@@ -175,6 +177,7 @@ class Guest:
         self._offers: dict[int, _Offer] = {}
         self._borrowed: set[int] = set()
         self._copy_loans: list[Loan] = []
+        self._slow_path = True  # until instantiated; see _refresh_slow_path
         self._funcs: dict[str, GuestFunc] = {}
         self.bytes_copied = 0
         """Bytes the host copied into or out of this guest's memory (copy paths only)."""
@@ -192,14 +195,17 @@ class Guest:
 
         linker = self._make_linker(imports or {}, wasi)
         self._state = _State.OPEN
+        self._refresh_slow_path()
         try:
             self._prime_limits()
             self._instance = linker.instantiate(store, self._module)
         except wasmtime.Trap as e:
             self._state = _State.CLOSED
+            self._refresh_slow_path()
             raise self._translate_trap(e, "instantiation") from e
         except wasmtime.WasmtimeError as e:
             self._state = _State.CLOSED
+            self._refresh_slow_path()
             raise self._translate_instantiation_error(e) from e
         exports = self._instance.exports(store)
         memory = exports.get("memory") if "memory" in {e.name for e in self._module.exports} else None
@@ -315,6 +321,7 @@ class Guest:
         self._loans.clear()
         self._offers.clear()
         self._state = _State.CLOSED
+        self._refresh_slow_path()
         self._finalizer()
         self._funcs.clear()
         self._store.close()
@@ -339,6 +346,11 @@ class Guest:
         if self._memory is None:
             return 0
         return ctypes.addressof(self._memory.data_ptr(self._storelike()).contents)
+
+    @property
+    def running(self) -> bool:
+        """True while some thread is executing inside this guest."""
+        return not self._idle
 
     @property
     def has_memory(self) -> bool:
@@ -439,10 +451,12 @@ class Guest:
         """Call the export ``name`` (fast path). Loans and slices pass as ``(ptr, len)``."""
         return self.func(name)(*args)
 
-    @property
-    def _slow_path(self) -> bool:
-        """Whether calls must take the general path (closed guest or copy-mode loans)."""
-        return self._state is not _State.OPEN or bool(self._copy_loans)
+    def _refresh_slow_path(self) -> None:
+        """Recompute whether calls must take the general path (closed, or copy-mode loans).
+
+        A plain attribute, not a property: the fast call path reads it on every call.
+        """
+        self._slow_path = self._state is not _State.OPEN or bool(self._copy_loans)
 
     def _raise_busy(self) -> None:
         raise GuestBusy(
@@ -454,7 +468,9 @@ class Guest:
 
     def _enter(self) -> None:
         self._require_open()
-        if not self._lock.acquire(blocking=False):
+        try:
+            self._idle.pop()
+        except IndexError:
             self._raise_busy()
         for loan in self._copy_loans:
             loan._copy_in()
@@ -465,7 +481,7 @@ class Guest:
             for loan in self._copy_loans:
                 loan._copy_out()
         finally:
-            self._lock.release()
+            self._idle.append(True)
 
     def _end_borrows(self) -> None:
         """At the end of the outermost call, every borrow the guest still holds is released."""
@@ -558,8 +574,8 @@ class Guest:
         self._require_open()
         if handle is None:
             handle = max(self._offers, default=0) + 1
-        if not isinstance(handle, int) or handle <= 0 or handle > 0x7FFFFFFF:
-            raise LoanError(f"handle must be a positive i32, got {handle!r}")
+        if not isinstance(handle, int) or handle < 0 or handle > 0x7FFFFFFF:
+            raise LoanError(f"handle must be a non-negative i32, got {handle!r}")
         if handle in self._offers:
             raise LoanError(f"guest '{self.name}': handle {handle} is already offered")
         if access == "rw" and not region.writable:
@@ -715,11 +731,13 @@ _raw_set_fuel = _dll["wasmtime_context_set_fuel"]
 _raw_set_fuel.restype = ctypes.c_void_p
 
 _FAST_CALL_TEMPLATE = """
-def fast_call(*args):
+def fast_call(self, *args):
     if guest._slow_path or len(args) != {nparams}:
         return general(args)
     {unpack}
-    if not acquire(False):
+    try:
+        take()
+    except IndexError:
         busy()
     try:
         try:
@@ -731,7 +749,7 @@ def fast_call(*args):
             failure()
         return {result}
     finally:
-        release()
+        give_back(True)
         if guest._borrowed:
             guest._end_borrows()
 """
@@ -776,6 +794,10 @@ class GuestFunc:
         self._slots = [self._raw[i] for i in range(slots)]
         self._trap = ctypes.POINTER(_ffi.wasm_trap_t)()
         self._fast_call = self._compile_fast_call(slots) if fast else None
+        if self._fast_call is not None:
+            # The generated function becomes this object's own __call__ (special methods are
+            # looked up on the type): one Python frame per call instead of two.
+            self.__class__ = type("GuestFunc", (GuestFunc,), {"__call__": self._fast_call, "__doc__": GuestFunc.__doc__})
 
     def _compile_fast_call(self, nslots: int) -> Callable[..., Any]:
         guest = self.guest
@@ -803,13 +825,12 @@ class GuestFunc:
         source = _FAST_CALL_TEMPLATE.format(
             nparams=self._nparams, unpack=unpack, sets=sets, limits="\n".join(limits) or "        pass", result=result
         )
-        lock = guest._lock
         namespace: dict[str, Any] = {
             "guest": guest,
             "general": self._call_general,
             "general_locked": self._call_general_locked,
-            "acquire": lock.acquire,
-            "release": lock.release,
+            "take": guest._idle.pop,
+            "give_back": guest._idle.append,
             "busy": guest._raise_busy,
             "raw_call": _raw_call_unchecked,
             "ctx": guest._store._context(),
@@ -834,15 +855,12 @@ class GuestFunc:
         return f"<GuestFunc {self.guest.name}.{self.name}({', '.join(self.param_kinds)}) -> ({', '.join(self.result_kinds)})>"
 
     def __call__(self, *args: Any) -> Any:
-        if self._fast_call is not None:
-            return self._fast_call(*args)
+        """Call the export (the fast path replaces this method on fast instances)."""
         return self._call_general(args)
 
     # -- the general path: loans, argument checks, copy-mode loans, the slow binding ---------
 
     def _expand(self, args: tuple[Any, ...]) -> tuple[Any, ...]:
-        from .loan import Loan, LoanSlice
-
         out: list[Any] = []
         for a in args:
             if isinstance(a, (Loan, LoanSlice)):
@@ -876,7 +894,15 @@ class GuestFunc:
     def _call_general(self, args: tuple[Any, ...]) -> Any:
         guest = self.guest
         if self._fast_call is not None and not guest._slow_path:
-            return self._fast_call(*self._check_args(args))  # loans expanded: back to the fast path
+            expanded: list[Any] = []
+            for a in args:
+                cls = type(a)
+                if cls is Loan or cls is LoanSlice:
+                    expanded.extend(a.as_param())
+                else:
+                    expanded.append(a)
+            if len(expanded) == self._nparams and len(expanded) != len(args):
+                return self._fast_call(self, *expanded)  # loans expanded: back to the fast path
         guest._enter()
         try:
             return self._invoke(self._check_args(args))

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import ctypes
 import enum
+import math
 import os
 import warnings
 from typing import TYPE_CHECKING, Any, Literal
@@ -163,6 +164,7 @@ class Loan:
             else:
                 _warn_copy_once()
                 guest._copy_loans.append(self)
+                guest._refresh_slow_path()
                 self._copy_in()
             region._attach_loan(self)
         except (OSError, RegionError) as e:
@@ -280,7 +282,7 @@ class Loan:
             raise LoanError(f"offset {offset} is outside the loan ({self.nbytes} bytes)")
         if shape is None:
             shape = (self.nbytes - offset) // dt.itemsize
-        count = int(np.prod(shape))
+        count = shape if isinstance(shape, int) else math.prod(shape)
         if offset + count * dt.itemsize > self.nbytes:
             raise LoanError(f"a view of {shape} {dt} at offset {offset} exceeds the loan ({self.nbytes} bytes)")
         view: np.ndarray[Any, Any] = self.region.array(dt, shape, offset=self.offset + offset)
@@ -343,6 +345,7 @@ class Loan:
         if self in guest._copy_loans:
             self._copy_out()
             guest._copy_loans.remove(self)
+            guest._refresh_slow_path()
         self._state = LoanState.CLOSED
         if not guest.closed:
             self._restore_window()

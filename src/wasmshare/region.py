@@ -218,28 +218,33 @@ def _create_shm_fd(path: str, *, unlink_now: bool) -> int:
 
 
 def _resolve_shape(
-    shape: int | tuple[int, ...] | None, itemsize: int, offset: object, nbytes: int, what: str
+    shape: int | tuple[int, ...] | None, itemsize: int, offset: object, nbytes: int, dtype: object
 ) -> tuple[int, tuple[int, ...], int]:
-    """Check offset and shape against the region; return (count, shape, offset)."""
+    """Check offset and shape against the region; return (count, shape, offset).
+
+    ``dtype`` is only formatted into error messages (formatting a dtype costs
+    microseconds, and views are made on hot paths).
+    """
     if isinstance(offset, bool):
         raise RegionError(f"offset must be an int, got bool {offset!r}")
-    if not isinstance(offset, SupportsIndex):
-        raise RegionError(f"offset must be an int, got {type(offset).__name__}")
-    off = operator.index(offset)
+    try:
+        off = operator.index(offset)  # type: ignore[arg-type]
+    except TypeError:
+        raise RegionError(f"offset must be an int, got {type(offset).__name__}") from None
     if off < 0 or off > nbytes:
         raise RegionError(f"offset {off} is outside the region (0..{nbytes} bytes)")
     # Alignment: itemsize for power-of-two sizes (all numeric dtypes), else 1 byte.
     align = itemsize if itemsize > 0 and itemsize & (itemsize - 1) == 0 else 1
     if off % align:
-        raise RegionError(f"offset {off} is not aligned to {what} itemsize {itemsize}")
+        raise RegionError(f"offset {off} is not aligned to dtype {dtype} itemsize {itemsize}")
     if itemsize <= 0:
-        raise RegionError(f"{what} has itemsize {itemsize}; cannot view bytes as it")
+        raise RegionError(f"dtype {dtype} has itemsize {itemsize}; cannot view bytes as it")
     avail = nbytes - off
     if shape is None:
         count = avail // itemsize
         if count == 0:
             raise RegionError(
-                f"no whole {what} element (itemsize {itemsize}) fits in {avail} bytes after offset {off}"
+                f"no whole dtype {dtype} element (itemsize {itemsize}) fits in {avail} bytes after offset {off}"
             )
         return count, (count,), off
     dims_in = (shape,) if not isinstance(shape, tuple) else shape
@@ -259,7 +264,7 @@ def _resolve_shape(
         count *= di
     if count * itemsize > avail:
         raise RegionError(
-            f"shape {tuple(dims)} of {what} needs {count * itemsize} bytes, but only {avail} "
+            f"shape {tuple(dims)} of dtype {dtype} needs {count * itemsize} bytes, but only {avail} "
             f"bytes are left after offset {off} in a {nbytes}-byte region"
         )
     return count, tuple(dims), off
@@ -799,7 +804,7 @@ class Region:
             raise RegionError(f"invalid numpy dtype {dtype!r}: {e}") from e
         with self._lock:
             mm = self._require_mapping()
-            count, dims, off = _resolve_shape(shape, dt.itemsize, offset, self._nbytes, f"dtype {dt}")
+            count, dims, off = _resolve_shape(shape, dt.itemsize, offset, self._nbytes, dt)
             arr = np.frombuffer(mm, dtype=dt, count=count, offset=off)
         return arr.reshape(dims)
 
@@ -834,7 +839,7 @@ class Region:
         itemsize = tdt.itemsize
         with self._lock:
             mm = self._require_mapping()
-            count, dims, off = _resolve_shape(shape, itemsize, offset, self._nbytes, f"dtype {tdt}")
+            count, dims, off = _resolve_shape(shape, itemsize, offset, self._nbytes, tdt)
             if count == 0:
                 return torch.empty(dims, dtype=tdt)
             with warnings.catch_warnings():
