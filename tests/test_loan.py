@@ -354,3 +354,36 @@ def test_closed_guest_loans_refuse_use() -> None:
         loan.as_param()
     with pytest.raises(GuestError, match="closed"):
         g.lend(Region.create(4096))
+
+
+def test_hostile_guests_leave_the_shared_region_intact() -> None:
+    """Every misbehaviour ends in that guest's own exception; the data and other guests carry on."""
+    region = Region.create(V * 4)
+    pattern = np.arange(V, dtype=np.float32)
+    region.array(np.float32)[:] = pattern
+    witness = Guest(GUESTS / "bias.wasm", name="witness")
+    witness_loan = witness.lend(region, "ro", dtype=np.float32)
+    expected_sum = witness.call("sum_f32", witness_loan)
+
+    attacker = Guest(GUESTS / "hostile.wasm", name="attacker", deadline_ms=20, memory_limit_bytes=8 << 20)
+    loan = attacker.lend(region, "ro", dtype=np.float32)
+    attacks = [
+        (("write_at", loan.ptr + 40, -1), GuestTrap),           # write to a read-only loan
+        (("read_at", 0x7FFF0000), GuestTrap),                   # out of bounds
+        (("fill_then_trap", loan, 10), GuestTrap),              # writes into read-only pages
+        (("spin",), GuestTrap),                                 # deadline
+        (("grow_forever",), GuestTrap),                         # memory bomb
+    ]
+    for call, error in attacks:
+        with pytest.raises(error):
+            attacker.call(*call)
+        np.testing.assert_array_equal(region.array(np.float32), pattern)
+        assert witness.call("sum_f32", witness_loan) == expected_sum
+
+
+def test_plain_binding_accepts_loans_too(bias: Guest) -> None:
+    region = Region.create(V * 4)
+    loan = bias.lend(region, "rw", dtype=np.float32)
+    slow = bias.func("bias_update", fast=False)
+    assert slow(loan, 4) == bias.call("bias_update", loan, 4) == 64
+    assert bias.func("sum_f32", fast=False)(loan) == bias.call("sum_f32", loan)

@@ -247,7 +247,7 @@ class Guest:
                         guest=self.name,
                     )
                 impl = _WASMSHARE_IMPORTS[field]
-                linker.define_func(mod, field, ty, _host_call(self_ref, field, impl), access_caller=True)
+                linker.define_func(mod, field, ty, _host_call(self_ref, field, impl, pass_guest=True), access_caller=True)
                 provided.add((mod, field))
         for key, func in imports.items():
             if key not in declared:
@@ -649,7 +649,7 @@ def _first_line(e: BaseException) -> str:
 
 
 def _host_call(
-    guest_ref: weakref.ref[Guest], what: str, func: HostFunction
+    guest_ref: weakref.ref[Guest], what: str, func: HostFunction, *, pass_guest: bool = False
 ) -> Callable[..., Any]:
     """Wrap a host function: expose the caller to the guest, keep the first exception."""
 
@@ -660,9 +660,7 @@ def _host_call(
         previous = guest._caller
         guest._caller = caller
         try:
-            if func in _WASMSHARE_IMPORTS.values():
-                return func(guest, *args)
-            return func(*args)
+            return func(guest, *args) if pass_guest else func(*args)
         except BaseException as e:
             if guest._host_error is None:
                 guest._host_error = e
