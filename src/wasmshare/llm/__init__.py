@@ -1,0 +1,31 @@
+"""LLM controllers: per-sequence wasm guests that write token masks and logit biases in place.
+
+* :class:`TokenTable`: a tokenizer's exact token bytes in one sealed region shared by all
+  controllers of that tokenizer;
+* :class:`Controller`: a controller module and its argument;
+* :class:`ControllerBatch`: the controllers of one decode batch, stepped in parallel
+  (threads or worker processes), writing straight into the batch bitmask / bias tensors.
+
+The controller ABI is ``wasmshare_controller.h``, documented in ``docs/controller-abi.md``.
+torch is needed only by :meth:`ControllerBatch.apply` and the tensor views; ``tokenizers``
+only by :meth:`TokenTable.from_tokenizer` / :meth:`TokenTable.from_file`.
+"""
+
+from __future__ import annotations
+
+from .batch import Action, BatchFull, BatchStep, ControllerBatch, Output, SequenceFailed, StepResult
+from .controller import Controller
+from .tokens import TokenizerError, TokenTable
+
+__all__ = [
+    "Action",
+    "BatchFull",
+    "BatchStep",
+    "Controller",
+    "ControllerBatch",
+    "Output",
+    "SequenceFailed",
+    "StepResult",
+    "TokenTable",
+    "TokenizerError",
+]

@@ -1,0 +1,119 @@
+"""A controller worker process: runs the controllers of some batch slots.
+
+Started by :class:`~wasmshare.llm.batch.ControllerBatch` in ``mode="workers"`` as
+``python -m wasmshare.llm._worker FD INDEX``. FD is a Unix socket to the engine: it brings
+the batch's regions (by fd) and the rare messages (create or remove a controller). Steps
+need no message: the engine sets the slots' run flags, increments this worker's *go*
+word in the control region and wakes it with a futex; the worker runs its controllers,
+which read and write the same shared pages, copies *go* to *done* and wakes the engine.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import json
+import os
+import signal
+import socket
+import struct
+import sys
+from typing import Any
+
+from . import _futex
+
+CMD_STEP = 1
+CMD_MESSAGE = 2
+
+_HEADER = struct.Struct("<II")  # json length, payload length
+
+
+def send_message(sock: socket.socket, message: dict[str, Any], payload: bytes = b"") -> None:
+    """Send one framed message: a JSON header and an optional binary payload."""
+    data = json.dumps(message).encode()
+    sock.sendall(_HEADER.pack(len(data), len(payload)) + data + payload)
+
+
+def _recv_exact(sock: socket.socket, n: int) -> bytes:
+    chunks = []
+    while n:
+        chunk = sock.recv(min(n, 1 << 20))
+        if not chunk:
+            raise EOFError("peer closed the connection")
+        chunks.append(chunk)
+        n -= len(chunk)
+    return b"".join(chunks)
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
+    """Receive one framed message."""
+    json_len, payload_len = _HEADER.unpack(_recv_exact(sock, _HEADER.size))
+    message = json.loads(_recv_exact(sock, json_len))
+    payload = _recv_exact(sock, payload_len) if payload_len else b""
+    return message, payload
+
+
+def main(argv: list[str]) -> int:
+    from ..region import Region
+    from .controller import BatchRegions, Controller, ControllerInstance, Limits
+
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints this worker's stacks
+    sock = socket.socket(fileno=int(argv[0]))
+    index = int(argv[1])
+    parent = os.getppid()
+    init, _ = recv_message(sock)
+    token_table, mask, bias, step, control = (Region.receive(sock) for _ in range(5))
+    regions = BatchRegions(token_table, mask, bias, step, control, **init["geometry"])
+    limits = Limits(**init["limits"])
+    words = regions.worker_words(index)
+    go_address = regions.worker_word_address(index, 0)
+    done_address = regions.worker_word_address(index, 1)
+    run_flags = regions.run_flags()
+    instances: dict[int, ControllerInstance] = {}
+    last_go = int(words[0])  # read before saying ready: the engine may bump go right after
+    send_message(sock, {"ok": True, "pid": os.getpid()})
+    while True:
+        if int(words[0]) == last_go:
+            _futex.wait(go_address, last_go, 1.0)
+            if int(words[0]) == last_go:
+                if os.getppid() != parent:
+                    return 0  # the engine is gone
+                continue
+        last_go = int(words[0])
+        command = int(words[2])
+        if command == CMD_STEP:
+            for slot, instance in instances.items():
+                if run_flags[slot]:
+                    instance.step()
+        elif command == CMD_MESSAGE:
+            message, payload = recv_message(sock)
+            kind = message["kind"]
+            if kind == "create":
+                slot = message["slot"]
+                try:
+                    module = payload if message["module_is_bytes"] else message["module"]
+                    controller = Controller(module, b"", name=message["name"])
+                    instance = ControllerInstance(controller, regions, slot, message["sequence_id"], limits)
+                except Exception as e:  # noqa: BLE001 - reported to the engine, which raises it
+                    send_message(sock, {"ok": False, "error": str(e), "type": type(e).__name__})
+                else:
+                    instances[slot] = instance
+                    instance.create(message["n_prompt"], message["arg_offset"], message["arg_len"])
+                    send_message(sock, {"ok": True})
+            elif kind == "remove":
+                removed = instances.pop(message["slot"], None)
+                if removed is not None:
+                    removed.close()
+                send_message(sock, {"ok": True})
+            elif kind == "shutdown":
+                for instance in instances.values():
+                    instance.close()
+                send_message(sock, {"ok": True})
+                words[1] = last_go
+                _futex.wake(done_address)
+                return 0
+        words[1] = last_go
+        _futex.wake(done_address)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

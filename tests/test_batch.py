@@ -1,0 +1,239 @@
+"""ControllerBatch: every result kind, continuous batching, both execution modes, hostile controllers."""
+
+from __future__ import annotations
+
+import os
+import signal
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from wasmshare.errors import AbiMismatch, GuestError
+from wasmshare.llm.batch import Action, BatchFull, ControllerBatch, Output, SequenceFailed
+from wasmshare.llm.controller import Controller
+from wasmshare.llm.tokens import TokenTable
+
+torch = pytest.importorskip("torch", reason="apply() works on torch tensors")
+
+CONTROLLERS = Path(__file__).resolve().parent.parent / "guests" / "controllers"
+WORDS = [b" hello", b"world", b" world", b" bad", b"badge", b"good", b"<eos>"]
+
+
+@pytest.fixture(scope="module")
+def table() -> Iterator[TokenTable]:
+    tokens = [bytes([i]) for i in range(256)] + WORDS + [b"x%d" % i for i in range(700)]
+    eos = 256 + WORDS.index(b"<eos>")
+    with TokenTable.from_tokens(tokens, special=[eos], eos_token=eos, name="test") as t:
+        yield t
+
+
+def tid(word: bytes) -> int:
+    return 256 + WORDS.index(word)
+
+
+def ctrl(name: str, arg: bytes | str = b"") -> Controller:
+    return Controller(CONTROLLERS / f"{name}.wasm", arg)
+
+
+def u32s(*ids: int) -> bytes:
+    return struct.pack(f"<{len(ids)}I", *ids)
+
+
+def allowed_ids(batch: ControllerBatch, slot: int) -> list[int]:
+    words = batch.mask[slot].view(np.uint32)
+    bits = np.unpackbits(words.view(np.uint8), bitorder="little")[: batch.vocab_size]
+    return np.flatnonzero(bits).tolist()
+
+
+@pytest.fixture(params=["threads", "workers"])
+def mode(request: pytest.FixtureRequest) -> str:
+    return str(request.param)
+
+
+def test_bitmask_result_is_written_in_place_and_applied(table: TokenTable, mode: str) -> None:
+    with ControllerBatch(table, capacity=4, mode=mode, workers=2) as batch:
+        seq = batch.add(ctrl("allow_list", u32s(5, 300, 700)), prompt=[1, 2, 3])
+        step = batch.step()
+        result = step.results[seq]
+        assert result.action is Action.CONTINUE and result.output is Output.BITMASK
+        assert allowed_ids(batch, batch.slot(seq)) == [5, 300, 700]
+        logits = torch.zeros(1, table.vocab_size)
+        batch.apply(logits, step)
+        assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [5, 300, 700]
+        # A wider logits tensor (padded vocabulary): the extra columns are masked too.
+        wide = torch.zeros(1, table.vocab_size + 64)
+        batch.apply(wide, step)
+        assert torch.isfinite(wide[0]).nonzero().flatten().tolist() == [5, 300, 700]
+
+
+def test_bias_result(table: TokenTable, mode: str) -> None:
+    with ControllerBatch(table, capacity=2, mode=mode, workers=1) as batch:
+        seq = batch.add(ctrl("boost_words", "world\t2.5\nbad\t-1"))
+        step = batch.step()
+        assert step.results[seq].output is Output.BIAS
+        bias = batch.bias[batch.slot(seq)]
+        boosted = {i: float(bias[i]) for i in np.flatnonzero(bias)}
+        assert boosted == {tid(b"world"): 2.5, tid(b" world"): 2.5, tid(b" bad"): -1.0}
+        logits = torch.ones(1, table.vocab_size)
+        batch.apply(logits, step)
+        assert logits[0, tid(b"world")] == 3.5 and logits[0, tid(b" bad")] == 0.0 and logits[0, 0] == 1.0
+
+
+def test_fast_forward_and_stop(table: TokenTable, mode: str) -> None:
+    answer = [tid(b" hello"), tid(b" world"), table.eos_token or 0]
+    with ControllerBatch(table, capacity=2, mode=mode, workers=1) as batch:
+        seq = batch.add(ctrl("force_answer", u32s(*answer)))
+        result = batch.step().results[seq]
+        assert result.action is Action.STOP
+        assert result.fast_forward == tuple(answer)
+        assert table.decode(result.fast_forward) == b" hello world<eos>"
+
+
+def test_max_tokens_stop(table: TokenTable, mode: str) -> None:
+    with ControllerBatch(table, capacity=2, mode=mode, workers=1) as batch:
+        seq = batch.add(ctrl("max_tokens", "3"))
+        actions = [batch.step().results[seq].action]
+        for token in (10, 11, 12):
+            actions.append(batch.step({seq: [token]}).results[seq].action)
+        assert actions == [Action.CONTINUE, Action.CONTINUE, Action.CONTINUE, Action.STOP]
+
+
+def test_backtrack(table: TokenTable, mode: str) -> None:
+    with ControllerBatch(table, capacity=2, mode=mode, workers=1) as batch:
+        seq = batch.add(ctrl("backtrack", u32s(2, 77)), prompt=[1])
+        assert batch.step().results[seq].backtrack == 0
+        assert batch.step({seq: [40]}).results[seq].backtrack == 0
+        result = batch.step({seq: [41]}).results[seq]
+        assert (result.backtrack, result.fast_forward) == (1, (77,))
+        assert batch.step({seq: [42]}).results[seq].backtrack == 0  # only once
+
+
+def test_ban_strings(table: TokenTable) -> None:
+    with ControllerBatch(table, capacity=2) as batch:
+        seq = batch.add(ctrl("ban_strings", "bad"))
+        batch.step()
+        allowed = set(allowed_ids(batch, batch.slot(seq)))
+        assert tid(b" bad") not in allowed and tid(b"badge") not in allowed
+        assert tid(b"good") in allowed and ord("b") in allowed
+
+
+def _scenario(table: TokenTable, mode: str) -> list[tuple[object, ...]]:
+    """Sequences join and leave mid-batch; returns everything observable."""
+    seen: list[tuple[object, ...]] = []
+    with ControllerBatch(table, capacity=3, mode=mode, workers=2) as batch:
+        a = batch.add(ctrl("allow_list", u32s(1, 2)))
+        b = batch.add(ctrl("boost_words", "good\t1.5"))
+        for i in range(6):
+            sampled = {s: [20 + i] for s in batch.sequences}
+            step = batch.step(sampled)
+            for sid in step.sequences:
+                r = step.results[sid]
+                seen.append((i, sid, r.action, r.output, r.fast_forward, r.backtrack,
+                             tuple(allowed_ids(batch, batch.slot(sid))) if r.output is Output.BITMASK else (),
+                             float(batch.bias[batch.slot(sid)].sum()) if r.output is Output.BIAS else 0.0))
+            if i == 1:
+                batch.add(ctrl("max_tokens", "2"))
+                with pytest.raises(BatchFull):
+                    batch.add(ctrl("allow_list", u32s(3)))
+            if i == 2:
+                batch.remove(a)  # leaves; its slot is reused
+                batch.add(ctrl("allow_list", u32s(9)), sequence_id=100)
+            for sid, r in step.results.items():
+                if r.action is Action.STOP and sid in batch.sequences:
+                    batch.remove(sid)
+        seen.append(("final", batch.sequences, b))
+    return seen
+
+
+def test_join_and_leave_mid_batch_and_modes_agree(table: TokenTable) -> None:
+    threads = _scenario(table, "threads")
+    workers = _scenario(table, "workers")
+    assert threads == workers
+    stopped = [row for row in threads if row[0] != "final" and row[2] is Action.STOP]
+    assert len(stopped) == 1  # max_tokens stopped after 2 sampled tokens
+    assert threads[-1] == ("final", (100, 1), 1)  # in slot order: 100 reused the slot `a` left
+
+
+HOSTILE = [
+    ("trap_mid_mask", "trap"),
+    ("spin", "deadline"),
+    ("bomb", "memory"),
+    ("bad_result", "invalid result"),
+    ("error", "error code"),
+]
+
+
+@pytest.mark.parametrize("behaviour, cause", HOSTILE)
+def test_hostile_controller_fails_alone(table: TokenTable, mode: str, behaviour: str, cause: str) -> None:
+    with ControllerBatch(table, capacity=4, mode=mode, workers=2, deadline_ms=30, memory_limit_bytes=32 << 20) as batch:
+        good = batch.add(ctrl("allow_list", u32s(7)))
+        bad = batch.add(ctrl("hostile_controller", behaviour), sequence_id=66)
+        other = batch.add(ctrl("boost_words", "good\t1"))
+        bad_slot = batch.slot(bad)
+        step = batch.step()
+        failed = step.results[bad]
+        assert failed.action is Action.ERROR and isinstance(failed.error, SequenceFailed)
+        assert failed.error.cause == cause and failed.error.sequence == 66
+        assert "hostile_controller" in str(failed.error)
+        assert bad not in batch.sequences
+        # Nothing half-written is applied: the slot is back to all-allowed / zero bias.
+        assert np.all(batch.mask[bad_slot] == -1) and not batch.bias[bad_slot].any()
+        logits = torch.zeros(3, table.vocab_size)
+        batch.apply(logits, step)
+        assert torch.isfinite(logits[step.sequences.index(bad)]).all()
+        # The rest of the batch carries on, this step and the next.
+        assert step.results[good].output is Output.BITMASK and allowed_ids(batch, batch.slot(good)) == [7]
+        assert step.results[other].output is Output.BIAS
+        later = batch.step({good: [7], other: [3]})
+        assert set(later.results) == {good, other}
+        assert all(r.action is Action.CONTINUE for r in later.results.values())
+
+
+def test_failures_at_creation_free_the_slot(table: TokenTable, mode: str) -> None:
+    with ControllerBatch(table, capacity=1, mode=mode, workers=1) as batch:
+        with pytest.raises(SequenceFailed, match="hostile_controller") as info:
+            batch.add(ctrl("hostile_controller", "create_trap"))
+        assert info.value.cause == "trap"
+        with pytest.raises(AbiMismatch, match="controller ABI v99"):
+            batch.add(ctrl("old_abi"))
+        with pytest.raises(GuestError, match="does not export ws_ctrl_abi_version"):
+            batch.add(Controller('(module (memory (export "memory") 1))', name="empty"))
+        seq = batch.add(ctrl("allow_list", u32s(1)))  # the one slot is free again
+        assert batch.step().results[seq].output is Output.BITMASK
+
+
+def test_killed_worker_fails_only_its_sequences_and_restarts(table: TokenTable) -> None:
+    with ControllerBatch(table, capacity=4, mode="workers", workers=2) as batch:
+        seqs = [batch.add(ctrl("allow_list", u32s(i + 1))) for i in range(4)]
+        batch.step()
+        victim = batch._workers[0]
+        victim_slots = set(victim.slots)
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait()
+        step = batch.step({s: [1] for s in seqs})
+        for sid, result in step.results.items():
+            if step.slots[step.sequences.index(sid)] in victim_slots:
+                assert result.action is Action.ERROR
+                assert "killed by signal 9" in str(result.error)
+            else:
+                assert result.action is Action.CONTINUE
+        assert victim.restarts == 1 and victim.process.poll() is None
+        new = batch.add(ctrl("allow_list", u32s(9)))
+        assert batch.step().results[new].output is Output.BITMASK
+
+
+def test_batch_input_errors(table: TokenTable) -> None:
+    with ControllerBatch(table, capacity=2) as batch:
+        with pytest.raises(Exception, match="token ids must be in"):
+            batch.add(ctrl("allow_list", u32s(1)), prompt=[table.vocab_size])
+        seq = batch.add(ctrl("allow_list", u32s(1)))
+        with pytest.raises(Exception, match="not in the batch"):
+            batch.step({seq + 1: [1]})
+        step = batch.step()
+        with pytest.raises(Exception, match="logits must be"):
+            batch.apply(torch.zeros(2, table.vocab_size), step)
+    with pytest.raises(Exception, match="closed"):
+        batch.step()
