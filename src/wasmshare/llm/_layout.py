@@ -82,6 +82,15 @@ LIMIT_CODES = {"fuel": 1, "memory": 2, "deadline": 3}
 LIMIT_NAMES = {v: k for k, v in LIMIT_CODES.items()}
 
 
+# Word indices (uint32) into a step slot, for vectorised access across slots.
+W_STEP = 7
+W_N_TOKENS = 8
+W_RESULT = STEP_RESULT_OFFSET // 4  # struct_size, action, output, backtrack, n_ff
+W_FF_TOKENS = W_RESULT + 8
+W_TOKENS = TOKENS_OFFSET // 4
+RESULT_RESET = np.array([STEP_RESULT.itemsize, ACTION_CONTINUE, OUTPUT_NONE, 0, 0], dtype=np.uint32)
+
+
 def mask_words(vocab_size: int) -> int:
     """Words of a token bitmask: ``ceil(V / 32)``."""
     return (vocab_size + 31) // 32

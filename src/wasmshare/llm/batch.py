@@ -30,14 +30,14 @@ from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
 from ..errors import GuestError, WasmshareError
 from . import _futex
 from . import _layout as L
-from ._worker import CMD_MESSAGE, CMD_STEP, recv_message, send_message
+from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
 from .controller import BatchRegions, Controller, ControllerInstance, Limits, module_path_or_bytes
 from .tokens import TokenTable
 
@@ -47,6 +47,11 @@ if TYPE_CHECKING:
 __all__ = ["ControllerBatch", "StepResult", "BatchStep", "SequenceFailed", "BatchFull", "Action", "Output"]
 
 Mode = Literal["threads", "workers"]
+
+_SPIN_S = 300e-6  # the engine polls a worker's done word this long before sleeping
+
+PARALLEL_THRESHOLD_US = 15.0
+"""Mean controller time (µs) above which thread mode spreads a step over its pool."""
 
 
 class Action(str, enum.Enum):
@@ -66,6 +71,7 @@ class Output(str, enum.Enum):
 
 
 _OUTPUTS = {L.OUTPUT_NONE: Output.NONE, L.OUTPUT_BITMASK: Output.BITMASK, L.OUTPUT_BIAS: Output.BIAS}
+_ACTIONS = {L.ACTION_CONTINUE: Action.CONTINUE, L.ACTION_STOP: Action.STOP}
 
 
 class SequenceFailed(GuestError):
@@ -80,8 +86,7 @@ class BatchFull(WasmshareError):
     """Every slot of the batch is taken."""
 
 
-@dataclass(frozen=True)
-class StepResult:
+class StepResult(NamedTuple):
     """One sequence's answer for one step.
 
     ``fast_forward`` tokens are appended (after removing ``backtrack`` tokens) without
@@ -95,23 +100,72 @@ class StepResult:
     backtrack: int = 0
     fast_forward: tuple[int, ...] = ()
     error: SequenceFailed | None = None
-    elapsed_us: float = 0.0
 
 
-@dataclass
+_ACTION_BY_CODE = (Action.CONTINUE, Action.STOP, Action.ERROR)
+_OUTPUT_BY_CODE = (Output.NONE, Output.BITMASK, Output.BIAS)
+ACTION_ERROR_CODE = 2
+
+
 class BatchStep:
-    """The results of one :meth:`ControllerBatch.step`, in the order the sequences stepped."""
+    """The results of one :meth:`ControllerBatch.step`, in slot order.
 
-    results: dict[int, StepResult]
-    sequences: tuple[int, ...]
-    slots: tuple[int, ...]
-    elapsed_us: float
-    outputs: tuple[Output, ...] = field(default=())
+    The per-sequence outcome is held as arrays (``sequence_ids``, ``slots``,
+    ``action_codes``: 0 continue / 1 stop / 2 error, ``output_codes``: 0 none / 1 bitmask /
+    2 bias), which is what an engine loop consumes; :attr:`results` builds
+    :class:`StepResult` objects on first use. Only the sequences with fast-forward,
+    backtrack or an error carry a StepResult from the start (:attr:`special`).
+    """
+
+    def __init__(
+        self,
+        sequence_ids: np.ndarray[Any, Any],
+        slots: np.ndarray[Any, Any],
+        action_codes: np.ndarray[Any, Any],
+        output_codes: np.ndarray[Any, Any],
+        special: dict[int, StepResult],
+        elapsed_us: float,
+        controller_us: float,
+    ) -> None:
+        self.sequence_ids = sequence_ids
+        self.slots = slots
+        self.action_codes = action_codes
+        self.output_codes = output_codes
+        self.special = special
+        self.elapsed_us = elapsed_us
+        """Wall time of the whole step (bookkeeping included), µs."""
+        self.controller_us = controller_us
+        """Wall time of the controller phase alone, µs."""
+        self._results: dict[int, StepResult] | None = None
+
+    @property
+    def sequences(self) -> tuple[int, ...]:
+        """The sequence ids, in the order of the arrays (slot order)."""
+        return tuple(self.sequence_ids.tolist())
+
+    @property
+    def outputs(self) -> tuple[Output, ...]:
+        return tuple(_OUTPUT_BY_CODE[c] for c in self.output_codes.tolist())
+
+    @property
+    def results(self) -> dict[int, StepResult]:
+        """Every sequence's :class:`StepResult`, by sequence id."""
+        if self._results is None:
+            results: dict[int, StepResult] = {}
+            for sid, action, output in zip(
+                self.sequence_ids.tolist(), self.action_codes.tolist(), self.output_codes.tolist()
+            ):
+                special = self.special.get(sid)
+                results[sid] = special if special is not None else StepResult(
+                    sid, _ACTION_BY_CODE[action], _OUTPUT_BY_CODE[output]
+                )
+            self._results = results
+        return self._results
 
     @property
     def failed(self) -> list[StepResult]:
         """The results whose sequence ended with an error."""
-        return [r for r in self.results.values() if r.action is Action.ERROR]
+        return [r for r in self.special.values() if r.action is Action.ERROR]
 
 
 @dataclass
@@ -119,8 +173,6 @@ class _Sequence:
     sequence_id: int
     slot: int
     controller: Controller
-    length: int
-    step: int = 0
     worker: int = -1
     instance: ControllerInstance | None = None
 
@@ -181,10 +233,21 @@ class ControllerBatch:
         self._bias_rows = self.regions.bias_rows()
         self._mask_rows[:] = -1
         self._run_flags = self.regions.run_flags()
+        self._step_words = self.regions.step_words()
+        self._status_words = self.regions.status_words()
+        self._status_elapsed = self.regions.status_elapsed_ns()
+        self._token_areas = [self.regions.token_area(slot) for slot in range(capacity)]
         self._sequences: dict[int, _Sequence] = {}
         self._free_slots = list(range(capacity - 1, -1, -1))
         self._next_id = 0
-        self._slot_output = [Output.NONE] * capacity
+        self._slot_output = np.zeros(capacity, dtype=np.int8)
+        self._steps = np.zeros(capacity, dtype=np.int64)  # per slot: the next step number
+        self._lengths = np.zeros(capacity, dtype=np.int64)  # per slot: tokens in the sequence
+        self._sequence_ids = np.full(capacity, -1, dtype=np.int64)
+        self._order_cache: tuple[list[_Sequence], np.ndarray[Any, Any]] | None = None
+        self._calls_cache: list[list[ControllerInstance]] | None = None
+        self._parallel = False
+        self._per_call_us = 0.0
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._workers: list[_WorkerHandle] = []
@@ -266,7 +329,7 @@ class ControllerBatch:
                 f"{area.nbytes}-byte step slot; raise step_slot_bytes"
             )
         slot = self._free_slots.pop()
-        seq = _Sequence(sequence_id, slot, controller, length=int(tokens.size))
+        seq = _Sequence(sequence_id, slot, controller)
         try:
             self._reset_slot(slot)
             area = self.regions.token_area(slot)
@@ -285,6 +348,10 @@ class ControllerBatch:
             self._drop(seq)
             raise
         self._sequences[sequence_id] = seq
+        self._steps[slot] = 0
+        self._lengths[slot] = tokens.size
+        self._sequence_ids[slot] = sequence_id
+        self._invalidate_order()
         return sequence_id
 
     def remove(self, sequence_id: int) -> None:
@@ -302,7 +369,9 @@ class ControllerBatch:
             seq.worker = -1
         self._reset_slot(seq.slot)
         self._run_flags[seq.slot] = 0
-        self._slot_output[seq.slot] = Output.NONE
+        self._slot_output[seq.slot] = L.OUTPUT_NONE
+        self._sequence_ids[seq.slot] = -1
+        self._invalidate_order()
         if seq.slot not in self._free_slots:
             self._free_slots.append(seq.slot)
 
@@ -313,76 +382,159 @@ class ControllerBatch:
 
     # -- stepping -----------------------------------------------------------------------------------
 
-    def step(self, sampled: Mapping[int, Sequence[int]] | None = None) -> BatchStep:
-        """Run every live controller once, in parallel.
+    def step(self, sampled: Mapping[int, Sequence[int]] | np.ndarray[Any, Any] | Sequence[int] | None = None) -> BatchStep:
+        """Run every live controller once, in parallel where it pays.
 
-        ``sampled`` maps sequence ids to the tokens sampled for them since their last step
-        (missing: none, as at step 0). Returns every sequence's :class:`StepResult`;
-        failed sequences are removed from the batch (their ``action`` is ERROR).
+        ``sampled`` gives the tokens sampled since each sequence's last step: a mapping
+        ``{sequence_id: [tokens]}`` (missing: none, as at step 0), or — the fast form for
+        an engine loop — one token per sequence as an int array aligned with
+        :attr:`sequences` (-1: none). Returns a :class:`BatchStep`; failed sequences are
+        removed from the batch (their action is ERROR).
+
+        The bookkeeping is vectorised over the step region, so the engine-side cost per
+        sequence is well under the cost of the controller call itself.
         """
         self._require_open()
         started = time.perf_counter()
         if self._copy_event is not None:
             self._copy_event.synchronize()  # the device copy of the last masks has finished
             self._copy_event = None
-        sampled = sampled or {}
-        unknown = set(sampled) - set(self._sequences)
-        if unknown:
-            raise WasmshareError(f"sampled tokens for sequences not in the batch: {sorted(unknown)}")
-        order = sorted(self._sequences.values(), key=lambda s: s.slot)
-        for seq in order:
-            new = np.asarray(sampled.get(seq.sequence_id, ()), dtype=np.int64)
-            if new.size and (new.min() < 0 or new.max() >= self.vocab_size):
-                raise WasmshareError(f"sequence {seq.sequence_id}: token ids must be in [0, {self.vocab_size})")
-            area = self.regions.token_area(seq.slot)
-            if new.size > area.size:
-                raise WasmshareError(f"sequence {seq.sequence_id}: {new.size} tokens exceed the step slot")
-            area[: new.size] = new
-            record = self.regions.input_record(seq.slot)[0]
-            record["step"] = seq.step
-            record["n_tokens"] = new.size
-            seq.length += int(new.size)
-            self._run_flags[seq.slot] = 1
+        order, slots = self._order()
+        counts = self._write_sampled(sampled, order, slots)
+        words = self._step_words
+        self._lengths[slots] += counts
+        words[slots, L.W_STEP] = self._steps[slots]
+        words[slots, L.W_N_TOKENS] = counts
+        words[slots, L.W_RESULT : L.W_RESULT + 5] = L.RESULT_RESET
+        self._status_words[slots, 0] = L.STATUS_OK  # runners write only failures
+        self._status_words[slots, 4] = 0
+        self._run_flags[slots] = 1
+        phase_start = time.perf_counter()
         if self.mode == "threads":
             self._run_threads(order)
         else:
             self._run_workers(order)
-        results: dict[int, StepResult] = {}
-        for seq in order:
-            self._run_flags[seq.slot] = 0
-            result = self._collect(seq)
-            results[seq.sequence_id] = result
-            seq.step += 1
-            if result.action is Action.ERROR:
-                self._sequences.pop(seq.sequence_id, None)
-                self._drop(seq)
-            else:
-                self._slot_output[seq.slot] = result.output
-                seq.length += len(result.fast_forward) - result.backtrack
-        outputs = tuple(results[s.sequence_id].output for s in order)
-        self._last_step = BatchStep(
-            results=results,
-            sequences=tuple(s.sequence_id for s in order),
-            slots=tuple(s.slot for s in order),
-            elapsed_us=(time.perf_counter() - started) * 1e6,
-            outputs=outputs,
-        )
+        controller_us = (time.perf_counter() - phase_start) * 1e6
+        self._run_flags[slots] = 0
+        self._steps[slots] += 1
+        self._last_step = self._collect_all(order, slots, started, controller_us)
         return self._last_step
 
-    def _run_threads(self, order: list[_Sequence]) -> None:
-        assert self._pool is not None
-        chunks: list[list[ControllerInstance]] = [[] for _ in range(self.n_workers)]
-        for i, seq in enumerate(order):
-            assert seq.instance is not None
-            chunks[i % self.n_workers].append(seq.instance)
-        chunks = [c for c in chunks if c]
-        if len(chunks) == 1:
-            _run_chunk(chunks[0])
+    def _order(self) -> tuple[list[_Sequence], np.ndarray[Any, Any]]:
+        if self._order_cache is None:
+            order = sorted(self._sequences.values(), key=lambda s: s.slot)
+            self._order_cache = (order, np.array([s.slot for s in order], dtype=np.intp))
+            self._calls_cache = None
+        return self._order_cache
+
+    def _invalidate_order(self) -> None:
+        self._order_cache = None
+        self._calls_cache = None
+
+    def _write_sampled(
+        self, sampled: Any, order: list[_Sequence], slots: np.ndarray[Any, Any]
+    ) -> np.ndarray[Any, Any]:
+        counts = np.zeros(len(order), dtype=np.int64)
+        if sampled is None:
+            return counts
+        words = self._step_words
+        if isinstance(sampled, Mapping):
+            live = self._sequences
+            for sid, new in sampled.items():
+                seq = live.get(sid)
+                if seq is None:
+                    raise WasmshareError(f"sampled tokens for a sequence not in the batch: {sid}")
+                self._write_tokens(seq, new)
+                counts[order.index(seq)] = len(new)
+            return counts
+        tokens = np.asarray(sampled, dtype=np.int64)
+        if tokens.shape != (len(order),):
+            raise WasmshareError(
+                f"one sampled token per live sequence expected: shape ({len(order)},), got {tokens.shape}"
+            )
+        present = tokens >= 0
+        if tokens.size and tokens.max(initial=-1) >= self.vocab_size:
+            raise WasmshareError(f"token ids must be in [0, {self.vocab_size})")
+        words[slots[present], L.W_TOKENS] = tokens[present]
+        counts[present] = 1
+        return counts
+
+    def _write_tokens(self, seq: _Sequence, new: Sequence[int]) -> None:
+        tokens = np.asarray(new, dtype=np.int64)
+        if tokens.size == 0:
             return
-        futures = [self._pool.submit(_run_chunk, c) for c in chunks[1:]]
-        _run_chunk(chunks[0])  # the calling thread works too
-        for f in futures:
-            f.result()
+        if tokens.min() < 0 or tokens.max() >= self.vocab_size:
+            raise WasmshareError(f"sequence {seq.sequence_id}: token ids must be in [0, {self.vocab_size})")
+        area = self._token_areas[seq.slot]
+        if tokens.size > area.size:
+            raise WasmshareError(f"sequence {seq.sequence_id}: {tokens.size} tokens exceed the step slot")
+        area[: tokens.size] = tokens
+
+    def _collect_all(
+        self, order: list[_Sequence], slots: np.ndarray[Any, Any], started: float, controller_us: float
+    ) -> BatchStep:
+        header = self._step_words[slots, L.W_RESULT : L.W_RESULT + 5].view(np.int32)
+        status = self._status_words[slots, 0]
+        action, output = header[:, 1].astype(np.int8), header[:, 2].astype(np.int8)
+        plain = (
+            (status == L.STATUS_OK)
+            & (header[:, 3] == 0)
+            & (header[:, 4] == 0)
+            & ((header[:, 1] == L.ACTION_CONTINUE) | (header[:, 1] == L.ACTION_STOP))
+            & (header[:, 2] >= 0)
+            & (header[:, 2] <= L.OUTPUT_BIAS)
+        )
+        special: dict[int, StepResult] = {}
+        dropped: list[_Sequence] = []
+        for i in np.flatnonzero(~plain).tolist():
+            seq = order[i]
+            result = self._collect(seq)
+            special[seq.sequence_id] = result
+            if result.action is Action.ERROR:
+                action[i], output[i] = ACTION_ERROR_CODE, L.OUTPUT_NONE
+                dropped.append(seq)
+            else:
+                self._lengths[seq.slot] += len(result.fast_forward) - result.backtrack
+        self._slot_output[slots] = output
+        sequence_ids = self._sequence_ids[slots].copy()
+        for seq in dropped:
+            self._sequences.pop(seq.sequence_id, None)
+            self._drop(seq)
+        return BatchStep(
+            sequence_ids, slots.copy(), action, output, special,
+            elapsed_us=(time.perf_counter() - started) * 1e6, controller_us=controller_us,
+        )
+
+    def _run_threads(self, order: list[_Sequence]) -> None:
+        """Run the controllers on this thread, or spread over the pool when that pays.
+
+        A trivial controller call costs about a microsecond, less than handing work to
+        another thread and contending for the GIL around it; so the batch runs inline
+        until the measured cost per controller exceeds :data:`PARALLEL_THRESHOLD_US`.
+        """
+        assert self._pool is not None
+        if self._calls_cache is None:
+            n = self.n_workers
+            chunks: list[list[ControllerInstance]] = [[] for _ in range(n)]
+            for i, seq in enumerate(order):
+                assert seq.instance is not None
+                chunks[i % n].append(seq.instance)
+            self._calls_cache = [c for c in chunks if c]
+        chunks = self._calls_cache
+        if not chunks:
+            return
+        started = time.perf_counter()
+        if not self._parallel or len(chunks) == 1:
+            for chunk in chunks:
+                _run_chunk(chunk)
+            per_call = (time.perf_counter() - started) * 1e6 / len(order)
+        else:
+            futures = [self._pool.submit(_run_chunk_timed, c) for c in chunks[1:]]
+            busy = _run_chunk_timed(chunks[0])  # the calling thread works too
+            busy += sum(f.result() for f in futures)
+            per_call = busy * 1e6 / len(order)
+        self._per_call_us = 0.8 * self._per_call_us + 0.2 * per_call if self._per_call_us else per_call
+        self._parallel = self._per_call_us > PARALLEL_THRESHOLD_US
 
     def _run_workers(self, order: list[_Sequence]) -> None:
         busy = sorted({seq.worker for seq in order})
@@ -410,18 +562,16 @@ class ControllerBatch:
         )
 
     def _collect(self, seq: _Sequence) -> StepResult:
-        status = self.regions.status_record(seq.slot)[0]
-        elapsed_us = int(status["elapsed_ns"]) / 1000
         failure = self._status_failure(seq, "ws_ctrl_step")
         if failure is None:
-            failure, result = self._validate(seq, elapsed_us)
+            failure, result = self._validate(seq)
             if failure is None and result is not None:
                 return result
         assert failure is not None
         self._reset_slot(seq.slot)  # a half-written mask is never applied
-        return StepResult(seq.sequence_id, Action.ERROR, error=failure, elapsed_us=elapsed_us)
+        return StepResult(seq.sequence_id, Action.ERROR, error=failure)
 
-    def _validate(self, seq: _Sequence, elapsed_us: float) -> tuple[SequenceFailed | None, StepResult | None]:
+    def _validate(self, seq: _Sequence) -> tuple[SequenceFailed | None, StepResult | None]:
         record = self.regions.result_record(seq.slot)[0]
         action, output = int(record["action"]), int(record["output"])
         backtrack, n_ff = int(record["backtrack"]), int(record["n_ff"])
@@ -432,8 +582,8 @@ class ControllerBatch:
             problem = f"output {output} is not a WS_OUTPUT_* value"
         elif n_ff > L.MAX_FF_TOKENS:
             problem = f"n_ff {n_ff} exceeds WS_MAX_FF_TOKENS ({L.MAX_FF_TOKENS})"
-        elif backtrack > seq.length:
-            problem = f"backtrack {backtrack} exceeds the sequence length {seq.length}"
+        elif backtrack > int(self._lengths[seq.slot]):
+            problem = f"backtrack {backtrack} exceeds the sequence length {int(self._lengths[seq.slot])}"
         ff = record["ff_tokens"][:n_ff] if problem is None else np.empty(0, np.uint32)
         if problem is None and ff.size and int(ff.max()) >= self.vocab_size:
             problem = f"fast-forward token {int(ff.max())} is outside the vocabulary ({self.vocab_size})"
@@ -449,7 +599,6 @@ class ControllerBatch:
             backtrack,
             tuple(int(t) for t in ff),
             None,
-            elapsed_us,
         )
 
     # -- applying to logits -------------------------------------------------------------------------------
@@ -486,16 +635,18 @@ class ControllerBatch:
 
         step = step or self._last_step_or_fail()
         views = self._torch_views()
-        if logits.dim() != 2 or logits.shape[0] != len(step.sequences) or logits.shape[1] < self.vocab_size:
+        n = len(step.sequence_ids)
+        if logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] < self.vocab_size:
             raise WasmshareError(
-                f"logits must be [{len(step.sequences)}, >= {self.vocab_size}], got {list(logits.shape)}"
+                f"logits must be [{n}, >= {self.vocab_size}], got {list(logits.shape)}"
             )
         device = logits.device
-        mask_idx = [i for i, o in enumerate(step.outputs) if o is Output.BITMASK]
-        bias_idx = [i for i, o in enumerate(step.outputs) if o is Output.BIAS]
+        codes = step.output_codes
+        mask_idx = np.flatnonzero(codes == L.OUTPUT_BITMASK).tolist()
+        bias_idx = np.flatnonzero(codes == L.OUTPUT_BIAS).tolist()
         copy_event = None
         if mask_idx:
-            slots = torch.tensor([step.slots[i] for i in mask_idx])
+            slots = torch.from_numpy(step.slots[mask_idx])
             words = views["mask"].index_select(0, slots)
             if device.type != "cpu":
                 words = words.to(device, non_blocking=True)
@@ -504,7 +655,7 @@ class ControllerBatch:
             sub = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
             logits.index_copy_(0, rows, sub)
         if bias_idx:
-            slots = torch.tensor([step.slots[i] for i in bias_idx])
+            slots = torch.from_numpy(step.slots[bias_idx])
             bias = views["bias"].index_select(0, slots)
             if device.type != "cpu":
                 bias = bias.to(device, non_blocking=True)
@@ -569,6 +720,13 @@ def _run_chunk(instances: list[ControllerInstance]) -> None:
         instance.step()
 
 
+def _run_chunk_timed(instances: list[ControllerInstance]) -> float:
+    started = time.perf_counter()
+    for instance in instances:
+        instance.step()
+    return time.perf_counter() - started
+
+
 def _unpack_bitmask(words: torch.Tensor, bit_weights: torch.Tensor, width: int) -> torch.Tensor:
     """``[n, W]`` int32 words → ``[n, width]`` bool, bit ``t % 32`` of word ``t // 32``."""
     import torch
@@ -631,6 +789,10 @@ class _WorkerHandle:
 
     def _wait_done(self, go: int, timeout_s: float) -> bool:
         """Wait until the worker acknowledges ``go``; False if it died or timed out."""
+        words = self._words
+        spin_until = time.perf_counter() + _SPIN_S
+        while int(words[1]) != go and time.perf_counter() < spin_until:
+            os.sched_yield()
         deadline = time.monotonic() + timeout_s
         while int(self._words[1]) != go:
             if self.process.poll() is not None:

@@ -160,6 +160,27 @@ class BatchRegions:
         count = (self.step_stride - L.TOKENS_OFFSET) // 4
         return self.step.array(np.uint32, count, offset=slot * self.step_stride + L.TOKENS_OFFSET)
 
+    def step_words(self) -> np.ndarray[Any, Any]:
+        """``[capacity, step_stride / 4]`` uint32 view of every step slot (for vectorised access)."""
+        return self.step.array(np.uint32).reshape(self.capacity, self.step_stride // 4)
+
+    def status_words(self) -> np.ndarray[Any, Any]:
+        """``[capacity, 5]`` int32 view of every slot's status words.
+
+        Columns: status, detail, elapsed_ns (low, high), message_len.
+        """
+        flat = self.control.array(np.int32, offset=self.CONTROL_HEADER_BYTES)
+        return np.lib.stride_tricks.as_strided(
+            flat, shape=(self.capacity, 5), strides=(L.STATUS_RECORD_BYTES, 4), writeable=True
+        )
+
+    def status_elapsed_ns(self) -> np.ndarray[Any, Any]:
+        """``[capacity]`` uint64 view of every slot's last call duration."""
+        flat = self.control.array(np.uint64, offset=self.CONTROL_HEADER_BYTES + 8)
+        return np.lib.stride_tricks.as_strided(
+            flat, shape=(self.capacity,), strides=(L.STATUS_RECORD_BYTES,), writeable=True
+        )
+
     def status_record(self, slot: int) -> np.ndarray[Any, Any]:
         return self.control.array(L.STATUS, 1, offset=self.CONTROL_HEADER_BYTES + slot * L.STATUS_RECORD_BYTES)
 
@@ -306,8 +327,18 @@ class ControllerInstance:
         self._input["arg_len"] = 0
 
     def step(self) -> None:
-        """Run ``ws_ctrl_step``; the batch already wrote the step number and tokens."""
-        self._run(self._step_fn, "ws_ctrl_step")
+        """Run ``ws_ctrl_step``. The batch already wrote the step number and tokens, reset
+        the result and set the status to OK; only a failure writes the status record."""
+        try:
+            code = self._step_fn(self._input_ptr, self._result_ptr)
+        except WasmshareError as e:
+            self._record_failure(e, 0)
+            return
+        if code < 0:
+            write_status(
+                self.status, L.STATUS_RETURNED_ERROR, int(code),
+                f"controller '{self.guest.name}' seq {self.sequence_id}: ws_ctrl_step returned error {code}",
+            )
 
     def _run(self, fn: Any, what: str) -> None:
         self._reset_result()
@@ -315,14 +346,8 @@ class ControllerInstance:
         started = time.perf_counter_ns()
         try:
             code = fn(self._input_ptr, self._result_ptr)
-        except GuestLimitExceeded as e:
-            write_status(status, L.STATUS_LIMIT, L.LIMIT_CODES[e.limit], str(e), time.perf_counter_ns() - started)
-            return
-        except GuestTrap as e:
-            write_status(status, L.STATUS_TRAP, 0, str(e), time.perf_counter_ns() - started)
-            return
         except WasmshareError as e:
-            write_status(status, L.STATUS_HOST_ERROR, 0, str(e), time.perf_counter_ns() - started)
+            self._record_failure(e, started)
             return
         elapsed = time.perf_counter_ns() - started
         if code < 0:
@@ -332,6 +357,15 @@ class ControllerInstance:
             )
             return
         write_status(status, L.STATUS_OK, 0, "", elapsed)
+
+    def _record_failure(self, error: WasmshareError, started_ns: int) -> None:
+        elapsed = time.perf_counter_ns() - started_ns if started_ns else 0
+        if isinstance(error, GuestLimitExceeded):
+            write_status(self.status, L.STATUS_LIMIT, L.LIMIT_CODES[error.limit], str(error), elapsed)
+        elif isinstance(error, GuestTrap):
+            write_status(self.status, L.STATUS_TRAP, 0, str(error), elapsed)
+        else:
+            write_status(self.status, L.STATUS_HOST_ERROR, 0, str(error), elapsed)
 
     def close(self) -> None:
         """Run the optional ``ws_ctrl_free`` teardown, then release the guest."""
