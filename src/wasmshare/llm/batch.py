@@ -48,10 +48,11 @@ __all__ = ["ControllerBatch", "StepResult", "BatchStep", "SequenceFailed", "Batc
 
 Mode = Literal["threads", "workers"]
 
+_ORDINARY_LIMITS = np.array([L.ACTION_STOP, L.OUTPUT_BIAS, 0, 0], dtype=np.uint32)
 _SPIN_S = 300e-6  # the engine polls a worker's done word this long before sleeping
 
-PARALLEL_THRESHOLD_US = 15.0
-"""Mean controller time (µs) above which thread mode spreads a step over its pool."""
+PROBE_EVERY = 64
+"""Thread mode re-measures the slower of inline and pooled runs every this many steps."""
 
 
 class Action(str, enum.Enum):
@@ -244,10 +245,11 @@ class ControllerBatch:
         self._steps = np.zeros(capacity, dtype=np.int64)  # per slot: the next step number
         self._lengths = np.zeros(capacity, dtype=np.int64)  # per slot: tokens in the sequence
         self._sequence_ids = np.full(capacity, -1, dtype=np.int64)
-        self._order_cache: tuple[list[_Sequence], np.ndarray[Any, Any]] | None = None
+        self._ones = np.ones(capacity, dtype=np.int64)
+        self._order_cache: tuple[list[_Sequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]] | None = None
         self._calls_cache: list[list[ControllerInstance]] | None = None
-        self._parallel = False
-        self._per_call_us = 0.0
+        self._run_cost = [0.0, 0.0]
+        self._runs = 0
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._workers: list[_WorkerHandle] = []
@@ -399,31 +401,39 @@ class ControllerBatch:
         if self._copy_event is not None:
             self._copy_event.synchronize()  # the device copy of the last masks has finished
             self._copy_event = None
-        order, slots = self._order()
-        counts = self._write_sampled(sampled, order, slots)
+        order, slots, index = self._order()
+        counts = self._write_sampled(sampled, order, slots, index)
         words = self._step_words
-        self._lengths[slots] += counts
-        words[slots, L.W_STEP] = self._steps[slots]
-        words[slots, L.W_N_TOKENS] = counts
-        words[slots, L.W_RESULT : L.W_RESULT + 5] = L.RESULT_RESET
-        self._status_words[slots, 0] = L.STATUS_OK  # runners write only failures
-        self._status_words[slots, 4] = 0
-        self._run_flags[slots] = 1
+        self._lengths[index] += counts
+        steps = self._steps[index]
+        words[index, L.W_STEP] = steps
+        words[index, L.W_N_TOKENS] = counts
+        words[index, L.W_RESULT : L.W_RESULT + 5] = L.RESULT_RESET
+        self._status_words[index, 0] = L.STATUS_OK  # runners write only failures
         phase_start = time.perf_counter()
         if self.mode == "threads":
             self._run_threads(order)
         else:
+            self._run_flags[index] = 1
             self._run_workers(order)
+            self._run_flags[index] = 0
         controller_us = (time.perf_counter() - phase_start) * 1e6
-        self._run_flags[slots] = 0
-        self._steps[slots] += 1
-        self._last_step = self._collect_all(order, slots, started, controller_us)
+        steps += 1
+        self._steps[index] = steps
+        self._last_step = self._collect_all(order, slots, index, started, controller_us)
         return self._last_step
 
-    def _order(self) -> tuple[list[_Sequence], np.ndarray[Any, Any]]:
+    def _order(self) -> tuple[list[_Sequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]]:
+        """Live sequences in slot order, their slots, and an index for the per-slot arrays:
+        a slice when the slots are contiguous (the usual case: basic slicing is several
+        times cheaper than fancy indexing), else the slot array."""
         if self._order_cache is None:
             order = sorted(self._sequences.values(), key=lambda s: s.slot)
-            self._order_cache = (order, np.array([s.slot for s in order], dtype=np.intp))
+            slots = np.array([s.slot for s in order], dtype=np.intp)
+            index: slice | np.ndarray[Any, Any] = slots
+            if len(order) and int(slots[-1]) - int(slots[0]) + 1 == len(order):
+                index = slice(int(slots[0]), int(slots[-1]) + 1)
+            self._order_cache = (order, slots, index)
             self._calls_cache = None
         return self._order_cache
 
@@ -432,13 +442,12 @@ class ControllerBatch:
         self._calls_cache = None
 
     def _write_sampled(
-        self, sampled: Any, order: list[_Sequence], slots: np.ndarray[Any, Any]
+        self, sampled: Any, order: list[_Sequence], slots: np.ndarray[Any, Any], index: slice | np.ndarray[Any, Any]
     ) -> np.ndarray[Any, Any]:
-        counts = np.zeros(len(order), dtype=np.int64)
         if sampled is None:
-            return counts
-        words = self._step_words
-        if isinstance(sampled, Mapping):
+            return np.zeros(len(order), dtype=np.int64)
+        if not isinstance(sampled, np.ndarray) and isinstance(sampled, Mapping):
+            counts = np.zeros(len(order), dtype=np.int64)
             live = self._sequences
             for sid, new in sampled.items():
                 seq = live.get(sid)
@@ -447,17 +456,24 @@ class ControllerBatch:
                 self._write_tokens(seq, new)
                 counts[order.index(seq)] = len(new)
             return counts
-        tokens = np.asarray(sampled, dtype=np.int64)
-        if tokens.shape != (len(order),):
+        tokens = np.asarray(sampled)
+        if tokens.shape != (len(order),) or tokens.dtype.kind not in "iu":
             raise WasmshareError(
-                f"one sampled token per live sequence expected: shape ({len(order)},), got {tokens.shape}"
+                f"one sampled token id per live sequence expected: shape ({len(order)},) ints, "
+                f"got shape {tokens.shape} {tokens.dtype}"
             )
+        if not tokens.size:
+            return np.zeros(0, dtype=np.int64)
+        low, high = int(tokens.min()), int(tokens.max())
+        if high >= self.vocab_size or low < -1:
+            raise WasmshareError(f"token ids must be in [0, {self.vocab_size}) (or -1 for none)")
+        words = self._step_words
+        if low >= 0:  # every sequence got one token: the common case, one store
+            words[index, L.W_TOKENS] = tokens
+            return self._ones[: len(order)]
         present = tokens >= 0
-        if tokens.size and tokens.max(initial=-1) >= self.vocab_size:
-            raise WasmshareError(f"token ids must be in [0, {self.vocab_size})")
         words[slots[present], L.W_TOKENS] = tokens[present]
-        counts[present] = 1
-        return counts
+        return present.astype(np.int64)
 
     def _write_tokens(self, seq: _Sequence, new: Sequence[int]) -> None:
         tokens = np.asarray(new, dtype=np.int64)
@@ -471,22 +487,24 @@ class ControllerBatch:
         area[: tokens.size] = tokens
 
     def _collect_all(
-        self, order: list[_Sequence], slots: np.ndarray[Any, Any], started: float, controller_us: float
+        self,
+        order: list[_Sequence],
+        slots: np.ndarray[Any, Any],
+        index: slice | np.ndarray[Any, Any],
+        started: float,
+        controller_us: float,
     ) -> BatchStep:
-        header = self._step_words[slots, L.W_RESULT : L.W_RESULT + 5].view(np.int32)
-        status = self._status_words[slots, 0]
-        action, output = header[:, 1].astype(np.int8), header[:, 2].astype(np.int8)
-        plain = (
-            (status == L.STATUS_OK)
-            & (header[:, 3] == 0)
-            & (header[:, 4] == 0)
-            & ((header[:, 1] == L.ACTION_CONTINUE) | (header[:, 1] == L.ACTION_STOP))
-            & (header[:, 2] >= 0)
-            & (header[:, 2] <= L.OUTPUT_BIAS)
-        )
+        # action, output, backtrack, n_ff as uint32: one comparison against the largest
+        # ordinary values finds every sequence that needs a closer look (a negative action
+        # or output reads as a huge unsigned value).
+        header = self._step_words[index, L.W_RESULT + 1 : L.W_RESULT + 5]
+        unusual = (header > _ORDINARY_LIMITS).any(axis=1)
+        unusual |= self._status_words[index, 0] != L.STATUS_OK
+        action, output = header[:, 0].astype(np.int8), header[:, 1].astype(np.int8)
+        candidates = np.flatnonzero(unusual).tolist() if unusual.any() else []
         special: dict[int, StepResult] = {}
         dropped: list[_Sequence] = []
-        for i in np.flatnonzero(~plain).tolist():
+        for i in candidates:
             seq = order[i]
             result = self._collect(seq)
             special[seq.sequence_id] = result
@@ -495,8 +513,8 @@ class ControllerBatch:
                 dropped.append(seq)
             else:
                 self._lengths[seq.slot] += len(result.fast_forward) - result.backtrack
-        self._slot_output[slots] = output
-        sequence_ids = self._sequence_ids[slots].copy()
+        self._slot_output[index] = output
+        sequence_ids = self._sequence_ids[index].copy()
         for seq in dropped:
             self._sequences.pop(seq.sequence_id, None)
             self._drop(seq)
@@ -506,11 +524,12 @@ class ControllerBatch:
         )
 
     def _run_threads(self, order: list[_Sequence]) -> None:
-        """Run the controllers on this thread, or spread over the pool when that pays.
+        """Run the controllers on this thread, or spread over the pool, whichever is faster.
 
         A trivial controller call costs about a microsecond, less than handing work to
-        another thread and contending for the GIL around it; so the batch runs inline
-        until the measured cost per controller exceeds :data:`PARALLEL_THRESHOLD_US`.
+        another thread and contending for the GIL around it, while controllers that
+        compute for longer run in parallel (wasm calls release the GIL). The batch measures
+        both ways on its own workload and keeps the faster, probing the other now and then.
         """
         assert self._pool is not None
         if self._calls_cache is None:
@@ -520,21 +539,33 @@ class ControllerBatch:
                 assert seq.instance is not None
                 chunks[i % n].append(seq.instance)
             self._calls_cache = [c for c in chunks if c]
+            self._run_cost = [0.0, 0.0]  # EWMA µs of a step run inline, and on the pool
         chunks = self._calls_cache
         if not chunks:
             return
+        parallel = self._choose_parallel(len(chunks))
         started = time.perf_counter()
-        if not self._parallel or len(chunks) == 1:
+        if not parallel:
             for chunk in chunks:
                 _run_chunk(chunk)
-            per_call = (time.perf_counter() - started) * 1e6 / len(order)
         else:
-            futures = [self._pool.submit(_run_chunk_timed, c) for c in chunks[1:]]
-            busy = _run_chunk_timed(chunks[0])  # the calling thread works too
-            busy += sum(f.result() for f in futures)
-            per_call = busy * 1e6 / len(order)
-        self._per_call_us = 0.8 * self._per_call_us + 0.2 * per_call if self._per_call_us else per_call
-        self._parallel = self._per_call_us > PARALLEL_THRESHOLD_US
+            futures = [self._pool.submit(_run_chunk, c) for c in chunks[1:]]
+            _run_chunk(chunks[0])  # the calling thread works too
+            for f in futures:
+                f.result()
+        cost = (time.perf_counter() - started) * 1e6
+        previous = self._run_cost[parallel]
+        self._run_cost[parallel] = cost if previous == 0.0 else 0.8 * previous + 0.2 * cost
+
+    def _choose_parallel(self, n_chunks: int) -> bool:
+        if n_chunks < 2:
+            return False
+        self._runs += 1
+        inline, pooled = self._run_cost
+        if inline == 0.0 or pooled == 0.0:
+            return inline != 0.0  # measure each way once
+        best = pooled < inline
+        return (not best) if self._runs % PROBE_EVERY == 0 else best
 
     def _run_workers(self, order: list[_Sequence]) -> None:
         busy = sorted({seq.worker for seq in order})
@@ -720,11 +751,6 @@ def _run_chunk(instances: list[ControllerInstance]) -> None:
         instance.step()
 
 
-def _run_chunk_timed(instances: list[ControllerInstance]) -> float:
-    started = time.perf_counter()
-    for instance in instances:
-        instance.step()
-    return time.perf_counter() - started
 
 
 def _unpack_bitmask(words: torch.Tensor, bit_weights: torch.Tensor, width: int) -> torch.Tensor:

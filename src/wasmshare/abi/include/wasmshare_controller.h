@@ -140,19 +140,24 @@ static inline bool ws_token_is_special(const ws_token_table *table, uint32_t t) 
     return t < table->n_tokens && (flags[t] & WS_TOKEN_SPECIAL) != 0;
 }
 
-/* Mask helpers: words = ceil(V / 32). */
+/* Mask helpers: words = ceil(V / 32). Clearing and filling compile to memory.fill
+   (bulk memory), which the engine runs as a native memset. */
 static inline void ws_mask_clear(uint32_t *mask, uint32_t words) {
-    for (uint32_t i = 0; i < words; i++) mask[i] = 0;
+    __builtin_memset(mask, 0, (size_t)words * 4u);
 }
 static inline void ws_mask_fill(uint32_t *mask, uint32_t words) {
-    for (uint32_t i = 0; i < words; i++) mask[i] = 0xFFFFFFFFu;
+    __builtin_memset(mask, 0xFF, (size_t)words * 4u);
 }
 static inline void ws_mask_allow(uint32_t *mask, uint32_t t) { mask[t >> 5] |= 1u << (t & 31); }
 static inline void ws_mask_ban(uint32_t *mask, uint32_t t) { mask[t >> 5] &= ~(1u << (t & 31)); }
 static inline bool ws_mask_allowed(const uint32_t *mask, uint32_t t) { return (mask[t >> 5] >> (t & 31)) & 1u; }
 
-/* Bias helper: set every entry to `value`. */
+/* Bias helper: set every entry to `value` (zero compiles to memory.fill). */
 static inline void ws_bias_fill(float *bias, uint32_t n, float value) {
+    if (value == 0.0f) {
+        __builtin_memset(bias, 0, (size_t)n * sizeof(float));
+        return;
+    }
     for (uint32_t i = 0; i < n; i++) bias[i] = value;
 }
 
