@@ -237,3 +237,36 @@ def test_batch_input_errors(table: TokenTable) -> None:
             batch.apply(torch.zeros(2, table.vocab_size), step)
     with pytest.raises(Exception, match="closed"):
         batch.step()
+
+
+def test_fuel_limit_ends_only_the_runaway_sequence(table: TokenTable) -> None:
+    with ControllerBatch(table, capacity=2, deadline_ms=None, fuel=200_000) as batch:
+        good = batch.add(ctrl("allow_list", u32s(3)))
+        bad = batch.add(ctrl("hostile_controller", "spin"))
+        step = batch.step()
+        assert step.results[bad].action is Action.ERROR
+        assert step.results[bad].error is not None and step.results[bad].error.cause == "fuel"
+        assert step.results[good].output is Output.BITMASK
+
+
+def test_tensor_views_are_zero_copy(table: TokenTable) -> None:
+    with ControllerBatch(table, capacity=2) as batch:
+        seq = batch.add(ctrl("allow_list", u32s(4)))
+        batch.step()
+        mask = batch.mask_tensor()
+        assert mask.shape == (2, (table.vocab_size + 31) // 32) and mask.dtype == torch.int32
+        assert mask.data_ptr() == batch.mask.ctypes.data
+        assert int(mask[batch.slot(seq), 0]) == 1 << 4
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_apply_on_cuda_uses_page_locked_rows(table: TokenTable) -> None:
+    with ControllerBatch(table, capacity=2) as batch:
+        seq = batch.add(ctrl("allow_list", u32s(5, 9)))
+        step = batch.step()
+        logits = torch.zeros(1, table.vocab_size, device="cuda")
+        batch.apply(logits, step)
+        assert batch._torch["pinned"]
+        assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [5, 9]
+        batch.step()  # waits for the asynchronous copy before controllers write again
+        assert step.results[seq].output is Output.BITMASK
