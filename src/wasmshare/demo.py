@@ -13,6 +13,7 @@ import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from rich.console import Console
@@ -49,6 +50,50 @@ print(f"{len(nonzero)} {float(bias.sum())}", flush=True)
 bias[nonzero] *= -1.0                     # the second process writes into the same pages
 sock.sendall(b"ok")
 """
+
+
+def _controller_demo(out: Console, check: Any) -> int:
+    """Section 5: a batch of LLM controllers writing masks and biases in place."""
+    import struct
+
+    from .llm import Action, Controller, ControllerBatch, Output, TokenTable
+
+    out.print("\n[bold]5. A decode batch of wasm controllers (AICI model)")
+    try:
+        table = TokenTable.deepseek()
+    except WasmshareError as e:
+        out.print(f"  [yellow]skipped: {e}[/]")
+        return 0
+    controllers = {
+        "allow_list": Controller(find_guest("controllers/allow_list.wasm"), struct.pack("<3I", 11, 12, 13)),
+        "boost_words": Controller(find_guest("controllers/boost_words.wasm"), "hello\t3.0"),
+        "force_answer": Controller(find_guest("controllers/force_answer.wasm"),
+                                   struct.pack("<2I", table.find(" yes") or 0, table.eos_token or 0)),
+        "hostile (traps mid-mask)": Controller(find_guest("controllers/hostile_controller.wasm"), "trap_mid_mask"),
+    }
+    with ControllerBatch(table, capacity=8, deadline_ms=50) as batch:
+        ids = {name: batch.add(c) for name, c in controllers.items()}
+        step = batch.step()
+        out.print(f"  vocabulary {table.vocab_size:,} tokens (deepseek); the first step of {len(ids)} "
+                  f"controllers took {step.elapsed_us:.0f} µs")
+        for name, sid in ids.items():
+            r = step.results[sid]
+            forced = table.decode(r.fast_forward).decode("utf-8", "replace")
+            detail = f"fast-forward {forced!r}" if r.fast_forward else r.output.value
+            if r.error is not None:
+                detail = f"{r.error.cause}: sequence ended, its mask reset, nothing applied"
+            out.print(f"  {name:26} {r.action.value:9} {detail}")
+        import torch
+
+        logits = torch.zeros(len(step.sequence_ids), table.vocab_size)
+        batch.apply(logits, step)
+        row = list(step.sequence_ids).index(ids["allow_list"])
+        allowed = torch.isfinite(logits[row]).nonzero().flatten().tolist()
+        check(allowed == [11, 12, 13], "apply(): the allow-list row keeps exactly its 3 tokens")
+        check(step.results[ids["hostile (traps mid-mask)"]].action is Action.ERROR
+              and step.results[ids["boost_words"]].output is Output.BIAS,
+              "the trapping controller failed alone; the rest of the batch carried on")
+        return 0
 
 
 def run_demo(console: Console | None = None) -> int:
@@ -141,6 +186,8 @@ def run_demo(console: Console | None = None) -> int:
     check(loan.closed and ro.closed, "closing the region revoked its loans")
     guest.close()
     hostile.close()
+
+    failures += _controller_demo(out, check)
     out.print()
     if failures:
         out.print(f"[red bold]{failures} check(s) failed")
