@@ -4,7 +4,9 @@
   controllers of that tokenizer;
 * :class:`Controller`: a controller module and its argument;
 * :class:`ControllerBatch`: the controllers of one decode batch, stepped in parallel
-  (threads or worker processes), writing straight into the batch bitmask / bias tensors.
+  (threads or worker processes), writing straight into the batch bitmask / bias tensors;
+* :mod:`constraints`: JSON Schema, regex, Lark grammar and choice constraints (llguidance),
+  which a batch runs on the host next to wasm controllers, masks written in place.
 
 The controller ABI is ``wasmshare_controller.h``, documented in ``docs/controller-abi.md``.
 torch is needed only by :meth:`ControllerBatch.apply` and the tensor views; ``tokenizers``
@@ -13,7 +15,9 @@ only by :meth:`TokenTable.from_tokenizer` / :meth:`TokenTable.from_file`.
 
 from __future__ import annotations
 
+from . import constraints
 from .batch import Action, BatchFull, BatchStep, ControllerBatch, Output, SequenceFailed, StepResult
+from .constraints import ConstraintError, ConstraintSpec
 from .controller import Controller
 from .tokens import TokenizerError, TokenTable
 
@@ -21,6 +25,8 @@ __all__ = [
     "Action",
     "BatchFull",
     "BatchStep",
+    "ConstraintError",
+    "ConstraintSpec",
     "Controller",
     "ControllerBatch",
     "Output",
@@ -28,4 +34,5 @@ __all__ = [
     "StepResult",
     "TokenTable",
     "TokenizerError",
+    "constraints",
 ]

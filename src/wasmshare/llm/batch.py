@@ -38,6 +38,7 @@ from ..errors import GuestError, WasmshareError
 from . import _futex
 from . import _layout as L
 from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
+from .constraints import ConstraintInstance, ConstraintSpec, compile_constraint
 from .controller import BatchRegions, Controller, ControllerInstance, Limits, module_path_or_bytes
 from .tokens import TokenTable
 
@@ -47,6 +48,9 @@ if TYPE_CHECKING:
 __all__ = ["ControllerBatch", "StepResult", "BatchStep", "SequenceFailed", "BatchFull", "Action", "Output"]
 
 Mode = Literal["threads", "workers"]
+
+# Constrained sequences carry a Controller record only for its name; it is never instantiated.
+_CONSTRAINT_PLACEHOLDER = b"\0asm\x01\0\0\0"
 
 _ORDINARY_LIMITS = np.array([L.ACTION_STOP, L.OUTPUT_BIAS, 0, 0], dtype=np.uint32)
 _SPIN_S = 300e-6  # the engine polls a worker's done word this long before sleeping
@@ -175,7 +179,7 @@ class _Sequence:
     slot: int
     controller: Controller
     worker: int = -1
-    instance: ControllerInstance | None = None
+    instance: ControllerInstance | ConstraintInstance | None = None
 
 
 class ControllerBatch:
@@ -247,7 +251,7 @@ class ControllerBatch:
         self._sequence_ids = np.full(capacity, -1, dtype=np.int64)
         self._ones = np.ones(capacity, dtype=np.int64)
         self._order_cache: tuple[list[_Sequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]] | None = None
-        self._calls_cache: list[list[ControllerInstance]] | None = None
+        self._calls_cache: list[list[ControllerInstance | ConstraintInstance]] | None = None
         self._run_cost = [0.0, 0.0]
         self._runs = 0
         self._closed = False
@@ -304,14 +308,24 @@ class ControllerBatch:
 
     # -- joining and leaving ---------------------------------------------------------------------
 
-    def add(self, controller: Controller, prompt: Sequence[int] = (), *, sequence_id: int | None = None) -> int:
-        """Start a sequence: instantiate its controller in a free slot and run ``ws_ctrl_create``.
+    def add(
+        self, controller: Controller | ConstraintSpec, prompt: Sequence[int] = (), *, sequence_id: int | None = None
+    ) -> int:
+        """Start a sequence in a free slot, driven by a wasm controller or a constraint.
 
-        Returns the sequence id. Raises :class:`BatchFull`, :class:`GuestError` (bad module,
-        ABI mismatch) or :class:`SequenceFailed` (create trapped or returned an error); the
-        slot is freed again in every failure case.
+        A :class:`Controller` is instantiated and its ``ws_ctrl_create`` runs; a
+        :class:`~wasmshare.llm.constraints.ConstraintSpec` (JSON Schema, regex, grammar,
+        choice) is compiled for the batch's tokenizer (cached) and runs on the host, writing
+        its masks into the same bitmask. Returns the sequence id. Raises :class:`BatchFull`,
+        :class:`ConstraintError`, :class:`GuestError` (bad module, ABI mismatch) or
+        :class:`SequenceFailed` (create trapped or returned an error); the slot is freed
+        again in every failure case.
         """
         self._require_open()
+        compiled = None
+        if isinstance(controller, ConstraintSpec):
+            compiled = compile_constraint(controller, self.token_table)
+            controller = Controller(_CONSTRAINT_PLACEHOLDER, name=f"constraint:{controller.kind}")
         if not self._free_slots:
             raise BatchFull(f"all {self.capacity} slots of the batch are taken")
         if sequence_id is None:
@@ -337,7 +351,10 @@ class ControllerBatch:
             area = self.regions.token_area(slot)
             area[: tokens.size] = tokens
             area.view(np.uint8)[arg_offset : arg_offset + len(arg)] = np.frombuffer(arg, np.uint8)
-            if self.mode == "threads":
+            if compiled is not None:
+                seq.instance = ConstraintInstance(compiled, self.regions, slot, sequence_id)
+                seq.instance.create(int(tokens.size), arg_offset, len(arg))
+            elif self.mode == "threads":
                 seq.instance = ControllerInstance(controller, self.regions, slot, sequence_id, self.limits)
                 seq.instance.create(int(tokens.size), arg_offset, len(arg))
             else:
@@ -534,7 +551,7 @@ class ControllerBatch:
         assert self._pool is not None
         if self._calls_cache is None:
             n = self.n_workers
-            chunks: list[list[ControllerInstance]] = [[] for _ in range(n)]
+            chunks: list[list[ControllerInstance | ConstraintInstance]] = [[] for _ in range(n)]
             for i, seq in enumerate(order):
                 assert seq.instance is not None
                 chunks[i % n].append(seq.instance)
@@ -568,9 +585,12 @@ class ControllerBatch:
         return (not best) if self._runs % PROBE_EVERY == 0 else best
 
     def _run_workers(self, order: list[_Sequence]) -> None:
-        busy = sorted({seq.worker for seq in order})
+        busy = sorted({seq.worker for seq in order if seq.worker >= 0})
         for w in busy:
             self._workers[w].start_step()
+        local = [seq.instance for seq in order if seq.worker < 0 and seq.instance is not None]
+        if local:  # constrained sequences run here while the workers run their controllers
+            _run_chunk(local)
         for w in busy:
             self._workers[w].finish_step(self.limits)
 
@@ -746,7 +766,7 @@ class ControllerBatch:
         )
 
 
-def _run_chunk(instances: list[ControllerInstance]) -> None:
+def _run_chunk(instances: list[ControllerInstance | ConstraintInstance]) -> None:
     for instance in instances:
         instance.step()
 

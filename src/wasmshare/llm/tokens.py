@@ -555,6 +555,9 @@ class TokenTable:
         self._blob = region.array(np.uint8, int(header["bytes_len"]), offset=int(header["bytes_offset"]))
         self._byte_fallback = byte_fallback
         self._find_map: dict[bytes, int] | None = None
+        self.tokenizer_json: str | None = None
+        """The Hugging Face tokenizer JSON the table was built from (None for from_tokens):
+        grammar engines build their own tokenizer view from it."""
 
     # --- constructors -----------------------------------------------------------
 
@@ -744,6 +747,7 @@ class TokenTable:
                     blob, offsets, fallback = _piece_bytes(vocab, family)
                 flags = vocab.special.astype(np.uint8) * np.uint8(TOKEN_SPECIAL)
                 table = cls._publish(blob, offsets, flags, eos=eos_id, bos=bos_id, name=name, byte_fallback=fallback)
+                table.tokenizer_json = text
                 _cache[resolved_key] = table
             _cache[request_key] = table
             return table
