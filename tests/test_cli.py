@@ -61,3 +61,19 @@ def test_info_reports_zero_copy_on_linux() -> None:
     result = runner.invoke(app, ["info"])
     assert result.exit_code == 0
     assert "wasmtime" in result.output and "50.0.1" in result.output
+
+
+def test_check_reports_supported_unsupported_and_invalid_schemas(tmp_path: Path) -> None:
+    pytest.importorskip("llguidance", reason="schema checks need llguidance")
+    ok = tmp_path / "ok.json"
+    ok.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}}')
+    unsupported = tmp_path / "one_of.json"
+    unsupported.write_text('{"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 2}]}')
+    broken = tmp_path / "broken.json"
+    broken.write_text("{nope")
+    result = runner.invoke(app, ["check", str(ok), str(unsupported), str(broken)])
+    assert result.exit_code == 1
+    out = " ".join(result.output.split())
+    assert "supported" in out and "unsupported: oneOf" in out and "invalid:" in out
+    assert "1 supported, 2 unsupported" in out and "Traceback" not in out
+    assert runner.invoke(app, ["check", str(ok)]).exit_code == 0

@@ -102,6 +102,48 @@ def _describe_type(ty: Any) -> str:
 
 
 @app.command()
+def check(
+    schemas: Annotated[list[Path], typer.Argument(help="JSON Schema files to compile.")],
+    tokenizer: Annotated[
+        str, typer.Option(help="'deepseek' (the packaged 129k tokenizer) or a tokenizer.json path.")
+    ] = "deepseek",
+    coerce_one_of: Annotated[bool, typer.Option(help="Approximate oneOf by anyOf instead of refusing it.")] = False,
+) -> None:
+    """Compile JSON Schemas for a tokenizer: supported or the exact unsupported feature, and compile time."""
+    from .llm import constraints
+    from .llm.tokens import TokenTable
+
+    try:
+        table = TokenTable.deepseek() if tokenizer == "deepseek" else TokenTable.from_file(tokenizer)
+    except WasmshareError as e:
+        raise _fail(str(e)) from None
+    results = Table(title=f"{len(schemas)} schema(s), tokenizer {tokenizer} ({table.vocab_size:,} tokens)")
+    results.add_column("schema")
+    results.add_column("result")
+    results.add_column("compile ms", justify="right")
+    failures = 0
+    with console.status("compiling...") as status:
+        for path in schemas:
+            status.update(f"compiling {path}")
+            try:
+                spec = constraints.json_schema(path, coerce_one_of=coerce_one_of)
+                compiled = constraints.compile_constraint(spec, table)
+            except constraints.ConstraintError as e:
+                failures += 1
+                text = str(e)
+                if text.startswith("json_schema ") and ": " in text:  # the engine refused a feature
+                    results.add_row(str(path), f"[red]unsupported:[/] {text.split(': ', 1)[1]}", "")
+                else:  # unreadable file or not JSON
+                    results.add_row(str(path), f"[red]invalid:[/] {text}", "")
+                continue
+            note = "[green]supported[/]" + (f" ({len(compiled.warnings)} warning(s))" if compiled.warnings else "")
+            results.add_row(str(path), note, f"{compiled.compile_ms:.1f}")
+    console.print(results)
+    console.print(f"{len(schemas) - failures} supported, {failures} unsupported")
+    raise typer.Exit(1 if failures else 0)
+
+
+@app.command()
 def info() -> None:
     """Show the platform, versions and whether loans are zero-copy here."""
     from ._engine import default_cache_dir

@@ -200,6 +200,9 @@ class ControllerBatch:
         Per-controller limits, per call (``memory_limit_bytes`` covers the lent rows too).
     step_slot_bytes:
         Bytes per sequence for the step record, the prompt and the argument.
+    parallel:
+        Thread mode only: ``None`` measures inline and pooled runs and keeps the faster;
+        ``True`` always spreads a step over the pool; ``False`` always runs inline.
     """
 
     def __init__(
@@ -213,6 +216,7 @@ class ControllerBatch:
         fuel: int | None = None,
         memory_limit_bytes: int | None = 256 << 20,
         step_slot_bytes: int = L.DEFAULT_STEP_SLOT_BYTES,
+        parallel: bool | None = None,
     ) -> None:
         if not isinstance(capacity, int) or capacity <= 0:
             raise WasmshareError(f"capacity must be a positive int, got {capacity!r}")
@@ -254,6 +258,7 @@ class ControllerBatch:
         self._calls_cache: list[list[ControllerInstance | ConstraintInstance]] | None = None
         self._run_cost = [0.0, 0.0]
         self._runs = 0
+        self._force_parallel = parallel
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._workers: list[_WorkerHandle] = []
@@ -577,6 +582,8 @@ class ControllerBatch:
     def _choose_parallel(self, n_chunks: int) -> bool:
         if n_chunks < 2:
             return False
+        if self._force_parallel is not None:
+            return self._force_parallel
         self._runs += 1
         inline, pooled = self._run_cost
         if inline == 0.0 or pooled == 0.0:
