@@ -233,3 +233,49 @@ def test_constraints_and_wasm_controllers_share_a_batch(table: TokenTable, mode:
         step = batch.step({other: [5]})
         assert step.results[other].action is Action.ERROR and "rejected" in str(step.results[other].error)
         assert step.results[ctrl].action is Action.CONTINUE
+
+
+TOOL_SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"type": "string"}, "days": {"type": "integer"}},
+    "required": ["city", "days"],
+    "additionalProperties": False,
+}
+
+
+@pytest.mark.parametrize("mode", ["threads", "workers"])
+def test_wasm_controller_uses_the_host_grammar_engine(table: TokenTable, hf: Any, mode: str) -> None:
+    """tool_call.wasm: free text until a marker, then a schema-constrained JSON call, then stop."""
+    arg = "<tool>\n" + json.dumps(TOOL_SCHEMA)
+    free = hf.encode("Let me look that up. <tool>", add_special_tokens=False).ids
+    call = hf.encode('{"city": "Oslo", "days": 3}', add_special_tokens=False).ids
+    with ControllerBatch(table, capacity=2, mode=mode, workers=1) as batch:
+        sid = batch.add(Controller(CONTROLLERS / "tool_call.wasm", arg))
+        slot = batch.slot(sid)
+        result = batch.step().results[sid]
+        for token in free:
+            assert result.output is Output.NONE  # free text: no constraint yet
+            result = batch.step({sid: [token]}).results[sid]
+        assert result.output is Output.BITMASK  # the marker opened the schema constraint
+        bad = table.find("Hello")
+        assert bad is not None and not allowed(batch, slot, bad)
+        for token in call:
+            assert result.action is Action.CONTINUE and allowed(batch, slot, token), table.decode([token])
+            result = batch.step({sid: [token]}).results[sid]
+        assert result.action is Action.STOP
+        # A token outside the schema ends the sequence with the controller's error.
+        other = batch.add(Controller(CONTROLLERS / "tool_call.wasm", arg))
+        batch.step({other: []})
+        batch.step({other: hf.encode("<tool>", add_special_tokens=False).ids})
+        failed = batch.step({other: [bad]}).results[other]
+        assert failed.action is Action.ERROR and "tool_call" in str(failed.error)
+
+
+def test_tool_call_controller_with_a_bad_schema_fails_alone(table: TokenTable, hf: Any) -> None:
+    with ControllerBatch(table, capacity=2) as batch:
+        sid = batch.add(Controller(CONTROLLERS / "tool_call.wasm", "<tool>\n{nope"))
+        keep = batch.add(C.choice(["a", "b"]))
+        batch.step()
+        step = batch.step({sid: hf.encode("x <tool>", add_special_tokens=False).ids})
+        assert step.results[sid].action is Action.ERROR
+        assert step.results[keep].action is Action.CONTINUE

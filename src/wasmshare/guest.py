@@ -117,7 +117,9 @@ class Guest:
     imports:
         Host functions by ``(module, name)``. Their wasm signature is read from the
         module's import declaration; Python values are passed and returned.
-        The ``wasmshare`` import module (``ws_borrow`` & co.) is always provided.
+        The ``wasmshare`` import module (``ws_borrow`` & co.) is always provided; layers
+        above the core add their own ``wasmshare`` functions here (the LLM runtime adds
+        the ``ws_constraint_*`` family).
     memory_limit_bytes:
         Cap on linear memory (including pages grown for loans). ``memory.grow`` past it
         returns -1 to the guest; a guest that then traps raises
@@ -239,7 +241,7 @@ class Guest:
         provided: set[tuple[str, str]] = set()
         self_ref = weakref.ref(self)
         for (mod, field), ty in declared.items():
-            if mod == "wasmshare":
+            if mod == "wasmshare" and (mod, field) not in imports:
                 if not isinstance(ty, wasmtime.FuncType) or field not in _WASMSHARE_IMPORTS:
                     raise AbiMismatch(
                         f"guest '{self.name}' imports unknown wasmshare function '{field}' "

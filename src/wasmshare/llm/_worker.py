@@ -27,16 +27,18 @@ SPIN_S = 200e-6
 
 def main(argv: list[str]) -> int:
     from ..region import Region
+    from ._constraint_imports import TokenizerInfo
     from .controller import BatchRegions, Controller, ControllerInstance, Limits
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints this worker's stacks
     sock = socket.socket(fileno=int(argv[0]))
     index = int(argv[1])
     parent = os.getppid()
-    init, _ = recv_message(sock)
+    init, tokenizer_json = recv_message(sock)
     token_table, mask, bias, step, control = (Region.receive(sock) for _ in range(5))
     regions = BatchRegions(token_table, mask, bias, step, control, **init["geometry"])
     limits = Limits(**init["limits"])
+    tokenizer = TokenizerInfo(tokenizer_json=tokenizer_json.decode() or None, **init["tokenizer"])
     words = regions.worker_words(index)
     go_address = regions.worker_word_address(index, 0)
     done_address = regions.worker_word_address(index, 1)
@@ -71,7 +73,9 @@ def main(argv: list[str]) -> int:
                 try:
                     module = payload if message["module_is_bytes"] else message["module"]
                     controller = Controller(module, b"", name=message["name"])
-                    instance = ControllerInstance(controller, regions, slot, message["sequence_id"], limits)
+                    instance = ControllerInstance(
+                        controller, regions, slot, message["sequence_id"], limits, tokenizer=tokenizer
+                    )
                 except Exception as e:  # noqa: BLE001 - reported to the engine, which raises it
                     send_message(sock, {"ok": False, "error": str(e), "type": type(e).__name__})
                 else:

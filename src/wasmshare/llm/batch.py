@@ -360,7 +360,9 @@ class ControllerBatch:
                 seq.instance = ConstraintInstance(compiled, self.regions, slot, sequence_id)
                 seq.instance.create(int(tokens.size), arg_offset, len(arg))
             elif self.mode == "threads":
-                seq.instance = ControllerInstance(controller, self.regions, slot, sequence_id, self.limits)
+                seq.instance = ControllerInstance(
+                    controller, self.regions, slot, sequence_id, self.limits, tokenizer=self.token_table
+                )
                 seq.instance.create(int(tokens.size), arg_offset, len(arg))
             else:
                 seq.worker = min(range(self.n_workers), key=lambda w: len(self._workers[w].slots))
@@ -819,11 +821,14 @@ class _WorkerHandle:
         self.sock = parent
         regions = self.batch.regions
         limits = self.batch.limits
+        table = self.batch.token_table
         send_message(parent, {
             "geometry": regions.geometry(),
             "limits": {"deadline_ms": limits.deadline_ms, "fuel": limits.fuel,
                        "memory_limit_bytes": limits.memory_limit_bytes},
-        })
+            "tokenizer": {"sha256": table.sha256, "vocab_size": table.vocab_size,
+                          "eos_token": table.eos_token, "name": table.name},
+        }, (table.tokenizer_json or "").encode())
         for region in (regions.token_table, regions.mask, regions.bias, regions.step, regions.control):
             region.send(parent)
         parent.settimeout(60)

@@ -23,6 +23,7 @@ from .. import Guest, Region
 from ..errors import AbiMismatch, GuestError, GuestLimitExceeded, GuestTrap, WasmshareError
 from ..guest import ModuleSource, _load_wasm_bytes
 from . import _layout as L
+from ._constraint_imports import TokenizerSource, constraint_imports
 
 __all__ = ["Controller", "ControllerInstance", "BatchRegions"]
 
@@ -240,6 +241,7 @@ class ControllerInstance:
         slot: int,
         sequence_id: int,
         limits: Limits,
+        tokenizer: TokenizerSource | None = None,
     ) -> None:
         self.controller = controller
         self.slot = slot
@@ -247,14 +249,18 @@ class ControllerInstance:
         self.regions = regions
         self.status = regions.status_record(slot)
         name = controller.label
+        holder: list[Guest] = []
+        imports = constraint_imports(lambda: holder[0], tokenizer) if tokenizer is not None else None
         self.guest = Guest(
             controller.wasm,
             name=name,
+            imports=imports,
             deadline_ms=limits.deadline_ms,
             fuel=limits.fuel,
             memory_limit_bytes=limits.memory_limit_bytes,
             sequence=sequence_id,
         )
+        holder.append(self.guest)
         try:
             self._check_exports()
             self._lend()

@@ -121,6 +121,27 @@ __attribute__((export_name("ws_ctrl_abi_version"), weak)) int32_t ws_ctrl_abi_ve
 WS_EXPORT("ws_ctrl_create") int32_t ws_ctrl_create(const ws_step_input *in, ws_step_result *out);
 WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_result *out);
 
+/* ---- the host's grammar engine ------------------------------------------------------------
+ * A controller can hand part of its work to the host's constraint engine (llguidance):
+ * open a constraint by spec, let the host write the mask for its current state straight
+ * into the controller's mask slot, advance it by sampled tokens, ask whether it accepts.
+ * An import only appears in a module that calls it. Handles are positive; errors negative. */
+#define WS_CONSTRAINT_JSON_SCHEMA 1 /* spec: JSON Schema text */
+#define WS_CONSTRAINT_REGEX 2       /* spec: a regular expression */
+#define WS_CONSTRAINT_GRAMMAR 3     /* spec: a Lark grammar */
+#define WS_CONSTRAINT_CHOICE 4      /* spec: a JSON list of strings */
+#define WS_CONSTRAINT_ERR_BAD_HANDLE (-1)
+#define WS_CONSTRAINT_ERR_SPEC (-2)     /* the spec did not compile (the host logs why) */
+#define WS_CONSTRAINT_ERR_REJECTED (-3) /* the token is not allowed in the current state */
+#define WS_CONSTRAINT_ERR_BOUNDS (-4)   /* the mask pointer or size is wrong */
+
+WS_IMPORT("ws_constraint_open") int32_t ws_constraint_open(int32_t kind, const char *spec, int32_t len);
+WS_IMPORT("ws_constraint_fill_mask") int32_t ws_constraint_fill_mask(int32_t handle, uint32_t *mask, int32_t words);
+WS_IMPORT("ws_constraint_consume") int32_t ws_constraint_consume(int32_t handle, uint32_t token);
+WS_IMPORT("ws_constraint_is_accepting") int32_t ws_constraint_is_accepting(int32_t handle);
+WS_IMPORT("ws_constraint_is_stopped") int32_t ws_constraint_is_stopped(int32_t handle);
+WS_IMPORT("ws_constraint_close") int32_t ws_constraint_close(int32_t handle);
+
 /* ---- helpers ---------------------------------------------------------------------------- */
 
 /* Bytes of token `t` (not NUL-terminated); *len_out gets the length. NULL for an invalid id. */

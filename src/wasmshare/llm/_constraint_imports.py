@@ -1,0 +1,130 @@
+"""Host functions that let a wasm controller use the host's grammar engine.
+
+A controller imports them from module ``wasmshare`` (declared in
+``wasmshare_controller.h``): it opens a constraint by spec, asks the host to fill the
+token mask for the constraint's current state straight into its own mask slot, advances
+it by the tokens the engine sampled, and asks whether it is accepting or finished. The
+controller keeps its own logic (free text until a marker, a tool call constrained by a
+schema, then stop) while the mask itself costs what llguidance costs: no copy.
+
+Status codes follow the core ABI: 0 or a positive value for success, negative for errors.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any, Protocol
+
+from ..errors import WasmshareError
+from . import constraints as C
+
+log = logging.getLogger("wasmshare.llm")
+
+KIND_JSON_SCHEMA = 1
+KIND_REGEX = 2
+KIND_GRAMMAR = 3
+KIND_CHOICE = 4
+ERR_BAD_HANDLE = -1
+ERR_SPEC = -2
+ERR_REJECTED = -3
+ERR_BOUNDS = -4
+MAX_OPEN = 16
+
+
+class TokenizerSource(Protocol):
+    """What compiling a constraint needs to know about the tokenizer."""
+
+    sha256: str
+    tokenizer_json: str | None
+    vocab_size: int
+    eos_token: int | None
+    name: str
+
+
+class TokenizerInfo:
+    """A :class:`TokenizerSource` rebuilt from its parts (in a worker process)."""
+
+    def __init__(self, sha256: str, tokenizer_json: str | None, vocab_size: int, eos_token: int | None, name: str):
+        self.sha256 = sha256
+        self.tokenizer_json = tokenizer_json
+        self.vocab_size = vocab_size
+        self.eos_token = eos_token
+        self.name = name
+
+
+def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) -> dict[tuple[str, str], Callable[..., int]]:
+    """The ``ws_constraint_*`` host functions for one controller guest.
+
+    ``guest_of()`` returns the :class:`~wasmshare.guest.Guest` once it exists (the imports
+    are defined before instantiation). Matchers live as long as the guest.
+    """
+    matchers: dict[int, Any] = {}
+    words = (tokenizer.vocab_size + 31) // 32
+
+    def read_spec(kind: int, ptr: int, length: int) -> C.ConstraintSpec:
+        text = guest_of().read_memory(ptr, length).decode("utf-8")
+        if kind == KIND_JSON_SCHEMA:
+            return C.json_schema(text)
+        if kind == KIND_REGEX:
+            return C.regex(text)
+        if kind == KIND_GRAMMAR:
+            return C.grammar(text)
+        if kind == KIND_CHOICE:
+            import json
+
+            return C.choice(json.loads(text))
+        raise C.ConstraintError(f"unknown constraint kind {kind}")
+
+    def ws_constraint_open(kind: int, ptr: int, length: int) -> int:
+        guest = guest_of()
+        if len(matchers) >= MAX_OPEN:
+            log.warning("controller '%s': more than %d open constraints", guest.name, MAX_OPEN)
+            return ERR_SPEC
+        try:
+            compiled = C.compile_constraint(read_spec(kind, ptr, length), tokenizer)  # type: ignore[arg-type]
+        except (WasmshareError, UnicodeDecodeError, ValueError) as e:
+            log.warning("controller '%s': ws_constraint_open failed: %s", guest.name, e)
+            return ERR_SPEC
+        handle = max(matchers, default=0) + 1
+        matchers[handle] = compiled.matcher()
+        return handle
+
+    def ws_constraint_fill_mask(handle: int, mask_ptr: int, mask_words: int) -> int:
+        matcher = matchers.get(handle)
+        if matcher is None:
+            return ERR_BAD_HANDLE
+        guest = guest_of()
+        nbytes = words * 4
+        if mask_words != words or mask_ptr <= 0 or mask_ptr + nbytes > guest.memory_nbytes:
+            return ERR_BOUNDS
+        # The mask lands in the controller's memory (its lent mask row): no copy.
+        matcher.unsafe_compute_mask_ptr(guest.memory_address + mask_ptr, nbytes)
+        return ERR_REJECTED if matcher.is_error() else 0
+
+    def ws_constraint_consume(handle: int, token: int) -> int:
+        matcher = matchers.get(handle)
+        if matcher is None:
+            return ERR_BAD_HANDLE
+        return 0 if matcher.consume_token(token & 0xFFFFFFFF) else ERR_REJECTED
+
+    def ws_constraint_is_accepting(handle: int) -> int:
+        matcher = matchers.get(handle)
+        return ERR_BAD_HANDLE if matcher is None else int(bool(matcher.is_accepting()))
+
+    def ws_constraint_is_stopped(handle: int) -> int:
+        matcher = matchers.get(handle)
+        return ERR_BAD_HANDLE if matcher is None else int(bool(matcher.is_stopped()))
+
+    def ws_constraint_close(handle: int) -> int:
+        return 0 if matchers.pop(handle, None) is not None else ERR_BAD_HANDLE
+
+    functions: dict[str, Callable[..., int]] = {
+        "ws_constraint_open": ws_constraint_open,
+        "ws_constraint_fill_mask": ws_constraint_fill_mask,
+        "ws_constraint_consume": ws_constraint_consume,
+        "ws_constraint_is_accepting": ws_constraint_is_accepting,
+        "ws_constraint_is_stopped": ws_constraint_is_stopped,
+        "ws_constraint_close": ws_constraint_close,
+    }
+    return {("wasmshare", name): fn for name, fn in functions.items()}
