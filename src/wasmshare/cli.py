@@ -144,6 +144,38 @@ def check(
 
 
 @app.command()
+def run(
+    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (chat template applied when the model has one).")] = None,
+    json_schema: Annotated[Optional[Path], typer.Option("--json-schema", help="Constrain the answer to a JSON Schema file.")] = None,
+    regex: Annotated[Optional[str], typer.Option(help="Constrain the answer to a regular expression.")] = None,
+    choice: Annotated[Optional[list[str]], typer.Option(help="Constrain the answer to one of these (repeat).")] = None,
+    grammar: Annotated[Optional[Path], typer.Option(help="Constrain the answer to a Lark grammar file.")] = None,
+    controller: Annotated[Optional[Path], typer.Option(help="Steer with a wasm controller module.")] = None,
+    arg: Annotated[Optional[list[str]], typer.Option(help="Controller argument: text, ids:1,2,3 or file:PATH (repeat).")] = None,
+    model: Annotated[str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")] = "smollm2-135m",
+    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate per answer.")] = 128,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
+    batch: Annotated[Optional[Path], typer.Option(help="A JSONL file of prompts, decoded as one batch.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    raw: Annotated[bool, typer.Option(help="Do not apply the chat template.")] = False,
+) -> None:
+    """Generate with the embedded model, steered by a constraint or a wasm controller."""
+    from ._run import RunOptions, run_command
+
+    options = RunOptions(
+        prompt=prompt, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
+        controller=controller, arg=arg, model=model, max_tokens=max_tokens, temperature=temperature,
+        seed=seed, batch=batch, json_output=json_output, raw=raw,
+    )
+    try:
+        code = run_command(options, console)
+    except WasmshareError as e:
+        raise _fail(str(e)) from None
+    raise typer.Exit(code)
+
+
+@app.command()
 def info() -> None:
     """Show the platform, versions and whether loans are zero-copy here."""
     from ._engine import default_cache_dir

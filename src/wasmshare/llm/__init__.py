@@ -19,6 +19,7 @@ from . import constraints
 from .batch import Action, BatchFull, BatchStep, ControllerBatch, Output, SequenceFailed, StepResult
 from .constraints import ConstraintError, ConstraintSpec
 from .controller import Controller
+from .models import MODEL_NAMES, LoadedModel, ModelError, load_model
 from .tokens import TokenizerError, TokenTable
 
 __all__ = [
@@ -28,6 +29,9 @@ __all__ = [
     "ConstraintError",
     "ConstraintSpec",
     "Controller",
+    "LoadedModel",
+    "MODEL_NAMES",
+    "ModelError",
     "ControllerBatch",
     "Output",
     "SequenceFailed",
@@ -35,4 +39,5 @@ __all__ = [
     "TokenTable",
     "TokenizerError",
     "constraints",
+    "load_model",
 ]

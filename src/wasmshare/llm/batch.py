@@ -26,7 +26,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -408,14 +408,21 @@ class ControllerBatch:
 
     # -- stepping -----------------------------------------------------------------------------------
 
-    def step(self, sampled: Mapping[int, Sequence[int]] | np.ndarray[Any, Any] | Sequence[int] | None = None) -> BatchStep:
+    def step(
+        self,
+        sampled: Mapping[int, Sequence[int]] | np.ndarray[Any, Any] | Sequence[int] | None = None,
+        *,
+        only: Iterable[int] | None = None,
+    ) -> BatchStep:
         """Run every live controller once, in parallel where it pays.
 
         ``sampled`` gives the tokens sampled since each sequence's last step: a mapping
         ``{sequence_id: [tokens]}`` (missing: none, as at step 0), or — the fast form for
         an engine loop — one token per sequence as an int array aligned with
         :attr:`sequences` (-1: none). Returns a :class:`BatchStep`; failed sequences are
-        removed from the batch (their action is ERROR).
+        removed from the batch (their action is ERROR). ``only`` restricts the step to some
+        sequences (the others keep their state and their rows); ``sampled`` must then be a
+        mapping over those.
 
         The bookkeeping is vectorised over the step region, so the engine-side cost per
         sequence is well under the cost of the controller call itself.
@@ -426,6 +433,15 @@ class ControllerBatch:
             self._copy_event.synchronize()  # the device copy of the last masks has finished
             self._copy_event = None
         order, slots, index = self._order()
+        if only is not None:
+            chosen = set(only)
+            for sid in chosen:
+                self._get(sid)
+            order = [seq for seq in order if seq.sequence_id in chosen]
+            slots = np.array([seq.slot for seq in order], dtype=np.intp)
+            index = slots
+            if sampled is not None and not isinstance(sampled, Mapping):
+                raise WasmshareError("with only=, give sampled tokens as a mapping")
         counts = self._write_sampled(sampled, order, slots, index)
         words = self._step_words
         self._lengths[index] += counts
@@ -436,7 +452,9 @@ class ControllerBatch:
         self._status_words[index, 0] = L.STATUS_OK  # runners write only failures
         phase_start = time.perf_counter()
         if self.mode == "threads":
-            self._run_threads(order)
+            self._run_threads(order) if only is None else _run_chunk(
+                [seq.instance for seq in order if seq.instance is not None]
+            )
         else:
             self._run_flags[index] = 1
             self._run_workers(order)
@@ -682,17 +700,27 @@ class ControllerBatch:
             self._torch = views
         return self._torch
 
-    def apply(self, logits: torch.Tensor, step: BatchStep | None = None) -> torch.Tensor:
+    def apply(
+        self, logits: torch.Tensor, step: BatchStep | None = None, *, sequences: Sequence[int] | None = None
+    ) -> torch.Tensor:
         """Apply the last step's masks and biases to ``logits`` in place and return it.
 
         Row ``i`` of ``logits`` ([n, V'] with V' ≥ V; extra columns are masked when a mask
-        applies) belongs to ``step.sequences[i]`` (default: the last step's order). Masked
+        applies) belongs to ``step.sequences[i]`` (default: the last step's order), or to
+        ``sequences[i]`` when given (each with what its controller last wrote). Masked
         tokens get ``-inf``; biases are added. Works on CPU and CUDA tensors; on CUDA the
         page-locked rows are copied without blocking and the next :meth:`step` waits for
         the copy before controllers write again.
         """
         import torch
 
+        if sequences is not None:
+            chosen = [self._get(int(sid)).slot for sid in sequences]
+            slot_array = np.array(chosen, dtype=np.intp)
+            step = BatchStep(
+                np.asarray(sequences, dtype=np.int64), slot_array, np.zeros(len(chosen), np.int8),
+                self._slot_output[slot_array], {}, 0.0, 0.0,
+            )
         step = step or self._last_step_or_fail()
         views = self._torch_views()
         n = len(step.sequence_ids)

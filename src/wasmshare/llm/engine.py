@@ -1,0 +1,523 @@
+"""Engine: batched decoding over a transformers causal LM, steered by controllers and constraints.
+
+Every request is a sequence in one running batch with one KV cache. Sequences join between
+steps (their prompt is prefilled and merged into the cache) and leave when they finish;
+backtracking masks the trimmed cache positions; fast-forward tokens are fed in one forward
+pass. Constrained sequences live in a :class:`~wasmshare.llm.batch.ControllerBatch`, whose
+masks and biases are applied to the batch logits in one vectorised op.
+
+The controller phase for step *t* needs only the token sampled at *t-1*, so it runs on a
+helper thread *while* the model computes the forward pass of that token (wasm calls,
+llguidance and torch all release the GIL): its cost is hidden unless it is longer than the
+forward pass. The time left on the critical path is reported per step.
+
+The cache layout: one row per sequence, one shared time axis; an attention mask marks
+which positions of each row are real (padding from merging rows of different lengths, from
+feeding different numbers of tokens in one step, and from backtracking are masked out), and
+position ids are tracked per row.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any, Literal
+
+from ..errors import WasmshareError
+from .batch import Action, BatchStep, ControllerBatch
+from .constraints import ConstraintSpec
+from .controller import Controller
+
+if TYPE_CHECKING:
+    import torch
+
+    from .models import LoadedModel
+
+__all__ = ["Engine", "GenerationRequest", "GenerationResult", "EngineStats"]
+
+FinishReason = Literal["stop", "length", "controller", "error"]
+
+
+@dataclass
+class GenerationRequest:
+    """One prompt to complete.
+
+    ``prompt`` is text (put through the chat template when the model has one and ``chat``
+    is not False) or token ids. ``steer`` is a constraint spec, a wasm :class:`Controller`,
+    or None. ``temperature == 0`` is greedy; otherwise sampling with ``top_p`` and a per
+    request ``seed``. ``stop`` strings end the output (and are not included).
+    """
+
+    prompt: str | Sequence[int]
+    max_tokens: int = 128
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+    steer: ConstraintSpec | Controller | None = None
+    stop: Sequence[str] = ()
+    chat: bool | None = None
+
+
+@dataclass
+class GenerationResult:
+    """A finished request: its tokens, text, why it ended, and an error if it failed."""
+
+    request: GenerationRequest
+    prompt_tokens: int
+    tokens: list[int]
+    text: str
+    finish_reason: FinishReason
+    error: str | None = None
+
+
+@dataclass
+class EngineStats:
+    """Counters over the life of an engine (times in seconds unless named otherwise)."""
+
+    steps: int = 0
+    generated_tokens: int = 0
+    forward_s: float = 0.0
+    prefill_s: float = 0.0
+    controller_s: float = 0.0
+    critical_controller_s: float = 0.0
+    apply_s: float = 0.0
+    decode_s: float = 0.0
+    fast_forward_tokens: int = 0
+    bytes_copied: int = 0
+
+    @property
+    def controller_us_per_step(self) -> float:
+        """Controller/mask work per step, total (µs)."""
+        return self.controller_s / self.steps * 1e6 if self.steps else 0.0
+
+    @property
+    def critical_us_per_step(self) -> float:
+        """Controller/mask work left on the critical path per step after the overlap, plus apply (µs)."""
+        return (self.critical_controller_s + self.apply_s) / self.steps * 1e6 if self.steps else 0.0
+
+    @property
+    def tokens_per_s(self) -> float:
+        """Generated tokens per second of decoding (prefill excluded)."""
+        return self.generated_tokens / self.decode_s if self.decode_s else 0.0
+
+
+@dataclass
+class _Row:
+    request: GenerationRequest
+    index: int
+    prompt: list[int]
+    tokens: list[int] = field(default_factory=list)
+    sequence_id: int | None = None
+    position: int = 0
+    generator: Any = None
+    finish: FinishReason | None = None
+    error: str | None = None
+    text_cache: str = ""
+
+
+class Engine:
+    """Batched generation for one :class:`~wasmshare.llm.models.LoadedModel`.
+
+    ``max_batch`` sequences decode together (more wait and join as others finish).
+    ``mode``, ``deadline_ms`` and the other limits go to the :class:`ControllerBatch`.
+    ``overlap=False`` runs the controller phase after the forward pass instead of beside
+    it (for measuring what the overlap hides).
+    """
+
+    def __init__(
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch: int = 8,
+        mode: Literal["threads", "workers"] = "threads",
+        deadline_ms: float | None = 100.0,
+        fuel: int | None = None,
+        memory_limit_bytes: int | None = 256 << 20,
+        overlap: bool = True,
+    ) -> None:
+        if max_batch <= 0:
+            raise WasmshareError(f"max_batch must be positive, got {max_batch}")
+        self.loaded = loaded
+        self.model = loaded.model
+        self.max_batch = max_batch
+        self.overlap = overlap
+        self.batch = ControllerBatch(
+            loaded.token_table, capacity=max_batch, mode=mode, deadline_ms=deadline_ms,
+            fuel=fuel, memory_limit_bytes=memory_limit_bytes,
+        )
+        self.device = next(self.model.parameters()).device
+        self.stats = EngineStats()
+        self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wasmshare-engine")
+        self._eos = set(loaded.eos_token_ids)
+
+    def close(self) -> None:
+        """Stop the controller batch and helper thread. Safe to call twice."""
+        self._helper.shutdown(wait=True)
+        self.batch.close()
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- public --------------------------------------------------------------------------------
+
+    def generate(
+        self,
+        requests: Iterable[GenerationRequest],
+        on_token: Callable[[int, int, str], None] | None = None,
+    ) -> list[GenerationResult]:
+        """Complete every request; results come back in request order.
+
+        ``on_token(request_index, token_id, text_so_far)`` is called as tokens are accepted
+        (for streaming). A request whose controller fails ends with ``finish_reason ==
+        "error"`` and the error text; the others are unaffected.
+        """
+        import torch
+
+        pending = deque(self._make_row(i, r) for i, r in enumerate(requests))
+        total = len(pending)
+        results: dict[int, GenerationResult] = {}
+        rows: list[_Row] = []
+        self._cache: Any = None
+        self._attn: torch.Tensor | None = None
+        logits: torch.Tensor | None = None
+        ctrl: BatchStep | None = None
+        with torch.inference_mode():
+            while pending or rows:
+                started = time.perf_counter()
+                if rows:
+                    assert logits is not None
+                    logits, ctrl_rows_done = self._handle_controller_results(rows, logits, ctrl, on_token)
+                    for row in ctrl_rows_done:
+                        results[row.index] = self._finish(row)
+                    rows, logits = self._drop_finished(rows, logits)
+                sampled: dict[int, int] = {}
+                if rows:
+                    assert logits is not None
+                    apply_started = time.perf_counter()
+                    if ctrl is not None and any(r.sequence_id is not None for r in rows):
+                        self._apply(rows, logits, ctrl)
+                    self.stats.apply_s += time.perf_counter() - apply_started
+                    for i, row in enumerate(rows):
+                        token = self._sample(row, logits[i])
+                        sampled[id(row)] = token
+                        self._accept(row, [token], on_token)
+                    for row in rows:
+                        if row.finish is not None:
+                            results[row.index] = self._finish(row)
+                    keep = [i for i, r in enumerate(rows) if r.finish is None]
+                    if len(keep) != len(rows):
+                        self._select_rows(keep)
+                        rows = [rows[i] for i in keep]
+                # Admit waiting requests while there is room.
+                new_rows: list[_Row] = []
+                while pending and len(rows) + len(new_rows) < self.max_batch:
+                    row = pending.popleft()
+                    try:
+                        self._start_controller(row)
+                    except WasmshareError as e:
+                        row.finish, row.error = "error", str(e)
+                        results[row.index] = self._finish(row)
+                        continue
+                    new_rows.append(row)
+                prefill_started = time.perf_counter()
+                prefilled = self._prefill(new_rows) if new_rows else None
+                prefill_s = time.perf_counter() - prefill_started
+                # The controller phase for the next step runs beside the forward pass.
+                steer: dict[int, list[int]] = {
+                    r.sequence_id: [sampled[id(r)]] for r in rows if r.sequence_id is not None
+                }
+                has_controllers = any(r.sequence_id is not None for r in rows + new_rows)
+                future: Future[BatchStep] | None = None
+                ctrl = None
+                if has_controllers and self.overlap:
+                    future = self._helper.submit(self._timed_step, steer)
+                if rows:
+                    forward_started = time.perf_counter()
+                    logits = self._forward([[sampled[id(r)]] for r in rows], rows)
+                    self.stats.forward_s += time.perf_counter() - forward_started
+                if new_rows:
+                    assert prefilled is not None
+                    new_logits, new_cache, new_attn = prefilled
+                    self._merge_cache(new_cache, new_attn)  # after the forward of the rows already running
+                    logits = new_logits if not rows else torch.cat([logits, new_logits], dim=0)  # type: ignore[list-item]
+                    rows = rows + new_rows
+                if has_controllers:
+                    wait_started = time.perf_counter()
+                    ctrl = future.result() if future is not None else self._timed_step(steer)
+                    self.stats.critical_controller_s += time.perf_counter() - wait_started
+                if sampled:
+                    self.stats.steps += 1
+                    self.stats.decode_s += time.perf_counter() - started - prefill_s
+        assert len(results) == total
+        self.stats.bytes_copied = 0  # masks and biases are shared pages; nothing is copied
+        return [results[i] for i in range(total)]
+
+    # -- rows ------------------------------------------------------------------------------------
+
+    def _make_row(self, index: int, request: GenerationRequest) -> _Row:
+        import torch
+
+        if isinstance(request.prompt, str):
+            prompt = self.loaded.encode_prompt(request.prompt, chat=request.chat)
+        else:
+            prompt = [int(t) for t in request.prompt]
+        if not prompt:
+            raise WasmshareError(f"request {index}: the prompt is empty")
+        if request.max_tokens <= 0:
+            raise WasmshareError(f"request {index}: max_tokens must be positive")
+        if request.temperature < 0 or not 0 < request.top_p <= 1:
+            raise WasmshareError(f"request {index}: temperature must be >= 0 and top_p in (0, 1]")
+        row = _Row(request, index, prompt)
+        if request.temperature > 0:
+            row.generator = torch.Generator(device="cpu")
+            row.generator.manual_seed(request.seed if request.seed is not None else 0x5EED + index)
+        return row
+
+    def _start_controller(self, row: _Row) -> None:
+        steer = row.request.steer
+        if steer is not None:
+            row.sequence_id = self.batch.add(steer, row.prompt)
+
+    def _finish(self, row: _Row) -> GenerationResult:
+        if row.sequence_id is not None and row.sequence_id in self.batch.sequences:
+            self.batch.remove(row.sequence_id)
+        tokens = list(row.tokens)
+        text = self._decode(tokens)
+        finish = row.finish or "stop"
+        for stop in row.request.stop:
+            cut = text.find(stop)
+            if cut >= 0:
+                text = text[:cut]
+        return GenerationResult(row.request, len(row.prompt), tokens, text, finish, row.error)
+
+    def _decode(self, tokens: list[int]) -> str:
+        text = self.loaded.tokenizer.decode([t for t in tokens if t not in self._eos], skip_special_tokens=True)
+        return text if isinstance(text, str) else "".join(text)
+
+    def _accept(self, row: _Row, tokens: list[int], on_token: Callable[[int, int, str], None] | None) -> None:
+        """Append accepted tokens; mark the row finished on EOS, length or a stop string."""
+        for token in tokens:
+            if row.finish is not None:
+                return
+            row.tokens.append(token)
+            self.stats.generated_tokens += 1
+            if token in self._eos:
+                row.tokens.pop()
+                row.finish = "stop"
+                return
+            if row.request.stop or on_token is not None:
+                text = self._decode(row.tokens)
+                if on_token is not None:
+                    on_token(row.index, token, text)
+                if any(s in text for s in row.request.stop):
+                    row.finish = "stop"
+                    return
+            if len(row.tokens) >= row.request.max_tokens:
+                row.finish = "length"
+                return
+
+    # -- controller results ------------------------------------------------------------------------
+
+    def _timed_step(self, steer: dict[int, list[int]]) -> BatchStep:
+        started = time.perf_counter()
+        step = self.batch.step(steer)
+        self.stats.controller_s += time.perf_counter() - started
+        return step
+
+    def _handle_controller_results(
+        self, rows: list[_Row], logits: torch.Tensor, ctrl: BatchStep | None,
+        on_token: Callable[[int, int, str], None] | None,
+    ) -> tuple[torch.Tensor, list[_Row]]:
+        """Apply stop / error / backtrack / fast-forward; refresh logits of fast-forwarded rows."""
+        if ctrl is None:
+            return logits, []
+        done: list[_Row] = []
+        catch_up: dict[int, list[int]] = {}
+        for i, row in enumerate(rows):
+            if row.sequence_id is None:
+                continue
+            result = ctrl.special.get(row.sequence_id)
+            action_code = None
+            if result is None:
+                position = int((ctrl.sequence_ids == row.sequence_id).nonzero()[0][0])
+                action_code = int(ctrl.action_codes[position])
+                if action_code == 1:  # STOP without fast-forward
+                    row.finish = "controller"
+                    done.append(row)
+                continue
+            if result.action is Action.ERROR:
+                row.finish, row.error = "error", str(result.error)
+                done.append(row)
+                continue
+            if result.backtrack:
+                self._backtrack(i, row, result.backtrack)
+            if result.fast_forward:
+                self.stats.fast_forward_tokens += len(result.fast_forward)
+                self._accept(row, list(result.fast_forward), on_token)
+                catch_up[i] = list(result.fast_forward)
+            if result.action is Action.STOP and row.finish is None:
+                row.finish = "controller"
+            if row.finish is not None:
+                done.append(row)
+        if catch_up:
+            feeds = [catch_up.get(i, []) for i in range(len(rows))]
+            fresh = self._forward(feeds, rows)
+            for i in catch_up:
+                logits[i] = fresh[i]
+        return logits, done
+
+    def _backtrack(self, i: int, row: _Row, count: int) -> None:
+        """Forget the last ``count`` tokens of row ``i``: trim its output, mask its cache positions."""
+        count = min(count, len(row.tokens))
+        if count == 0:
+            return
+        del row.tokens[-count:]
+        assert self._attn is not None
+        real = self._attn[i].nonzero().flatten()
+        self._attn[i, real[-count:]] = 0
+        row.position -= count
+
+    def _drop_finished(self, rows: list[_Row], logits: torch.Tensor) -> tuple[list[_Row], torch.Tensor]:
+        keep = [i for i, r in enumerate(rows) if r.finish is None]
+        if len(keep) == len(rows):
+            return rows, logits
+        self._select_rows(keep)
+        return [rows[i] for i in keep], logits[keep]
+
+    def _apply(self, rows: list[_Row], logits: torch.Tensor, ctrl: BatchStep) -> None:
+        """Masks and biases for the constrained rows, in one vectorised op over their logits."""
+        import torch
+
+        live = set(self.batch.sequences)
+        pairs = [(i, r.sequence_id) for i, r in enumerate(rows) if r.sequence_id in live]
+        if not pairs:
+            return
+        order = torch.tensor([i for i, _ in pairs], device=logits.device)
+        sub = logits.index_select(0, order)
+        self.batch.apply(sub, sequences=[sid for _, sid in pairs if sid is not None])
+        logits.index_copy_(0, order, sub)
+
+    # -- sampling -------------------------------------------------------------------------------------
+
+    def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        import torch
+
+        request = row.request
+        if request.temperature == 0:
+            return int(torch.argmax(logits))
+        probs = torch.softmax(logits.float() / request.temperature, dim=-1)
+        if request.top_p < 1:
+            sorted_probs, order = torch.sort(probs, descending=True)
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < request.top_p
+            sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
+            choice = int(torch.multinomial(sorted_probs, 1, generator=row.generator))
+            return int(order[choice])
+        return int(torch.multinomial(probs, 1, generator=row.generator))
+
+    # -- the model and its cache ---------------------------------------------------------------------
+
+    def _prefill(self, rows: list[_Row]) -> tuple[torch.Tensor, Any, torch.Tensor]:
+        """Run the prompts of new rows; return their logits, cache and attention mask (merged later)."""
+        import torch
+        from transformers import DynamicCache
+
+        started = time.perf_counter()
+        length = max(len(r.prompt) for r in rows)
+        pad = 0
+        ids = torch.full((len(rows), length), pad, dtype=torch.long)
+        attn = torch.zeros((len(rows), length), dtype=torch.long)
+        positions = torch.zeros((len(rows), length), dtype=torch.long)
+        for i, row in enumerate(rows):
+            n = len(row.prompt)
+            ids[i, length - n :] = torch.tensor(row.prompt)
+            attn[i, length - n :] = 1
+            positions[i, length - n :] = torch.arange(n)
+            row.position = n
+        cache = DynamicCache()
+        out = self.model(
+            input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
+            position_ids=positions.to(self.device), cache=cache, use_cache=True,
+        )
+        logits = out.logits[:, -1, :].float()
+        self.stats.prefill_s += time.perf_counter() - started
+        return logits, cache, attn.to(self.device)
+
+    def _merge_cache(self, cache: Any, attn: torch.Tensor) -> None:
+        import torch
+
+        if self._cache is None:
+            self._cache, self._attn = cache, attn
+            return
+        assert self._attn is not None
+        old_t, new_t = self._attn.shape[1], attn.shape[1]
+        width = max(old_t, new_t)
+        self._attn = torch.cat([_left_pad(self._attn, width, 2), _left_pad(attn, width, 2)], dim=0)
+        for old_layer, new_layer in zip(self._cache.layers, cache.layers):
+            old_layer.keys = torch.cat([_left_pad(old_layer.keys, width, 3), _left_pad(new_layer.keys, width, 3)])
+            old_layer.values = torch.cat(
+                [_left_pad(old_layer.values, width, 3), _left_pad(new_layer.values, width, 3)]
+            )
+
+    def _select_rows(self, keep: list[int]) -> None:
+        import torch
+
+        if self._cache is None or self._attn is None:
+            return
+        if not keep:
+            self._cache, self._attn = None, None
+            return
+        index = torch.tensor(keep, device=self.device)
+        self._cache.batch_select_indices(index)
+        self._attn = self._attn.index_select(0, index)
+
+    def _forward(self, feeds: list[list[int]], rows: list[_Row]) -> torch.Tensor:
+        """Feed each row its tokens (any number, zero included) in one pass; logits at each row's last token."""
+        import torch
+
+        assert self._attn is not None
+        width = max(1, max(len(f) for f in feeds))
+        batch = len(rows)
+        ids = torch.zeros((batch, width), dtype=torch.long)
+        mask = torch.zeros((batch, width), dtype=torch.long)
+        positions = torch.zeros((batch, width), dtype=torch.long)
+        last = torch.zeros(batch, dtype=torch.long)
+        for i, (row, feed) in enumerate(zip(rows, feeds)):
+            n = len(feed)
+            if n:
+                ids[i, :n] = torch.tensor(feed)
+                mask[i, :n] = 1
+                positions[i, :n] = torch.arange(row.position, row.position + n)
+                positions[i, n:] = row.position + n - 1
+                last[i] = n - 1
+            else:
+                positions[i, :] = max(row.position - 1, 0)
+            row.position += n
+        attn = torch.cat([self._attn, mask.to(self.device)], dim=1)
+        out = self.model(
+            input_ids=ids.to(self.device), attention_mask=attn, position_ids=positions.to(self.device),
+            cache=self._cache, use_cache=True,
+        )
+        self._attn = attn
+        picked: torch.Tensor = out.logits[torch.arange(batch), last.to(self.device)].float()
+        return picked
+
+
+def _left_pad(tensor: torch.Tensor, width: int, ndim: int) -> torch.Tensor:
+    """Pad the time axis (dim 1 of a mask, dim 2 of a cache tensor) on the left to ``width``."""
+    import torch
+
+    axis = 1 if ndim == 2 else 2
+    missing = width - tensor.shape[axis]
+    if missing <= 0:
+        return tensor
+    shape = list(tensor.shape)
+    shape[axis] = missing
+    return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=axis)
+
+
