@@ -4,7 +4,9 @@
  * Argument: the marker on the first line, the JSON Schema of the call on the rest, e.g.
  *   "<tool>\n{\"type\":\"object\",\"properties\":{\"city\":{\"type\":\"string\"}},\"required\":[\"city\"]}"
  *
- * While the text so far does not end with the marker the controller leaves sampling free
+ * The prompt counts as text so far: a prompt that ends with the marker (an assistant reply
+ * begun with it) starts the call at once. While the text does not end with the marker the
+ * controller leaves sampling free
  * (WS_OUTPUT_NONE). Once it does, it opens a JSON Schema constraint in the host's grammar
  * engine and, every step, feeds it the sampled tokens and has the host write the mask for
  * the call straight into its mask slot (WS_OUTPUT_BITMASK). When the call is complete the
@@ -24,22 +26,6 @@ static uint8_t g_tail[MARKER_MAX]; /* the last bytes of free text, to spot the m
 static uint32_t g_tail_len;
 static int32_t g_handle; /* > 0 once the tool call has started */
 
-WS_EXPORT("ws_ctrl_create") int32_t ws_ctrl_create(const ws_step_input *in, ws_step_result *out) {
-    (void)out;
-    uint32_t i = 0;
-    while (i < in->arg_len && in->arg[i] != '\n') i++;
-    if (i == 0 || i > MARKER_MAX || i + 1 >= in->arg_len || in->arg_len - i - 1 > SCHEMA_MAX) {
-        return WS_ERR_FAILED;
-    }
-    for (uint32_t k = 0; k < i; k++) g_marker[k] = in->arg[k];
-    g_marker_len = i;
-    g_schema_len = in->arg_len - i - 1;
-    for (uint32_t k = 0; k < g_schema_len; k++) g_schema[k] = (char)in->arg[i + 1 + k];
-    g_tail_len = 0;
-    g_handle = 0;
-    return WS_OK;
-}
-
 /* Append a token's bytes to the tail; true when the tail now ends with the marker. */
 static bool saw_marker(const ws_token_table *table, uint32_t token) {
     uint32_t len = 0;
@@ -54,6 +40,30 @@ static bool saw_marker(const ws_token_table *table, uint32_t token) {
     }
     return g_tail_len >= g_marker_len &&
            ws_bytes_equal(g_tail + g_tail_len - g_marker_len, g_marker, g_marker_len);
+}
+
+WS_EXPORT("ws_ctrl_create") int32_t ws_ctrl_create(const ws_step_input *in, ws_step_result *out) {
+    (void)out;
+    uint32_t i = 0;
+    while (i < in->arg_len && in->arg[i] != '\n') i++;
+    if (i == 0 || i > MARKER_MAX || i + 1 >= in->arg_len || in->arg_len - i - 1 > SCHEMA_MAX) {
+        return WS_ERR_FAILED;
+    }
+    for (uint32_t k = 0; k < i; k++) g_marker[k] = in->arg[k];
+    g_marker_len = i;
+    g_schema_len = in->arg_len - i - 1;
+    for (uint32_t k = 0; k < g_schema_len; k++) g_schema[k] = (char)in->arg[i + 1 + k];
+    g_tail_len = 0;
+    g_handle = 0;
+    bool marker_at_end = false;
+    for (uint32_t k = 0; k < in->n_tokens; k++) {
+        marker_at_end = saw_marker(in->token_table, in->tokens[k]);
+    }
+    if (marker_at_end) {
+        g_handle = ws_constraint_open(WS_CONSTRAINT_JSON_SCHEMA, g_schema, (int32_t)g_schema_len);
+        if (g_handle < 0) return WS_ERR_FAILED;
+    }
+    return WS_OK;
 }
 
 WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_result *out) {

@@ -136,6 +136,9 @@ def run_command(opts: RunOptions, console: Console) -> int:
     from .llm.engine import Engine
     from .llm.models import load_model
 
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # our status line says what is happening
     requests = build_requests(opts)
     with console.status(f"loading {opts.model} ...") as status:
         loaded = load_model(opts.model, progress=lambda message: status.update(message))
