@@ -138,7 +138,7 @@ def run_command(opts: RunOptions, console: Console) -> int:
 
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # our status line says what is happening
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our status line says what happens
     requests = build_requests(opts)
     with console.status(f"loading {opts.model} ...") as status:
         loaded = load_model(opts.model, progress=lambda message: status.update(message))

@@ -111,7 +111,7 @@ def _generation_demo(out: Console, check: Any) -> int:
     torch.set_num_threads(max(1, torch.get_num_threads()))
     from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()  # the status line below says what is happening
+    hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our status line says what happens
     with out.status("loading smollm2-135m (the first run converts the packaged GGUF, ~20 s) ...") as status:
         loaded = load_model("smollm2-135m", progress=lambda message: status.update(message))
     schema = {
