@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -77,3 +78,45 @@ def test_check_reports_supported_unsupported_and_invalid_schemas(tmp_path: Path)
     assert "supported" in out and "unsupported: oneOf" in out and "invalid:" in out
     assert "1 supported, 2 unsupported" in out and "Traceback" not in out
     assert runner.invoke(app, ["check", str(ok)]).exit_code == 0
+
+
+def test_run_generates_a_schema_constrained_answer(tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="generation needs transformers")
+    schema = tmp_path / "answer.json"
+    schema.write_text(json.dumps({
+        "type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 10}},
+        "required": ["answer"], "additionalProperties": False,
+    }))
+    result = runner.invoke(app, ["run", "What is 2+2? Reply in JSON.", "--json-schema", str(schema),
+                                 "--max-tokens", "30", "--json"])
+    assert result.exit_code == 0, result.output
+    line = next(l for l in result.output.splitlines() if l.strip().startswith('"text"'))
+    text = json.loads("{" + line.strip().rstrip(",") + "}")["text"]
+    assert 0 <= json.loads(text)["answer"] <= 10
+    assert "bytes copied between host and guests: 0" in " ".join(result.output.split())
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["run", "hi", "--json-schema", "/nonexistent.json"], "no JSON schema file at /nonexistent.json"),
+        (["run", "hi", "--model", "no-such-model"], "no-such-model"),
+        (["run", "hi", "--controller", "/nonexistent.wasm"], "no controller module at"),
+        (["run", "hi", "--regex", "a", "--choice", "b"], "choose at most one of"),
+        (["run", "--max-tokens", "5"], "give a PROMPT or --batch"),
+        (["run", "hi", "--max-tokens", "0"], "--max-tokens must be positive"),
+    ],
+)
+def test_run_errors_are_one_line(args: list[str], message: str) -> None:
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output
+
+
+def test_run_reports_a_bad_wasm_controller(tmp_path: Path) -> None:
+    pytest.importorskip("transformers", reason="generation needs transformers")
+    bad = tmp_path / "bad.wasm"
+    bad.write_bytes(b"\0asm\x01\0\0\0garbage")
+    result = runner.invoke(app, ["run", "hi", "--controller", str(bad), "--max-tokens", "3"])
+    assert result.exit_code == 1 and "invalid wasm module" in " ".join(result.output.split())
+    assert "Traceback" not in result.output
