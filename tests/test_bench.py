@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 from wasmshare.cli import app
 
 
-@pytest.mark.parametrize("name", ["calls", "exchange", "controllers"])
+@pytest.mark.parametrize("name", ["calls", "exchange", "controllers", "grammars", "generate"])
 def test_benchmark_writes_rows_in_the_result_format(name: str, tmp_path: Path) -> None:
     result = CliRunner().invoke(app, ["bench", name, "--quick", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output

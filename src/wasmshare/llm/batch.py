@@ -490,13 +490,13 @@ class ControllerBatch:
             return np.zeros(len(order), dtype=np.int64)
         if not isinstance(sampled, np.ndarray) and isinstance(sampled, Mapping):
             counts = np.zeros(len(order), dtype=np.int64)
-            live = self._sequences
+            position = {seq.sequence_id: i for i, seq in enumerate(order)}
             for sid, new in sampled.items():
-                seq = live.get(sid)
-                if seq is None:
-                    raise WasmshareError(f"sampled tokens for a sequence not in the batch: {sid}")
-                self._write_tokens(seq, new)
-                counts[order.index(seq)] = len(new)
+                i = position.get(sid)
+                if i is None:
+                    raise WasmshareError(f"sampled tokens for a sequence not in the batch (or not stepped): {sid}")
+                self._write_tokens(order[i], new)
+                counts[i] = len(new)
             return counts
         tokens = np.asarray(sampled)
         if tokens.shape != (len(order),) or tokens.dtype.kind not in "iu":

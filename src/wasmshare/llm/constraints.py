@@ -141,12 +141,15 @@ class CompiledConstraint:
     compile_ms: float
     warnings: tuple[str, ...]
     _engine: Any
+    _template: Any
 
     def matcher(self) -> Any:
-        """A fresh matcher at the start of the constraint (llguidance ``LLMatcher``)."""
-        import llguidance
+        """A fresh matcher at the start of the constraint (llguidance ``LLMatcher``).
 
-        return llguidance.LLMatcher(self._engine, self.grammar, log_level=0)
+        Copied from a pristine matcher built once at compile time, so a new sequence does
+        not pay the grammar's construction again.
+        """
+        return self._template.deep_copy()
 
 
 _tokenizers: dict[str, Any] = {}
@@ -214,7 +217,7 @@ def compile_constraint(spec: ConstraintSpec, table: TokenTable) -> CompiledConst
     matcher = llguidance.LLMatcher(engine, text, log_level=0)  # builds the lexer once
     if matcher.is_error():
         raise ConstraintError(f"{spec.describe()}: {matcher.get_error()}")
-    compiled = CompiledConstraint(spec, text, (time.perf_counter() - started) * 1e3, tuple(warnings), engine)
+    compiled = CompiledConstraint(spec, text, (time.perf_counter() - started) * 1e3, tuple(warnings), engine, matcher)
     with _lock:
         _compiled.setdefault(key, compiled)
         return _compiled[key]
