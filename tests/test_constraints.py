@@ -279,3 +279,18 @@ def test_tool_call_controller_with_a_bad_schema_fails_alone(table: TokenTable, h
         step = batch.step({sid: hf.encode("x <tool>", add_special_tokens=False).ids})
         assert step.results[sid].action is Action.ERROR
         assert step.results[keep].action is Action.CONTINUE
+
+
+def test_xgrammar_backend_gives_the_same_constraint(table: TokenTable, hf: Any) -> None:
+    pytest.importorskip("xgrammar", reason="the xgrammar backend is optional (pip install --no-deps xgrammar)")
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    with ControllerBatch(table, capacity=4, grammar_backend="xgrammar") as batch:
+        sids = [batch.add(C.json_schema(schema)), batch.add(C.choice(["yes", "no"])), batch.add(C.regex(r"[0-9]{2}"))]
+        for sid, text in zip(sids, ['{"n": 42}', "no", "17"]):
+            ids = hf.encode(text, add_special_tokens=False).ids
+            assert follow(batch, table, sid, ids), text
+        bad = batch.add(C.choice(["yes", "no"]))
+        batch.step()
+        assert not allowed(batch, batch.slot(bad), table.find("maybe") or 0)
+    with pytest.raises(Exception, match="grammar_backend must be one of"):
+        ControllerBatch(table, capacity=1, grammar_backend="outlines")  # type: ignore[arg-type]

@@ -37,6 +37,8 @@ class RunOptions:
         self.batch: Path | None = values.get("batch")
         self.json_output: bool = values.get("json_output", False)
         self.raw: bool = values.get("raw", False)
+        self.stop: list[str] = values.get("stop") or []
+        self.grammar_backend: str = values.get("grammar_backend") or "llguidance"
 
 
 def parse_controller_arg(values: list[str]) -> bytes:
@@ -96,6 +98,8 @@ def build_requests(opts: RunOptions) -> list[Any]:
 
     if opts.max_tokens <= 0:
         raise WasmshareError("--max-tokens must be positive")
+    if opts.grammar_backend not in ("llguidance", "xgrammar"):
+        raise WasmshareError(f"--grammar-backend must be llguidance or xgrammar, not {opts.grammar_backend!r}")
     if opts.temperature < 0:
         raise WasmshareError("--temperature must be >= 0")
     steer = _steer(opts)
@@ -123,7 +127,7 @@ def build_requests(opts: RunOptions) -> list[Any]:
     return [
         GenerationRequest(
             p, max_tokens=opts.max_tokens, temperature=opts.temperature,
-            seed=opts.seed, steer=steer, chat=False if opts.raw else None,
+            seed=opts.seed, steer=steer, chat=False if opts.raw else None, stop=tuple(opts.stop),
         )
         for p in prompts
     ]
@@ -151,7 +155,7 @@ def run_command(opts: RunOptions, console: Console) -> int:
             printed[0] = len(text)
 
     started = time.perf_counter()
-    with Engine(loaded, max_batch=min(8, len(requests))) as engine:
+    with Engine(loaded, max_batch=min(8, len(requests)), grammar_backend=opts.grammar_backend) as engine:  # type: ignore[arg-type]
         with torch.inference_mode():
             if single:
                 results = engine.generate(requests, on_token=stream)

@@ -159,6 +159,8 @@ def run(
     batch: Annotated[Optional[Path], typer.Option(help="A JSONL file of prompts, decoded as one batch.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     raw: Annotated[bool, typer.Option(help="Do not apply the chat template.")] = False,
+    stop: Annotated[Optional[list[str]], typer.Option(help="End the answer at this string (repeat).")] = None,
+    grammar_backend: Annotated[str, typer.Option(help="llguidance (default) or xgrammar.")] = "llguidance",
 ) -> None:
     """Generate with the embedded model, steered by a constraint or a wasm controller."""
     from ._run import RunOptions, run_command
@@ -166,7 +168,7 @@ def run(
     options = RunOptions(
         prompt=prompt, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
         controller=controller, arg=arg, model=model, max_tokens=max_tokens, temperature=temperature,
-        seed=seed, batch=batch, json_output=json_output, raw=raw,
+        seed=seed, batch=batch, json_output=json_output, raw=raw, stop=stop, grammar_backend=grammar_backend,
     )
     try:
         code = run_command(options, console)

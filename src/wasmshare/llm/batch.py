@@ -38,7 +38,7 @@ from ..errors import GuestError, WasmshareError
 from . import _futex
 from . import _layout as L
 from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
-from .constraints import ConstraintInstance, ConstraintSpec, compile_constraint
+from .constraints import BACKENDS, Backend, ConstraintInstance, ConstraintSpec, compile_constraint
 from .controller import BatchRegions, Controller, ControllerInstance, Limits, module_path_or_bytes
 from .tokens import TokenTable
 
@@ -200,6 +200,9 @@ class ControllerBatch:
         Per-controller limits, per call (``memory_limit_bytes`` covers the lent rows too).
     step_slot_bytes:
         Bytes per sequence for the step record, the prompt and the argument.
+    grammar_backend:
+        The engine that computes the masks of constrained sequences: ``"llguidance"``
+        (default) or ``"xgrammar"`` (optional dependency).
     parallel:
         Thread mode only: ``None`` measures inline and pooled runs and keeps the faster;
         ``True`` always spreads a step over the pool; ``False`` always runs inline.
@@ -217,6 +220,7 @@ class ControllerBatch:
         memory_limit_bytes: int | None = 256 << 20,
         step_slot_bytes: int = L.DEFAULT_STEP_SLOT_BYTES,
         parallel: bool | None = None,
+        grammar_backend: Backend = "llguidance",
     ) -> None:
         if not isinstance(capacity, int) or capacity <= 0:
             raise WasmshareError(f"capacity must be a positive int, got {capacity!r}")
@@ -259,6 +263,9 @@ class ControllerBatch:
         self._run_cost = [0.0, 0.0]
         self._runs = 0
         self._force_parallel = parallel
+        if grammar_backend not in BACKENDS:
+            raise WasmshareError(f"grammar_backend must be one of {', '.join(BACKENDS)}, got {grammar_backend!r}")
+        self.grammar_backend: Backend = grammar_backend
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._workers: list[_WorkerHandle] = []
@@ -329,7 +336,7 @@ class ControllerBatch:
         self._require_open()
         compiled = None
         if isinstance(controller, ConstraintSpec):
-            compiled = compile_constraint(controller, self.token_table)
+            compiled = compile_constraint(controller, self.token_table, backend=self.grammar_backend)
             controller = Controller(_CONSTRAINT_PLACEHOLDER, name=f"constraint:{controller.kind}")
         if not self._free_slots:
             raise BatchFull(f"all {self.capacity} slots of the batch are taken")

@@ -47,6 +47,8 @@ __all__ = [
 ]
 
 Kind = Literal["json_schema", "regex", "grammar", "choice"]
+Backend = Literal["llguidance", "xgrammar"]
+BACKENDS: tuple[Backend, ...] = ("llguidance", "xgrammar")
 
 
 class ConstraintError(WasmshareError):
@@ -153,7 +155,7 @@ class CompiledConstraint:
 
 
 _tokenizers: dict[str, Any] = {}
-_compiled: dict[tuple[str, str], CompiledConstraint] = {}
+_compiled: dict[tuple[str, str, str], CompiledConstraint] = {}
 _lock = threading.Lock()
 
 
@@ -194,33 +196,125 @@ def _to_grammar(spec: ConstraintSpec) -> str:
         raise ConstraintError(f"{spec.describe()}: {e}") from e
 
 
-def compile_constraint(spec: ConstraintSpec, table: TokenTable) -> CompiledConstraint:
+def compile_constraint(
+    spec: ConstraintSpec, table: TokenTable, *, backend: Backend = "llguidance"
+) -> CompiledConstraint:
     """Compile ``spec`` for ``table``'s tokenizer, once per process (cached).
 
-    Raises :class:`ConstraintError` naming the unsupported feature (for example a JSON
-    Schema keyword llguidance does not implement): nothing is silently ignored.
+    ``backend`` chooses the grammar engine: llguidance (the default: widest JSON Schema
+    coverage, fast compiles, forced tokens) or xgrammar (optional; install it with
+    ``pip install --no-deps xgrammar`` and its small dependencies). Raises
+    :class:`ConstraintError` naming the unsupported feature (for example a JSON Schema
+    keyword the engine does not implement): nothing is silently ignored.
     """
-    import llguidance
-
-    key = (spec.key, table.sha256)
+    if backend not in BACKENDS:
+        raise ConstraintError(f"unknown grammar backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    key = (spec.key, table.sha256, backend)
     with _lock:
         hit = _compiled.get(key)
     if hit is not None:
         return hit
+    compiled = _compile_xgrammar(spec, table) if backend == "xgrammar" else _compile_llguidance(spec, table)
+    with _lock:
+        _compiled.setdefault(key, compiled)
+        return _compiled[key]
+
+
+def _compile_llguidance(spec: ConstraintSpec, table: TokenTable) -> CompiledConstraint:
+    import llguidance
+
     engine = _engine_tokenizer(table)
     started = time.perf_counter()
     text = _to_grammar(spec)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, engine)
     if is_error:
         raise ConstraintError(f"{spec.describe()}: {' '.join(m.strip() for m in messages)}")
-    warnings = messages
     matcher = llguidance.LLMatcher(engine, text, log_level=0)  # builds the lexer once
     if matcher.is_error():
         raise ConstraintError(f"{spec.describe()}: {matcher.get_error()}")
-    compiled = CompiledConstraint(spec, text, (time.perf_counter() - started) * 1e3, tuple(warnings), engine, matcher)
+    return CompiledConstraint(spec, text, (time.perf_counter() - started) * 1e3, tuple(messages), engine, matcher)
+
+
+_xgrammar_compilers: dict[str, Any] = {}
+
+
+def _compile_xgrammar(spec: ConstraintSpec, table: TokenTable) -> CompiledConstraint:
+    try:
+        import xgrammar
+    except ImportError as e:
+        raise ConstraintError("the xgrammar backend needs xgrammar: pip install --no-deps xgrammar") from e
     with _lock:
-        _compiled.setdefault(key, compiled)
-        return _compiled[key]
+        compiler = _xgrammar_compilers.get(table.sha256)
+        if compiler is None:
+            # The token table already holds the exact bytes of every token: a RAW vocabulary.
+            vocab = [table.token_bytes(t) for t in range(table.vocab_size)]
+            stops = [table.eos_token] if table.eos_token is not None else None
+            info = xgrammar.TokenizerInfo(vocab, xgrammar.VocabType.RAW, vocab_size=table.vocab_size, stop_token_ids=stops)
+            compiler = xgrammar.GrammarCompiler(info, max_threads=1)
+            _xgrammar_compilers[table.sha256] = compiler
+    started = time.perf_counter()
+    try:
+        if spec.kind == "json_schema":
+            grammar = compiler.compile_json_schema(spec.source)
+        elif spec.kind == "regex":
+            grammar = compiler.compile_regex(spec.source)
+        elif spec.kind == "grammar":
+            grammar = compiler.compile_lark(spec.source)
+        else:
+            grammar = compiler.compile_regex("|".join(re.escape(o) for o in json.loads(spec.source)))
+    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError and others for bad input
+        raise ConstraintError(f"{spec.describe()}: xgrammar: {e}") from e
+    template = _XGrammarMatcher(xgrammar.GrammarMatcher(grammar), grammar, (table.vocab_size + 31) // 32)
+    return CompiledConstraint(spec, str(spec.source), (time.perf_counter() - started) * 1e3, (), compiler, template)
+
+
+class _XGrammarMatcher:
+    """xgrammar's GrammarMatcher behind the small matcher interface the batch uses."""
+
+    def __init__(self, matcher: Any, grammar: Any, words: int) -> None:
+        self._matcher = matcher
+        self._grammar = grammar
+        self._words = words
+        self._error = ""
+
+    def deep_copy(self) -> _XGrammarMatcher:
+        import xgrammar
+
+        return _XGrammarMatcher(xgrammar.GrammarMatcher(self._grammar), self._grammar, self._words)
+
+    def consume_token(self, token: int) -> bool:
+        if self._error:
+            return False
+        if not self._matcher.accept_token(token):
+            self._error = f"token {token} is not allowed here"
+            return False
+        return True
+
+    def consume_tokens(self, tokens: list[int]) -> bool:
+        return all(self.consume_token(t) for t in tokens)
+
+    def is_stopped(self) -> bool:
+        return bool(self._matcher.is_terminated())
+
+    def is_accepting(self) -> bool:
+        return bool(self._matcher.is_completed())
+
+    def is_error(self) -> bool:
+        return bool(self._error)
+
+    def get_error(self) -> str:
+        return self._error
+
+    def compute_ff_tokens(self) -> list[int]:
+        return []  # xgrammar forces strings, not tokens: nothing is fast-forwarded
+
+    def unsafe_compute_mask_ptr(self, address: int, nbytes: int) -> None:
+        import ctypes
+
+        if nbytes != self._words * 4:
+            raise ConstraintError(f"mask of {nbytes} bytes, expected {self._words * 4}")
+        row = np.ctypeslib.as_array((ctypes.c_int32 * self._words).from_address(address)).reshape(1, self._words)
+        self._matcher.fill_next_token_bitmask(row, 0)
 
 
 # -- running in a batch ------------------------------------------------------------------------

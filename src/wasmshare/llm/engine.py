@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import WasmshareError
 from .batch import Action, BatchStep, ControllerBatch
-from .constraints import ConstraintSpec
+from .constraints import Backend, ConstraintSpec
 from .controller import Controller
 
 if TYPE_CHECKING:
@@ -137,6 +137,7 @@ class Engine:
         fuel: int | None = None,
         memory_limit_bytes: int | None = 256 << 20,
         overlap: bool = True,
+        grammar_backend: Backend = "llguidance",
     ) -> None:
         if max_batch <= 0:
             raise WasmshareError(f"max_batch must be positive, got {max_batch}")
@@ -146,7 +147,7 @@ class Engine:
         self.overlap = overlap
         self.batch = ControllerBatch(
             loaded.token_table, capacity=max_batch, mode=mode, deadline_ms=deadline_ms,
-            fuel=fuel, memory_limit_bytes=memory_limit_bytes,
+            fuel=fuel, memory_limit_bytes=memory_limit_bytes, grammar_backend=grammar_backend,
         )
         self.device = next(self.model.parameters()).device
         self.stats = EngineStats()
