@@ -245,3 +245,19 @@ def test_compiled_module_cache_on_disk(tmp_path: Path) -> None:
     _engine._memory_modules.clear()
     assert Guest(wat, cache_dir=tmp_path).call("seven") == 7
     assert artifacts[0].read_bytes() != b"corrupt"
+
+
+def test_guest_traps_survive_a_library_that_takes_over_sigsegv() -> None:
+    """A library installing its own SIGSEGV handler inside preserve_fault_handlers() leaves traps working."""
+    import ctypes
+    import signal
+
+    from wasmshare._libc import preserve_fault_handlers
+
+    libc = ctypes.CDLL(None)
+    g = Guest(GUESTS / "hostile.wasm")
+    with preserve_fault_handlers():
+        # What tvm-ffi does on import: replace the handler (here with SIG_DFL, which would kill us).
+        libc.signal(signal.SIGSEGV, ctypes.c_void_p(0))
+    with pytest.raises(GuestTrap, match="out of bounds"):
+        g.call("read_at", 1 << 30)

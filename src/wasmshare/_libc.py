@@ -6,11 +6,13 @@ layer calls libc directly. Every wrapper raises :class:`OSError` with ``errno`` 
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import mmap
 import os
 import sys
+from collections.abc import Iterator
 
 PAGE_SIZE: int = mmap.PAGESIZE
 WASM_PAGE_SIZE: int = 65536
@@ -64,3 +66,31 @@ def protect(address: int, nbytes: int, prot: int) -> None:
 def round_up(n: int, multiple: int) -> int:
     """Round ``n`` up to a multiple of ``multiple``."""
     return -(-n // multiple) * multiple
+
+
+_FAULT_SIGNALS = (11, 7, 4, 8)  # SIGSEGV, SIGBUS, SIGILL, SIGFPE on Linux
+_SIGACTION_BYTES = 256  # larger than struct sigaction on every Linux ABI; treated as opaque
+
+
+@contextlib.contextmanager
+def preserve_fault_handlers() -> Iterator[None]:
+    """Restore the process's fault-signal handlers after the block.
+
+    wasmtime turns a guest's out-of-bounds access into a trap through its SIGSEGV/SIGBUS
+    handlers. Some libraries install their own handler when imported (tvm-ffi, which
+    xgrammar loads, prints a backtrace and aborts), which would turn every guest trap
+    into a crash of the whole process. Import such libraries inside this block.
+    """
+    if not IS_LINUX:
+        yield
+        return
+    saved = []
+    for sig in _FAULT_SIGNALS:
+        buf = ctypes.create_string_buffer(_SIGACTION_BYTES)
+        if _libc.sigaction(sig, None, buf) == 0:
+            saved.append((sig, buf))
+    try:
+        yield
+    finally:
+        for sig, buf in saved:
+            _libc.sigaction(sig, buf, None)

@@ -239,8 +239,11 @@ _xgrammar_compilers: dict[str, Any] = {}
 
 
 def _compile_xgrammar(spec: ConstraintSpec, table: TokenTable) -> CompiledConstraint:
+    from .._libc import preserve_fault_handlers
+
     try:
-        import xgrammar
+        with preserve_fault_handlers():  # xgrammar's tvm-ffi would take over SIGSEGV: guest traps would crash
+            import xgrammar
     except ImportError as e:
         raise ConstraintError("the xgrammar backend needs xgrammar: pip install --no-deps xgrammar") from e
     with _lock:
