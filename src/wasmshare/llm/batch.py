@@ -174,6 +174,15 @@ class BatchStep:
 
 
 @dataclass
+class PreparedOutputs:
+    """A step's masks and biases as tensors (see :meth:`ControllerBatch.prepare`)."""
+
+    sequence_ids: tuple[int, ...]
+    disallowed: Any  # bool [n, width], or None when no row has a mask
+    bias: Any  # float32 [n, V], or None when no row has a bias
+
+
+@dataclass
 class _Sequence:
     sequence_id: int
     slot: int
@@ -763,6 +772,56 @@ class ControllerBatch:
             copy_event.record()
         self._copy_event = copy_event
         return logits
+
+    def prepare(self, step: BatchStep, width: int, device: Any = "cpu") -> PreparedOutputs:
+        """Turn a step's masks and biases into tensors ready to apply, ahead of the logits.
+
+        Unpacking the bitmask is most of the work of :meth:`apply`; an engine calls this on
+        its helper thread while the model's forward pass runs, and then
+        :meth:`apply_prepared` leaves one ``masked_fill_`` (and one add) on the critical path.
+        """
+        import torch
+
+        views = self._torch_views()
+        codes = step.output_codes
+        n = len(step.sequence_ids)
+        disallowed = bias = None
+        mask_idx = np.flatnonzero(codes == L.OUTPUT_BITMASK)
+        if mask_idx.size:
+            words = torch.full((n, self.regions.mask_words), -1, dtype=torch.int32)
+            words[torch.from_numpy(mask_idx)] = views["mask"].index_select(0, torch.from_numpy(step.slots[mask_idx]))
+            words = words.to(device, non_blocking=True)
+            disallowed = ~_unpack_bitmask(words, views["bit_weights"].to(device), width)
+        bias_idx = np.flatnonzero(codes == L.OUTPUT_BIAS)
+        if bias_idx.size:
+            bias = torch.zeros((n, self.vocab_size), dtype=torch.float32)
+            bias[torch.from_numpy(bias_idx)] = views["bias"].index_select(0, torch.from_numpy(step.slots[bias_idx]))
+            bias = bias.to(device, non_blocking=True)
+        return PreparedOutputs(tuple(int(s) for s in step.sequence_ids.tolist()), disallowed, bias)
+
+    def apply_prepared(self, logits: torch.Tensor, prepared: PreparedOutputs, rows: Sequence[int] | None = None) -> None:
+        """Apply :meth:`prepare`'s tensors to ``logits`` in place.
+
+        ``rows[i]`` is the row of ``logits`` for ``prepared.sequence_ids[i]`` (default: the
+        same order, all rows).
+        """
+        import torch
+
+        if prepared.disallowed is None and prepared.bias is None:
+            return
+        if rows is None or list(rows) == list(range(logits.shape[0])):
+            if prepared.disallowed is not None:
+                logits.masked_fill_(prepared.disallowed, float("-inf"))
+            if prepared.bias is not None:
+                logits[:, : self.vocab_size] += prepared.bias.to(logits.dtype)
+            return
+        index = torch.tensor(list(rows), device=logits.device)
+        sub = logits.index_select(0, index)
+        if prepared.disallowed is not None:
+            sub.masked_fill_(prepared.disallowed, float("-inf"))
+        if prepared.bias is not None:
+            sub[:, : self.vocab_size] += prepared.bias.to(sub.dtype)
+        logits.index_copy_(0, index, sub)
 
     def _last_step_or_fail(self) -> BatchStep:
         if self._last_step is None:

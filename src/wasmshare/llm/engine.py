@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal
 
 from ..errors import WasmshareError
-from .batch import Action, BatchStep, ControllerBatch
+from .batch import Action, BatchStep, ControllerBatch, PreparedOutputs
 from .constraints import Backend, ConstraintSpec
 from .controller import Controller
 
@@ -153,6 +153,8 @@ class Engine:
         self.stats = EngineStats()
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wasmshare-engine")
         self._eos = set(loaded.eos_token_ids)
+        self._width = int(loaded.vocab_size)
+        self._prepared: PreparedOutputs | None = None
 
     def close(self) -> None:
         """Stop the controller batch and helper thread. Safe to call twice."""
@@ -326,8 +328,10 @@ class Engine:
     # -- controller results ------------------------------------------------------------------------
 
     def _timed_step(self, steer: dict[int, list[int]]) -> BatchStep:
+        """The controller phase (on the helper thread): step, then unpack the masks."""
         started = time.perf_counter()
         step = self.batch.step(steer)
+        self._prepared = self.batch.prepare(step, self._width, self.device)
         self.stats.controller_s += time.perf_counter() - started
         return step
 
@@ -392,17 +396,26 @@ class Engine:
         return [rows[i] for i in keep], logits[keep]
 
     def _apply(self, rows: list[_Row], logits: torch.Tensor, ctrl: BatchStep) -> None:
-        """Masks and biases for the constrained rows, in one vectorised op over their logits."""
-        import torch
-
+        """Masks and biases for the constrained rows: one masked fill (the unpacking was
+        done on the helper thread while the forward pass ran)."""
+        prepared = self._prepared
+        if prepared is None:
+            return
+        where = {sid: i for i, sid in enumerate(prepared.sequence_ids)}
         live = set(self.batch.sequences)
-        pairs = [(i, r.sequence_id) for i, r in enumerate(rows) if r.sequence_id in live]
+        pairs = [(i, where[r.sequence_id]) for i, r in enumerate(rows) if r.sequence_id in where and r.sequence_id in live]
         if not pairs:
             return
-        order = torch.tensor([i for i, _ in pairs], device=logits.device)
-        sub = logits.index_select(0, order)
-        self.batch.apply(sub, sequences=[sid for _, sid in pairs if sid is not None])
-        logits.index_copy_(0, order, sub)
+        if [k for _, k in pairs] != list(range(len(prepared.sequence_ids))):
+            import torch
+
+            keep = torch.tensor([k for _, k in pairs], device=logits.device)
+            prepared = PreparedOutputs(
+                tuple(prepared.sequence_ids[k] for _, k in pairs),
+                None if prepared.disallowed is None else prepared.disallowed.index_select(0, keep),
+                None if prepared.bias is None else prepared.bias.index_select(0, keep),
+            )
+        self.batch.apply_prepared(logits, prepared, [i for i, _ in pairs])
 
     # -- sampling -------------------------------------------------------------------------------------
 
