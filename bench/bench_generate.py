@@ -683,6 +683,12 @@ def _first_request_main(model: str) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import importlib.util
+
+    if importlib.util.find_spec("xgrammar") is None:
+        print("bench generate compares with xgrammar's transformers LogitsProcessor: "
+              "install it with `pip install --no-deps xgrammar apache-tvm-ffi`", file=sys.stderr)
+        return 2
     parser = argparse.ArgumentParser(prog="bench_generate", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (SmolLM2, B=1 and 2, few tokens)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from wasmshare.cli import app
 
 @pytest.mark.parametrize("name", ["calls", "exchange", "controllers", "grammars", "generate"])
 def test_benchmark_writes_rows_in_the_result_format(name: str, tmp_path: Path) -> None:
+    if name == "generate" and importlib.util.find_spec("xgrammar") is None:
+        pytest.skip("the generate benchmark compares with xgrammar's LogitsProcessor (pip install --no-deps xgrammar)")
     result = CliRunner().invoke(app, ["bench", name, "--quick", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / f"{name}.json").read_text())
