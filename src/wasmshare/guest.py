@@ -894,13 +894,7 @@ class GuestFunc:
     def _call_general(self, args: tuple[Any, ...]) -> Any:
         guest = self.guest
         if self._fast_call is not None and not guest._slow_path:
-            expanded: list[Any] = []
-            for a in args:
-                cls = type(a)
-                if cls is Loan or cls is LoanSlice:
-                    expanded.extend(a.as_param())
-                else:
-                    expanded.append(a)
+            expanded = self._expand(args)
             if len(expanded) == self._nparams and len(expanded) != len(args):
                 return self._fast_call(self, *expanded)  # loans expanded: back to the fast path
         guest._enter()

@@ -728,8 +728,6 @@ class ControllerBatch:
         page-locked rows are copied without blocking and the next :meth:`step` waits for
         the copy before controllers write again.
         """
-        import torch
-
         if sequences is not None:
             chosen = [self._get(int(sid)).slot for sid in sequences]
             slot_array = np.array(chosen, dtype=np.intp)
@@ -738,36 +736,18 @@ class ControllerBatch:
                 self._slot_output[slot_array], {}, 0.0, 0.0,
             )
         step = step or self._last_step_or_fail()
-        views = self._torch_views()
         n = len(step.sequence_ids)
         if logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] < self.vocab_size:
             raise WasmshareError(
                 f"logits must be [{n}, >= {self.vocab_size}], got {list(logits.shape)}"
             )
-        device = logits.device
-        codes = step.output_codes
-        mask_idx = np.flatnonzero(codes == L.OUTPUT_BITMASK).tolist()
-        bias_idx = np.flatnonzero(codes == L.OUTPUT_BIAS).tolist()
+        # One mechanism for both entry points: unpack with prepare(), fill with apply_prepared().
+        prepared = self.prepare(step, logits.shape[1], logits.device)
+        self.apply_prepared(logits, prepared)
         copy_event = None
-        if mask_idx:
-            slots = torch.from_numpy(step.slots[mask_idx])
-            words = views["mask"].index_select(0, slots)
-            if device.type != "cpu":
-                words = words.to(device, non_blocking=True)
-            allowed = _unpack_bitmask(words, views["bit_weights"].to(device), logits.shape[1])
-            rows = torch.tensor(mask_idx, device=device)
-            sub = logits.index_select(0, rows).masked_fill_(~allowed, float("-inf"))
-            logits.index_copy_(0, rows, sub)
-        if bias_idx:
-            slots = torch.from_numpy(step.slots[bias_idx])
-            bias = views["bias"].index_select(0, slots)
-            if device.type != "cpu":
-                bias = bias.to(device, non_blocking=True)
-            rows = torch.tensor(bias_idx, device=device)
-            sub = logits.index_select(0, rows)
-            sub[:, : self.vocab_size] += bias.to(sub.dtype)
-            logits.index_copy_(0, rows, sub)
-        if device.type == "cuda" and (mask_idx or bias_idx):
+        if logits.device.type == "cuda" and (prepared.disallowed is not None or prepared.bias is not None):
+            import torch
+
             copy_event = torch.cuda.Event()  # type: ignore[no-untyped-call]
             copy_event.record()
         self._copy_event = copy_event
