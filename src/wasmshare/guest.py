@@ -745,8 +745,9 @@ def fast_call(self, *args):
         except TypeError:
             return general_locked(args)
 {limits}
-        if raw_call(ctx, func_ref, raw, nslots, trap_ref) or trap:
-            failure()
+        error = raw_call(ctx, func_ref, raw, nslots, trap_ref)
+        if error or trap:
+            failure(error)
         return {result}
     finally:
         give_back(True)
@@ -927,7 +928,7 @@ class GuestFunc:
             return getattr(slots[0], self.result_kinds[0])
         return tuple(getattr(slots[i], k) for i, k in enumerate(self.result_kinds))
 
-    def _raise_failure(self, error: Any = None) -> None:
+    def _raise_failure(self, error: Any) -> None:
         guest = self.guest
         if self._trap:
             address = ctypes.cast(self._trap, ctypes.c_void_p).value
@@ -935,14 +936,6 @@ class GuestFunc:
             trap = wasmtime.Trap._from_ptr(ctypes.cast(ctypes.c_void_p(address), ctypes.POINTER(_ffi.wasm_trap_t)))
             _clear_wasmtime_last_exception()
             raise guest._translate_trap(trap, self.name) from trap
-        if error is None:  # the fast path does not keep the error pointer: call again to get it
-            error = _ffi.wasmtime_func_call_unchecked(
-                guest._store._context(), ctypes.byref(self._func._func), self._raw, len(self._slots), ctypes.byref(self._trap)
-            )
-            if not error:
-                if self._trap:
-                    self._raise_failure()
-                return
         err = wasmtime.WasmtimeError._from_ptr(ctypes.cast(ctypes.c_void_p(int(error) if isinstance(error, int) else ctypes.cast(error, ctypes.c_void_p).value), ctypes.POINTER(_ffi.wasmtime_error_t)))
         _clear_wasmtime_last_exception()
         host_error, guest._host_error = guest._host_error, None
