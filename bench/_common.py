@@ -230,3 +230,23 @@ def report(
         console.print(f"target {t['target']}: {status} (value: {_fmt(t.get('value'))})")
     console.print(f"wrote {path}")
     return path
+
+
+def bench_main(
+    name: str,
+    doc: str | None,
+    argv: list[str] | None,
+    run: Callable[[bool], list[dict[str, Any]]],
+    targets: Callable[[list[dict[str, Any]]], list[dict[str, Any]]],
+    quick_help: str = "a fast smoke run (fewer, shorter repeats)",
+) -> int:
+    """The command line every plain benchmark shares: ``--quick``, ``--out``, run, report."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog=f"bench_{name}", description=doc.splitlines()[0] if doc else None)
+    parser.add_argument("--quick", action="store_true", help=quick_help)
+    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    ns = parser.parse_args(argv)
+    rows = run(ns.quick)
+    report(name, rows, out_dir=ns.out, extra={"quick": ns.quick, "targets": targets(rows)})
+    return 0

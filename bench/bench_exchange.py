@@ -28,7 +28,6 @@ Run from the repo root: ``PYTHONPATH=src .venv/bin/python bench/bench_exchange.p
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 from typing import Any
@@ -188,13 +187,7 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_exchange", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run (fewer, shorter repeats)")
-    parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
-    ns = parser.parse_args(argv)
-    rows = run(quick=ns.quick)
-    _common.report(NAME, rows, out_dir=ns.out, extra={"quick": ns.quick, "targets": targets(rows)})
-    return 0
+    return _common.bench_main(NAME, __doc__, argv, lambda quick: run(quick=quick), targets)
 
 
 if __name__ == "__main__":

@@ -26,6 +26,8 @@ import pytest
 import wasmtime
 
 from wasmshare.abi import build_guest
+from wasmshare.llm._layout import STEP_INPUT, STEP_RESULT
+from wasmshare.llm.tokens import TOKEN_TABLE_HEADER
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 CONTROLLERS = ROOT / "guests" / "controllers"
@@ -55,51 +57,9 @@ WS_TOKEN_SPECIAL = 1
 WS_TOKEN_TABLE_MAGIC = 0x54545357
 NO_TOKEN = 0xFFFFFFFF
 
-# Pointers are wasm32 guest addresses: little-endian u32.
-TOKEN_TABLE = np.dtype(
-    [
-        ("struct_size", "<u4"),
-        ("magic", "<u4"),
-        ("version", "<u4"),
-        ("n_tokens", "<u4"),
-        ("offsets_offset", "<u4"),
-        ("flags_offset", "<u4"),
-        ("bytes_offset", "<u4"),
-        ("bytes_len", "<u4"),
-        ("eos_token", "<u4"),
-        ("bos_token", "<u4"),
-        ("reserved", "<u4", (6,)),
-    ]
-)
-STEP_INPUT = np.dtype(
-    [
-        ("struct_size", "<u4"),
-        ("abi_version", "<u4"),
-        ("vocab_size", "<u4"),
-        ("mask_words", "<u4"),
-        ("token_table", "<u4"),
-        ("mask", "<u4"),
-        ("bias", "<u4"),
-        ("step", "<u4"),
-        ("n_tokens", "<u4"),
-        ("tokens", "<u4"),
-        ("arg", "<u4"),
-        ("arg_len", "<u4"),
-        ("sequence_id", "<u4"),
-        ("reserved", "<u4", (4,)),
-    ]
-)
-STEP_RESULT = np.dtype(
-    [
-        ("struct_size", "<u4"),
-        ("action", "<i4"),
-        ("output", "<i4"),
-        ("backtrack", "<u4"),
-        ("n_ff", "<u4"),
-        ("reserved", "<u4", (3,)),
-        ("ff_tokens", "<u4", (WS_MAX_FF_TOKENS,)),
-    ]
-)
+# The host's own layouts (pointers are wasm32 guest addresses: little-endian u32); the
+# offset test below checks them against wasmshare_controller.h compiled by clang.
+TOKEN_TABLE = TOKEN_TABLE_HEADER
 LAYOUTS = {"ws_token_table": TOKEN_TABLE, "ws_step_input": STEP_INPUT, "ws_step_result": STEP_RESULT}
 
 

@@ -347,15 +347,13 @@ class Engine:
             return logits, []
         done: list[_Row] = []
         catch_up: dict[int, list[int]] = {}
+        actions = dict(zip(ctrl.sequence_ids.tolist(), ctrl.action_codes.tolist()))
         for i, row in enumerate(rows):
             if row.sequence_id is None:
                 continue
             result = ctrl.special.get(row.sequence_id)
-            action_code = None
             if result is None:
-                position = int((ctrl.sequence_ids == row.sequence_id).nonzero()[0][0])
-                action_code = int(ctrl.action_codes[position])
-                if action_code == 1:  # STOP without fast-forward
+                if actions.get(row.sequence_id) == 1:  # STOP without fast-forward
                     row.finish = "controller"
                     done.append(row)
                 continue
