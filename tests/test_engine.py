@@ -166,3 +166,73 @@ def test_engine_input_errors(loaded: Any) -> None:
             engine.generate([GenerationRequest("x", max_tokens=0)])
         bad = engine.generate([GenerationRequest("x", steer=C.json_schema({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 2}]}))])
         assert bad[0].finish_reason == "error" and "oneOf" in (bad[0].error or "")
+
+
+def test_continuous_batching_joins_running_batch_and_cancel_frees_the_slot(loaded: Any) -> None:
+    """Requests submitted while others decode join at the next step; a cancelled one ends at once."""
+    import threading
+
+    from wasmshare.llm.engine import QueueFull, RequestQueue
+
+    prompt = "Count from one to fifty in words."
+    with Engine(loaded, max_batch=2) as engine:
+        alone = engine.generate([GenerationRequest(prompt, max_tokens=12)])[0]
+        queue = RequestQueue(max_waiting=3)
+        results: dict[int, Any] = {}
+        first_tokens: dict[int, int] = {}
+        key_box: dict[str, int] = {}
+
+        def on_token(key: int, token: int, text: str) -> None:
+            first_tokens.setdefault(key, engine.stats.steps)
+            # Once the first request decodes, a second one arrives and a third that is cancelled.
+            if key == key_box["long"] and len(results) == 0 and "late" not in key_box:
+                key_box["late"] = queue.submit(GenerationRequest(prompt, max_tokens=12))
+                key_box["doomed"] = queue.submit(GenerationRequest(prompt, max_tokens=500))
+                key_box["waiting"] = queue.submit(GenerationRequest(prompt, max_tokens=5))
+                with pytest.raises(QueueFull):
+                    queue.submit(GenerationRequest(prompt, max_tokens=5))
+            if key == key_box.get("doomed") and len(text) > 0 and "cancelled" not in key_box:
+                key_box["cancelled"] = int(not queue.cancel(key))
+            if key == key_box.get("long") and "late" in key_box and key_box["late"] in results:
+                queue.close()
+
+        key_box["long"] = queue.submit(GenerationRequest(prompt, max_tokens=60))
+        runner = threading.Thread(target=engine.run, args=(queue,), kwargs={"on_token": on_token, "on_finish": results.__setitem__})
+        runner.start()
+        runner.join(timeout=300)
+        assert not runner.is_alive()
+    late = results[key_box["late"]]
+    assert late.tokens == alone.tokens  # joining a running batch changes nothing for greedy decoding
+    assert first_tokens[key_box["late"]] > first_tokens[key_box["long"]]
+    doomed = results[key_box["doomed"]]
+    assert key_box["cancelled"] == 1 and doomed.finish_reason == "cancelled" and len(doomed.tokens) < 500
+    assert results[key_box["waiting"]].finish_reason == "length"
+    assert results[key_box["long"]].finish_reason in ("length", "stop")
+
+
+def test_run_contains_a_failing_step_to_its_requests(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With contain_failures a model failure ends only the batch in flight; later requests decode."""
+    from wasmshare.llm.engine import RequestQueue
+
+    with Engine(loaded, max_batch=2) as engine:
+        real_forward = engine._forward
+        calls = {"n": 0}
+
+        def flaky(feeds: Any, rows: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 3:
+                raise RuntimeError("device lost")
+            return real_forward(feeds, rows)
+
+        monkeypatch.setattr(engine, "_forward", flaky)
+        queue = RequestQueue()
+        results: dict[int, Any] = {}
+        first = queue.submit(GenerationRequest("Say hi.", max_tokens=8))
+        queue.close()
+        engine.run(queue, on_finish=results.__setitem__, contain_failures=True)
+        assert results[first].finish_reason == "error" and "device lost" in str(results[first].error)
+        queue = RequestQueue()
+        second = queue.submit(GenerationRequest("Say hi.", max_tokens=4))
+        queue.close()
+        engine.run(queue, on_finish=results.__setitem__, contain_failures=True)
+        assert results[second].finish_reason == "length"

@@ -19,8 +19,9 @@ position ids are tracked per row.
 
 from __future__ import annotations
 
+import concurrent.futures
+import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -36,9 +37,9 @@ if TYPE_CHECKING:
 
     from .models import LoadedModel
 
-__all__ = ["Engine", "GenerationRequest", "GenerationResult", "EngineStats"]
+__all__ = ["Engine", "GenerationRequest", "GenerationResult", "EngineStats", "RequestQueue", "QueueFull"]
 
-FinishReason = Literal["stop", "length", "controller", "error"]
+FinishReason = Literal["stop", "length", "controller", "error", "cancelled"]
 
 
 @dataclass
@@ -104,6 +105,97 @@ class EngineStats:
         return self.generated_tokens / self.decode_s if self.decode_s else 0.0
 
 
+class QueueFull(WasmshareError):
+    """The request queue already holds its ``max_waiting`` requests."""
+
+
+class RequestQueue:
+    """Thread-safe inbox of an :meth:`Engine.run` loop (continuous batching).
+
+    Any thread may :meth:`submit` and :meth:`cancel`; the engine thread takes requests
+    between steps. ``max_waiting`` bounds the requests waiting for a slot (None: no bound).
+    :meth:`close` lets the loop return once everything submitted has finished.
+    """
+
+    def __init__(self, max_waiting: int | None = None) -> None:
+        self.max_waiting = max_waiting
+        self._waiting: dict[int, GenerationRequest] = {}
+        self._cancelled: set[int] = set()
+        self._next_key = 0
+        self._closed = False
+        self._changed = threading.Condition()
+
+    @property
+    def waiting(self) -> int:
+        """Requests submitted and not yet admitted to the batch."""
+        return len(self._waiting)
+
+    @property
+    def closed(self) -> bool:
+        """True once :meth:`close` was called."""
+        return self._closed
+
+    def submit(self, request: GenerationRequest) -> int:
+        """Queue a request; returns its key (used by ``on_token``/``on_finish`` and :meth:`cancel`)."""
+        with self._changed:
+            if self._closed:
+                raise WasmshareError("the request queue is closed")
+            if self.max_waiting is not None and len(self._waiting) >= self.max_waiting:
+                raise QueueFull(f"{len(self._waiting)} requests are already waiting for a slot")
+            key = self._next_key
+            self._next_key += 1
+            self._waiting[key] = request
+            self._changed.notify_all()
+            return key
+
+    def cancel(self, key: int) -> bool:
+        """Drop a waiting request, or end a running one at the next step (reason ``cancelled``).
+
+        Returns True when the request was still waiting (it will never be reported).
+        """
+        with self._changed:
+            if self._waiting.pop(key, None) is not None:
+                return True
+            if 0 <= key < self._next_key:
+                self._cancelled.add(key)
+                self._changed.notify_all()
+            return False
+
+    def close(self) -> None:
+        """Accept no more requests; the engine loop returns once the rest are done."""
+        with self._changed:
+            self._closed = True
+            self._changed.notify_all()
+
+    # -- the engine's side -------------------------------------------------------------------------
+
+    def take(self, room: int) -> list[tuple[int, GenerationRequest]]:
+        """Up to ``room`` waiting requests, oldest first."""
+        if room <= 0 or not self._waiting:
+            return []
+        with self._changed:
+            keys = list(self._waiting)[:room]
+            return [(k, self._waiting.pop(k)) for k in keys]
+
+    def take_cancelled(self) -> set[int]:
+        """Keys cancelled since the last call."""
+        if not self._cancelled:
+            return set()
+        with self._changed:
+            cancelled, self._cancelled = self._cancelled, set()
+            return cancelled
+
+    def wait_for_work(self) -> bool:
+        """Block until a request waits; False once the queue is closed and empty."""
+        with self._changed:
+            while not self._waiting:
+                if self._closed:
+                    return False
+                self._changed.wait()
+                self._cancelled.clear()  # nothing runs while idle: stale cancellations
+            return True
+
+
 @dataclass
 class _Row:
     request: GenerationRequest
@@ -154,6 +246,9 @@ class Engine:
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wasmshare-engine")
         self._eos = set(loaded.eos_token_ids)
         self._width = int(loaded.vocab_size)
+        self._inflight: Future[BatchStep] | None = None
+        self._cache: Any = None
+        self._attn: torch.Tensor | None = None
 
     def close(self) -> None:
         """Stop the controller batch and helper thread. Safe to call twice."""
@@ -177,27 +272,90 @@ class Engine:
 
         ``on_token(request_index, token_id, text_so_far)`` is called as tokens are accepted
         (for streaming). A request whose controller fails ends with ``finish_reason ==
-        "error"`` and the error text; the others are unaffected.
+        "error"`` and the error text; the others are unaffected. A request that is invalid
+        in itself (empty prompt, ``max_tokens <= 0``) raises before anything runs.
         """
+        requests = list(requests)
+        for i, request in enumerate(requests):
+            self._make_row(i, request)  # validate every request up front
+        queue = RequestQueue()
+        keys = [queue.submit(r) for r in requests]
+        queue.close()
+        results: dict[int, GenerationResult] = {}
+        self.run(queue, on_token=on_token, on_finish=results.__setitem__)
+        return [results[k] for k in keys]
+
+    def run(
+        self,
+        queue: RequestQueue,
+        *,
+        on_token: Callable[[int, int, str], None] | None = None,
+        on_finish: Callable[[int, GenerationResult], None] | None = None,
+        contain_failures: bool = False,
+    ) -> None:
+        """Continuous batching: decode requests from ``queue`` until it is closed and drained.
+
+        A request joins the running batch at the next step after it is submitted and leaves
+        it as soon as it finishes or is cancelled (:meth:`RequestQueue.cancel`), freeing its
+        slot; up to ``max_batch`` decode together and the rest wait in the queue.
+        ``on_token(key, token_id, text_so_far)`` streams accepted tokens and
+        ``on_finish(key, result)`` delivers each result, keyed by what
+        :meth:`RequestQueue.submit` returned. An invalid request finishes with an error.
+        With ``contain_failures`` an unexpected failure of a step (the model raising, say)
+        ends the requests in that batch with an error and decoding goes on with the rest of
+        the queue, instead of raising.
+        """
+        finish = on_finish or (lambda key, result: None)
+        while True:
+            rows: list[_Row] = []
+            try:
+                self._run_batch(queue, rows, on_token, finish)
+                return
+            except Exception as e:  # noqa: BLE001 - contained by request, see docstring
+                inflight, self._inflight = self._inflight, None
+                if inflight is not None:
+                    concurrent.futures.wait([inflight])  # the controller phase must end before cleanup
+                for row in rows:
+                    if row.finish is None:
+                        row.finish, row.error = "error", f"engine failure: {type(e).__name__}: {e}"
+                    finish(row.index, self._finish(row))
+                self._cache, self._attn = None, None
+                if not contain_failures:
+                    raise
+
+    def _run_batch(
+        self,
+        queue: RequestQueue,
+        rows: list[_Row],
+        on_token: Callable[[int, int, str], None] | None,
+        finish: Callable[[int, GenerationResult], None],
+    ) -> None:
+        """The decode loop of :meth:`run`; ``rows`` (filled in place) are the live sequences."""
         import torch
 
-        pending = deque(self._make_row(i, r) for i, r in enumerate(requests))
-        total = len(pending)
-        results: dict[int, GenerationResult] = {}
-        rows: list[_Row] = []
-        self._cache: Any = None
-        self._attn: torch.Tensor | None = None
+        self._cache = None
+        self._attn = None
         logits: torch.Tensor | None = None
         ctrl: BatchStep | None = None
         with torch.inference_mode():
-            while pending or rows:
+            while True:
+                if not rows and not queue.wait_for_work():
+                    return
                 started = time.perf_counter()
+                cancelled = queue.take_cancelled()
+                if cancelled and rows:
+                    assert logits is not None
+                    for row in rows:
+                        if row.index in cancelled:
+                            row.finish = "cancelled"
+                            finish(row.index, self._finish(row))
+                    rows[:], logits = self._drop_finished(rows, logits)
                 if rows:
                     assert logits is not None
                     logits, ctrl_rows_done = self._handle_controller_results(rows, logits, ctrl, on_token)
                     for row in ctrl_rows_done:
-                        results[row.index] = self._finish(row)
-                    rows, logits = self._drop_finished(rows, logits)
+                        finish(row.index, self._finish(row))
+                    rows[:], logits = self._drop_finished(rows, logits)
                 sampled: dict[int, int] = {}
                 if rows:
                     assert logits is not None
@@ -211,20 +369,21 @@ class Engine:
                         self._accept(row, [token], on_token)
                     for row in rows:
                         if row.finish is not None:
-                            results[row.index] = self._finish(row)
+                            finish(row.index, self._finish(row))
                     keep = [i for i, r in enumerate(rows) if r.finish is None]
                     if len(keep) != len(rows):
                         self._select_rows(keep)
-                        rows = [rows[i] for i in keep]
+                        rows[:] = [rows[i] for i in keep]
                 # Admit waiting requests while there is room.
                 new_rows: list[_Row] = []
-                while pending and len(rows) + len(new_rows) < self.max_batch:
-                    row = pending.popleft()
+                for key, request in queue.take(self.max_batch - len(rows)):
                     try:
+                        row = self._make_row(key, request)
                         self._start_controller(row)
                     except WasmshareError as e:
+                        row = _Row(request, key, [])
                         row.finish, row.error = "error", str(e)
-                        results[row.index] = self._finish(row)
+                        finish(key, self._finish(row))
                         continue
                     new_rows.append(row)
                 prefill_started = time.perf_counter()
@@ -238,7 +397,7 @@ class Engine:
                 future: Future[BatchStep] | None = None
                 ctrl = None
                 if has_controllers and self.overlap:
-                    future = self._helper.submit(self._timed_step, steer)
+                    future = self._inflight = self._helper.submit(self._timed_step, steer)
                 if rows:
                     forward_started = time.perf_counter()
                     logits = self._forward([[sampled[id(r)]] for r in rows], rows)
@@ -248,17 +407,16 @@ class Engine:
                     new_logits, new_cache, new_attn = prefilled
                     self._merge_cache(new_cache, new_attn)  # after the forward of the rows already running
                     logits = new_logits if not rows else torch.cat([logits, new_logits], dim=0)  # type: ignore[list-item]
-                    rows = rows + new_rows
+                    rows.extend(new_rows)
                 if has_controllers:
                     wait_started = time.perf_counter()
                     ctrl = future.result() if future is not None else self._timed_step(steer)
+                    self._inflight = None
                     self.stats.critical_controller_s += time.perf_counter() - wait_started
                 if sampled:
                     self.stats.steps += 1
                     self.stats.decode_s += time.perf_counter() - started - prefill_s
-        assert len(results) == total
-        self.stats.bytes_copied = 0  # masks and biases are shared pages; nothing is copied
-        return [results[i] for i in range(total)]
+                self.stats.bytes_copied = 0  # masks and biases are shared pages; nothing is copied
 
     # -- rows ------------------------------------------------------------------------------------
 
