@@ -178,6 +178,48 @@ def run(
 
 
 @app.command()
+def serve(
+    model: Annotated[str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")] = "smollm2-135m",
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
+    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="WASMSHARE_API_KEY", help="Require this bearer key on /v1 routes.")] = None,
+    max_concurrent: Annotated[int, typer.Option(help="Sequences decoded at once; more wait in a queue.")] = 8,
+    max_waiting: Annotated[int, typer.Option(help="Requests that may wait for a slot before 503.")] = 256,
+    max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes (JSON endpoints).")] = 1 << 20,
+    max_controller_bytes: Annotated[int, typer.Option(help="Largest uploaded controller module in bytes.")] = 8 << 20,
+    controller_deadline_ms: Annotated[float, typer.Option(help="Per-step deadline of a controller, in ms.")] = 50.0,
+    controllers_dir: Annotated[Optional[Path], typer.Option(help="Where uploaded controllers are kept.")] = None,
+    grammar_backend: Annotated[str, typer.Option(help="llguidance (default) or xgrammar.")] = "llguidance",
+    log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
+) -> None:
+    """Serve the model over an OpenAI-compatible HTTP API, with controller upload."""
+    try:
+        from .server.app import ServerConfig
+        from .server.main import serve as run_server
+    except ImportError as e:
+        raise _fail(f"the server needs its extras: pip install 'wasmshare[server,llm]' ({e})") from None
+    for name, value in (("--max-concurrent", max_concurrent), ("--max-waiting", max_waiting),
+                        ("--max-tokens", max_tokens), ("--max-body", max_body),
+                        ("--max-controller-bytes", max_controller_bytes)):
+        if value <= 0:
+            raise _fail(f"{name} must be positive, got {value}")
+    if controller_deadline_ms <= 0:
+        raise _fail(f"--controller-deadline-ms must be positive, got {controller_deadline_ms}")
+    if grammar_backend not in ("llguidance", "xgrammar"):
+        raise _fail(f"--grammar-backend must be llguidance or xgrammar, not {grammar_backend!r}")
+    config = ServerConfig(
+        api_key=api_key or None, max_concurrent=max_concurrent, max_waiting=max_waiting, max_tokens=max_tokens,
+        default_max_tokens=min(256, max_tokens), max_body_bytes=max_body, max_controller_bytes=max_controller_bytes,
+        controller_deadline_ms=controller_deadline_ms, controllers_dir=controllers_dir, grammar_backend=grammar_backend,
+    )
+    try:
+        run_server(model, config, host=host, port=port, log_level=log_level, console=console)
+    except WasmshareError as e:
+        raise _fail(str(e)) from None
+
+
+@app.command()
 def info() -> None:
     """Show the platform, versions and whether loans are zero-copy here."""
     from ._engine import default_cache_dir

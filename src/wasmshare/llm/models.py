@@ -143,6 +143,20 @@ class LoadedModel:
         return [int(i) for i in ids]
 
 
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """The input ids for a chat: ``messages`` (``role``/``content``) through the chat template,
+        with the assistant's turn opened. ModelError when the tokenizer has no chat template or
+        the template rejects the messages."""
+        if not self.has_chat_template:
+            raise ModelError(f"model {self.name!r} has no chat template; send a plain completion instead")
+        try:
+            text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as e:  # jinja2 raises TemplateError subclasses for messages it rejects
+            raise ModelError(f"the chat template of {self.name!r} rejected the messages: {e}") from None
+        if not isinstance(text, str):  # pragma: no cover - tokenize=False always gives a str
+            raise ModelError(f"model {self.name!r}: the chat template did not render to a string")
+        return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
 # --- where a model comes from -----------------------------------------------------
 
 

@@ -1,0 +1,13 @@
+"""OpenAI-compatible HTTP server with controller upload, streaming and continuous batching.
+
+``wasmshare serve`` runs it; in Python, :func:`create_server` builds the app around one
+:class:`~wasmshare.server.service.EngineService` (one engine loop for every request).
+"""
+
+from __future__ import annotations
+
+from .app import ServerConfig, create_app
+from .controllers import ControllerRejected, ControllerStore, StoredController
+from .service import EngineService
+
+__all__ = ["ServerConfig", "create_app", "ControllerStore", "ControllerRejected", "StoredController", "EngineService"]

@@ -1,0 +1,487 @@
+"""The FastAPI application: OpenAI's completions and chat endpoints plus controller upload.
+
+Routes: ``GET /health``, ``GET /metrics``, ``GET /v1/models``, ``POST /v1/completions``,
+``POST /v1/chat/completions``, and ``POST/GET/DELETE /v1/controllers[/{id}]``. Every error
+is an OpenAI-style body (``{"error": {"message", "type", "param", "code"}}``), so OpenAI
+clients raise their usual exceptions. With an API key configured, every ``/v1`` route needs
+``Authorization: Bearer KEY``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+import struct
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from ..errors import WasmshareError
+from ..llm import constraints as C
+from ..llm.constraints import ConstraintSpec
+from ..llm.controller import Controller
+from ..llm.engine import GenerationRequest, GenerationResult
+from .controllers import ControllerRejected, ControllerStore
+from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+from .service import EngineService, Overloaded, Ticket, TokenEvent
+
+__all__ = ["ServerConfig", "create_app"]
+
+_FINISH = {"stop": "stop", "length": "length", "controller": "stop", "cancelled": "stop", "error": "error"}
+
+
+@dataclass
+class ServerConfig:
+    """What ``wasmshare serve`` can be told; every limit has a sensible default."""
+
+    api_key: str | None = None
+    max_concurrent: int = 8
+    max_waiting: int = 256
+    max_tokens: int = 1024
+    default_max_tokens: int = 256
+    max_body_bytes: int = 1 << 20
+    max_controller_bytes: int = 8 << 20
+    controller_deadline_ms: float = 50.0
+    controllers_dir: Path | None = None
+    grammar_backend: str = "llguidance"
+    served_model_name: str | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def create_app(service: EngineService, store: ControllerStore, config: ServerConfig) -> FastAPI:
+    """The ASGI app serving ``service``'s model; ``store`` holds uploaded controllers."""
+    model_name = config.served_model_name or service.loaded.name
+    created = now()
+    app = FastAPI(title="wasmshare", version="1", docs_url=None, redoc_url=None)
+    metrics = service.metrics
+
+    # -- errors, auth, limits ------------------------------------------------------------------------
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = "invalid_request_error" if exc.status_code < 500 else "server_error"
+        code = {404: "not_found", 405: "method_not_allowed", 413: "request_too_large"}.get(exc.status_code)
+        return JSONResponse(error_body(str(exc.detail), type=kind, code=code), status_code=exc.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
+        message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid body"))
+        return JSONResponse(error_body(message, param=where or None), status_code=400)
+
+    @app.middleware("http")
+    async def _count_and_authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+        path = request.url.path
+        if config.api_key and path.startswith("/v1/"):
+            header = request.headers.get("authorization", "")
+            given = header[7:] if header.lower().startswith("bearer ") else ""
+            if not secrets.compare_digest(given.encode(), config.api_key.encode()):
+                metrics.requests.labels(_endpoint(path), "401").inc()
+                return JSONResponse(
+                    error_body("Incorrect or missing API key: send Authorization: Bearer KEY",
+                               type="authentication_error", code="invalid_api_key"),
+                    status_code=401,
+                )
+        response = await call_next(request)
+        metrics.requests.labels(_endpoint(path), str(response.status_code)).inc()
+        return response
+
+    # -- plain routes ----------------------------------------------------------------------------------
+
+    @app.get("/health")
+    async def health() -> JSONResponse:
+        body = {"status": "ok" if service.alive else "engine stopped", "model": model_name,
+                "running": service.running, "waiting": service.waiting}
+        return JSONResponse(body, status_code=200 if service.alive else 503)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    @app.get("/v1/models")
+    async def models() -> dict[str, Any]:
+        return {"object": "list", "data": [_model_card(model_name, created)]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        if name != model_name:
+            raise APIError(404, f"model {name!r} is not served here; this server serves {model_name!r}",
+                           code="model_not_found", param="model")
+        return _model_card(model_name, created)
+
+    # -- controllers -------------------------------------------------------------------------------------
+
+    @app.post("/v1/controllers")
+    async def upload_controller(request: Request, name: str | None = None) -> dict[str, Any]:
+        wasm = await request.body()
+        try:
+            record = await run_in_threadpool(store.add, wasm, name)
+        except ControllerRejected as e:
+            raise APIError(400, f"controller rejected: {e}", code="invalid_controller") from None
+        return record.as_json()
+
+    @app.get("/v1/controllers")
+    async def list_controllers() -> dict[str, Any]:
+        return {"object": "list", "data": [r.as_json() for r in store.list()]}
+
+    @app.get("/v1/controllers/{controller_id}")
+    async def get_controller(controller_id: str) -> dict[str, Any]:
+        record = store.get(controller_id)
+        if record is None:
+            raise APIError(404, f"no controller {controller_id!r}", code="controller_not_found")
+        return record.as_json()
+
+    @app.delete("/v1/controllers/{controller_id}")
+    async def delete_controller(controller_id: str) -> dict[str, Any]:
+        if not store.delete(controller_id):
+            raise APIError(404, f"no controller {controller_id!r}", code="controller_not_found")
+        return {"id": controller_id, "object": "controller", "deleted": True}
+
+    # -- generation --------------------------------------------------------------------------------------
+
+    def check_model(body: CompletionRequest | ChatCompletionRequest) -> None:
+        if body.model not in (None, "", model_name):
+            raise APIError(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
+                           code="model_not_found", param="model")
+
+    async def make_requests(
+        body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], max_tokens: int | None,
+    ) -> list[GenerationRequest]:
+        body.refuse_unsupported()
+        check_model(body)
+        stops = body.stop_strings()
+        limit = max_tokens if max_tokens is not None else config.default_max_tokens
+        if limit > config.max_tokens:
+            raise APIError(400, f"max_tokens is {limit}; this server allows at most {config.max_tokens}",
+                           param="max_tokens")
+        steer = await _steering(body, service, store, config)
+        requests = []
+        for prompt in prompts:
+            for j in range(body.n):
+                seed = None if body.seed is None else body.seed + j
+                requests.append(GenerationRequest(
+                    prompt, max_tokens=limit, temperature=body.temperature, top_p=body.top_p, seed=seed,
+                    steer=steer, stop=stops,
+                ))
+        return requests
+
+    @app.post("/v1/completions", response_model=None)
+    async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
+        prompts = [_encode_text(service, p) for p in body.prompts()]
+        requests = await make_requests(body, prompts, body.max_tokens)
+        return await _answer(request, body, requests, service, model_name, chat=False)
+
+    @app.post("/v1/chat/completions", response_model=None)
+    async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
+        try:
+            prompt = service.loaded.encode_messages(body.chat())
+        except WasmshareError as e:
+            raise APIError(400, str(e), param="messages") from None
+        requests = await make_requests(body, [prompt], body.max_completion_tokens or body.max_tokens)
+        return await _answer(request, body, requests, service, model_name, chat=True)
+
+    app.add_middleware(_BodyLimit, limit=config.max_body_bytes, per_path={"/v1/controllers": config.max_controller_bytes})
+    app.state.service = service
+    app.state.store = store
+    return app
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+
+def _endpoint(path: str) -> str:
+    """A bounded label for metrics (ids cut off)."""
+    if path.startswith("/v1/controllers"):
+        return "/v1/controllers"
+    if path.startswith("/v1/models"):
+        return "/v1/models"
+    return path if path in ("/v1/completions", "/v1/chat/completions", "/health", "/metrics") else "other"
+
+
+def _model_card(name: str, created: int) -> dict[str, Any]:
+    return {"id": name, "object": "model", "created": created, "owned_by": "wasmshare"}
+
+
+def _encode_text(service: EngineService, prompt: str | list[int]) -> list[int]:
+    if isinstance(prompt, list):
+        vocab = service.loaded.vocab_size
+        if not prompt or any(t < 0 or t >= vocab for t in prompt):
+            raise APIError(400, f"prompt token ids must be non-empty and in [0, {vocab})", param="prompt")
+        return prompt
+    if not prompt:
+        raise APIError(400, "prompt must not be empty", param="prompt")
+    return service.loaded.encode_prompt(prompt, chat=False)
+
+
+async def _steering(
+    body: CompletionRequest | ChatCompletionRequest, service: EngineService, store: ControllerStore,
+    config: ServerConfig,
+) -> ConstraintSpec | Controller | None:
+    """The one constraint or controller a request asks for (compiled here, off the engine thread)."""
+    asked = []
+    fmt = body.response_format
+    if fmt is not None and fmt.type != "text":
+        asked.append("response_format")
+    asked += [name for name in ("regex", "choice", "grammar", "controller") if getattr(body, name) is not None]
+    if len(asked) > 1:
+        raise APIError(400, f"use one of response_format, regex, choice, grammar, controller; got {', '.join(asked)}")
+    if body.controller_arg is not None and body.controller is None:
+        raise APIError(400, "controller_arg needs controller", param="controller_arg")
+    if not asked:
+        return None
+    if body.controller is not None:
+        arg = body.controller_arg
+        arg_bytes = (
+            b"" if arg is None else arg.encode("utf-8") if isinstance(arg, str)
+            else _pack_ids(arg)
+        )
+        try:
+            return store.controller(body.controller, arg_bytes)
+        except KeyError:
+            raise APIError(404, f"no controller {body.controller!r}; upload it to /v1/controllers first",
+                           code="controller_not_found", param="controller") from None
+    spec: ConstraintSpec
+    try:
+        if fmt is not None and fmt.type == "json_object":
+            spec = C.any_json()
+        elif fmt is not None:
+            schema = (fmt.json_schema or {}).get("schema")
+            if not isinstance(schema, (dict, bool)):
+                raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object",
+                               param="response_format")
+            spec = C.json_schema(schema)
+        elif body.regex is not None:
+            spec = C.regex(body.regex)
+        elif body.choice is not None:
+            spec = C.choice(body.choice)
+        else:
+            assert body.grammar is not None
+            spec = C.grammar(body.grammar)
+        table = service.loaded.token_table
+        await run_in_threadpool(C.compile_constraint, spec, table, backend=config.grammar_backend)  # type: ignore[arg-type]
+    except WasmshareError as e:
+        raise APIError(400, str(e), code="invalid_constraint", param=asked[0]) from None
+    return spec
+
+
+def _pack_ids(ids: list[int]) -> bytes:
+    if any(not 0 <= t < 1 << 32 for t in ids):
+        raise APIError(400, "controller_arg token ids must fit in uint32", param="controller_arg")
+    return struct.pack(f"<{len(ids)}I", *ids)
+
+
+def _submit_all(service: EngineService, requests: list[GenerationRequest]) -> list[Ticket]:
+    tickets: list[Ticket] = []
+    try:
+        for r in requests:
+            tickets.append(service.submit(r))
+    except Overloaded as e:
+        for t in tickets:
+            service.cancel(t)
+        raise APIError(503, f"server overloaded: {e}; retry later", type="server_error", code="overloaded") from None
+    return tickets
+
+
+def _failure(result: GenerationResult) -> APIError:
+    return APIError(422, f"generation failed: {result.error}", type="controller_error", code="controller_failed")
+
+
+async def _answer(
+    request: Request, body: CompletionRequest | ChatCompletionRequest, requests: list[GenerationRequest],
+    service: EngineService, model_name: str, *, chat: bool,
+) -> Response | dict[str, Any]:
+    tickets = _submit_all(service, requests)
+    ident = new_id("chatcmpl" if chat else "cmpl")
+    if body.stream:
+        return StreamingResponse(
+            _stream(service, tickets, ident, model_name, chat=chat, usage=body.include_usage()),
+            media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+        )
+    results = await _wait_or_cancel(request, service, tickets)
+    if results is None:
+        return Response(status_code=499)  # the client is gone; nobody reads this
+    failed = [r for r in results if r.finish_reason == "error"]
+    if failed:
+        raise _failure(failed[0])
+    choices = []
+    for i, r in enumerate(results):
+        if chat:
+            choices.append({"index": i, "message": {"role": "assistant", "content": r.text},
+                            "finish_reason": _FINISH[r.finish_reason], "logprobs": None})
+        else:
+            choices.append({"index": i, "text": r.text, "finish_reason": _FINISH[r.finish_reason], "logprobs": None})
+    return {
+        "id": ident, "object": "chat.completion" if chat else "text_completion", "created": now(),
+        "model": model_name, "choices": choices, "usage": _usage(results),
+    }
+
+
+async def _wait_or_cancel(request: Request, service: EngineService, tickets: list[Ticket]) -> list[GenerationResult] | None:
+    """Every ticket's result, or None after cancelling them all when the client disconnects."""
+    gathered = asyncio.ensure_future(asyncio.gather(*(t.wait() for t in tickets)))
+    try:
+        while True:
+            done, _ = await asyncio.wait({gathered}, timeout=0.1)
+            if done:
+                return list(gathered.result())
+            if await request.is_disconnected():
+                for t in tickets:
+                    service.cancel(t)
+                gathered.cancel()
+                return None
+    except asyncio.CancelledError:
+        for t in tickets:
+            service.cancel(t)
+        gathered.cancel()
+        raise
+
+
+def _usage(results: list[GenerationResult]) -> dict[str, int]:
+    prompt = sum(r.prompt_tokens for r in results)
+    completion = sum(len(r.tokens) for r in results)
+    return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
+
+
+def _visible(text: str, stops: list[str]) -> str:
+    """The part of ``text`` that is safe to send: cut at a stop string, hold back what could start one
+    and an incomplete UTF-8 character at the end."""
+    for s in stops:
+        cut = text.find(s)
+        if cut >= 0:
+            text = text[:cut]
+    text = text.rstrip("\ufffd")
+    hold = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), 0, -1):
+            if text.endswith(s[:k]):
+                hold = max(hold, k)
+                break
+    return text[: len(text) - hold] if hold else text
+
+
+async def _stream(
+    service: EngineService, tickets: list[Ticket], ident: str, model_name: str, *, chat: bool, usage: bool,
+) -> AsyncIterator[bytes]:
+    """Server-sent events in OpenAI's chunk format, ending in ``data: [DONE]``."""
+    created = now()
+    obj = "chat.completion.chunk" if chat else "text_completion"
+
+    def chunk(index: int, text: str | None, finish: str | None, *, role: bool = False) -> bytes:
+        if chat:
+            delta: dict[str, Any] = {}
+            if role:
+                delta["role"] = "assistant"
+            if text is not None:
+                delta["content"] = text
+            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+        else:
+            choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        payload = {"id": ident, "object": obj, "created": created, "model": model_name, "choices": [choice]}
+        if usage:
+            payload["usage"] = None
+        return b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n"
+
+    merged: asyncio.Queue[tuple[int, TokenEvent | GenerationResult]] = asyncio.Queue()
+
+    async def pump(i: int, ticket: Ticket) -> None:
+        async for event in ticket.stream():
+            await merged.put((i, event))
+
+    pumps = [asyncio.ensure_future(pump(i, t)) for i, t in enumerate(tickets)]
+    sent = [0] * len(tickets)
+    results: list[GenerationResult | None] = [None] * len(tickets)
+    finished = False
+    try:
+        if chat:
+            for i in range(len(tickets)):
+                yield chunk(i, "", None, role=True)
+        while any(r is None for r in results):
+            i, event = await merged.get()
+            stops = list(tickets[i].request.stop)
+            if isinstance(event, TokenEvent):
+                visible = _visible(event.text, stops)
+                if len(visible) > sent[i]:
+                    yield chunk(i, visible[sent[i]:], None)
+                    sent[i] = len(visible)
+                continue
+            results[i] = event
+            if event.finish_reason == "error":
+                error = _failure(event)
+                yield b"data: " + json.dumps(error.body()).encode() + b"\n\n"
+                for t in tickets:
+                    service.cancel(t)  # the other choices of a failed request stop too
+                break
+            if len(event.text) > sent[i]:
+                yield chunk(i, event.text[sent[i]:], None)
+            yield chunk(i, None if chat else "", _FINISH[event.finish_reason])
+        else:
+            if usage:
+                done = [r for r in results if r is not None]
+                payload = {"id": ident, "object": obj, "created": created, "model": model_name, "choices": [],
+                           "usage": _usage(done)}
+                yield b"data: " + json.dumps(payload).encode() + b"\n\n"
+        yield b"data: [DONE]\n\n"
+        finished = True
+    finally:
+        for p in pumps:
+            p.cancel()
+        if not finished:  # the client went away mid-stream: free the slots now
+            for t in tickets:
+                service.cancel(t)
+
+
+class _BodyTooLarge(StarletteHTTPException):
+    def __init__(self, limit: int) -> None:
+        super().__init__(413, f"request body exceeds the {limit:,}-byte limit")
+
+
+class _BodyLimit:
+    """ASGI middleware: refuse a body over the limit (413) by its Content-Length, or while it streams in."""
+
+    def __init__(self, app: ASGIApp, limit: int, per_path: dict[str, int]) -> None:
+        self.app = app
+        self.limit = limit
+        self.per_path = per_path
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        limit = self.per_path.get(scope["path"].rstrip("/"), self.limit)
+        declared = dict(scope.get("headers") or ()).get(b"content-length")
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _too_large(send, limit)
+            return
+        seen = 0
+
+        async def limited_receive() -> Message:
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > limit:
+                    raise _BodyTooLarge(limit)  # answered by the HTTPException handler
+            return message
+
+        await self.app(scope, limited_receive, send)
+
+
+async def _too_large(send: Send, limit: int) -> None:
+    body = json.dumps(error_body(f"request body exceeds the {limit:,}-byte limit", code="request_too_large")).encode()
+    await send({"type": "http.response.start", "status": 413,
+                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    await send({"type": "http.response.body", "body": body})
