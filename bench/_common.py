@@ -151,7 +151,7 @@ _CORE = ("case", "ours_us", "baseline", "baseline_us", "ratio")
 
 def _shown(key: str) -> bool:
     """Extra row fields shown in the printed table (all of them go to the JSON file)."""
-    return not (key.endswith("_min_us") or key.startswith("steps_"))
+    return not (key.endswith("_min_us") or key.startswith(("steps_", "detail_")))
 
 
 def _fmt(value: Any) -> str:
@@ -177,7 +177,7 @@ def report(
 
     The file is ``{"bench": name, "machine": machine_info(), "rows": rows, **extra}``.
     The table shows the core columns and the rows' extra fields, except per-repeat detail
-    (``*_min_us``, ``steps_*``), which is only in the file. ``extra["targets"]``, if
+    (``*_min_us``, ``steps_*``, ``detail_*``), which is only in the file. ``extra["targets"]``, if
     present, is printed one line per target (met / NOT met).
     Returns the path written.
     """

@@ -28,7 +28,7 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
-BENCHMARKS = ("calls", "exchange", "controllers", "grammars", "generate")
+BENCHMARKS = ("calls", "exchange", "controllers", "grammars", "generate", "serve")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
