@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from wasmshare.cli import app
 
 
-@pytest.mark.parametrize("name", ["calls", "exchange", "controllers", "grammars", "generate"])
+@pytest.mark.parametrize("name", ["calls", "exchange", "controllers", "grammars", "generate", "serve"])
 def test_benchmark_writes_rows_in_the_result_format(name: str, tmp_path: Path) -> None:
     if name == "generate" and importlib.util.find_spec("xgrammar") is None:
         pytest.skip("the generate benchmark compares with xgrammar's LogitsProcessor (pip install --no-deps xgrammar)")
@@ -28,3 +28,5 @@ def test_benchmark_writes_rows_in_the_result_format(name: str, tmp_path: Path) -
     assert all("met" in t for t in data["targets"])
     if name == "exchange":
         assert all(r["bytes_copied_per_step_ours"] == 0 for r in data["rows"])
+    if name == "serve":  # behaviour, not timing: valid answers, hostile requests fail alone, server up
+        assert all(t["met"] for t in data["targets"]), data["targets"]
