@@ -191,6 +191,9 @@ def test_json_object_regex_and_choice(client: Any) -> None:
         extra_body={"choice": ["yes", "no"]},
     )
     assert pick.choices[0].message.content in ("yes", "no")
+    lark = client.completions.create(model="smollm2-135m", prompt="My favourite colour is", max_tokens=8, temperature=0,
+                                     extra_body={"grammar": 'start: " " COLOUR "."\nCOLOUR: "red" | "green" | "blue"'})
+    assert lark.choices[0].text in (" red.", " green.", " blue.")
 
 
 def test_bad_schema_and_conflicting_constraints_are_clear_errors(client: Any) -> None:
