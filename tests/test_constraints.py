@@ -185,6 +185,28 @@ def test_forced_tokens_are_reported_as_fast_forward(table: TokenTable) -> None:
         assert sampled < len(b"wasmshare_search")
 
 
+def test_stop_constraint_ends_the_sequence_right_after_a_stop_string(table: TokenTable, hf: Any) -> None:
+    """Free text is allowed until a stop string (with characters regexes treat specially) is generated."""
+    stops = ["END/", "\n\n.*"]
+    with ControllerBatch(table, capacity=2) as batch:
+        for stop, text in ((stops[0], "hello (world) END/ ignored"), (stops[1], "a + b\n\n.* tail")):
+            sid = batch.add(C.stop(stops))
+            ids = hf.encode(text, add_special_tokens=False).ids
+            result = batch.step().results[sid]
+            fed = b""
+            for token in ids:
+                assert result.action is Action.CONTINUE and allowed(batch, batch.slot(sid), token)
+                fed += table.decode([token])
+                result = batch.step({sid: [token]}).results[sid]
+                if stop.encode() in fed:
+                    break
+            assert result.action is Action.STOP and fed.endswith(stop.encode())
+            batch.remove(sid)
+    assert C.stop(["x"]).stop_strings == ["x"] and C.regex("x").stop_strings == []
+    with pytest.raises(C.ConstraintError, match="list of non-empty strings"):
+        C.stop([""])
+
+
 def test_compile_errors_are_clear(table: TokenTable) -> None:
     with pytest.raises(C.ConstraintError, match="oneOf"):
         C.compile_constraint(C.json_schema({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}), table)

@@ -236,3 +236,13 @@ def test_run_contains_a_failing_step_to_its_requests(loaded: Any, monkeypatch: p
         queue.close()
         engine.run(queue, on_finish=results.__setitem__, contain_failures=True)
         assert results[second].finish_reason == "length"
+
+
+def test_stop_constraint_ends_the_answer_without_the_stop_string(loaded: Any) -> None:
+    with Engine(loaded, max_batch=2) as engine:
+        prompt = "List three facts about the sea, one short sentence each."
+        free = engine.generate([GenerationRequest(prompt, max_tokens=40)])[0]
+        cut = engine.generate([GenerationRequest(prompt, max_tokens=40, steer=C.stop(["."]))])[0]
+    assert "." in free.text[: free.text.rindex(".")]  # the free answer goes on past its first "."
+    assert cut.text == free.text[: free.text.index(".")] and cut.finish_reason == "stop"
+    assert len(cut.tokens) < len(free.tokens)

@@ -25,6 +25,7 @@ KIND_JSON_SCHEMA = 1
 KIND_REGEX = 2
 KIND_GRAMMAR = 3
 KIND_CHOICE = 4
+KIND_STOP = 5
 ERR_BAD_HANDLE = -1
 ERR_SPEC = -2
 ERR_REJECTED = -3
@@ -74,6 +75,10 @@ def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) 
             import json
 
             return C.choice(json.loads(text))
+        if kind == KIND_STOP:
+            import json
+
+            return C.stop(json.loads(text))
         raise C.ConstraintError(f"unknown constraint kind {kind}")
 
     def ws_constraint_open(kind: int, ptr: int, length: int) -> int:

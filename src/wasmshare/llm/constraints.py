@@ -1,7 +1,7 @@
 """Structured output: JSON Schema, regex, Lark grammar and choice constraints.
 
 A :class:`ConstraintSpec` says *what* output is allowed; :func:`json_schema`,
-:func:`any_json`, :func:`regex`, :func:`grammar` and :func:`choice` build one. Compiling a
+:func:`any_json`, :func:`regex`, :func:`grammar`, :func:`choice` and :func:`stop` build one. Compiling a
 spec for a tokenizer gives a :class:`CompiledConstraint`, cached by (spec, tokenizer) and
 shared by every sequence that uses it; each sequence gets its own cheap matcher from it.
 
@@ -43,10 +43,11 @@ __all__ = [
     "regex",
     "grammar",
     "choice",
+    "stop",
     "compile_constraint",
 ]
 
-Kind = Literal["json_schema", "regex", "grammar", "choice"]
+Kind = Literal["json_schema", "regex", "grammar", "choice", "stop"]
 Backend = Literal["llguidance", "xgrammar"]
 BACKENDS: tuple[Backend, ...] = ("llguidance", "xgrammar")
 
@@ -71,6 +72,11 @@ class ConstraintSpec:
     def key(self) -> str:
         """A stable hash of the spec."""
         return hashlib.sha256(f"{self.kind}\0{self.source}".encode()).hexdigest()
+
+    @property
+    def stop_strings(self) -> list[str]:
+        """For a :func:`stop` constraint, its strings (the engine cuts the output there); else []."""
+        return list(json.loads(self.source)) if self.kind == "stop" else []
 
     def describe(self) -> str:
         """A short label for messages."""
@@ -129,6 +135,24 @@ def choice(options: Sequence[str]) -> ConstraintSpec:
     if isinstance(options, str) or not options or not all(isinstance(o, str) and o for o in options):
         raise ConstraintError("choice needs a list of non-empty strings")
     return ConstraintSpec("choice", json.dumps(list(options)))
+
+
+def stop(strings: Sequence[str]) -> ConstraintSpec:
+    """Free text that ends as soon as one of ``strings`` has been generated.
+
+    The sequence stops right after the stop string (no token after it is sampled) and the
+    engine leaves the string out of the output. Unlike the engine's ``stop=`` option this is
+    a constraint, so it works wherever constraints do: in a bare :class:`ControllerBatch`, the
+    transformers adapter, and a controller's ``ws_constraint_*`` imports. llguidance backend only.
+    """
+    if isinstance(strings, str) or not strings or not all(isinstance(s, str) and s for s in strings):
+        raise ConstraintError("stop needs a list of non-empty strings")
+    return ConstraintSpec("stop", json.dumps(list(strings)))
+
+
+def _rust_regex_literal(text: str) -> str:
+    """``text`` as a Rust regex matching it literally (every non-alphanumeric as ``\\x{..}``)."""
+    return "".join(c if c.isascii() and c.isalnum() else f"\\x{{{ord(c):X}}}" for c in text)
 
 
 # -- compiling -------------------------------------------------------------------------------
@@ -190,6 +214,9 @@ def _to_grammar(spec: ConstraintSpec) -> str:
             return str(llguidance.LLMatcher.grammar_from_regex(spec.source))
         if spec.kind == "grammar":
             return str(llguidance.LLMatcher.grammar_from_lark(spec.source))
+        if spec.kind == "stop":
+            ends = "|".join(_rust_regex_literal(s) for s in json.loads(spec.source))
+            return str(llguidance.LLMatcher.grammar_from_lark(f"start: text\ntext[stop=/(?:{ends})/]: /(?s:.*)/"))
         options = json.loads(spec.source)
         return str(llguidance.LLMatcher.grammar_from_regex("|".join(re.escape(o) for o in options)))
     except Exception as e:  # noqa: BLE001 - llguidance raises ValueError and others for bad input
@@ -263,6 +290,8 @@ def _compile_xgrammar(spec: ConstraintSpec, table: TokenTable) -> CompiledConstr
             grammar = compiler.compile_regex(spec.source)
         elif spec.kind == "grammar":
             grammar = compiler.compile_lark(spec.source)
+        elif spec.kind == "stop":
+            raise ConstraintError("stop constraints need the llguidance backend")
         else:
             grammar = compiler.compile_regex("|".join(re.escape(o) for o in json.loads(spec.source)))
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError and others for bad input

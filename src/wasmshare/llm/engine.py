@@ -61,6 +61,11 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     chat: bool | None = None
 
+    def stop_strings(self) -> list[str]:
+        """Where the output is cut: ``stop`` plus the strings of a :func:`~wasmshare.llm.constraints.stop` steer."""
+        extra = self.steer.stop_strings if isinstance(self.steer, ConstraintSpec) else []
+        return [*self.stop, *extra]
+
 
 @dataclass
 class GenerationResult:
@@ -450,7 +455,9 @@ class Engine:
         tokens = list(row.tokens)
         text = self._decode(tokens)
         finish = row.finish or "stop"
-        for stop in row.request.stop:
+        if finish == "controller" and isinstance(row.request.steer, ConstraintSpec):
+            finish = "stop"  # a constraint that completes ends the answer like a stop string
+        for stop in row.request.stop_strings():
             cut = text.find(stop)
             if cut >= 0:
                 text = text[:cut]

@@ -411,7 +411,7 @@ async def _stream(
                 yield chunk(i, "", None, role=True)
         while any(r is None for r in results):
             i, event = await merged.get()
-            stops = list(tickets[i].request.stop)
+            stops = tickets[i].request.stop_strings()
             if isinstance(event, TokenEvent):
                 visible = _visible(event.text, stops)
                 if len(visible) > sent[i]:

@@ -130,6 +130,7 @@ WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_
 #define WS_CONSTRAINT_REGEX 2       /* spec: a regular expression */
 #define WS_CONSTRAINT_GRAMMAR 3     /* spec: a Lark grammar */
 #define WS_CONSTRAINT_CHOICE 4      /* spec: a JSON list of strings */
+#define WS_CONSTRAINT_STOP 5        /* spec: a JSON list of strings: free text until one appears */
 #define WS_CONSTRAINT_ERR_BAD_HANDLE (-1)
 #define WS_CONSTRAINT_ERR_SPEC (-2)     /* the spec did not compile (the host logs why) */
 #define WS_CONSTRAINT_ERR_REJECTED (-3) /* the token is not allowed in the current state */
