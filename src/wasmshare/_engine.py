@@ -177,6 +177,24 @@ def compile_module(
         return _memory_modules[key], digest
 
 
+def load_compiled(path: Path, options: EngineOptions) -> wasmtime.Module:
+    """Map a ``.cwasm`` artifact compiled for ``options`` (no compilation, data shared copy-on-write).
+
+    Raises :class:`wasmtime.WasmtimeError` for a file compiled by another wasmtime version
+    or engine configuration.
+    """
+    return wasmtime.Module.deserialize_file(engine_for(options), str(path))
+
+
+def file_sha256(path: Path) -> str:
+    """sha256 of a file's bytes."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _write_atomically(path: Path, data: bytes) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)

@@ -67,6 +67,18 @@ class _State(enum.Enum):
     CLOSED = "closed"
 
 
+def _compiled_artifact(source: ModuleSource) -> Path | None:
+    """The path of a precompiled ``.cwasm`` artifact, or None for any other module source."""
+    if isinstance(source, (bytes, bytearray)) or (isinstance(source, str) and source.lstrip().startswith("(module")):
+        return None
+    path = Path(source)
+    if path.suffix != ".cwasm":
+        return None
+    if not path.is_file():
+        raise GuestError(f"no compiled module at {path}")
+    return path
+
+
 def _load_wasm_bytes(source: ModuleSource) -> tuple[bytes, str]:
     wasm, name = _load_wasm(source)
     return bytes(wasm), name
@@ -111,7 +123,11 @@ class Guest:
     Parameters
     ----------
     module:
-        A path to a ``.wasm`` or ``.wat`` file, wasm bytes, or WAT text.
+        A path to a ``.wasm`` or ``.wat`` file, wasm bytes, or WAT text; or a path to a
+        ``.cwasm`` artifact that wasmtime compiled earlier for wasmshare's engine with the
+        same fuel/deadline settings (``Module.serialize()``), which is mapped from the file
+        instead of compiled: its data segments are then shared copy-on-write by every
+        process that loads it. Load only artifacts you built: they are native code.
     name:
         Used in every error message; defaults to the file stem.
     imports:
@@ -153,7 +169,8 @@ class Guest:
         wasi: bool | None = None,
     ) -> None:
         self._state = _State.CLOSED
-        wasm, default_name = _load_wasm_bytes(module)
+        artifact = _compiled_artifact(module)
+        wasm, default_name = (b"", artifact.stem) if artifact is not None else _load_wasm_bytes(module)
         self.name: str = name or default_name
         self.sequence = sequence
         self._check_limits(memory_limit_bytes, fuel, deadline_ms)
@@ -163,10 +180,16 @@ class Guest:
         self._options = _engine.EngineOptions(fuel=fuel is not None, epoch=deadline_ms is not None)
         self._engine = _engine.engine_for(self._options)
         cache = None if cache_dir is None else (False if cache_dir is False else Path(cache_dir))
+        self._artifact = artifact
+        self._module_sha256: str | None = None
         try:
-            self._module, self.module_sha256 = _engine.compile_module(wasm, self._options, cache_dir=cache)
+            if artifact is not None:
+                self._module = _engine.load_compiled(artifact, self._options)
+            else:
+                self._module, self._module_sha256 = _engine.compile_module(wasm, self._options, cache_dir=cache)
         except wasmtime.WasmtimeError as e:
-            raise GuestError(f"guest '{self.name}': invalid wasm module: {_first_line(e)}", guest=self.name) from e
+            what = f"cannot load compiled module {artifact}" if artifact is not None else "invalid wasm module"
+            raise GuestError(f"guest '{self.name}': {what}: {_first_line(e)}", guest=self.name) from e
 
         # The guest's single run token. list.pop() and list.append() are atomic under the
         # GIL and cost a third of a Lock round trip on the fast call path: an empty list
@@ -304,6 +327,13 @@ class Guest:
             )
 
     # -- state ---------------------------------------------------------------------
+
+    @property
+    def module_sha256(self) -> str:
+        """sha256 of the module's wasm bytes (of the artifact file for a ``.cwasm``, hashed on first use)."""
+        if self._module_sha256 is None:
+            self._module_sha256 = _engine.file_sha256(self._artifact) if self._artifact is not None else ""
+        return self._module_sha256
 
     @property
     def closed(self) -> bool:
