@@ -43,8 +43,9 @@ instance that passed.
   subset beside each.
 * batch of 64 masked in parallel: 64 constrained sequences (valid instances that passed, from
   different schemas where possible) in one ``ControllerBatch(capacity=64)``, advanced in
-  lockstep along their instances; ``parallel=True`` (2 threads) vs ``parallel=False`` (one
-  thread); ratio = throughput gain.
+  lockstep along their instances; ``parallel=True`` (2 threads) and ``mode="workers"`` (2
+  worker processes, each with its own GIL, writing the same shared mask rows) vs
+  ``parallel=False`` (one thread); ratio = throughput gain.
 
 Rows: ``ratio = baseline_us / ours_us`` (above 1: ours is faster). Coverage (schemas
 compiled, timeouts, valid instances passed, invalid instances rejected) per engine is in the
@@ -658,9 +659,12 @@ def _parallel(table: Any, schemas: list[dict[str, Any]], feeds: dict[tuple[int, 
     # step t feeds each sequence the token(s) its walk fed at step t (none at step 0)
     plan = [[f[t] for _, f in chosen] for t in range(steps)]
     result: dict[str, Any] = {"sequences": PARALLEL_B, "distinct_schemas": len(seen), "steps": steps}
-    for parallel in (False, True):
+    configs: list[tuple[str, dict[str, Any]]] = [
+        ("one_thread", {"parallel": False}), ("parallel", {"parallel": True}), ("processes", {"mode": "workers"}),
+    ]
+    for name, options in configs:
         per_step: list[float] = []
-        with ControllerBatch(table, capacity=PARALLEL_B, parallel=parallel) as batch:
+        with ControllerBatch(table, capacity=PARALLEL_B, **options) as batch:
             result["workers"] = batch.n_workers
             for _ in range(repeat + 1):  # the first round warms up
                 sids = [batch.add(spec) for spec in specs]
@@ -677,8 +681,7 @@ def _parallel(table: Any, schemas: list[dict[str, Any]], feeds: dict[tuple[int, 
                 per_step.append((time.perf_counter() - t0) / steps * 1e6)
                 for sid in sids:
                     batch.remove(sid)
-        result["parallel" if parallel else "one_thread"] = {"median_us": float(np.median(per_step[1:])),
-                                                             "min_us": float(np.min(per_step[1:]))}
+        result[name] = {"median_us": float(np.median(per_step[1:])), "min_us": float(np.min(per_step[1:]))}
     # Where the one-thread step goes: llguidance drops the GIL only in the mask computation
     # (unsafe_compute_mask_ptr); consume_tokens, compute_ff_tokens and the Python around them
     # hold it. Replay the same steps on bare matchers and time the mask calls alone.
@@ -823,6 +826,9 @@ def run(quick: bool = False) -> dict[str, Any]:
                          gil_held_fraction=par["gil"]["gil_held_fraction_of_one_thread_step"],
                          amdahl_bound=par["gil"]["amdahl_bound"],
                          machine_thread_scaling=par["machine_thread_scaling"]))
+        rows.append(_row(f"batch of {PARALLEL_B} masked in parallel in worker processes (µs per step)",
+                         par["processes"]["median_us"], "one thread (parallel=False)", one,
+                         workers=par["workers"], steps=par["steps"], distinct_schemas=par["distinct_schemas"]))
 
     # ---- coverage and the rest
     coverage: dict[str, Any] = {}
@@ -854,9 +860,9 @@ def run(quick: bool = False) -> dict[str, Any]:
          "value": round(p50_ratio, 3) if p50_ratio is not None else "no valid instance passed"},
     ]
     if par is not None:
-        gain = par["one_thread"]["median_us"] / par["parallel"]["median_us"]
-        target_list.append({"target": f"batch of {PARALLEL_B} masked in parallel on {par['workers']} threads: "
-                                      "≥ 1.8× the throughput of one thread",
+        gain = par["one_thread"]["median_us"] / min(par["parallel"]["median_us"], par["processes"]["median_us"])
+        target_list.append({"target": f"batch of {PARALLEL_B} masked in parallel on {par['workers']} cores "
+                                      "(threads or worker processes, the faster): ≥ 1.8× the throughput of one thread",
                             "met": bool(gain >= 1.8), "value": round(gain, 3)})
     else:
         target_list.append({"target": f"batch of {PARALLEL_B} masked in parallel: ≥ 1.8× one thread",
@@ -899,9 +905,10 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             value = r["ours_us"] / r["baseline_us"]
             out.append({"target": "ours per-token p50 within 1.1× of llguidance direct (ours/direct)",
                         "met": value <= 1.1, "value": round(value, 3)})
-        if r["case"].startswith(f"batch of {PARALLEL_B}"):
-            out.append({"target": f"batch of {PARALLEL_B} masked in parallel: ≥ 1.8× the throughput of one thread",
-                        "met": r["ratio"] >= 1.8, "value": r["ratio"]})
+    parallel = [r["ratio"] for r in rows if r["case"].startswith(f"batch of {PARALLEL_B}")]
+    if parallel:
+        out.append({"target": f"batch of {PARALLEL_B} masked in parallel (threads or worker processes, the faster): "
+                              "≥ 1.8× the throughput of one thread", "met": max(parallel) >= 1.8, "value": max(parallel)})
     return out
 
 

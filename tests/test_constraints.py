@@ -185,6 +185,38 @@ def test_forced_tokens_are_reported_as_fast_forward(table: TokenTable) -> None:
         assert sampled < len(b"wasmshare_search")
 
 
+def test_constraints_run_in_worker_processes_with_the_same_outputs(table: TokenTable) -> None:
+    """mode="workers" spreads constrained sequences over this thread and worker processes (a GIL
+    each): the same outputs as threads; a killed worker ends only its own sequences."""
+    import os
+    import signal
+
+    specs = [C.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}),
+             C.regex(r"[a-z]{2}-[0-9]{3}"), C.choice(["alpha", "beta"]), C.stop(["."])]
+    outputs = {}
+    for mode in ("threads", "workers"):
+        with ControllerBatch(table, capacity=4, mode=mode, workers=2) as batch:
+            sids = [batch.add(spec) for spec in specs]
+            if mode == "workers":  # lanes: this thread (-1) and all workers but one
+                assert sorted(batch._sequences[sid].worker for sid in sids) == [-1, -1, 0, 0]
+            generated = _generate(batch, table, sids, max_steps=40)
+            outputs[mode] = [generated[sid] for sid in sids]
+    assert outputs["workers"] == outputs["threads"]
+    with ControllerBatch(table, capacity=4, mode="workers", workers=2) as batch:
+        local, remote = batch.add(specs[1]), batch.add(specs[0])
+        assert batch._sequences[local].worker == -1 and batch._sequences[remote].worker == 0
+        batch.step()
+        victim = batch._workers[0]
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait()
+        ok_local = next(t for t in range(table.vocab_size) if allowed(batch, batch.slot(local), t))
+        step = batch.step({local: [ok_local], remote: [0]})
+        assert step.results[remote].action is Action.ERROR and "worker" in str(step.results[remote].error)
+        assert step.results[local].action is Action.CONTINUE
+        again = batch.add(specs[2])  # the restarted worker takes new sequences
+        assert batch.step({local: [ok_local]}).results[again].action is Action.CONTINUE
+
+
 def test_stop_constraint_ends_the_sequence_right_after_a_stop_string(table: TokenTable, hf: Any) -> None:
     """Free text is allowed until a stop string (with characters regexes treat specially) is generated."""
     stops = ["END/", "\n\n.*"]

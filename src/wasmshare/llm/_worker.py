@@ -28,6 +28,7 @@ SPIN_S = 200e-6
 def main(argv: list[str]) -> int:
     from ..region import Region
     from ._constraint_imports import TokenizerInfo
+    from .constraints import ConstraintInstance
     from .controller import BatchRegions, Controller, ControllerInstance, Limits
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints this worker's stacks
@@ -43,7 +44,7 @@ def main(argv: list[str]) -> int:
     go_address = regions.worker_word_address(index, 0)
     done_address = regions.worker_word_address(index, 1)
     run_flags = regions.run_flags()
-    instances: dict[int, ControllerInstance] = {}
+    instances: dict[int, ControllerInstance | ConstraintInstance] = {}
     last_go = int(words[0])  # read before saying ready: the engine may bump go right after
     send_message(sock, {"ok": True, "pid": os.getpid()})
     while True:
@@ -81,6 +82,20 @@ def main(argv: list[str]) -> int:
                 else:
                     instances[slot] = instance
                     instance.create(message["n_prompt"], message["arg_offset"], message["arg_len"])
+                    send_message(sock, {"ok": True})
+            elif kind == "constrain":
+                from .constraints import ConstraintSpec, compile_constraint
+
+                slot = message["slot"]
+                try:
+                    spec = ConstraintSpec(message["spec_kind"], message["spec_source"])
+                    compiled = compile_constraint(spec, tokenizer)  # type: ignore[arg-type]  # llguidance needs no more
+                    constrained = ConstraintInstance(compiled, regions, slot, message["sequence_id"])
+                except Exception as e:  # noqa: BLE001 - reported to the engine, which raises it
+                    send_message(sock, {"ok": False, "error": str(e), "type": type(e).__name__})
+                else:
+                    instances[slot] = constrained
+                    constrained.create(0, 0, 0)
                     send_message(sock, {"ok": True})
             elif kind == "remove":
                 removed = instances.pop(message["slot"], None)

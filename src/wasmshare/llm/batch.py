@@ -7,7 +7,8 @@ has the slot's rows lent into its own memory, so what it writes *is* the batch t
 
 One :meth:`ControllerBatch.step` writes the sampled tokens into the step records, runs
 every controller in parallel (threads: wasm calls release the GIL; or worker processes
-woken by a futex in shared memory), checks each result, and returns them. Then
+woken by a futex in shared memory, where constrained sequences run as well, so their
+llguidance work is not serialised by one GIL), checks each result, and returns them. Then
 :meth:`ControllerBatch.apply` masks and biases a torch logits tensor in one vectorised op.
 
 Fault policy: a controller that traps, runs past its deadline, exhausts its fuel or
@@ -38,7 +39,7 @@ from ..errors import GuestError, WasmshareError
 from . import _futex
 from . import _layout as L
 from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
-from .constraints import BACKENDS, Backend, ConstraintInstance, ConstraintSpec, compile_constraint
+from .constraints import BACKENDS, Backend, ConstraintError, ConstraintInstance, ConstraintSpec, compile_constraint
 from .controller import BatchRegions, Controller, ControllerInstance, Limits, module_path_or_bytes
 from .tokens import TokenTable
 
@@ -344,9 +345,11 @@ class ControllerBatch:
         """
         self._require_open()
         compiled = None
+        spec: ConstraintSpec | None = None
         if isinstance(controller, ConstraintSpec):
-            compiled = compile_constraint(controller, self.token_table, backend=self.grammar_backend)
-            controller = Controller(_CONSTRAINT_PLACEHOLDER, name=f"constraint:{controller.kind}")
+            spec = controller
+            compiled = compile_constraint(spec, self.token_table, backend=self.grammar_backend)
+            controller = Controller(_CONSTRAINT_PLACEHOLDER, name=f"constraint:{spec.kind}")
         if not self._free_slots:
             raise BatchFull(f"all {self.capacity} slots of the batch are taken")
         if sequence_id is None:
@@ -372,7 +375,15 @@ class ControllerBatch:
             area = self.regions.token_area(slot)
             area[: tokens.size] = tokens
             area.view(np.uint8)[arg_offset : arg_offset + len(arg)] = np.frombuffer(arg, np.uint8)
-            if compiled is not None:
+            lane = self._constraint_lane() if compiled is not None else -1
+            if lane >= 0:
+                # Worker processes each have their own GIL: constrained sequences spread over
+                # them and this thread compute their masks truly in parallel, still in place
+                # in the shared rows.
+                assert spec is not None
+                seq.worker = lane
+                self._workers[lane].constrain(seq, spec)
+            elif compiled is not None:
                 seq.instance = ConstraintInstance(compiled, self.regions, slot, sequence_id)
                 seq.instance.create(int(tokens.size), arg_offset, len(arg))
             elif self.mode == "threads":
@@ -395,6 +406,19 @@ class ControllerBatch:
         self._sequence_ids[slot] = sequence_id
         self._invalidate_order()
         return sequence_id
+
+    def _constraint_lane(self) -> int:
+        """Where a new constrained sequence runs: -1 for this thread, else a worker index.
+
+        In worker mode (llguidance backend) the lanes are this thread, which would otherwise
+        wait for the workers, and all workers but one (so lanes match cores); the emptiest
+        lane wins.
+        """
+        if self.mode != "workers" or self.grammar_backend != "llguidance" or self.n_workers < 2:
+            return -1
+        local = sum(1 for q in self._sequences.values() if q.worker < 0 and isinstance(q.instance, ConstraintInstance))
+        best = min(range(self.n_workers - 1), key=lambda w: len(self._workers[w].slots))
+        return best if len(self._workers[best].slots) < local else -1
 
     def remove(self, sequence_id: int) -> None:
         """End a sequence: tear its controller down and free its slot."""
@@ -967,6 +991,14 @@ class _WorkerHandle:
             if not (isinstance(cls, type) and issubclass(cls, GuestError)):
                 cls = GuestError
             raise cls(reply.get("error", "controller creation failed"), guest=seq.controller.label, sequence=seq.sequence_id)
+        self.slots.add(seq.slot)
+
+    def constrain(self, seq: _Sequence, spec: ConstraintSpec) -> None:
+        """Run a constrained sequence in this worker (compiled there, cached per process)."""
+        reply = self._message({"kind": "constrain", "slot": seq.slot, "sequence_id": seq.sequence_id,
+                               "spec_kind": spec.kind, "spec_source": spec.source})
+        if not reply.get("ok"):
+            raise ConstraintError(reply.get("error", "the worker could not compile the constraint"))
         self.slots.add(seq.slot)
 
     def remove(self, slot: int) -> None:
