@@ -1,0 +1,40 @@
+"""Messages between a plugin host and a plugin worker: a framed JSON header plus an optional payload."""
+
+from __future__ import annotations
+
+import json
+import socket
+import struct
+from typing import Any
+
+_HEADER = struct.Struct("<II")  # JSON length, payload length
+MAX_JSON = 1 << 20
+
+
+def send_message(sock: socket.socket, message: dict[str, Any], payload: bytes = b"") -> None:
+    """Send one framed message."""
+    data = json.dumps(message, separators=(",", ":")).encode()
+    sock.sendall(_HEADER.pack(len(data), len(payload)) + data + payload)
+
+
+def recv_exact(sock: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes; EOFError if the peer closes first."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = sock.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError("peer closed the connection")
+        buf += chunk
+    return bytes(buf)
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
+    """Receive one framed message; EOFError if the peer closed, ValueError for garbage."""
+    json_len, payload_len = _HEADER.unpack(recv_exact(sock, _HEADER.size))
+    if json_len > MAX_JSON:
+        raise ValueError(f"message header of {json_len} bytes is too large")
+    message = json.loads(recv_exact(sock, json_len))
+    if not isinstance(message, dict):
+        raise ValueError("message is not a JSON object")
+    payload = recv_exact(sock, payload_len) if payload_len else b""
+    return message, payload
