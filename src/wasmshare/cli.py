@@ -28,7 +28,7 @@ app = typer.Typer(
 console = Console()
 errors = Console(stderr=True)
 
-BENCHMARKS = ("calls", "exchange", "controllers", "grammars", "generate", "serve")
+BENCHMARKS = ("calls", "exchange", "controllers", "grammars", "generate", "serve", "plugins")
 
 
 def _fail(message: str, code: int = 1) -> typer.Exit:
@@ -285,6 +285,11 @@ def bench(
         console.rule(f"bench {bench_name}")
         status |= int(module.main(argv) or 0)
     raise typer.Exit(status)
+
+
+from .plugins.cli import plugins_app  # noqa: E402 - registered after the core commands
+
+app.add_typer(plugins_app, name="plugins")
 
 
 def main() -> None:
