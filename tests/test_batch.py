@@ -270,3 +270,18 @@ def test_apply_on_cuda_uses_page_locked_rows(table: TokenTable) -> None:
         assert torch.isfinite(logits[0]).nonzero().flatten().tolist() == [5, 9]
         batch.step()  # waits for the asynchronous copy before controllers write again
         assert step.results[seq].output is Output.BITMASK
+
+
+@pytest.mark.parametrize("width", [100, 32 * 7, 32 * 7 + 5])
+def test_mask_to_additive_matches_the_bits(width: int) -> None:
+    """The byte-table expansion of a bitmask: 0 where bit t % 32 of word t // 32 is set, else -inf."""
+    from wasmshare.llm.batch import _byte_table, _mask_to_additive
+
+    rng = np.random.default_rng(3)
+    words = rng.integers(-(2**31), 2**31 - 1, size=(3, 7), dtype=np.int64).astype(np.int32)
+    got = _mask_to_additive(torch.from_numpy(words), _byte_table("cpu"), width).numpy()
+    bits = np.unpackbits(words.view(np.uint8), axis=1, bitorder="little").astype(bool)
+    expected = np.full((3, width), -np.inf, dtype=np.float32)
+    keep = min(width, bits.shape[1])
+    expected[:, :keep] = np.where(bits[:, :keep], 0.0, -np.inf)
+    assert got.shape == (3, width) and np.array_equal(got, expected)

@@ -575,8 +575,7 @@ class Engine:
             keep = torch.tensor([k for _, k in pairs], device=logits.device)
             prepared = PreparedOutputs(
                 tuple(prepared.sequence_ids[k] for _, k in pairs),
-                None if prepared.disallowed is None else prepared.disallowed.index_select(0, keep),
-                None if prepared.bias is None else prepared.bias.index_select(0, keep),
+                None if prepared.additive is None else prepared.additive.index_select(0, keep),
             )
         self.batch.apply_prepared(logits, prepared, [i for i, _ in pairs])
 
