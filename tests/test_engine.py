@@ -246,3 +246,21 @@ def test_stop_constraint_ends_the_answer_without_the_stop_string(loaded: Any) ->
     assert "." in free.text[: free.text.rindex(".")]  # the free answer goes on past its first "."
     assert cut.text == free.text[: free.text.index(".")] and cut.finish_reason == "stop"
     assert len(cut.tokens) < len(free.tokens)
+
+
+def test_incremental_text_matches_a_full_decode(loaded: Any) -> None:
+    """Streaming decodes only the last tokens each step; multi-byte characters are held back whole."""
+    from wasmshare.llm.engine import _Row
+
+    text = "héllo 世界 🙂 naïve façade — done"
+    ids = loaded.tokenizer.encode(text, add_special_tokens=False)
+    with Engine(loaded, max_batch=1) as engine:
+        row = _Row(GenerationRequest("x"), 0, [1])
+        seen = []
+        for token in ids:
+            row.tokens.append(token)
+            partial = engine._text_so_far(row)
+            assert text.startswith(partial) and "\ufffd" not in partial
+            seen.append(partial)
+        assert seen[-1] == text
+        assert len(set(seen)) < len(ids)  # some steps held a partial character back

@@ -212,7 +212,9 @@ class _Row:
     generator: Any = None
     finish: FinishReason | None = None
     error: str | None = None
-    text_cache: str = ""
+    text_cache: str = ""  # decoded text of tokens[:read_offset] (see _text_so_far)
+    prefix_offset: int = 0
+    read_offset: int = 0
 
 
 class Engine:
@@ -467,6 +469,22 @@ class Engine:
         text = self.loaded.tokenizer.decode([t for t in tokens if t not in self._eos], skip_special_tokens=True)
         return text if isinstance(text, str) else "".join(text)
 
+    def _text_so_far(self, row: _Row) -> str:
+        """The decoded output so far, decoding only the last few tokens per call.
+
+        Decoding every token again at each step costs O(n) per token; instead the text of
+        ``tokens[:read_offset]`` is kept and only ``tokens[prefix_offset:]`` is decoded (the
+        few tokens before ``read_offset`` give the tokenizer its context). A tail that ends in
+        an incomplete UTF-8 character is held back until the next token completes it.
+        """
+        tokens = row.tokens
+        prefix = self._decode(tokens[row.prefix_offset : row.read_offset])
+        new = self._decode(tokens[row.prefix_offset :])
+        if len(new) > len(prefix) and not new.endswith("\ufffd"):
+            row.text_cache += new[len(prefix) :]
+            row.prefix_offset, row.read_offset = max(0, len(tokens) - 4), len(tokens)
+        return row.text_cache
+
     def _accept(self, row: _Row, tokens: list[int], on_token: Callable[[int, int, str], None] | None) -> None:
         """Append accepted tokens; mark the row finished on EOS, length or a stop string."""
         for token in tokens:
@@ -479,7 +497,7 @@ class Engine:
                 row.finish = "stop"
                 return
             if row.request.stop or on_token is not None:
-                text = self._decode(row.tokens)
+                text = self._text_so_far(row)
                 if on_token is not None:
                     on_token(row.index, token, text)
                 if any(s in text for s in row.request.stop):
@@ -549,6 +567,7 @@ class Engine:
         if count == 0:
             return
         del row.tokens[-count:]
+        row.text_cache, row.prefix_offset, row.read_offset = "", 0, 0  # decode afresh
         assert self._attn is not None
         real = self._attn[i].nonzero().flatten()
         self._attn[i, real[-count:]] = 0
