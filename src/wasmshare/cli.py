@@ -121,26 +121,29 @@ def check(
     results.add_column("schema")
     results.add_column("result")
     results.add_column("compile ms", justify="right")
-    failures = 0
+    unsupported = invalid = 0
     with console.status("compiling...") as status:
         for path in schemas:
             status.update(f"compiling {path}")
             try:
                 spec = constraints.json_schema(path, coerce_one_of=coerce_one_of)
+            except constraints.ConstraintError as e:  # unreadable file, not JSON, not a schema
+                invalid += 1
+                results.add_row(str(path), f"[red]invalid:[/] {e}", "")
+                continue
+            try:
                 compiled = constraints.compile_constraint(spec, table)
-            except constraints.ConstraintError as e:
-                failures += 1
+            except constraints.ConstraintError as e:  # the engine refused a feature
+                unsupported += 1
                 text = str(e)
-                if text.startswith("json_schema ") and ": " in text:  # the engine refused a feature
-                    results.add_row(str(path), f"[red]unsupported:[/] {text.split(': ', 1)[1]}", "")
-                else:  # unreadable file or not JSON
-                    results.add_row(str(path), f"[red]invalid:[/] {text}", "")
+                results.add_row(str(path), f"[red]unsupported:[/] {text.split(': ', 1)[-1]}", "")
                 continue
             note = "[green]supported[/]" + (f" ({len(compiled.warnings)} warning(s))" if compiled.warnings else "")
             results.add_row(str(path), note, f"{compiled.compile_ms:.1f}")
     console.print(results)
-    console.print(f"{len(schemas) - failures} supported, {failures} unsupported")
-    raise typer.Exit(1 if failures else 0)
+    summary = f"{len(schemas) - unsupported - invalid} supported, {unsupported} unsupported"
+    console.print(summary + (f", {invalid} invalid" if invalid else ""))
+    raise typer.Exit(1 if unsupported or invalid else 0)
 
 
 @app.command()
