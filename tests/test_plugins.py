@@ -374,6 +374,31 @@ resources:
     assert _key(result.diagnostics) == _key(reference_check(json.loads(bytes(publication.schema.document)), parse_program(text)))
 
 
+def test_documented_bucket_example(publication: Publication) -> None:
+    text = """
+resources:
+  logs:
+    type: aws:s3/bucket:Bucket
+    properties:
+      bucket: my-logs
+      versioning: {enabled: "yes"}
+      lifecycleRules:
+        - id: expire
+          enabled: true
+          expiration: {days: 30, dayz: 2}
+      tags: {team: infra, cost: 12}
+      policy: ${policyDoc.json}
+"""
+    with PluginHost(publication) as host:
+        host.spawn(1)
+        result = host.check(text)
+    assert [(d.path, d.kind, d.expected, d.actual) for d in result.diagnostics] == [
+        ("resources.logs.properties.versioning.enabled", "wrong-type", "boolean", "string"),
+        ("resources.logs.properties.lifecycleRules[0].expiration.dayz", "unknown-property", None, None),
+        ("resources.logs.properties.tags.cost", "wrong-type", "string", "integer"),
+    ]  # depth-first, in the program's order
+
+
 def test_plugin_write_to_the_blob_traps_and_the_others_carry_on(publication: Publication, doc: dict[str, Any]) -> None:
     program = sample_program(publication.schema, resources=10, seed=11, mistakes=0.3)
     write = Program.of({"x": {"type": "hostile:write"}})

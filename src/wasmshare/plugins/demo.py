@@ -97,6 +97,17 @@ def _run_mode(progress: Progress, mode: str, source: Any, n: int, program: Progr
         host.close()
 
 
+def _trim_heap() -> None:
+    """Give the generator's freed heap back to the system (glibc keeps large freed blocks)."""
+    try:
+        import ctypes
+        import ctypes.util
+
+        ctypes.CDLL(ctypes.util.find_library("c") or None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc
+        pass
+
+
 def _embed_in_child(blob_path: Path, out: Path) -> EmbeddedPlugin:
     """Build the embedded artifact in a child process: compiling a module with a large data
     segment takes several times its size in transient memory, which should not stay in this
@@ -133,6 +144,7 @@ def run_demo(console: Console, *, size_bytes: int, plugins: int, mode: DemoMode 
             blob_path.write_bytes(blob)
             blob_nbytes = len(blob)
             del blob  # from here on the host holds only what each design needs
+            _trim_heap()
             with open(blob_path, "rb") as f, mmap.mmap(f.fileno(), 0, prot=mmap.PROT_READ) as mm:
                 schema = SchemaBlob(mm)
                 progress.update(

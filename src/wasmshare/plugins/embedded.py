@@ -64,7 +64,7 @@ class EmbeddedPlugin:
     module_sha256: str
     wasmtime: str
     compile_s: float = 0.0
-    """Seconds spent compiling (0 when the artifact came from the cache)."""
+    """Seconds the compilation took when the artifact was built."""
 
     @classmethod
     def load(cls, path: str | os.PathLike[str]) -> EmbeddedPlugin:
@@ -81,7 +81,7 @@ class EmbeddedPlugin:
             raise PluginError(
                 f"{p} was compiled by wasmtime {data.get('wasmtime')}; this is wasmtime {_wasmtime_version()}: rebuild it"
             )
-        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k not in ("path", "compile_s")}
+        fields = {k: data[k] for k in cls.__dataclass_fields__ if k in data and k != "path"}
         return cls(path=p, **fields)
 
 
@@ -162,7 +162,7 @@ def embed_plugin(
         wasmtime=_wasmtime_version(),
         compile_s=compile_s,
     )
-    meta = {k: v for k, v in asdict(plugin).items() if k not in ("path", "compile_s")}
+    meta = {k: v for k, v in asdict(plugin).items() if k != "path"}
     _write_synced(path, artifact)
     _write_synced(Path(str(path) + ".json"), json.dumps({"format": _FORMAT, **meta}, indent=1).encode())
     if progress is not None:

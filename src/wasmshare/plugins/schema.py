@@ -198,6 +198,40 @@ class _Generator:
         text += "}"
         return json.dumps(name) + ":" + text, (name, kind, item, ref, False)
 
+    def fixed_props(self, fields: list[tuple[str, int, int, str | None]], module: str) -> tuple[str, list[PropSpec]]:
+        """The JSON text and index entries of hand-shaped properties (nested types by name, in ``module``)."""
+        pieces, specs = [], []
+        for name, kind, item, nested in fields:
+            ref = f"{self.provider}:{module}/{nested}:{nested}" if nested else None
+            pieces.append(
+                json.dumps(name) + ':{' + _type_text(kind, item, ref, self.provider)
+                + ',"description":"' + self.description(8, 60) + '"}'
+            )
+            specs.append((name, kind, item, ref, False))
+        return "{" + ",".join(pieces) + "}", specs
+
+    def canonical(self) -> tuple[list[tuple[str, str, list[PropSpec]]], list[tuple[str, str, list[PropSpec]]]]:
+        """The well-known resources (and their nested types) every schema starts with."""
+        types, resources = [], []
+        for path, fields, nested in CANONICAL:
+            module, rest = path.split("/", 1)
+            pascal = rest.split(":", 1)[1]
+            for name, nfields in nested.items():
+                token = f"{self.provider}:{module}/{name}:{name}"
+                body, specs = self.fixed_props(nfields, module)
+                text = '{"description":"' + self.description(10, 80) + '","properties":' + body + ',"type":"object"}'
+                types.append((token, text, specs))
+                self.used.add(token)
+            token = f"{self.provider}:{path}"
+            body, specs = self.fixed_props(fields, module)
+            text = (
+                '{"description":"Provides a ' + pascal + " resource. " + self.description(60, 900)
+                + '","properties":' + body + ',"required":[],"inputProperties":' + body + ',"requiredInputs":[]}'
+            )
+            resources.append((token, text, specs))
+            self.used.add(token)
+        return types, resources
+
     def props(
         self, n: int, nested: list[str], extra: tuple[str, ...] = (), taken: set[str] | None = None
     ) -> tuple[str, list[PropSpec], list[str]]:
@@ -263,6 +297,52 @@ class _Generator:
         return nested_types, (token, text, specs)
 
 
+# Well-known resources, shaped by hand, that every generated schema starts with (so examples
+# such as an S3 bucket with versioning and lifecycle rules read naturally). Properties:
+# (name, type, item type, nested type name or None). "{p}" is the provider.
+_S, _N, _I, _B, _A, _M, _O = T_STRING, T_NUMBER, T_INTEGER, T_BOOLEAN, T_ARRAY, T_MAP, T_OBJECT
+CANONICAL: tuple[tuple[str, list[tuple[str, int, int, str | None]], dict[str, list[tuple[str, int, int, str | None]]]], ...] = (
+    (
+        "s3/bucket:Bucket",
+        [("bucket", _S, 0, None), ("acl", _S, 0, None), ("forceDestroy", _B, 0, None), ("tags", _M, _S, None),
+         ("versioning", _O, 0, "BucketVersioning"), ("lifecycleRules", _A, _O, "BucketLifecycleRule"),
+         ("website", _O, 0, "BucketWebsite"), ("corsRules", _A, _O, "BucketCorsRule"), ("policy", _S, 0, None)],
+        {
+            "BucketVersioning": [("enabled", _B, 0, None), ("mfaDelete", _B, 0, None)],
+            "BucketLifecycleRule": [("id", _S, 0, None), ("enabled", _B, 0, None), ("prefix", _S, 0, None),
+                                    ("expiration", _O, 0, "BucketLifecycleRuleExpiration"), ("tags", _M, _S, None)],
+            "BucketLifecycleRuleExpiration": [("days", _I, 0, None), ("date", _S, 0, None),
+                                              ("expiredObjectDeleteMarker", _B, 0, None)],
+            "BucketWebsite": [("indexDocument", _S, 0, None), ("errorDocument", _S, 0, None)],
+            "BucketCorsRule": [("allowedMethods", _A, _S, None), ("allowedOrigins", _A, _S, None),
+                               ("maxAgeSeconds", _I, 0, None)],
+        },
+    ),
+    (
+        "iam/role:Role",
+        [("name", _S, 0, None), ("assumeRolePolicy", _S, 0, None), ("description", _S, 0, None),
+         ("maxSessionDuration", _I, 0, None), ("managedPolicyArns", _A, _S, None), ("tags", _M, _S, None),
+         ("inlinePolicies", _A, _O, "RoleInlinePolicy")],
+        {"RoleInlinePolicy": [("name", _S, 0, None), ("policy", _S, 0, None)]},
+    ),
+    (
+        "ec2/instance:Instance",
+        [("ami", _S, 0, None), ("instanceType", _S, 0, None), ("subnetId", _S, 0, None),
+         ("vpcSecurityGroupIds", _A, _S, None), ("associatePublicIpAddress", _B, 0, None), ("tags", _M, _S, None),
+         ("rootBlockDevice", _O, 0, "InstanceRootBlockDevice"), ("cpuCoreCount", _I, 0, None)],
+        {"InstanceRootBlockDevice": [("volumeSize", _I, 0, None), ("volumeType", _S, 0, None),
+                                     ("encrypted", _B, 0, None), ("iops", _I, 0, None), ("throughput", _N, 0, None)]},
+    ),
+    (
+        "lambda/function:Function",
+        [("role", _S, 0, None), ("handler", _S, 0, None), ("runtime", _S, 0, None), ("memorySize", _I, 0, None),
+         ("timeout", _I, 0, None), ("environment", _O, 0, "FunctionEnvironment"), ("layers", _A, _S, None),
+         ("tags", _M, _S, None)],
+        {"FunctionEnvironment": [("variables", _M, _S, None)]},
+    ),
+)
+
+
 def _type_text(kind: int, item: int, ref: str | None, provider: str) -> str:
     def one(k: int, r: str | None) -> str:
         if k == T_OBJECT:
@@ -292,9 +372,8 @@ def _generate(size_bytes: int, seed: int, provider: str, progress: Progress | No
         },
         separators=(",", ":"),
     )[:-1]
-    types: list[tuple[str, str, list[PropSpec]]] = []
-    resources: list[tuple[str, str, list[PropSpec]]] = []
-    total = len(head) + 64
+    types, resources = gen.canonical()
+    total = len(head) + 64 + sum(len(t[0]) + len(t[1]) + 4 for t in (*types, *resources))
     next_report = 0
     while total < size_bytes:
         nested, resource = gen.resource()
