@@ -445,7 +445,7 @@ def test_named_blob_is_unlinked_after_the_last_plugin_even_when_killed(blob: byt
     program = sample_program(SchemaBlob(blob), resources=10, seed=6, mistakes=0.3)
     pub = Publication.publish(blob, name=name)
     assert pub.name_exists() and not pub.sealed
-    with PluginHost(pub, by="name") as host:
+    with pub, PluginHost(pub, by="name") as host:
         plugins = host.spawn(3)
         pub.release()
         assert pub.name_exists(), "plugins still hold it"
@@ -467,16 +467,22 @@ def test_last_graceful_holder_unlinks_a_named_blob_the_publisher_did_not_watch(b
         f"lease = BlobLease.attach({name!r}); print(lease.region.nbytes, flush=True); sys.stdin.readline(); lease.close()"
     )
     proc = subprocess.Popen([PYTHON, "-c", script], env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-    assert proc.stdout is not None and proc.stdin is not None
-    assert int(proc.stdout.readline()) == len(blob)
-    pub.release()
-    assert pub.name_exists()
-    proc.stdin.write("\n")
-    proc.stdin.flush()
-    assert proc.wait(timeout=30) == 0
-    assert not pub.name_exists()
-    with pytest.raises(PluginError, match="no blob is published"):
-        BlobLease.attach(name)
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        assert int(proc.stdout.readline()) == len(blob)
+        pub.release()
+        assert pub.name_exists()
+        proc.stdin.write("\n")
+        proc.stdin.flush()
+        assert proc.wait(timeout=30) == 0
+        assert not pub.name_exists()
+        with pytest.raises(PluginError, match="no blob is published"):
+            BlobLease.attach(name)
+    finally:
+        proc.kill()
+        proc.wait()
+        pub.release()
+        sweep_stale_blobs(prefix=name, min_age_s=0)
 
 
 def test_named_blob_whose_holders_all_died_is_swept(blob: bytes, tmp_path: Path) -> None:
