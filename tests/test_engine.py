@@ -125,10 +125,19 @@ def test_fast_forward_and_backtrack_produce_what_the_controller_asked(loaded: An
     # After three sampled tokens the controller replaced the third with " banana".
     assert backtracked.tokens[2] == replacement and table.decode([backtracked.tokens[2]]) == b" banana"
     assert engine.stats.fast_forward_tokens >= len(answer) + 1
+    # A backtrack with nothing spliced in: the token is sampled again from the trimmed state,
+    # which under greedy decoding is the same token, so the output is the plain one.
+    with Engine(loaded, max_batch=2) as engine:
+        plain, again = engine.generate([
+            GenerationRequest("Count: one two three", max_tokens=8),
+            GenerationRequest("Count: one two three", max_tokens=8,
+                              steer=Controller(CONTROLLERS / "backtrack.wasm", struct.pack("<2I", 3, 0xFFFFFFFF))),
+        ])
+    assert again.tokens == plain.tokens and again.error is None
 
 
 def test_a_mixed_batch_of_eight_finishes_each_with_its_own_result(loaded: Any) -> None:
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"]}
+    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
     yes = loaded.tokenizer.encode("yes", add_special_tokens=False)
     requests = [
         GenerationRequest("Is water wet? Answer in JSON.", max_tokens=30, steer=C.json_schema(schema)),

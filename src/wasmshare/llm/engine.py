@@ -212,6 +212,7 @@ class _Row:
     generator: Any = None
     finish: FinishReason | None = None
     error: str | None = None
+    feed: list[int] = field(default_factory=list)  # tokens for the next forward instead of a sampled one
     text_cache: str = ""  # decoded text of tokens[:read_offset] (see _text_so_far)
     prefix_offset: int = 0
     read_offset: int = 0
@@ -371,6 +372,8 @@ class Engine:
                         self._apply(rows, logits, ctrl)
                     self.stats.apply_s += time.perf_counter() - apply_started
                     for i, row in enumerate(rows):
+                        if row.feed:
+                            continue  # its logits predate a fast-forward: it samples after the next forward
                         token = self._sample(row, logits[i])
                         sampled[id(row)] = token
                         self._accept(row, [token], on_token)
@@ -398,16 +401,21 @@ class Engine:
                 prefill_s = time.perf_counter() - prefill_started
                 # The controller phase for the next step runs beside the forward pass.
                 steer: dict[int, list[int]] = {
-                    r.sequence_id: [sampled[id(r)]] for r in rows if r.sequence_id is not None
+                    r.sequence_id: [sampled[id(r)]] if id(r) in sampled else []
+                    for r in rows if r.sequence_id is not None
                 }
                 has_controllers = any(r.sequence_id is not None for r in rows + new_rows)
                 future: Future[BatchStep] | None = None
                 ctrl = None
                 if has_controllers and self.overlap:
                     future = self._inflight = self._helper.submit(self._timed_step, steer)
+                decoded = bool(rows)
                 if rows:
+                    feeds = [r.feed if r.feed else [sampled[id(r)]] for r in rows]
+                    for r in rows:
+                        r.feed = []
                     forward_started = time.perf_counter()
-                    logits = self._forward([[sampled[id(r)]] for r in rows], rows)
+                    logits = self._forward(feeds, rows)
                     self.stats.forward_s += time.perf_counter() - forward_started
                 if new_rows:
                     assert prefilled is not None
@@ -420,7 +428,7 @@ class Engine:
                     ctrl = future.result() if future is not None else self._timed_step(steer)
                     self._inflight = None
                     self.stats.critical_controller_s += time.perf_counter() - wait_started
-                if sampled:
+                if decoded:
                     self.stats.steps += 1
                     self.stats.decode_s += time.perf_counter() - started - prefill_s
                 self.stats.bytes_copied = 0  # masks and biases are shared pages; nothing is copied
@@ -525,11 +533,16 @@ class Engine:
         self, rows: list[_Row], logits: torch.Tensor, ctrl: BatchStep | None,
         on_token: Callable[[int, int, str], None] | None,
     ) -> tuple[torch.Tensor, list[_Row]]:
-        """Apply stop / error / backtrack / fast-forward; refresh logits of fast-forwarded rows."""
+        """Apply stop / error / backtrack / fast-forward from the controller phase.
+
+        Fast-forward tokens are accepted now and fed in the *next* forward pass together with
+        the other rows' sampled tokens (the row samples again after it), instead of costing an
+        extra forward pass of their own. A backtrack with nothing to splice re-feeds the last
+        kept token so the row samples from the trimmed state.
+        """
         if ctrl is None:
             return logits, []
         done: list[_Row] = []
-        catch_up: dict[int, list[int]] = {}
         actions = dict(zip(ctrl.sequence_ids.tolist(), ctrl.action_codes.tolist()))
         for i, row in enumerate(rows):
             if row.sequence_id is None:
@@ -549,17 +562,22 @@ class Engine:
             if result.fast_forward:
                 self.stats.fast_forward_tokens += len(result.fast_forward)
                 self._accept(row, list(result.fast_forward), on_token)
-                catch_up[i] = list(result.fast_forward)
+                row.feed = list(result.fast_forward)
+            elif result.backtrack:
+                self._refeed_last(i, row)
             if result.action is Action.STOP and row.finish is None:
                 row.finish = "controller"
             if row.finish is not None:
                 done.append(row)
-        if catch_up:
-            feeds = [catch_up.get(i, []) for i in range(len(rows))]
-            fresh = self._forward(feeds, rows)
-            for i in catch_up:
-                logits[i] = fresh[i]
         return logits, done
+
+    def _refeed_last(self, i: int, row: _Row) -> None:
+        """Forget the last cached position of row ``i`` and feed its token again next step."""
+        assert self._attn is not None
+        real = self._attn[i].nonzero().flatten()
+        self._attn[i, real[-1]] = 0
+        row.position -= 1
+        row.feed = [row.tokens[-1] if row.tokens else row.prompt[-1]]
 
     def _backtrack(self, i: int, row: _Row, count: int) -> None:
         """Forget the last ``count`` tokens of row ``i``: trim its output, mask its cache positions."""
