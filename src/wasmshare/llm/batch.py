@@ -791,8 +791,12 @@ class ControllerBatch:
         mask_idx = np.flatnonzero(codes == L.OUTPUT_BITMASK)
         bias_idx = np.flatnonzero(codes == L.OUTPUT_BIAS)
         if mask_idx.size:
-            words = torch.full((n, self.regions.mask_words), -1, dtype=torch.int32)
-            words[torch.from_numpy(mask_idx)] = views["mask"].index_select(0, torch.from_numpy(step.slots[mask_idx]))
+            rows = views["mask"].index_select(0, torch.from_numpy(step.slots[mask_idx]))
+            if mask_idx.size == n:
+                words = rows
+            else:  # rows without a mask allow everything
+                words = torch.full((n, self.regions.mask_words), -1, dtype=torch.int32)
+                words.index_copy_(0, torch.from_numpy(mask_idx), rows)
             words = words.to(device, non_blocking=True)
             additive = _mask_to_additive(words, _byte_table(device), width)
         if bias_idx.size:

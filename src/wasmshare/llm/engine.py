@@ -520,9 +520,10 @@ class Engine:
     def _timed_step(self, steer: dict[int, list[int]]) -> BatchStep:
         """The controller phase (on the helper thread while the forward pass runs).
 
-        The masks are unpacked later, on the main thread: unpacking here as well made the
-        torch ops of both threads fight over the cores and slowed the forward pass (on a
-        2-core machine, 52 -> 87 ms a step at batch 8), far more than the unpacking saves.
+        The masks are turned into the additive tensor later, on the main thread: doing it
+        here made the torch ops of both threads fight over the cores and slowed the forward
+        pass (on a 2-core machine, 42 -> 70 ms a step at batch 8), and a numpy version on this
+        thread still took its CPU time from the forward pass: no net gain there.
         """
         started = time.perf_counter()
         step = self.batch.step(steer)
@@ -599,22 +600,25 @@ class Engine:
         return [rows[i] for i in keep], logits[keep]
 
     def _apply(self, rows: list[_Row], logits: torch.Tensor, ctrl: BatchStep) -> None:
-        """Masks and biases for the constrained rows, in one masked fill over the logits."""
+        """Masks and biases for the constrained rows: one add of the prepared tensor into the logits."""
         prepared = self.batch.prepare(ctrl, self._width, self.device)
-        where = {sid: i for i, sid in enumerate(prepared.sequence_ids)}
-        live = set(self.batch.sequences)
-        pairs = [(i, where[r.sequence_id]) for i, r in enumerate(rows) if r.sequence_id in where and r.sequence_id in live]
-        if not pairs:
+        if prepared.additive is None:
             return
-        if [k for _, k in pairs] != list(range(len(prepared.sequence_ids))):
+        row_of = {r.sequence_id: i for i, r in enumerate(rows) if r.sequence_id is not None}
+        live = set(self.batch.sequences)
+        targets = [row_of.get(sid, -1) if sid in live else -1 for sid in prepared.sequence_ids]
+        if -1 not in targets:  # the usual case: every prepared row lands, in any order
+            self.batch.apply_prepared(logits, prepared, targets)
+            return
+        keep = [k for k, i in enumerate(targets) if i >= 0]
+        if keep:
             import torch
 
-            keep = torch.tensor([k for _, k in pairs], device=logits.device)
-            prepared = PreparedOutputs(
-                tuple(prepared.sequence_ids[k] for _, k in pairs),
-                None if prepared.additive is None else prepared.additive.index_select(0, keep),
+            subset = PreparedOutputs(
+                tuple(prepared.sequence_ids[k] for k in keep),
+                prepared.additive.index_select(0, torch.tensor(keep, device=logits.device)),
             )
-        self.batch.apply_prepared(logits, prepared, [i for i, _ in pairs])
+            self.batch.apply_prepared(logits, subset, [targets[k] for k in keep])
 
     # -- sampling -------------------------------------------------------------------------------------
 
