@@ -6,7 +6,7 @@ Same model, same prompts, same run. Models: SmolLM2-135M-Instruct (``load_model(
 template: raw prompts). ``torch.set_num_threads(2)``. Eight fixed prompts each ask for one
 JSON object (a person, a city, a book, ...) under one fixed JSON Schema with bounded fields
 (strings ``maxLength`` ≤ 20, integers with ``minimum``/``maximum``, ``additionalProperties:
-false``), so constrained outputs terminate; greedy, ``max_tokens`` 48. Batch B = 1 (the first
+false``), so constrained outputs terminate; greedy, ``max_tokens`` 64. Batch B = 1 (the first
 two prompts, one after the other) and B = 8 (all eight together).
 
 Configurations per B (each run ``REPEATS`` times, interleaved round-robin so a slow spell of
@@ -97,7 +97,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTROLLERS = ROOT / "guests" / "controllers"
 MODELS = ("smollm2-135m", "gemma3-270m")
 REPEATS = 3
-MAX_TOKENS = 48
+MAX_TOKENS = 64
 FIRST_TOKENS = 8
 BOOST_ARG = "name\t2\nyear\t1"
 
