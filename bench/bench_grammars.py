@@ -246,7 +246,7 @@ class _Llg:
         return 0, forced
 
     def walk(self, spec: Any, grammar: Any, ids: list[int], valid: bool, order: int,
-             record: bool) -> dict[str, Any]:
+             record: bool, label: str = "") -> dict[str, Any]:
         """Walk one instance on both; returns per-step ns (ours instance, ours batch.step, direct)."""
         llg = self.llguidance
         batch = self.batch
@@ -273,6 +273,7 @@ class _Llg:
         pos = 0
         accepted = ours_alive = True
         feeds: list[list[int]] = []
+        ours_error: list[str] = []
         while True:
             def run_ours() -> tuple[int, list[int]]:
                 t0 = pc()
@@ -280,6 +281,8 @@ class _Llg:
                 batch_ns.append(pc() - t0)
                 code = int(res.action_codes[0])
                 special = res.special.get(sid)
+                if special is not None and special.error is not None:
+                    ours_error.append(str(special.error)[:160])
                 return code, list(special.fast_forward) if special is not None else []
 
             def run_direct() -> tuple[int, list[int]]:
@@ -296,7 +299,9 @@ class _Llg:
             feeds.append(feed)
             if o[0] != d[0] or o[1] != d[1] or (o[0] == 0 and not np.array_equal(mask, buf)):
                 if len(self.disagreements) < 20:
-                    self.disagreements.append(f"step {len(feeds)}: ours {o[0]} ff {o[1][:8]}, direct {d[0]} ff {d[1][:8]}")
+                    self.disagreements.append(
+                        f"{label} step {len(feeds)}: ours {o[0]} ff {o[1][:8]}, direct {d[0]} ff {d[1][:8]}"
+                        + (f" ({ours_error[-1]})" if ours_error else ""))
                 else:
                     self.disagreements.append("...")
             code, ff = o
@@ -378,7 +383,7 @@ def _run_llg(table: Any, schemas: list[dict[str, Any]]) -> dict[str, Any]:
                     # only one side compiled (should not happen): count it as a disagreement
                     eng.disagreements.append(f"{s['name']}: compiled by one side only")
                     continue
-                r = eng.walk(spec, grammar, ids, valid, n + j, record=valid)
+                r = eng.walk(spec, grammar, ids, valid, n + j, record=valid, label=f"{s['name']}#{j}")
                 ok = r["accepted"] == valid
                 for e in cov:
                     if ok:

@@ -239,6 +239,58 @@ def test_stop_constraint_ends_the_sequence_right_after_a_stop_string(table: Toke
         C.stop([""])
 
 
+def test_a_lexer_that_reached_its_size_cap_is_rebuilt_and_the_sequence_goes_on(
+    table: TokenTable, hf: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Copies of a compiled template share its lexer, which llguidance caps: a sequence that hits
+    the cap gets a rebuilt lexer with its history replayed, and no error."""
+    spec = C.json_schema({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]})
+    compiled = C.compile_constraint(spec, table)
+
+    class CappedOnce:
+        """A matcher whose lexer reports the size cap at its next mask."""
+
+        def __init__(self, inner: Any) -> None:
+            self.inner, self.capped = inner, False
+
+        def __getattr__(self, name: str) -> Any:
+            return getattr(self.inner, name)
+
+        def unsafe_compute_mask_ptr(self, address: int, nbytes: int) -> None:
+            self.capped = True
+
+        def is_error(self) -> bool:
+            return self.capped or bool(self.inner.is_error())
+
+        def get_error(self) -> str:
+            return "lexer error: too many expressions constructed" if self.capped else str(self.inner.get_error())
+
+    renewals: list[int] = []
+    real_renew = C.CompiledConstraint.renewed_matcher
+
+    def counted(self: Any, history: Any) -> Any:
+        renewals.append(len(history))
+        return real_renew(self, history)
+
+    monkeypatch.setattr(C.CompiledConstraint, "renewed_matcher", counted)
+    text = '{"city": "Paris"}'
+    ids = hf.encode(text, add_special_tokens=False).ids
+    with ControllerBatch(table, capacity=2) as batch:
+        sid = batch.add(spec)
+        instance = batch._sequences[sid].instance
+        result = batch.step().results[sid]
+        fed = list(result.fast_forward)
+        token = ids[len(fed)]
+        instance.matcher = CappedOnce(instance.matcher)  # the cap strikes in the middle of a sequence
+        result = batch.step({sid: [token]}).results[sid]
+        assert result.action is Action.CONTINUE and result.error is None and result.output is Output.BITMASK
+        assert renewals == [len(fed)]  # rebuilt once, replaying what came before this step
+        fresh = compiled.renewed_matcher(fed + [token] + list(result.fast_forward))
+        expected = np.zeros_like(batch.mask[batch.slot(sid)])
+        fresh.unsafe_compute_mask_ptr(expected.ctypes.data, expected.nbytes)
+        assert np.array_equal(batch.mask[batch.slot(sid)], expected)
+
+
 def test_compile_errors_are_clear(table: TokenTable) -> None:
     with pytest.raises(C.ConstraintError, match="oneOf"):
         C.compile_constraint(C.json_schema({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}), table)

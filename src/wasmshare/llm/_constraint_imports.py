@@ -61,6 +61,7 @@ def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) 
     are defined before instantiation). Matchers live as long as the guest.
     """
     matchers: dict[int, Any] = {}
+    opened: dict[int, tuple[C.CompiledConstraint, list[int]]] = {}  # what each handle was built from, and its tokens
     words = (tokenizer.vocab_size + 31) // 32
 
     def read_spec(kind: int, ptr: int, length: int) -> C.ConstraintSpec:
@@ -93,7 +94,20 @@ def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) 
             return ERR_SPEC
         handle = max(matchers, default=0) + 1
         matchers[handle] = compiled.matcher()
+        opened[handle] = (compiled, [])
         return handle
+
+    def renew(handle: int) -> Any | None:
+        """Rebuild a matcher whose shared lexer hit llguidance's size cap (see CompiledConstraint)."""
+        compiled, history = opened[handle]
+        if compiled.backend != "llguidance" or not C._is_lexer_capacity_error(str(matchers[handle].get_error())):
+            return None
+        try:
+            matchers[handle] = compiled.renewed_matcher(history)
+        except WasmshareError as e:
+            log.warning("controller '%s': rebuilding constraint %d failed: %s", guest_of().name, handle, e)
+            return None
+        return matchers[handle]
 
     def ws_constraint_fill_mask(handle: int, mask_ptr: int, mask_words: int) -> int:
         matcher = matchers.get(handle)
@@ -105,13 +119,21 @@ def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) 
             return ERR_BOUNDS
         # The mask lands in the controller's memory (its lent mask row): no copy.
         matcher.unsafe_compute_mask_ptr(guest.memory_address + mask_ptr, nbytes)
-        return ERR_REJECTED if matcher.is_error() else 0
+        if matcher.is_error() and (matcher := renew(handle)) is not None:
+            matcher.unsafe_compute_mask_ptr(guest.memory_address + mask_ptr, nbytes)
+        return ERR_REJECTED if matcher is None or matcher.is_error() else 0
 
     def ws_constraint_consume(handle: int, token: int) -> int:
         matcher = matchers.get(handle)
         if matcher is None:
             return ERR_BAD_HANDLE
-        return 0 if matcher.consume_token(token & 0xFFFFFFFF) else ERR_REJECTED
+        token &= 0xFFFFFFFF
+        ok = matcher.consume_token(token)
+        if not ok and (matcher := renew(handle)) is not None:
+            ok = matcher.consume_token(token)
+        if ok:
+            opened[handle][1].append(token)
+        return 0 if ok else ERR_REJECTED
 
     def ws_constraint_is_accepting(handle: int) -> int:
         matcher = matchers.get(handle)
@@ -122,6 +144,7 @@ def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) 
         return ERR_BAD_HANDLE if matcher is None else int(bool(matcher.is_stopped()))
 
     def ws_constraint_close(handle: int) -> int:
+        opened.pop(handle, None)
         return 0 if matchers.pop(handle, None) is not None else ERR_BAD_HANDLE
 
     functions: dict[str, Callable[..., int]] = {

@@ -168,6 +168,7 @@ class CompiledConstraint:
     warnings: tuple[str, ...]
     _engine: Any
     _template: Any
+    backend: Backend = "llguidance"
 
     def matcher(self) -> Any:
         """A fresh matcher at the start of the constraint (llguidance ``LLMatcher``).
@@ -176,6 +177,28 @@ class CompiledConstraint:
         not pay the grammar's construction again.
         """
         return self._template.deep_copy()
+
+    def renewed_matcher(self, history: Sequence[int]) -> Any:
+        """A matcher on a newly built lexer, advanced by ``history``.
+
+        Copies of one template share its lexer, which grows with every sequence that uses
+        it; llguidance caps its size ("too many expressions constructed"). When a sequence
+        hits that cap, the template is rebuilt (later sequences use the new one) and the
+        sequence goes on from a copy of it. llguidance backend only.
+        """
+        import llguidance
+
+        with _lock:
+            self._template = llguidance.LLMatcher(self._engine, self.grammar, log_level=0)
+            fresh = self._template.deep_copy()
+        if history and not fresh.consume_tokens(list(history)):
+            raise ConstraintError(f"{self.spec.describe()}: replaying {len(history)} tokens failed: {fresh.get_error()}")
+        return fresh
+
+
+def _is_lexer_capacity_error(message: str) -> bool:
+    """llguidance's error when a shared lexer has grown past its limit (recoverable by a rebuild)."""
+    return "too many expressions constructed" in message
 
 
 _tokenizers: dict[str, Any] = {}
@@ -297,7 +320,7 @@ def _compile_xgrammar(spec: ConstraintSpec, table: TokenTable) -> CompiledConstr
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError and others for bad input
         raise ConstraintError(f"{spec.describe()}: xgrammar: {e}") from e
     template = _XGrammarMatcher(xgrammar.GrammarMatcher(grammar), grammar, (table.vocab_size + 31) // 32)
-    return CompiledConstraint(spec, str(spec.source), (time.perf_counter() - started) * 1e3, (), compiler, template)
+    return CompiledConstraint(spec, str(spec.source), (time.perf_counter() - started) * 1e3, (), compiler, template, "xgrammar")
 
 
 class _XGrammarMatcher:
@@ -375,6 +398,7 @@ class ConstraintInstance:
         self._words = regions.step_words()[slot]
         self._status = regions.status_record(slot)
         self._label = f"constraint {compiled.spec.describe()}"
+        self._history: list[int] = []  # every token consumed, to replay on a rebuilt lexer
         self.name = f"constraint:{compiled.spec.kind}"
 
     def create(self, n_prompt_tokens: int, arg_offset_bytes: int, arg_len: int) -> None:
@@ -387,34 +411,58 @@ class ConstraintInstance:
         )
 
     def step(self) -> None:
-        """Consume the sampled tokens, fast-forward what is forced, write the next mask."""
+        """Consume the sampled tokens, fast-forward what is forced, write the next mask.
+
+        A lexer that reached llguidance's size cap (shared by every copy of the compiled
+        template) is rebuilt once and the step redone from the sequence's history.
+        """
+        words = self._words
+        n = int(words[L.W_N_TOKENS])
+        tokens = words[L.W_TOKENS : L.W_TOKENS + n].tolist() if n else []
+        base = len(self._history)
+        error = self._step_once(tokens)
+        if error is not None and _is_lexer_capacity_error(error) and self.compiled.backend == "llguidance":
+            del self._history[base:]
+            try:
+                self.matcher = self.compiled.renewed_matcher(self._history)
+            except ConstraintError as e:
+                self._fail(str(e))
+                return
+            words[L.W_RESULT + 1] = L.ACTION_CONTINUE
+            words[L.W_RESULT + 4] = 0
+            error = self._step_once(tokens)
+        if error is not None:
+            self._fail(error)
+
+    def _step_once(self, tokens: list[int]) -> str | None:
+        """One step on the current matcher; the error message, or None."""
         words = self._words
         matcher = self.matcher
-        n = int(words[L.W_N_TOKENS])
-        if n:
-            tokens = words[L.W_TOKENS : L.W_TOKENS + n].tolist()
+        if tokens:
             if not matcher.consume_tokens(tokens):
-                self._fail(f"sampled tokens {tokens} rejected: {matcher.get_error() or 'not allowed here'}")
-                return
+                return f"sampled tokens {tokens} rejected: {matcher.get_error() or 'not allowed here'}"
+            self._history.extend(tokens)
         if matcher.is_stopped():
             words[L.W_RESULT + 1] = L.ACTION_STOP
-            return
+            return None
         forced = matcher.compute_ff_tokens()
+        if matcher.is_error():
+            return str(matcher.get_error())
         if forced:
             forced = forced[: L.MAX_FF_TOKENS]
             if not matcher.consume_tokens(forced):
-                self._fail(f"forced tokens rejected: {matcher.get_error()}")
-                return
+                return f"forced tokens rejected: {matcher.get_error()}"
+            self._history.extend(forced)
             words[L.W_RESULT + 4] = len(forced)
             words[L.W_FF_TOKENS : L.W_FF_TOKENS + len(forced)] = forced
             if matcher.is_stopped():
                 words[L.W_RESULT + 1] = L.ACTION_STOP
-                return
+                return None
         matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
         if matcher.is_error():
-            self._fail(matcher.get_error())
-            return
+            return str(matcher.get_error())
         words[L.W_RESULT + 2] = L.OUTPUT_BITMASK
+        return None
 
     def close(self) -> None:
         """Nothing to release: the matcher is garbage-collected."""
