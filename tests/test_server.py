@@ -115,8 +115,14 @@ def test_completion_matches_the_engine(live: LiveServer, client: Any) -> None:
     from wasmshare.llm.engine import GenerationRequest
 
     r = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0)
+    from wasmshare.errors import WasmshareError
+    from wasmshare.llm.engine import Engine
+
     ids = live.service.loaded.encode_prompt("The capital of France is", chat=False)
-    direct = live.service.engine.generate([GenerationRequest(ids, max_tokens=8)])[0]
+    with pytest.raises(WasmshareError, match="already decoding"):  # the server's loop owns its engine
+        live.service.engine.generate([GenerationRequest(ids, max_tokens=8)])
+    with Engine(live.service.loaded, max_batch=1) as engine:
+        direct = engine.generate([GenerationRequest(ids, max_tokens=8)])[0]
     assert r.choices[0].text == direct.text and "Paris" in r.choices[0].text
     assert r.usage.completion_tokens == 8 and r.usage.prompt_tokens == len(ids)
     assert r.choices[0].finish_reason == "length"

@@ -255,6 +255,7 @@ class Engine:
         self._eos = set(loaded.eos_token_ids)
         self._width = int(loaded.vocab_size)
         self._inflight: Future[BatchStep] | None = None
+        self._busy = threading.Lock()
         self._cache: Any = None
         self._attn: torch.Tensor | None = None
 
@@ -313,6 +314,17 @@ class Engine:
         ends the requests in that batch with an error and decoding goes on with the rest of
         the queue, instead of raising.
         """
+        if not self._busy.acquire(blocking=False):
+            raise WasmshareError("this Engine is already decoding (one run or generate at a time); use another Engine")
+        try:
+            self._run_queue(queue, on_token, on_finish, contain_failures)
+        finally:
+            self._busy.release()
+
+    def _run_queue(
+        self, queue: RequestQueue, on_token: Callable[[int, int, str], None] | None,
+        on_finish: Callable[[int, GenerationResult], None] | None, contain_failures: bool,
+    ) -> None:
         finish = on_finish or (lambda key, result: None)
         while True:
             rows: list[_Row] = []
