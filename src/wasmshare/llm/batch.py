@@ -259,6 +259,8 @@ class ControllerBatch:
         self._status_words = self.regions.status_words()
         self._status_elapsed = self.regions.status_elapsed_ns()
         self._token_areas = [self.regions.token_area(slot) for slot in range(capacity)]
+        self._result_records = [self.regions.result_record(slot)[0] for slot in range(capacity)]
+        self._status_records = [self.regions.status_record(slot)[0] for slot in range(capacity)]
         self._sequences: dict[int, _Sequence] = {}
         self._free_slots = list(range(capacity - 1, -1, -1))
         self._next_id = 0
@@ -661,7 +663,7 @@ class ControllerBatch:
             self._workers[w].finish_step(self.limits)
 
     def _status_failure(self, seq: _Sequence, what: str) -> SequenceFailed | None:
-        status = self.regions.status_record(seq.slot)[0]
+        status = self._status_records[seq.slot]
         code = int(status["status"])
         if code == L.STATUS_OK:
             return None
@@ -689,7 +691,7 @@ class ControllerBatch:
         return StepResult(seq.sequence_id, Action.ERROR, error=failure)
 
     def _validate(self, seq: _Sequence) -> tuple[SequenceFailed | None, StepResult | None]:
-        record = self.regions.result_record(seq.slot)[0]
+        record = self._result_records[seq.slot]
         action, output = int(record["action"]), int(record["output"])
         backtrack, n_ff = int(record["backtrack"]), int(record["n_ff"])
         problem = None
