@@ -285,6 +285,8 @@ def _pack_ids(ids: list[int]) -> bytes:
 
 
 def _submit_all(service: EngineService, requests: list[GenerationRequest]) -> list[Ticket]:
+    if not service.alive:
+        raise APIError(503, "the engine loop has stopped; restart the server", type="server_error", code="engine_stopped")
     tickets: list[Ticket] = []
     try:
         for r in requests:
