@@ -595,6 +595,22 @@ def test_embedded_plugins_share_the_compiled_artifact(blob: bytes, doc: dict[str
         embed_plugin(blob, module=ROOT / "guests" / "bias.wasm", out=tmp_path / "bad.cwasm")
 
 
+def test_embedded_blob_is_write_protected_in_every_plugin(blob: bytes, doc: dict[str, Any], tmp_path: Path) -> None:
+    """A write to the embedded data traps (it would otherwise make a private copy of the page)."""
+    program = sample_program(SchemaBlob(blob), resources=8, seed=4, mistakes=0.3)
+    hostile = embed_plugin(blob, module=HOSTILE, out=tmp_path / "hostile-schema.cwasm")
+    with PluginHost(embed_plugin(blob, out=tmp_path / "typecheck-schema.cwasm")) as good, \
+            PluginHost(hostile, name="hostile") as bad:
+        good.spawn(1)
+        (plugin,) = bad.spawn(1)
+        with pytest.raises(GuestTrap) as info:
+            plugin.check(Program.of({"x": {"type": "hostile:write"}}))
+        assert info.value.trap_code == "MEMORY_OUT_OF_BOUNDS"
+        assert plugin.alive and plugin.check(Program.of({"x": {"type": "hostile:ok"}})).total == 0
+        (result,) = good.check_all(program)
+        assert isinstance(result, CheckResult) and _key(result.diagnostics) == _key(reference_check(doc, program))
+
+
 def test_guest_loads_a_cwasm_artifact_for_its_engine_only(blob: bytes, tmp_path: Path) -> None:
     artifact = embed_plugin(blob, out=tmp_path / "p.cwasm", deadline=False)
     with Guest(artifact.path) as guest:

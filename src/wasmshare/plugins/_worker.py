@@ -100,6 +100,7 @@ class _Plugin:
             _recv_into(sock, self.guest.memory_address + self.blob_ptr, nbytes)
         elif mode == "embedded":
             self.blob_ptr, self.blob_nbytes = int(init["blob_ptr"]), nbytes
+            self._write_protect_blob()
         else:
             self.blob_ptr, self.blob_nbytes = 0, 0
         rc = self.guest.call("plugin_init", self.blob_ptr, self.blob_nbytes)
@@ -109,6 +110,21 @@ class _Plugin:
             raise BlobFormatError(f"plugin '{init['name']}' rejected the schema blob: {WSP_ERRORS.get(rc, 'error')} (code {rc})")
         self.io_loan = self.guest.lend(self.io, "rw")
         self.check = self.guest.func("plugin_check")
+
+    def _write_protect_blob(self) -> None:
+        """Make the embedded blob's whole pages read-only in the guest's memory.
+
+        They stay mapped copy-on-write from the artifact (shared by every plugin); without
+        this a guest write would silently make a private copy of the page. With it, a write
+        traps like a write to a read-only loan. The last page, if the blob ends inside it,
+        stays writable: it may hold other data of the guest.
+        """
+        from .._libc import PAGE_SIZE, PROT_READ, protect
+
+        start = -(-self.blob_ptr // PAGE_SIZE) * PAGE_SIZE
+        end = (self.blob_ptr + self.blob_nbytes) // PAGE_SIZE * PAGE_SIZE
+        if end > start:
+            protect(self.guest.memory_address + start, end - start, PROT_READ)
 
     def touch(self) -> int:
         """Read one byte per page of the blob, from the guest's memory (maps every page)."""
