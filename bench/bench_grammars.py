@@ -466,7 +466,7 @@ def _worker(engine: str) -> int:
                     m.fill_next_token_bitmask(bitmask)
                     times.append(pc() - t)
                     for tk in ids:
-                        if not (int(buf[tk >> 5]) >> (tk & 31)) & 1:
+                        if not _bit(buf, tk):
                             accepted = False
                             break
                         t = pc()
@@ -478,14 +478,14 @@ def _worker(engine: str) -> int:
                             accepted = False
                             break
                     if accepted:
-                        accepted = bool((int(buf[eos >> 5]) >> (eos & 31)) & 1) or m.is_terminated()
+                        accepted = _bit(buf, eos) or m.is_terminated()
                 else:
                     g = oc.Guide(compiled)
                     t = pc()
                     g.write_mask_into(buf.ctypes.data, words, 4)
                     times.append(pc() - t)
                     for tk in ids:
-                        if not (int(buf[tk >> 5]) >> (tk & 31)) & 1:
+                        if not _bit(buf, tk):
                             accepted = False
                             break
                         t = pc()
@@ -493,7 +493,7 @@ def _worker(engine: str) -> int:
                         g.write_mask_into(buf.ctypes.data, words, 4)
                         times.append(pc() - t)
                     if accepted:
-                        accepted = bool((int(buf[eos >> 5]) >> (eos & 31)) & 1) or g.is_finished()
+                        accepted = _bit(buf, eos) or g.is_finished()
             except Exception:  # noqa: BLE001 - an engine error on a token rejects the instance
                 accepted = False
             results.append([accepted == valid, times if valid and accepted else []])

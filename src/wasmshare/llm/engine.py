@@ -20,6 +20,7 @@ position ids are tracked per row.
 from __future__ import annotations
 
 import concurrent.futures
+import itertools
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -179,7 +180,7 @@ class RequestQueue:
         if room <= 0 or not self._waiting:
             return []
         with self._changed:
-            keys = list(self._waiting)[:room]
+            keys = list(itertools.islice(self._waiting, room))
             return [(k, self._waiting.pop(k)) for k in keys]
 
     def take_cancelled(self) -> set[int]:
@@ -284,14 +285,13 @@ class Engine:
         "error"`` and the error text; the others are unaffected. A request that is invalid
         in itself (empty prompt, ``max_tokens <= 0``) raises before anything runs.
         """
-        requests = list(requests)
-        for i, request in enumerate(requests):
-            self._make_row(i, request)  # validate every request up front
         queue = RequestQueue()
         keys = [queue.submit(r) for r in requests]
         queue.close()
+        # Built (prompts encoded, requests checked) before anything runs; run() admits these rows.
+        prebuilt = {key: self._make_row(key, request) for key, request in queue.take(len(keys))}
         results: dict[int, GenerationResult] = {}
-        self.run(queue, on_token=on_token, on_finish=results.__setitem__)
+        self._run_guarded(queue, on_token, results.__setitem__, False, prebuilt)
         return [results[k] for k in keys]
 
     def run(
@@ -314,22 +314,31 @@ class Engine:
         ends the requests in that batch with an error and decoding goes on with the rest of
         the queue, instead of raising.
         """
+        self._run_guarded(queue, on_token, on_finish, contain_failures, {})
+
+    def _run_guarded(
+        self, queue: RequestQueue, on_token: Callable[[int, int, str], None] | None,
+        on_finish: Callable[[int, GenerationResult], None] | None, contain_failures: bool,
+        prebuilt: dict[int, _Row],
+    ) -> None:
+        """:meth:`run` for one caller at a time; ``prebuilt`` rows are admitted before the queue's."""
         if not self._busy.acquire(blocking=False):
             raise WasmshareError("this Engine is already decoding (one run or generate at a time); use another Engine")
         try:
-            self._run_queue(queue, on_token, on_finish, contain_failures)
+            self._run_queue(queue, on_token, on_finish, contain_failures, prebuilt)
         finally:
             self._busy.release()
 
     def _run_queue(
         self, queue: RequestQueue, on_token: Callable[[int, int, str], None] | None,
         on_finish: Callable[[int, GenerationResult], None] | None, contain_failures: bool,
+        prebuilt: dict[int, _Row],
     ) -> None:
         finish = on_finish or (lambda key, result: None)
         while True:
             rows: list[_Row] = []
             try:
-                self._run_batch(queue, rows, on_token, finish)
+                self._run_batch(queue, rows, on_token, finish, prebuilt)
                 return
             except Exception as e:  # noqa: BLE001 - contained by request, see docstring
                 inflight, self._inflight = self._inflight, None
@@ -349,6 +358,7 @@ class Engine:
         rows: list[_Row],
         on_token: Callable[[int, int, str], None] | None,
         finish: Callable[[int, GenerationResult], None],
+        prebuilt: dict[int, _Row],
     ) -> None:
         """The decode loop of :meth:`run`; ``rows`` (filled in place) are the live sequences."""
         import torch
@@ -359,7 +369,7 @@ class Engine:
         ctrl: BatchStep | None = None
         with torch.inference_mode():
             while True:
-                if not rows and not queue.wait_for_work():
+                if not rows and not prebuilt and not queue.wait_for_work():
                     return
                 started = time.perf_counter()
                 cancelled = queue.take_cancelled()
@@ -398,9 +408,15 @@ class Engine:
                         rows[:] = [rows[i] for i in keep]
                 # Admit waiting requests while there is room.
                 new_rows: list[_Row] = []
-                for key, request in queue.take(self.max_batch - len(rows)):
+                room = self.max_batch - len(rows)
+                admitted: list[tuple[int, GenerationRequest, _Row | None]] = []
+                for key in list(itertools.islice(prebuilt, room)):
+                    built = prebuilt.pop(key)
+                    admitted.append((key, built.request, built))
+                admitted += [(key, request, None) for key, request in queue.take(room - len(admitted))]
+                for key, request, prepared_row in admitted:
                     try:
-                        row = self._make_row(key, request)
+                        row = prepared_row if prepared_row is not None else self._make_row(key, request)
                         self._start_controller(row)
                     except WasmshareError as e:
                         row = _Row(request, key, [])
