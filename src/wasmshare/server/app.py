@@ -14,7 +14,7 @@ import json
 import secrets
 import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -54,7 +54,6 @@ class ServerConfig:
     controllers_dir: Path | None = None
     grammar_backend: str = "llguidance"
     served_model_name: str | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
 
 def create_app(service: EngineService, store: ControllerStore, config: ServerConfig) -> FastAPI:
@@ -116,11 +115,14 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
     async def models() -> dict[str, Any]:
         return {"object": "list", "data": [_model_card(model_name, created)]}
 
-    @app.get("/v1/models/{name:path}")
-    async def model(name: str) -> dict[str, Any]:
-        if name != model_name:
+    def check_model(name: str | None) -> None:
+        if name not in (None, "", model_name):
             raise APIError(404, f"model {name!r} is not served here; this server serves {model_name!r}",
                            code="model_not_found", param="model")
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> dict[str, Any]:
+        check_model(name)
         return _model_card(model_name, created)
 
     # -- controllers -------------------------------------------------------------------------------------
@@ -153,16 +155,11 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
 
     # -- generation --------------------------------------------------------------------------------------
 
-    def check_model(body: CompletionRequest | ChatCompletionRequest) -> None:
-        if body.model not in (None, "", model_name):
-            raise APIError(404, f"model {body.model!r} is not served here; this server serves {model_name!r}",
-                           code="model_not_found", param="model")
-
     async def make_requests(
         body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], max_tokens: int | None,
     ) -> list[GenerationRequest]:
         body.refuse_unsupported()
-        check_model(body)
+        check_model(body.model)
         stops = body.stop_strings()
         limit = max_tokens if max_tokens is not None else config.default_max_tokens
         if limit > config.max_tokens:
