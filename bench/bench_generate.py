@@ -441,20 +441,16 @@ class _Bench:
         cold = self.engine_run(1, 1, spec, n)["wall_s"]
         warm = statistics.median(self.engine_run(1, 1, spec, n)["wall_s"] for _ in range(2))
         out["ours"] = (cold, warm)
-        # llguidance: compile the schema, then generate (first apply runs torch.compile)
-        t0 = time.perf_counter()
-        grammar = llguidance.LLMatcher.grammar_from_json_schema(text)
-        compile_s = time.perf_counter() - t0
-        cold = compile_s + self.hf_run(1, 1, self.llg_factory(grammar), n)["wall_s"]
-        warm = statistics.median(self.hf_run(1, 1, self.llg_factory(grammar), n)["wall_s"] for _ in range(2))
-        out["llguidance"] = (cold, warm)
-        # xgrammar: compile the schema, then generate
-        t0 = time.perf_counter()
-        compiled = self.xgr_compiler.compile_json_schema(text)
-        compile_s = time.perf_counter() - t0
-        cold = compile_s + self.hf_run(1, 1, self.xgr_factory(compiled), n)["wall_s"]
-        warm = statistics.median(self.hf_run(1, 1, self.xgr_factory(compiled), n)["wall_s"] for _ in range(2))
-        out["xgrammar"] = (cold, warm)
+        # each baseline: compile the schema, then generate (llguidance's first apply runs torch.compile)
+        baselines = (("llguidance", llguidance.LLMatcher.grammar_from_json_schema, self.llg_factory),
+                     ("xgrammar", self.xgr_compiler.compile_json_schema, self.xgr_factory))
+        for name, compile_schema, factory in baselines:
+            t0 = time.perf_counter()
+            compiled = compile_schema(text)
+            compile_s = time.perf_counter() - t0
+            cold = compile_s + self.hf_run(1, 1, factory(compiled), n)["wall_s"]
+            warm = statistics.median(self.hf_run(1, 1, factory(compiled), n)["wall_s"] for _ in range(2))
+            out[name] = (cold, warm)
         return {k: {"cold_s": c, "warm_s": w, "setup_ms": self.setup_ms[k]} for k, (c, w) in out.items()}
 
 
