@@ -30,7 +30,7 @@ typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
 guests: $(STAMP)
-	for src in guests/*.c; do $(BIN)/wasmshare build $$src -o $${src%.c}.wasm || exit 1; done
+	sh guests/build.sh $(BIN)/python
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache build src/*.egg-info

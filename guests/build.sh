@@ -1,6 +1,8 @@
 #!/bin/sh
-# Rebuild every guests/*.c into the checked-in guests/*.wasm next to it, with
-# the same settings tests/test_build.py checks against (build_guest defaults).
+# Rebuild every guests/*.c, guests/controllers/*.c and guests/plugins/*.c into the
+# checked-in .wasm next to it (build_guest defaults: wasm32-freestanding, -O2; warnings
+# are errors and do not change the code), as tests/test_build.py,
+# tests/test_controller_guests.py and tests/test_plugins.py check.
 # Usage: guests/build.sh [python]   (default: .venv/bin/python, else python3)
 set -eu
 cd "$(dirname "$0")/.."
@@ -12,7 +14,8 @@ PYTHONPATH=src "$PY" - <<'PYEOF'
 import pathlib
 from wasmshare.abi import build_guest
 
-for src in sorted(pathlib.Path("guests").glob("*.c")):
-    out = build_guest([src], src.with_suffix(".wasm"))
-    print(f"{out} ({out.stat().st_size} bytes)")
+for folder in ("guests", "guests/controllers", "guests/plugins"):
+    for src in sorted(pathlib.Path(folder).glob("*.c")):
+        out = build_guest([src], src.with_suffix(".wasm"), extra_flags=["-Wall", "-Wextra", "-Werror"])
+        print(f"{out} ({out.stat().st_size} bytes)")
 PYEOF

@@ -35,7 +35,7 @@ SOURCES = sorted(CONTROLLERS.glob("*.c"))
 PREBUILT = sorted(CONTROLLERS.glob("*.wasm"))
 # Controllers that import the host's grammar engine (ws_constraint_*): no plain-wasmtime harness.
 HOST_ENGINE_USERS = {"tool_call"}
-# guests/controllers/build.sh builds with these flags (warnings do not change the code).
+# guests/build.sh builds with these flags (warnings do not change the code).
 BUILD_FLAGS = ["-Wall", "-Wextra", "-Werror"]
 # The checked-in modules were built with this ziglang; with another version only the
 # exports and imports are compared, not the bytes.
@@ -393,9 +393,9 @@ def test_prebuilt_is_up_to_date(source: pathlib.Path, tmp_path: pathlib.Path) ->
     engine = wasmtime.Engine()
     assert _signature(wasmtime.Module(engine, fresh.read_bytes())) == _signature(
         wasmtime.Module(engine, checked_in.read_bytes())
-    ), f"{checked_in.name} is stale: run guests/controllers/build.sh"
+    ), f"{checked_in.name} is stale: run guests/build.sh"
     if importlib.metadata.version("ziglang") == PINNED_ZIGLANG:
-        assert fresh.read_bytes() == checked_in.read_bytes(), f"{checked_in.name} is stale: run guests/controllers/build.sh"
+        assert fresh.read_bytes() == checked_in.read_bytes(), f"{checked_in.name} is stale: run guests/build.sh"
 
 
 @pytest.mark.parametrize("path", PREBUILT, ids=lambda p: p.stem)

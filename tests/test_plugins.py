@@ -700,4 +700,4 @@ def test_prebuilt_plugin_is_up_to_date(source: Path, tmp_path: Path) -> None:
     checked_in = source.with_suffix(".wasm")
     check_plugin_module(checked_in)
     if importlib.metadata.version("ziglang") == PINNED_ZIGLANG:
-        assert fresh.read_bytes() == checked_in.read_bytes(), f"{checked_in.name} is stale: run guests/plugins/build.sh"
+        assert fresh.read_bytes() == checked_in.read_bytes(), f"{checked_in.name} is stale: run guests/build.sh"
