@@ -13,9 +13,10 @@ from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
-from rich.console import Console
 from rich.table import Table
 
+from ._cli_output import console, errors
+from ._cli_output import fail as _fail
 from .errors import WasmshareError
 
 app = typer.Typer(
@@ -25,15 +26,8 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
 
 BENCHMARKS = ("calls", "exchange", "controllers", "grammars", "generate", "serve", "plugins")
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red bold]error:[/] {message}", highlight=False)
-    return typer.Exit(code)
 
 
 @app.command()

@@ -9,8 +9,9 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from rich.console import Console
 
+from .._cli_output import console, errors
+from .._cli_output import fail as _fail
 from ..errors import WasmshareError
 
 __all__ = ["plugins_app"]
@@ -21,13 +22,6 @@ plugins_app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
-
-
-def _fail(message: str, code: int = 1) -> typer.Exit:
-    errors.print(f"[red bold]error:[/] {message}", highlight=False, soft_wrap=True)
-    return typer.Exit(code)
 
 
 def _size(text: str) -> int:
