@@ -100,7 +100,7 @@ def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) 
     def renew(handle: int) -> Any | None:
         """Rebuild a matcher whose shared lexer hit llguidance's size cap (see CompiledConstraint)."""
         compiled, history = opened[handle]
-        if compiled.backend != "llguidance" or not C._is_lexer_capacity_error(str(matchers[handle].get_error())):
+        if not compiled.recovers_from(str(matchers[handle].get_error())):
             return None
         try:
             matchers[handle] = compiled.renewed_matcher(history)

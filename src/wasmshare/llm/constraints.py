@@ -178,6 +178,11 @@ class CompiledConstraint:
         """
         return self._template.deep_copy()
 
+    def recovers_from(self, error: str) -> bool:
+        """Whether ``error`` is llguidance's cap on a shared lexer's size, which
+        :meth:`renewed_matcher` recovers from."""
+        return self.backend == "llguidance" and "too many expressions constructed" in error
+
     def renewed_matcher(self, history: Sequence[int]) -> Any:
         """A matcher on a newly built lexer, advanced by ``history``.
 
@@ -194,11 +199,6 @@ class CompiledConstraint:
         if history and not fresh.consume_tokens(list(history)):
             raise ConstraintError(f"{self.spec.describe()}: replaying {len(history)} tokens failed: {fresh.get_error()}")
         return fresh
-
-
-def _is_lexer_capacity_error(message: str) -> bool:
-    """llguidance's error when a shared lexer has grown past its limit (recoverable by a rebuild)."""
-    return "too many expressions constructed" in message
 
 
 _tokenizers: dict[str, Any] = {}
@@ -421,7 +421,7 @@ class ConstraintInstance:
         tokens = words[L.W_TOKENS : L.W_TOKENS + n].tolist() if n else []
         base = len(self._history)
         error = self._step_once(tokens)
-        if error is not None and _is_lexer_capacity_error(error) and self.compiled.backend == "llguidance":
+        if error is not None and self.compiled.recovers_from(error):
             del self._history[base:]
             try:
                 self.matcher = self.compiled.renewed_matcher(self._history)

@@ -16,6 +16,7 @@ import os
 import re
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -84,7 +85,7 @@ class ControllerStore:
                 return existing
             controller = Controller(wasm, name=name or f"controller-{digest[:12]}")
             self._validate(controller)
-            record = StoredController(digest, controller.label, len(wasm), int(_now()))
+            record = StoredController(digest, controller.label, len(wasm), int(time.time()))
             _write_atomically(self.folder / f"{digest}.wasm", wasm)
             _write_atomically(self.folder / f"{digest}.json", json.dumps(dataclasses.asdict(record)).encode())
             self._loaded[digest] = controller
@@ -147,7 +148,7 @@ class ControllerStore:
             return StoredController(**json.loads(meta.read_text()))
         except (OSError, ValueError, TypeError):
             size = (self.folder / f"{digest}.wasm").stat().st_size
-            return StoredController(digest, f"controller-{digest[:12]}", size, int(_now()))
+            return StoredController(digest, f"controller-{digest[:12]}", size, int(time.time()))
 
     def _validate(self, controller: Controller) -> None:
         """Instantiate once against a scratch slot: compiles (and caches) the module, checks the ABI."""
@@ -171,9 +172,3 @@ def _write_atomically(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _now() -> float:
-    import time
-
-    return time.time()
