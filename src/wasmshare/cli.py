@@ -205,6 +205,8 @@ def serve(
         raise _fail(f"--controller-deadline-ms must be positive, got {controller_deadline_ms}")
     if grammar_backend not in ("llguidance", "xgrammar"):
         raise _fail(f"--grammar-backend must be llguidance or xgrammar, not {grammar_backend!r}")
+    if grammar_backend == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
+        raise _fail("--grammar-backend xgrammar needs xgrammar: pip install --no-deps xgrammar")
     config = ServerConfig(
         api_key=api_key or None, max_concurrent=max_concurrent, max_waiting=max_waiting, max_tokens=max_tokens,
         default_max_tokens=min(256, max_tokens), max_body_bytes=max_body, max_controller_bytes=max_controller_bytes,

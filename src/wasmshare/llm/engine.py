@@ -550,7 +550,7 @@ class Engine:
 
         The masks are turned into the additive tensor later, on the main thread: doing it
         here made the torch ops of both threads fight over the cores and slowed the forward
-        pass (on a 2-core machine, 42 -> 70 ms a step at batch 8), and a numpy version on this
+        pass (in a trial on a 2-core machine, 42 -> 70 ms a step at batch 8), and a numpy version on this
         thread still took its CPU time from the forward pass: no net gain there.
         """
         started = time.perf_counter()
