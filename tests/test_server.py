@@ -30,7 +30,7 @@ KEY = "test-key"
 
 SCHEMA = {
     "type": "object",
-    "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Berlin"]}, "population_millions": {"type": "integer"}},
+    "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Berlin"]}, "population_millions": {"type": "integer", "minimum": 0, "maximum": 99}},
     "required": ["city", "population_millions"],
     "additionalProperties": False,
 }
