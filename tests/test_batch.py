@@ -120,6 +120,36 @@ def test_ban_strings(table: TokenTable) -> None:
         assert tid(b"good") in allowed and ord("b") in allowed
 
 
+def test_row_outputs_name_the_fewer_ids_and_share_the_bias(table: TokenTable) -> None:
+    with ControllerBatch(table, capacity=5) as batch:
+        few = batch.add(ctrl("allow_list", u32s(5, 300, 700)))
+        banned = batch.add(ctrl("ban_strings", "bad"))
+        boosted = batch.add(ctrl("boost_words", "world\t2.5"))
+        everything = batch.add(ctrl("hostile_controller", "ok"))
+        nothing = batch.add(ctrl("hostile_controller", "empty_mask"))
+        outputs = batch.row_outputs(batch.step())
+        assert outputs[few].allowed is not None and outputs[few].allowed.tolist() == [5, 300, 700]
+        assert outputs[few].forbidden is None and outputs[few].bias is None
+        forbidden = sorted(set(range(table.vocab_size)) - set(allowed_ids(batch, batch.slot(banned))))
+        assert outputs[banned].allowed is None and outputs[banned].forbidden is not None
+        assert outputs[banned].forbidden.tolist() == forbidden and tid(b" bad") in forbidden
+        bias = outputs[boosted].bias
+        assert bias is not None and np.shares_memory(bias, batch.bias) and bias[tid(b"world")] == 2.5
+        assert everything not in outputs  # allows every token: nothing to apply
+        assert outputs[nothing].allowed is not None and outputs[nothing].allowed.size == 0
+
+
+@pytest.mark.parametrize("limit", [1, 31, 32, 33, 200, 224])
+def test_set_bit_ids_match_the_unpacked_bits(limit: int) -> None:
+    from wasmshare.llm.batch import _set_bit_ids
+
+    rng = np.random.default_rng(limit)
+    for density in (0.0, 0.01, 0.5, 0.99, 1.0):
+        bits = rng.random(224) < density
+        words = np.packbits(bits, bitorder="little").view(np.uint32)
+        assert _set_bit_ids(words, limit).tolist() == np.flatnonzero(bits[:limit]).tolist()
+
+
 def _scenario(table: TokenTable, mode: str) -> list[tuple[object, ...]]:
     """Sequences join and leave mid-batch; returns everything observable."""
     seen: list[tuple[object, ...]] = []

@@ -273,3 +273,42 @@ def test_incremental_text_matches_a_full_decode(loaded: Any) -> None:
             seen.append(partial)
         assert seen[-1] == text
         assert len(set(seen)) < len(ids)  # some steps held a partial character back
+
+
+def test_sparse_and_dense_mask_application_agree(loaded: Any) -> None:
+    """Masks applied as few allowed / forbidden ids give the tokens of the dense additive tensor."""
+    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
+              "required": ["name", "age"], "additionalProperties": False}
+    requests = [
+        GenerationRequest("Describe a person as JSON.", max_tokens=30, steer=C.json_schema(schema)),
+        GenerationRequest("Give a code.", max_tokens=12, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")),
+        GenerationRequest("Pick a colour.", max_tokens=6, steer=C.choice(["red", "green", "blue"])),
+        GenerationRequest("Write a sentence about dogs.", max_tokens=16,
+                          steer=Controller(CONTROLLERS / "ban_strings.wasm", "the\nThe\nTHE\ntHe\nthE\nTHe\ntHE\nThE")),
+        GenerationRequest("List numbers.", max_tokens=10, steer=Controller(CONTROLLERS / "boost_words.wasm", "seven\t30")),
+        GenerationRequest("Say hi.", max_tokens=8),
+    ]
+    outcomes = {}
+    for how in ("sparse", "dense"):
+        with Engine(loaded, max_batch=6, mask_apply=how) as engine:  # type: ignore[arg-type]
+            assert engine.sparse_apply == (how == "sparse")
+            outcomes[how] = [(r.tokens, r.error) for r in engine.generate(requests)]
+    assert outcomes["sparse"] == outcomes["dense"]
+    assert all(error is None for _, error in outcomes["sparse"])
+    assert "the" not in loaded.tokenizer.decode(outcomes["sparse"][3][0]).lower()
+
+
+def test_a_mask_that_allows_no_token_ends_only_its_sequence(loaded: Any) -> None:
+    requests = [
+        GenerationRequest("Misbehave.", max_tokens=10, temperature=0.8, seed=1,
+                          steer=Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask")),
+        GenerationRequest("Say hi.", max_tokens=8, temperature=0.8, seed=2),
+        GenerationRequest("Give a code.", max_tokens=12, temperature=0.8, seed=3, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")),
+    ]
+    with Engine(loaded, max_batch=3) as engine:
+        bad, free, code = engine.generate(requests)
+    assert bad.finish_reason == "error" and "allows no token" in (bad.error or "") and not bad.tokens
+    assert free.error is None and free.tokens
+    import re
+
+    assert code.error is None and re.fullmatch(r"[A-Z]{3}-[0-9]{3}", code.text)

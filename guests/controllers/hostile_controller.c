@@ -18,6 +18,7 @@
  *   "error"               step returns WS_ERR_FAILED
  *   "write_token_table"   step writes into the token table, which the host
  *                         lends read-only: with real loans that traps
+ *   "empty_mask"          step answers a bitmask that allows no token at all
  * Any other argument makes ws_ctrl_create return WS_ERR_FAILED.
  */
 #include "wasmshare_controller.h"
@@ -34,12 +35,14 @@ enum mode {
     MODE_BAD_BACKTRACK,
     MODE_ERROR,
     MODE_WRITE_TOKEN_TABLE,
+    MODE_EMPTY_MASK,
     MODE_COUNT
 };
 
 static const char *const g_names[MODE_COUNT] = {
     "ok", "create_trap", "create_error", "trap_mid_mask", "spin", "bomb",
     "bad_result", "bad_output", "bad_backtrack", "error", "write_token_table",
+    "empty_mask",
 };
 
 static int32_t g_mode = -1;
@@ -114,6 +117,10 @@ WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_
         return WS_OK;
     case MODE_ERROR:
         return WS_ERR_FAILED;
+    case MODE_EMPTY_MASK:
+        ws_mask_clear(in->mask, in->mask_words);
+        out->output = WS_OUTPUT_BITMASK;
+        return WS_OK;
     case MODE_WRITE_TOKEN_TABLE:
         ((volatile uint32_t *)in->token_table)[1] = 0; /* the magic */
         return WS_OK;

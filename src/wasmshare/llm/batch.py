@@ -46,7 +46,7 @@ from .tokens import TokenTable
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ControllerBatch", "StepResult", "BatchStep", "SequenceFailed", "BatchFull", "Action", "Output"]
+__all__ = ["ControllerBatch", "StepResult", "BatchStep", "SequenceFailed", "BatchFull", "Action", "Output", "RowOutput"]
 
 Mode = Literal["threads", "workers"]
 
@@ -180,6 +180,21 @@ class PreparedOutputs:
 
     sequence_ids: tuple[int, ...]
     additive: Any  # float32 [n, width]: -inf where a mask forbids a token, plus the biases; or None
+
+
+@dataclass
+class RowOutput:
+    """One sequence's mask or bias of a step, in the form that is cheapest to apply to its row.
+
+    A bitmask becomes the token ids it allows when they are the fewer (``allowed``, sorted;
+    empty when the mask allows nothing), else the ids it forbids (``forbidden``, sorted).
+    ``bias`` is a float32 ``[V]`` view of the sequence's bias slot in the shared region (no
+    copy): it is valid until the batch steps again. Exactly one field is set.
+    """
+
+    allowed: np.ndarray[Any, Any] | None = None
+    forbidden: np.ndarray[Any, Any] | None = None
+    bias: np.ndarray[Any, Any] | None = None
 
 
 @dataclass
@@ -318,6 +333,10 @@ class ControllerBatch:
     def slot(self, sequence_id: int) -> int:
         """The slot (row of :attr:`mask` / :attr:`bias`) of a live sequence."""
         return self._get(sequence_id).slot
+
+    def label(self, sequence_id: int) -> str:
+        """The name of a live sequence's controller or constraint, as error messages give it."""
+        return self._get(sequence_id).controller.label
 
     def _get(self, sequence_id: int) -> _Sequence:
         seq = self._sequences.get(sequence_id)
@@ -810,6 +829,32 @@ class ControllerBatch:
             additive[:, : self.vocab_size] += bias
         return PreparedOutputs(tuple(int(s) for s in step.sequence_ids.tolist()), additive)
 
+    def row_outputs(self, step: BatchStep) -> dict[int, RowOutput]:
+        """The step's masks and biases per sequence id, as token ids or bias views (numpy only).
+
+        A mask costs work in proportion to the tokens it allows or forbids, whichever are
+        fewer, instead of a pass over the whole ``[n, V]`` logits: a JSON constraint mostly
+        allows a handful of tokens, or (inside a string) forbids a few thousand. Finding the
+        ids reads only the mask words (``V / 32``) and the non-trivial ones, so it is cheap
+        enough to run on the engine's helper thread beside the forward pass. Sequences
+        without output, and masks that allow every token, are left out.
+        """
+        outputs: dict[int, RowOutput] = {}
+        vocab = self.vocab_size
+        for sid, slot, code in zip(step.sequence_ids.tolist(), step.slots.tolist(), step.output_codes.tolist()):
+            if code == L.OUTPUT_BITMASK:
+                words = self._mask_rows[slot].view(np.uint32)
+                allowed = int(np.bitwise_count(words).sum())
+                if allowed * 2 <= vocab:
+                    outputs[sid] = RowOutput(allowed=_set_bit_ids(words, vocab))
+                else:
+                    forbidden = _set_bit_ids(~words, vocab)
+                    if forbidden.size:
+                        outputs[sid] = RowOutput(forbidden=forbidden)
+            elif code == L.OUTPUT_BIAS:
+                outputs[sid] = RowOutput(bias=self._bias_rows[slot])
+        return outputs
+
     def apply_prepared(self, logits: torch.Tensor, prepared: PreparedOutputs, rows: Sequence[int] | None = None) -> None:
         """Apply :meth:`prepare`'s tensor to ``logits`` in place (one add).
 
@@ -878,6 +923,17 @@ def _run_chunk(instances: list[ControllerInstance | ConstraintInstance]) -> None
         instance.step()
 
 
+
+
+def _set_bit_ids(words: np.ndarray[Any, Any], limit: int) -> np.ndarray[Any, Any]:
+    """Sorted int64 ids ``t < limit`` whose bit ``t % 32`` of ``words[t // 32]`` is set."""
+    nonzero = np.flatnonzero(words)
+    if not nonzero.size:
+        return np.empty(0, dtype=np.int64)
+    bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(nonzero.size, 32)
+    word_index, bit = np.nonzero(bits)
+    ids = nonzero[word_index] * 32 + bit
+    return ids[: np.searchsorted(ids, limit)] if ids[-1] >= limit else ids
 
 
 _BYTE_TABLES: dict[str, Any] = {}

@@ -26,10 +26,10 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 from ..errors import WasmshareError
-from .batch import Action, BatchStep, ControllerBatch, PreparedOutputs
+from .batch import Action, BatchStep, ControllerBatch, PreparedOutputs, RowOutput
 from .constraints import Backend, ConstraintSpec
 from .controller import Controller
 
@@ -41,6 +41,7 @@ if TYPE_CHECKING:
 __all__ = ["Engine", "GenerationRequest", "GenerationResult", "EngineStats", "RequestQueue", "QueueFull"]
 
 FinishReason = Literal["stop", "length", "controller", "error", "cancelled"]
+MaskApply = Literal["auto", "sparse", "dense"]
 
 
 @dataclass
@@ -226,6 +227,16 @@ class Engine:
     ``mode``, ``deadline_ms`` and the other limits go to the :class:`ControllerBatch`.
     ``overlap=False`` runs the controller phase after the forward pass instead of beside
     it (for measuring what the overlap hides).
+
+    ``mask_apply`` says how masks reach the logits. ``"sparse"`` (the default on CPU):
+    the helper thread turns each mask into the token ids it allows or forbids, whichever
+    are fewer (:meth:`ControllerBatch.row_outputs`), and after the forward pass a row
+    either gets ``-inf`` at its few forbidden ids or samples among its few allowed ones;
+    the work left on the critical path is proportional to those ids, not to ``B × V``.
+    ``"dense"`` (the default on CUDA, where the device does it in microseconds): one
+    additive ``[B, V]`` tensor from the bitmask, added to the logits. Both give the same
+    greedy tokens; seeded sampling draws from the same distribution but, among a
+    row's allowed ids, not the same random numbers.
     """
 
     def __init__(
@@ -239,9 +250,12 @@ class Engine:
         memory_limit_bytes: int | None = 256 << 20,
         overlap: bool = True,
         grammar_backend: Backend = "llguidance",
+        mask_apply: MaskApply = "auto",
     ) -> None:
         if max_batch <= 0:
             raise WasmshareError(f"max_batch must be positive, got {max_batch}")
+        if mask_apply not in ("auto", "sparse", "dense"):
+            raise WasmshareError(f"mask_apply must be 'auto', 'sparse' or 'dense', got {mask_apply!r}")
         self.loaded = loaded
         self.model = loaded.model
         self.max_batch = max_batch
@@ -251,11 +265,12 @@ class Engine:
             fuel=fuel, memory_limit_bytes=memory_limit_bytes, grammar_backend=grammar_backend,
         )
         self.device = next(self.model.parameters()).device
+        self.sparse_apply = mask_apply == "sparse" or (mask_apply == "auto" and self.device.type == "cpu")
         self.stats = EngineStats()
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wasmshare-engine")
         self._eos = set(loaded.eos_token_ids)
         self._width = int(loaded.vocab_size)
-        self._inflight: Future[BatchStep] | None = None
+        self._inflight: Future[_ControllerPhase] | None = None
         self._busy = threading.Lock()
         self._cache: Any = None
         self._attn: torch.Tensor | None = None
@@ -367,6 +382,7 @@ class Engine:
         self._attn = None
         logits: torch.Tensor | None = None
         ctrl: BatchStep | None = None
+        outputs: dict[int, RowOutput] | None = None
         with torch.inference_mode():
             while True:
                 if not rows and not prebuilt and not queue.wait_for_work():
@@ -390,13 +406,21 @@ class Engine:
                 if rows:
                     assert logits is not None
                     apply_started = time.perf_counter()
-                    if ctrl is not None and any(r.sequence_id is not None for r in rows):
+                    candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+                    if outputs is not None:
+                        candidates = self._apply_rows(rows, logits, outputs)
+                    elif ctrl is not None and any(r.sequence_id is not None for r in rows):
                         self._apply(rows, logits, ctrl)
                     self.stats.apply_s += time.perf_counter() - apply_started
                     for i, row in enumerate(rows):
-                        if row.feed:
-                            continue  # its logits predate a fast-forward: it samples after the next forward
-                        token = self._sample(row, logits[i])
+                        if row.feed or row.finish is not None:
+                            continue  # logits predating a fast-forward: it samples after the next forward
+                        picked = candidates.get(i)
+                        if picked is None:
+                            token = self._sample(row, logits[i])
+                        else:  # only a few ids are allowed: sample among them
+                            ids, values = picked
+                            token = int(ids[self._sample(row, values)])
                         sampled[id(row)] = token
                         self._accept(row, [token], on_token)
                     for row in rows:
@@ -433,8 +457,8 @@ class Engine:
                     for r in rows if r.sequence_id is not None
                 }
                 has_controllers = any(r.sequence_id is not None for r in rows + new_rows)
-                future: Future[BatchStep] | None = None
-                ctrl = None
+                future: Future[_ControllerPhase] | None = None
+                ctrl, outputs = None, None
                 if has_controllers and self.overlap:
                     future = self._inflight = self._helper.submit(self._timed_step, steer)
                 decoded = bool(rows)
@@ -453,7 +477,7 @@ class Engine:
                     rows.extend(new_rows)
                 if has_controllers:
                     wait_started = time.perf_counter()
-                    ctrl = future.result() if future is not None else self._timed_step(steer)
+                    ctrl, outputs = future.result() if future is not None else self._timed_step(steer)
                     self._inflight = None
                     self.stats.critical_controller_s += time.perf_counter() - wait_started
                 if decoded:
@@ -545,18 +569,20 @@ class Engine:
 
     # -- controller results ------------------------------------------------------------------------
 
-    def _timed_step(self, steer: dict[int, list[int]]) -> BatchStep:
+    def _timed_step(self, steer: dict[int, list[int]]) -> _ControllerPhase:
         """The controller phase (on the helper thread while the forward pass runs).
 
-        The masks are turned into the additive tensor later, on the main thread: doing it
-        here made the torch ops of both threads fight over the cores and slowed the forward
-        pass (in a trial on a 2-core machine, 42 -> 70 ms a step at batch 8), and a numpy version on this
-        thread still took its CPU time from the forward pass: no net gain there.
+        With sparse application the masks are also turned into token ids here (numpy over
+        the mask words, microseconds a row). No torch op runs on this thread: building a
+        dense additive tensor here made the torch ops of both threads fight over the
+        cores and slowed the forward pass (in a trial on a 2-core machine, 42 -> 70 ms a
+        step at batch 8), so the dense path builds it on the main thread.
         """
         started = time.perf_counter()
         step = self.batch.step(steer)
+        outputs = self.batch.row_outputs(step) if self.sparse_apply else None
         self.stats.controller_s += time.perf_counter() - started
-        return step
+        return _ControllerPhase(step, outputs)
 
     def _handle_controller_results(
         self, rows: list[_Row], logits: torch.Tensor, ctrl: BatchStep | None,
@@ -626,6 +652,38 @@ class Engine:
             return rows, logits
         self._select_rows(keep)
         return [rows[i] for i in keep], logits[keep]
+
+    def _apply_rows(
+        self, rows: list[_Row], logits: torch.Tensor, outputs: dict[int, RowOutput]
+    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Sparse application: per constrained row, ``-inf`` at its forbidden ids, its bias
+        added, or its allowed ids and their logits returned (row index -> (ids, values)) to
+        sample among. A mask that allows no token ends its row with an error."""
+        import torch
+
+        vocab = self.batch.vocab_size
+        candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        for i, row in enumerate(rows):
+            out = outputs.get(row.sequence_id) if row.sequence_id is not None else None
+            if out is None or row.feed:
+                continue
+            line = logits[i]
+            if out.allowed is not None:
+                if not out.allowed.size:
+                    assert row.sequence_id is not None
+                    row.finish = "error"
+                    row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
+                                 f"its mask allows no token at output token {len(row.tokens)}")
+                    continue
+                ids = torch.from_numpy(out.allowed)
+                candidates[i] = (ids, line.index_select(0, ids))
+            elif out.forbidden is not None:
+                line.index_fill_(0, torch.from_numpy(out.forbidden), float("-inf"))
+                if line.shape[0] > vocab:
+                    line[vocab:] = float("-inf")
+            elif out.bias is not None:
+                line[:vocab].add_(torch.from_numpy(out.bias))
+        return candidates
 
     def _apply(self, rows: list[_Row], logits: torch.Tensor, ctrl: BatchStep) -> None:
         """Masks and biases for the constrained rows: one add of the prepared tensor into the logits."""
@@ -751,6 +809,13 @@ class Engine:
         self._attn = attn
         picked: torch.Tensor = out.logits[torch.arange(batch), last.to(self.device)].float()
         return picked
+
+
+class _ControllerPhase(NamedTuple):
+    """What the helper thread hands back: the step, and its outputs as ids (sparse apply) or None."""
+
+    step: BatchStep
+    outputs: dict[int, RowOutput] | None
 
 
 def _left_pad(tensor: torch.Tensor, width: int, ndim: int) -> torch.Tensor:
