@@ -17,6 +17,10 @@ the shared machine hits every configuration alike):
 * ours, JSON-constrained: the same Engine, ``steer=constraints.json_schema(SCHEMA)``.
 * ours, wasm controller: ``boost_words.wasm`` (argument ``"name\\t2\\nyear\\t1"``) writes a logit
   bias row; generation proceeds as usual.
+* ours, the two above with ``mask_apply="dense"``: masks applied as one additive ``[B, V]``
+  tensor built from the bitmask (biases folded in) instead of the default sparse application on
+  CPU (each row's few allowed / forbidden token ids, or its bias view); the in-run baseline for
+  the critical-path mask work.
 * transformers ``model.generate`` (left-padded batch, greedy, the same prompt token ids),
   unconstrained: the reference for the baselines (each baseline is compared with its own
   runner).
@@ -64,7 +68,8 @@ Rows (``ratio = baseline_us / ours_us``, above 1: ours is faster / cheaper): per
 unconstrained Engine vs unconstrained ``generate``; JSON-constrained vs unconstrained (ours);
 JSON-constrained vs each baseline (absolute µs/step; ``kept`` of both beside); controller vs
 unconstrained (ours); critical mask µs/step vs each baseline's processor µs/call; then the
-first-request rows (cold wall µs).
+first-request rows (cold wall µs); and ours sparse vs ours dense (decode µs/step and critical
+mask µs/step, JSON-constrained and wasm controller).
 
 Targets (issue): at B=8 ours JSON-constrained keeps ≥ 0.99 of unconstrained decode (per-step
 time), keeps more than both baselines keep of theirs, and is faster per step than both
@@ -323,12 +328,12 @@ class _Bench:
         self.xgr_grammar = self.xgr_compiler.compile_json_schema(json.dumps(SCHEMA))
 
     # ours
-    def engine_run(self, batch: int, n_prompts: int, steer: Any, max_tokens: int | None = None) -> dict[str, Any]:
+    def engine_run(self, batch: int, n_prompts: int, steer: Any, max_tokens: int | None = None,
+                   mask_apply: str = "sparse") -> dict[str, Any]:
         from wasmshare.llm.engine import Engine, GenerationRequest
 
-
         max_tokens = max_tokens or self.max_tokens
-        with Engine(self.loaded, max_batch=batch, overlap=True) as engine:
+        with Engine(self.loaded, max_batch=batch, overlap=True, mask_apply=mask_apply) as engine:  # type: ignore[arg-type]
             engine.stats = stats = _step_stats()
             reqs = [GenerationRequest(p, max_tokens=max_tokens, temperature=0.0, steer=steer)
                     for p in self.prompt_ids[:n_prompts]]
@@ -454,7 +459,8 @@ class _Bench:
         return {k: {"cold_s": c, "warm_s": w, "setup_ms": self.setup_ms[k]} for k, (c, w) in out.items()}
 
 
-CONFIGS = ("ours_unconstrained", "ours_json", "ours_controller", "hf_unconstrained", "hf_xgrammar", "hf_llguidance")
+CONFIGS = ("ours_unconstrained", "ours_json", "ours_json_dense", "ours_controller", "ours_controller_dense",
+           "hf_unconstrained", "hf_xgrammar", "hf_llguidance")
 
 
 def _run_config(b: _Bench, config: str, batch: int, n_prompts: int) -> dict[str, Any]:
@@ -462,8 +468,12 @@ def _run_config(b: _Bench, config: str, batch: int, n_prompts: int) -> dict[str,
         return b.engine_run(batch, n_prompts, None)
     if config == "ours_json":
         return b.engine_run(batch, n_prompts, b.spec)
+    if config == "ours_json_dense":
+        return b.engine_run(batch, n_prompts, b.spec, mask_apply="dense")
     if config == "ours_controller":
         return b.engine_run(batch, n_prompts, b.controller)
+    if config == "ours_controller_dense":
+        return b.engine_run(batch, n_prompts, b.controller, mask_apply="dense")
     if config == "hf_unconstrained":
         return b.hf_run(batch, n_prompts, None)
     if config == "hf_xgrammar":
@@ -528,12 +538,15 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
     for batch in batches:
         s = {c: _summarise(raw[(batch, c)]) for c in CONFIGS}
         ou, oj, oc = s["ours_unconstrained"], s["ours_json"], s["ours_controller"]
+        ojd, ocd = s["ours_json_dense"], s["ours_controller_dense"]
         hu, hx, hl = s["hf_unconstrained"], s["hf_xgrammar"], s["hf_llguidance"]
         kept = {
             "ours": ou["step_us"] / oj["step_us"],
             "xgrammar": hu["step_us"] / hx["step_us"],
             "llguidance": hu["step_us"] / hl["step_us"],
             "controller": ou["step_us"] / oc["step_us"],
+            "dense": ou["step_us"] / ojd["step_us"],
+            "controller_dense": ou["step_us"] / ocd["step_us"],
         }
 
         def t(d: dict[str, Any], key: str = "step_us") -> dict[str, Any]:
@@ -572,8 +585,24 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
                         steps_baseline_detail=detail(d, tokens_per_s=round(d["tokens_per_s"], 1),
                                                      critical_mask_us=round(d["critical_us"], 1)))))
         rows.append(_common.make_row(
+            f"{p} JSON-constrained decode µs/step", t(oj), "ours, dense mask application", t(ojd),
+            **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept["dense"], 3),
+                    baseline_valid=ojd["valid"], steps_detail=detail(oj), steps_baseline_detail=detail(ojd))))
+        rows.append(_common.make_row(
             f"{p} wasm controller (boost_words) decode µs/step", t(oc), "unconstrained (ours)", t(ou),
             **extra(oc, kept=round(kept["controller"], 3), steps_detail=detail(oc))))
+        rows.append(_common.make_row(
+            f"{p} wasm controller (boost_words) decode µs/step", t(oc), "ours, dense bias application", t(ocd),
+            **extra(oc, kept=round(kept["controller"], 3), baseline_kept=round(kept["controller_dense"], 3),
+                    steps_detail=detail(oc), steps_baseline_detail=detail(ocd))))
+        rows.append(_common.make_row(
+            f"{p} JSON mask µs/step on the critical path", t(oj, "critical_us"),
+            "ours, dense mask application", t(ojd, "critical_us"), model=model, B=batch,
+            steps_detail=detail(oj), steps_baseline_detail=detail(ojd)))
+        rows.append(_common.make_row(
+            f"{p} controller bias µs/step on the critical path", t(oc, "critical_us"),
+            "ours, dense bias application", t(ocd, "critical_us"), model=model, B=batch,
+            steps_detail=detail(oc), steps_baseline_detail=detail(ocd)))
         for base, d in (("xgrammar", hx), ("llguidance", hl)):
             rows.append(_common.make_row(
                 f"{p} JSON mask µs/step on the critical path", t(oj, "critical_us"),

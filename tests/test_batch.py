@@ -120,7 +120,7 @@ def test_ban_strings(table: TokenTable) -> None:
         assert tid(b"good") in allowed and ord("b") in allowed
 
 
-def test_row_outputs_name_the_fewer_ids_and_share_the_bias(table: TokenTable) -> None:
+def test_row_outputs_list_few_allowed_ids_and_share_the_bias(table: TokenTable) -> None:
     with ControllerBatch(table, capacity=5) as batch:
         few = batch.add(ctrl("allow_list", u32s(5, 300, 700)))
         banned = batch.add(ctrl("ban_strings", "bad"))
@@ -129,25 +129,36 @@ def test_row_outputs_name_the_fewer_ids_and_share_the_bias(table: TokenTable) ->
         nothing = batch.add(ctrl("hostile_controller", "empty_mask"))
         outputs = batch.row_outputs(batch.step())
         assert outputs[few].allowed is not None and outputs[few].allowed.tolist() == [5, 300, 700]
-        assert outputs[few].forbidden is None and outputs[few].bias is None
+        assert outputs[few].allows(300) and not outputs[few].allows(301) and outputs[few].bias is None
+        # Most ids allowed: no list up front; a token test and the forbidden ids on demand.
         forbidden = sorted(set(range(table.vocab_size)) - set(allowed_ids(batch, batch.slot(banned))))
-        assert outputs[banned].allowed is None and outputs[banned].forbidden is not None
-        assert outputs[banned].forbidden.tolist() == forbidden and tid(b" bad") in forbidden
+        assert outputs[banned].allowed is None and outputs[banned].forbidden().tolist() == forbidden
+        assert not outputs[banned].allows(tid(b" bad")) and outputs[banned].allows(tid(b"good"))
+        assert not outputs[banned].allows(table.vocab_size)
         bias = outputs[boosted].bias
         assert bias is not None and np.shares_memory(bias, batch.bias) and bias[tid(b"world")] == 2.5
         assert everything not in outputs  # allows every token: nothing to apply
         assert outputs[nothing].allowed is not None and outputs[nothing].allowed.size == 0
+        # The copy outlives the next step, whatever the controller writes then.
+        batch.mask[batch.slot(few)] = 0
+        assert outputs[few].allows(300)
 
 
 @pytest.mark.parametrize("limit", [1, 31, 32, 33, 200, 224])
 def test_set_bit_ids_match_the_unpacked_bits(limit: int) -> None:
-    from wasmshare.llm.batch import _set_bit_ids
+    from wasmshare.llm.batch import _set_bit_ids, _set_bit_ids_by_row
 
     rng = np.random.default_rng(limit)
     for density in (0.0, 0.01, 0.5, 0.99, 1.0):
         bits = rng.random(224) < density
         words = np.packbits(bits, bitorder="little").view(np.uint32)
         assert _set_bit_ids(words, limit).tolist() == np.flatnonzero(bits[:limit]).tolist()
+    rows = np.packbits(rng.random((5, 224)) < 0.3, axis=1, bitorder="little").view(np.uint32)
+    owner, ids = _set_bit_ids_by_row(rows)
+    for r in range(5):
+        expected = np.flatnonzero(np.unpackbits(rows[r].view(np.uint8), bitorder="little"))
+        assert ids[owner == r].tolist() == expected.tolist()
+    assert owner.tolist() == sorted(owner.tolist())
 
 
 def _scenario(table: TokenTable, mode: str) -> list[tuple[object, ...]]:

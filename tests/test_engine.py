@@ -275,8 +275,8 @@ def test_incremental_text_matches_a_full_decode(loaded: Any) -> None:
         assert len(set(seen)) < len(ids)  # some steps held a partial character back
 
 
-def test_sparse_and_dense_mask_application_agree(loaded: Any) -> None:
-    """Masks applied as few allowed / forbidden ids give the tokens of the dense additive tensor."""
+def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Sparse application (few allowed ids, or a draw checked against the mask) gives the dense tokens."""
     schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
               "required": ["name", "age"], "additionalProperties": False}
     requests = [
@@ -288,7 +288,17 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any) -> None:
         GenerationRequest("List numbers.", max_tokens=10, steer=Controller(CONTROLLERS / "boost_words.wasm", "seven\t30")),
         GenerationRequest("Say hi.", max_tokens=8),
     ]
+    from wasmshare.llm.batch import RowOutput
+
+    fallbacks = {"n": 0}
+    real_forbidden = RowOutput.forbidden
+
+    def counted(self: RowOutput) -> Any:
+        fallbacks["n"] += 1
+        return real_forbidden(self)
+
     outcomes = {}
+    monkeypatch.setattr(RowOutput, "forbidden", counted)
     for how in ("sparse", "dense"):
         with Engine(loaded, max_batch=6, mask_apply=how) as engine:  # type: ignore[arg-type]
             assert engine.sparse_apply == (how == "sparse")
@@ -296,6 +306,11 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any) -> None:
     assert outcomes["sparse"] == outcomes["dense"]
     assert all(error is None for _, error in outcomes["sparse"])
     assert "the" not in loaded.tokenizer.decode(outcomes["sparse"][3][0]).lower()
+    assert fallbacks["n"] > 0  # some greedy draw was forbidden and the row was masked after it
+    with Engine(loaded, max_batch=2) as engine:
+        sampled = engine.generate([GenerationRequest(requests[3].prompt, max_tokens=24, temperature=1.0, seed=s,
+                                                     steer=requests[3].steer) for s in (1, 2)])
+    assert all(r.error is None and "the" not in r.text.lower() for r in sampled)
 
 
 def test_a_mask_that_allows_no_token_ends_only_its_sequence(loaded: Any) -> None:

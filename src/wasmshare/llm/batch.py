@@ -182,19 +182,45 @@ class PreparedOutputs:
     additive: Any  # float32 [n, width]: -inf where a mask forbids a token, plus the biases; or None
 
 
-@dataclass
 class RowOutput:
     """One sequence's mask or bias of a step, in the form that is cheapest to apply to its row.
 
-    A bitmask becomes the token ids it allows when they are the fewer (``allowed``, sorted;
-    empty when the mask allows nothing), else the ids it forbids (``forbidden``, sorted).
-    ``bias`` is a float32 ``[V]`` view of the sequence's bias slot in the shared region (no
-    copy): it is valid until the batch steps again. Exactly one field is set.
+    A mask is held as a private copy of its bitmask words (``words``, uint32; bits past the
+    vocabulary cleared), so it outlives the next step. When the mask allows at most half
+    the vocabulary, ``allowed`` holds those ids (sorted; empty when it allows nothing):
+    they are cheap to find then, as every allowed id sits in one of the few non-zero words.
+    Otherwise :meth:`forbidden` finds the forbidden ids on demand, and :meth:`allows`
+    tests one token, so a sampler can draw from the unmasked row first and only mask
+    when the draw is forbidden. A bias is ``bias``, a float32 ``[V]`` view of the
+    sequence's bias slot in the shared region (no copy), valid until the batch steps again.
     """
 
-    allowed: np.ndarray[Any, Any] | None = None
-    forbidden: np.ndarray[Any, Any] | None = None
-    bias: np.ndarray[Any, Any] | None = None
+    __slots__ = ("words", "allowed", "bias", "vocab_size")
+
+    def __init__(
+        self,
+        vocab_size: int,
+        *,
+        words: np.ndarray[Any, Any] | None = None,
+        allowed: np.ndarray[Any, Any] | None = None,
+        bias: np.ndarray[Any, Any] | None = None,
+    ) -> None:
+        self.vocab_size = vocab_size
+        self.words = words
+        self.allowed = allowed
+        self.bias = bias
+
+    def allows(self, token: int) -> bool:
+        """True when the mask allows ``token`` (always for a bias)."""
+        if self.words is None:
+            return True
+        return 0 <= token < self.vocab_size and bool((int(self.words[token >> 5]) >> (token & 31)) & 1)
+
+    def forbidden(self) -> np.ndarray[Any, Any]:
+        """Sorted int64 ids ``< V`` the mask forbids (empty for a bias)."""
+        if self.words is None:
+            return np.empty(0, dtype=np.int64)
+        return _set_bit_ids(~self.words, self.vocab_size)
 
 
 @dataclass
@@ -830,29 +856,41 @@ class ControllerBatch:
         return PreparedOutputs(tuple(int(s) for s in step.sequence_ids.tolist()), additive)
 
     def row_outputs(self, step: BatchStep) -> dict[int, RowOutput]:
-        """The step's masks and biases per sequence id, as token ids or bias views (numpy only).
+        """The step's masks and biases per sequence id, for sparse application (numpy only).
 
-        A mask costs work in proportion to the tokens it allows or forbids, whichever are
-        fewer, instead of a pass over the whole ``[n, V]`` logits: a JSON constraint mostly
-        allows a handful of tokens, or (inside a string) forbids a few thousand. Finding the
-        ids reads only the mask words (``V / 32``) and the non-trivial ones, so it is cheap
-        enough to run on the engine's helper thread beside the forward pass. Sequences
-        without output, and masks that allow every token, are left out.
+        A mask's work then follows the tokens it allows or a sampler's draw, not a pass
+        over the whole ``[n, V]`` logits: a JSON constraint mostly allows a handful of
+        tokens, or (inside a string) nearly all. This reads the mask words once (a copy and
+        a popcount, ``V / 32`` words a row) and lists the allowed ids of the masks that
+        allow at most half the vocabulary, so it is cheap enough for the engine's helper
+        thread beside the forward pass. Sequences without output, and masks that allow
+        every token, are left out.
         """
         outputs: dict[int, RowOutput] = {}
         vocab = self.vocab_size
-        for sid, slot, code in zip(step.sequence_ids.tolist(), step.slots.tolist(), step.output_codes.tolist()):
-            if code == L.OUTPUT_BITMASK:
-                words = self._mask_rows[slot].view(np.uint32)
-                allowed = int(np.bitwise_count(words).sum())
-                if allowed * 2 <= vocab:
-                    outputs[sid] = RowOutput(allowed=_set_bit_ids(words, vocab))
-                else:
-                    forbidden = _set_bit_ids(~words, vocab)
-                    if forbidden.size:
-                        outputs[sid] = RowOutput(forbidden=forbidden)
-            elif code == L.OUTPUT_BIAS:
-                outputs[sid] = RowOutput(bias=self._bias_rows[slot])
+        codes = step.output_codes
+        masked = np.flatnonzero(codes == L.OUTPUT_BITMASK)
+        if masked.size:
+            words = self._mask_rows.view(np.uint32)[step.slots[masked]]  # a private copy
+            if vocab % 32:
+                words[:, -1] &= np.uint32((1 << (vocab % 32)) - 1)
+            counts = np.bitwise_count(words).sum(axis=1, dtype=np.int64)
+            few = counts * 2 <= vocab
+            # The allowed ids of every row that allows few, in one pass over their non-zero words.
+            owner, ids = _set_bit_ids_by_row(words[few])
+            bounds = np.searchsorted(owner, np.arange(int(few.sum()) + 1)).tolist()
+            sequence_ids = step.sequence_ids[masked].tolist()
+            nth_few = 0
+            for k, (count, is_few) in enumerate(zip(counts.tolist(), few.tolist())):
+                if count == vocab:
+                    continue
+                allowed = None
+                if is_few:
+                    allowed = ids[bounds[nth_few] : bounds[nth_few + 1]]
+                    nth_few += 1
+                outputs[sequence_ids[k]] = RowOutput(vocab, words=words[k], allowed=allowed)
+        for i in np.flatnonzero(codes == L.OUTPUT_BIAS).tolist():
+            outputs[int(step.sequence_ids[i])] = RowOutput(vocab, bias=self._bias_rows[int(step.slots[i])])
         return outputs
 
     def apply_prepared(self, logits: torch.Tensor, prepared: PreparedOutputs, rows: Sequence[int] | None = None) -> None:
@@ -927,13 +965,27 @@ def _run_chunk(instances: list[ControllerInstance | ConstraintInstance]) -> None
 
 def _set_bit_ids(words: np.ndarray[Any, Any], limit: int) -> np.ndarray[Any, Any]:
     """Sorted int64 ids ``t < limit`` whose bit ``t % 32`` of ``words[t // 32]`` is set."""
-    nonzero = np.flatnonzero(words)
+    _, ids = _set_bit_ids_by_row(words.reshape(1, -1))
+    return ids[: np.searchsorted(ids, limit)] if ids.size and ids[-1] >= limit else ids
+
+
+def _set_bit_ids_by_row(words: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+    """For ``[n, W]`` uint32 words: (row, id) of every set bit, sorted by row then id (int64 each).
+
+    Only the non-zero words are unpacked. Every search is a ``flatnonzero`` of a bool
+    array, which numpy does several times faster than ``nonzero`` of integers or of a 2-D
+    array.
+    """
+    n, width = words.shape
+    flat = np.ascontiguousarray(words).reshape(-1)
+    nonzero = np.flatnonzero(flat != 0)
     if not nonzero.size:
-        return np.empty(0, dtype=np.int64)
-    bits = np.unpackbits(words[nonzero].view(np.uint8), bitorder="little").reshape(nonzero.size, 32)
-    word_index, bit = np.nonzero(bits)
-    ids = nonzero[word_index] * 32 + bit
-    return ids[: np.searchsorted(ids, limit)] if ids[-1] >= limit else ids
+        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+    bits = np.unpackbits(flat[nonzero].view(np.uint8), bitorder="little")
+    where = np.flatnonzero(bits.view(np.bool_))
+    word = nonzero[where >> 5]
+    row = word // width
+    return row, (word - row * width) * 32 + (where & 31)
 
 
 _BYTE_TABLES: dict[str, Any] = {}

@@ -229,14 +229,15 @@ class Engine:
     it (for measuring what the overlap hides).
 
     ``mask_apply`` says how masks reach the logits. ``"sparse"`` (the default on CPU):
-    the helper thread turns each mask into the token ids it allows or forbids, whichever
-    are fewer (:meth:`ControllerBatch.row_outputs`), and after the forward pass a row
-    either gets ``-inf`` at its few forbidden ids or samples among its few allowed ones;
-    the work left on the critical path is proportional to those ids, not to ``B × V``.
-    ``"dense"`` (the default on CUDA, where the device does it in microseconds): one
-    additive ``[B, V]`` tensor from the bitmask, added to the logits. Both give the same
-    greedy tokens; seeded sampling draws from the same distribution but, among a
-    row's allowed ids, not the same random numbers.
+    beside the forward pass the helper thread copies each mask and lists its allowed ids
+    when they are at most half the vocabulary (:meth:`ControllerBatch.row_outputs`); after
+    the forward pass such a row samples among its allowed ids, and a row whose mask
+    allows most ids draws from its unmasked logits and is masked only when the draw is
+    forbidden (exact, see :meth:`_sample_steered`). The mask work left on the critical path
+    then follows the allowed ids, not ``B × V``. ``"dense"`` (the default on CUDA, where
+    the device does it in microseconds): one additive ``[B, V]`` tensor from the bitmask,
+    added to the logits. Both give the same greedy tokens; seeded sampling draws from the
+    same distribution, but not with the same random numbers.
     """
 
     def __init__(
@@ -405,22 +406,21 @@ class Engine:
                 sampled: dict[int, int] = {}
                 if rows:
                     assert logits is not None
-                    apply_started = time.perf_counter()
-                    candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-                    if outputs is not None:
-                        candidates = self._apply_rows(rows, logits, outputs)
-                    elif ctrl is not None and any(r.sequence_id is not None for r in rows):
+                    if outputs is None and ctrl is not None and any(r.sequence_id is not None for r in rows):
+                        apply_started = time.perf_counter()
                         self._apply(rows, logits, ctrl)
-                    self.stats.apply_s += time.perf_counter() - apply_started
+                        self.stats.apply_s += time.perf_counter() - apply_started
                     for i, row in enumerate(rows):
-                        if row.feed or row.finish is not None:
-                            continue  # logits predating a fast-forward: it samples after the next forward
-                        picked = candidates.get(i)
-                        if picked is None:
+                        if row.feed:
+                            continue  # its logits predate a fast-forward: it samples after the next forward
+                        out = outputs.get(row.sequence_id) if outputs and row.sequence_id is not None else None
+                        if out is None:
                             token = self._sample(row, logits[i])
-                        else:  # only a few ids are allowed: sample among them
-                            ids, values = picked
-                            token = int(ids[self._sample(row, values)])
+                        else:
+                            steered = self._sample_steered(row, logits[i], out)
+                            if steered is None:
+                                continue  # the row ended with an error
+                            token = steered
                         sampled[id(row)] = token
                         self._accept(row, [token], on_token)
                     for row in rows:
@@ -653,37 +653,49 @@ class Engine:
         self._select_rows(keep)
         return [rows[i] for i in keep], logits[keep]
 
-    def _apply_rows(
-        self, rows: list[_Row], logits: torch.Tensor, outputs: dict[int, RowOutput]
-    ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Sparse application: per constrained row, ``-inf`` at its forbidden ids, its bias
-        added, or its allowed ids and their logits returned (row index -> (ids, values)) to
-        sample among. A mask that allows no token ends its row with an error."""
+    def _sample_steered(self, row: _Row, line: torch.Tensor, out: RowOutput) -> int | None:
+        """Sample row ``line`` under its controller's mask or bias (sparse application).
+
+        A mask that allows few ids: sample among them (their logits gathered). A mask that
+        allows most ids: draw from the unmasked row and keep the draw when the mask allows
+        it, which is exact (greedy: the masked argmax; sampling: a draw from the masked
+        distribution, since a rejected draw is redrawn from it), else put ``-inf`` at the
+        forbidden ids and draw again; with ``top_p < 1`` the forbidden ids are masked
+        first. A bias is added from its shared view. Only the mask and bias work is
+        counted as apply time. A mask that allows no token ends the row with an error
+        (returns None).
+        """
         import torch
 
-        vocab = self.batch.vocab_size
-        candidates: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
-        for i, row in enumerate(rows):
-            out = outputs.get(row.sequence_id) if row.sequence_id is not None else None
-            if out is None or row.feed:
-                continue
-            line = logits[i]
-            if out.allowed is not None:
-                if not out.allowed.size:
-                    assert row.sequence_id is not None
-                    row.finish = "error"
-                    row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
-                                 f"its mask allows no token at output token {len(row.tokens)}")
-                    continue
-                ids = torch.from_numpy(out.allowed)
-                candidates[i] = (ids, line.index_select(0, ids))
-            elif out.forbidden is not None:
-                line.index_fill_(0, torch.from_numpy(out.forbidden), float("-inf"))
-                if line.shape[0] > vocab:
-                    line[vocab:] = float("-inf")
-            elif out.bias is not None:
-                line[:vocab].add_(torch.from_numpy(out.bias))
-        return candidates
+        started = time.perf_counter()
+        vocab = out.vocab_size
+        if out.bias is not None:
+            line[:vocab].add_(torch.from_numpy(out.bias))
+            self.stats.apply_s += time.perf_counter() - started
+            return self._sample(row, line)
+        if out.allowed is not None:
+            if not out.allowed.size:
+                assert row.sequence_id is not None
+                row.finish = "error"
+                row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
+                             f"its mask allows no token at output token {len(row.tokens)}")
+                return None
+            ids = torch.from_numpy(out.allowed)
+            values = line.index_select(0, ids)
+            self.stats.apply_s += time.perf_counter() - started
+            return int(out.allowed[self._sample(row, values)])
+        if row.request.temperature == 0 or row.request.top_p >= 1:
+            self.stats.apply_s += time.perf_counter() - started
+            token = self._sample(row, line)
+            started = time.perf_counter()
+            if out.allows(token):
+                self.stats.apply_s += time.perf_counter() - started
+                return token
+        line.index_fill_(0, torch.from_numpy(out.forbidden()), float("-inf"))
+        if line.shape[0] > vocab:
+            line[vocab:] = float("-inf")
+        self.stats.apply_s += time.perf_counter() - started
+        return self._sample(row, line)
 
     def _apply(self, rows: list[_Row], logits: torch.Tensor, ctrl: BatchStep) -> None:
         """Masks and biases for the constrained rows: one add of the prepared tensor into the logits."""
