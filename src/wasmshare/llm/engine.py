@@ -721,10 +721,15 @@ class Engine:
     # -- sampling -------------------------------------------------------------------------------------
 
     def _sample(self, row: _Row, logits: torch.Tensor) -> int:
+        """The position in ``logits`` (one row, float32) of the request's next token."""
         import torch
 
         request = row.request
         if request.temperature == 0:
+            if logits.device.type == "cpu":
+                # numpy's argmax is vectorised; torch's CPU argmax took 7x longer over a
+                # 49k-token row (45 vs 6 µs). Both return the first maximum.
+                return int(logits.numpy().argmax())
             return int(torch.argmax(logits))
         probs = torch.softmax(logits.float() / request.temperature, dim=-1)
         if request.top_p < 1:
