@@ -177,7 +177,7 @@ class Guest:
         self.memory_limit_bytes = memory_limit_bytes
         self.fuel = fuel
         self.deadline_ms = deadline_ms
-        self._options = _engine.EngineOptions(fuel=fuel is not None, epoch=deadline_ms is not None)
+        self._options = _engine.EngineOptions.for_limits(fuel, deadline_ms)
         self._engine = _engine.engine_for(self._options)
         cache = None if cache_dir is None else (False if cache_dir is False else Path(cache_dir))
         self._artifact = artifact
@@ -206,7 +206,9 @@ class Guest:
         self._funcs: dict[str, GuestFunc] = {}
         self.bytes_copied = 0
         """Bytes the host copied into or out of this guest's memory (copy paths only)."""
-        self._deadline_ticks = _engine.deadline_ticks(deadline_ms) if deadline_ms is not None else 0
+        self._deadline_ticks = (
+            _engine.deadline_ticks(deadline_ms, self._options.tick_ms) if deadline_ms is not None else 0
+        )
 
         store = wasmtime.Store(self._engine)
         self._store = store
@@ -214,7 +216,7 @@ class Guest:
             store.set_limits(memory_size=memory_limit_bytes)
         self._ticker: _engine.EpochTicker | None = None
         if self._options.epoch:
-            self._ticker = _engine.ticker_for(self._engine)
+            self._ticker = _engine.ticker_for(self._engine, self._options.tick_ms)
             self._ticker.acquire()
         self._finalizer = weakref.finalize(self, _release_ticker, self._ticker)
 

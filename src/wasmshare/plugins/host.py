@@ -500,7 +500,7 @@ class PluginHost:
 
         try:
             _engine.compile_module(
-                path.read_bytes(), _engine.EngineOptions(fuel=self.fuel is not None, epoch=self.deadline_ms is not None)
+                path.read_bytes(), _engine.EngineOptions.for_limits(self.fuel, self.deadline_ms)
             )
         except Exception:  # noqa: BLE001 - the plugin process reports a bad module itself
             pass
