@@ -137,11 +137,38 @@ def test_row_outputs_list_few_allowed_ids_and_share_the_bias(table: TokenTable) 
         assert not outputs[banned].allows(table.vocab_size)
         bias = outputs[boosted].bias
         assert bias is not None and np.shares_memory(bias, batch.bias) and bias[tid(b"world")] == 2.5
-        assert everything not in outputs  # allows every token: nothing to apply
+        assert outputs[everything].allowed is None and outputs[everything].forbidden().size == 0
+        assert not outputs[everything].allows(table.vocab_size)  # past the vocabulary: never
         assert outputs[nothing].allowed is not None and outputs[nothing].allowed.size == 0
         # The copy outlives the next step, whatever the controller writes then.
         batch.mask[batch.slot(few)] = 0
         assert outputs[few].allows(300)
+
+
+def test_row_outputs_and_the_dense_tensor_allow_the_same_tokens(table: TokenTable) -> None:
+    with ControllerBatch(table, capacity=5) as batch:
+        batch.add(ctrl("allow_list", u32s(5, 300, 700)))
+        batch.add(ctrl("ban_strings", "bad\nworld"))
+        batch.add(ctrl("boost_words", "world\t2.5\ngood\t-1"))
+        batch.add(ctrl("hostile_controller", "ok"))  # allows every token of the vocabulary
+        batch.add(ctrl("max_tokens", "9"))  # no output
+        step = batch.step()
+        outputs = batch.row_outputs(step)
+        for width in (table.vocab_size, table.vocab_size + 40):  # a padded logits row too
+            logits = torch.zeros(5, width)
+            batch.apply(logits, step)
+            for i, sid in enumerate(step.sequences):
+                finite = torch.isfinite(logits[i]).nonzero().flatten().tolist()
+                out = outputs.get(sid)
+                if out is None:  # untouched
+                    assert finite == list(range(width))
+                elif out.bias is not None:
+                    assert finite == list(range(width)) and torch.equal(logits[i, : table.vocab_size], torch.from_numpy(out.bias))
+                elif out.allowed is not None:
+                    assert finite == out.allowed.tolist()
+                else:
+                    assert finite == sorted(set(range(table.vocab_size)) - set(out.forbidden().tolist()))
+                    assert all(out.allows(t) for t in finite) and not out.allows(table.vocab_size)
 
 
 @pytest.mark.parametrize("limit", [1, 31, 32, 33, 200, 224])

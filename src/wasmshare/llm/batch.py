@@ -794,7 +794,9 @@ class ControllerBatch:
         ``sequences[i]`` when given (each with what its controller last wrote). Masked
         tokens get ``-inf``; biases are added. Works on CPU and CUDA tensors; on CUDA the
         page-locked rows are copied without blocking and the next :meth:`step` waits for
-        the copy before controllers write again.
+        the copy before controllers write again. (The engine samples from
+        :meth:`row_outputs` instead on CPU; applying a mask that forbids tens of thousands
+        of ids row by row was slower than this one dense pass.)
         """
         if sequences is not None:
             chosen = [self._get(int(sid)).slot for sid in sequences]
@@ -846,6 +848,11 @@ class ControllerBatch:
                 words.index_copy_(0, torch.from_numpy(mask_idx), rows)
             words = words.to(device, non_blocking=True)
             additive = _mask_to_additive(words, _byte_table(device), width)
+            if width > self.vocab_size:  # past the vocabulary: forbidden under a mask, else untouched
+                additive[:, self.vocab_size :] = float("-inf")
+                if mask_idx.size != n:
+                    others = np.setdiff1d(np.arange(n), mask_idx)
+                    additive[torch.from_numpy(others).to(device), self.vocab_size :] = 0.0
         if bias_idx.size:
             bias = torch.zeros((n, self.vocab_size), dtype=torch.float32)
             bias[torch.from_numpy(bias_idx)] = views["bias"].index_select(0, torch.from_numpy(step.slots[bias_idx]))
@@ -863,8 +870,8 @@ class ControllerBatch:
         tokens, or (inside a string) nearly all. This reads the mask words once (a copy and
         a popcount, ``V / 32`` words a row) and lists the allowed ids of the masks that
         allow at most half the vocabulary, so it is cheap enough for the engine's helper
-        thread beside the forward pass. Sequences without output, and masks that allow
-        every token, are left out.
+        thread beside the forward pass. Sequences without output are left out (a mask that
+        allows every token stays: it still forbids the columns past the vocabulary).
         """
         outputs: dict[int, RowOutput] = {}
         vocab = self.vocab_size
@@ -881,9 +888,7 @@ class ControllerBatch:
             bounds = np.searchsorted(owner, np.arange(int(few.sum()) + 1)).tolist()
             sequence_ids = step.sequence_ids[masked].tolist()
             nth_few = 0
-            for k, (count, is_few) in enumerate(zip(counts.tolist(), few.tolist())):
-                if count == vocab:
-                    continue
+            for k, is_few in enumerate(few.tolist()):
                 allowed = None
                 if is_few:
                     allowed = ids[bounds[nth_few] : bounds[nth_few + 1]]

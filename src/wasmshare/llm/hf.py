@@ -154,7 +154,9 @@ class WasmshareLogitsProcessor(_Base):
             elif sid is not None and not self._finished[row]:
                 masked.append((row, sid))
                 self._feed[row] = True
-        if masked:
+        if masked and len(masked) == scores.shape[0]:  # every row, in order: in place
+            self.batch.apply(scores, sequences=[sid for _, sid in masked])
+        elif masked:
             index = torch.tensor([row for row, _ in masked], device=scores.device)
             sub = scores.index_select(0, index)
             self.batch.apply(sub, sequences=[sid for _, sid in masked])
