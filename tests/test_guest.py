@@ -261,3 +261,20 @@ def test_guest_traps_survive_a_library_that_takes_over_sigsegv() -> None:
         libc.signal(signal.SIGSEGV, ctypes.c_void_p(0))
     with pytest.raises(GuestTrap, match="out of bounds"):
         g.call("read_at", 1 << 30)
+
+
+@pytest.mark.parametrize(("deadline_ms", "tick_ms", "ticks"), [
+    (5, 1, 6), (19.5, 1, 21), (20, 2, 11), (49, 2, 26), (50, 5, 11), (100, 10, 11), (60_000, 10, 6001),
+])
+def test_epoch_tick_follows_the_deadline(deadline_ms: float, tick_ms: int, ticks: int) -> None:
+    """A tenth of the deadline in steps of 1/2/5/10 ms; enough ticks that the whole deadline passes first."""
+    from wasmshare import _engine
+
+    assert _engine.tick_ms_for(deadline_ms) == tick_ms
+    assert _engine.deadline_ticks(deadline_ms, tick_ms) == ticks
+    assert (ticks - 1) * tick_ms >= deadline_ms
+    g = Guest(ADD_WAT, deadline_ms=deadline_ms)
+    try:
+        assert g._options.tick_ms == tick_ms and g._deadline_ticks == ticks
+    finally:
+        g.close()

@@ -144,8 +144,9 @@ class Guest:
         Instructions-ish budget per call (wasmtime fuel); exhaustion raises
         :class:`GuestLimitExceeded` with ``limit="fuel"``.
     deadline_ms:
-        Wall-clock budget per call, enforced with epoch interruption (1 ms ticks);
-        raises :class:`GuestLimitExceeded` with ``limit="deadline"``.
+        Wall-clock budget per call, enforced with epoch interruption (ticks of a tenth of
+        the deadline, 1 to 10 ms, so the guest stops within about 10 % past it); raises
+        :class:`GuestLimitExceeded` with ``limit="deadline"``.
     sequence:
         An id reported in errors (the LLM layer uses the sequence number).
     cache_dir:
