@@ -239,7 +239,9 @@ class Engine:
     then follows the allowed ids, not ``B × V``. ``"dense"`` (the default on CUDA, where
     the device does it in microseconds): one additive ``[B, V]`` tensor from the bitmask,
     added to the logits. Both give the same greedy tokens; seeded sampling draws from the
-    same distribution, but not with the same random numbers.
+    same distribution, but not with the same random numbers. A mask that allows no token
+    ends its row with an error under sparse application; the dense tensor leaves nothing
+    finite to sample from.
     """
 
     def __init__(
@@ -676,7 +678,7 @@ class Engine:
         started = time.perf_counter()
         vocab = out.vocab_size
         if out.bias is not None:
-            line[:vocab].add_(torch.from_numpy(out.bias))
+            line[:vocab].add_(torch.from_numpy(out.bias).to(line.device))
             self.stats.apply_s += time.perf_counter() - started
             return self._sample(row, line)
         if out.allowed is not None:
@@ -686,7 +688,7 @@ class Engine:
                 row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
                              f"its mask allows no token at output token {len(row.tokens)}")
                 return None
-            ids = torch.from_numpy(out.allowed)
+            ids = torch.from_numpy(out.allowed).to(line.device)
             values = line.index_select(0, ids)
             self.stats.apply_s += time.perf_counter() - started
             return int(out.allowed[self._sample(row, values)])
@@ -697,7 +699,7 @@ class Engine:
             if out.allows(token):
                 self.stats.apply_s += time.perf_counter() - started
                 return token
-        line.index_fill_(0, torch.from_numpy(out.forbidden()), float("-inf"))
+        line.index_fill_(0, torch.from_numpy(out.forbidden()).to(line.device), float("-inf"))
         if line.shape[0] > vocab:
             line[vocab:] = float("-inf")
         self.stats.apply_s += time.perf_counter() - started
