@@ -25,9 +25,6 @@ _libwasmtime = ctypes.CDLL(wasmtime._ffi.dll._name)
 _libwasmtime_gil = ctypes.PyDLL(wasmtime._ffi.dll._name)  # calls that keep the GIL
 _libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
 
-EPOCH_TICK_S = 0.001
-"""The shortest epoch tick period (1 ms): the resolution of short deadlines."""
-
 TICK_PERIODS_MS = (1, 2, 5, 10)
 """Epoch tick periods an engine may use; see :func:`tick_ms_for`."""
 

@@ -981,7 +981,7 @@ def _set_bit_ids_by_row(words: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, An
     array, which numpy does several times faster than ``nonzero`` of integers or of a 2-D
     array.
     """
-    n, width = words.shape
+    width = words.shape[1]
     flat = np.ascontiguousarray(words).reshape(-1)
     nonzero = np.flatnonzero(flat != 0)
     if not nonzero.size:
