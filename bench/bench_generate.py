@@ -48,11 +48,14 @@ Measures (per run; the row holds the median over repeats):
   Note the Engine drops finished rows while ``generate`` keeps stepping them as padding, so
   per-step time is the like-for-like number; ``kept`` below is computed from it.
 * kept = unconstrained µs/step ÷ constrained µs/step, each within its own runner (ours vs the
-  Engine unconstrained; baselines vs ``generate`` unconstrained). 1.0 = no slowdown. Like
-  ``paired_ratio`` (baseline µs/step ÷ ours, in the rows against a baseline), it is the median
-  over repeats of the ratio *within* each repeat, whose runs follow each other: the shared
-  machine has slow spells that move a whole repeat by up to 20 %, which a ratio of medians
-  would mistake for a difference between configurations.
+  Engine unconstrained; baselines vs ``generate`` unconstrained). 1.0 = no slowdown. The cost
+  being measured is about 1 % of a step, while the shared machine's slow spells move a whole
+  run by up to 20 %; so at the largest B each runner's kept comes from ``KEPT_PAIRS`` extra
+  pairs of runs (unconstrained and constrained back to back, the order alternating pair by
+  pair so a drift favours neither side): the median of the pair ratios, with their
+  quartiles (``kept_quartiles``) and count. ``paired_ratio`` (baseline µs/step ÷ ours, in the
+  rows against a baseline) is the median over the repeats of the ratio within each repeat,
+  for the same reason.
 * critical mask µs/step: ours: each step's increment of ``critical_controller_s + apply_s`` (the
   wait for the controller phase after the forward pass, plus applying the masks; the overlap
   hides the rest), median step. Baselines: time inside the processor's ``__call__`` per call
@@ -108,6 +111,7 @@ ROOT = Path(__file__).resolve().parent.parent
 CONTROLLERS = ROOT / "guests" / "controllers"
 MODELS = ("smollm2-135m", "gemma3-270m")
 REPEATS = 5
+KEPT_PAIRS = 12
 MAX_TOKENS = 64
 FIRST_TOKENS = 8
 BOOST_ARG = "name\t2\nyear\t1"
@@ -509,6 +513,28 @@ def _paired(numerator: dict[str, Any], denominator: dict[str, Any], key: str = "
     return statistics.median(a / b for a, b in zip(numerator[key + "_all"], denominator[key + "_all"]))
 
 
+def _kept_pairs(b: _Bench, batch: int, n_pairs: int) -> dict[str, list[float]]:
+    """For each runner, ``n_pairs`` ratios unconstrained µs/step ÷ JSON-constrained µs/step,
+    each from two runs back to back (which one goes first alternates pair by pair)."""
+    runners = {"ours": ("ours_unconstrained", "ours_json"), "llguidance": ("hf_unconstrained", "hf_llguidance"),
+               "xgrammar": ("hf_unconstrained", "hf_xgrammar")}
+    ratios: dict[str, list[float]] = {name: [] for name in runners}
+    for k in range(n_pairs):
+        for name, (plain, constrained) in runners.items():
+            print(f"{b.name}: kept pair {k + 1}/{n_pairs} B={batch} {name} ...", file=sys.stderr, flush=True)
+            order = (plain, constrained) if k % 2 == 0 else (constrained, plain)
+            step = {config: _run_config(b, config, batch, batch)["step_us"] for config in order}
+            ratios[name].append(step[plain] / step[constrained])
+    return ratios
+
+
+def _quartiles(values: list[float]) -> tuple[float, float]:
+    if len(values) < 2:
+        return (values[0], values[0]) if values else (float("nan"), float("nan"))
+    q = statistics.quantiles(values, n=4)
+    return q[0], q[2]
+
+
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over repeats; texts of the first repeat (greedy: all repeats are equal)."""
     out: dict[str, Any] = {}
@@ -550,6 +576,7 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
             for config in CONFIGS:
                 print(f"{model}: repeat {rep + 1}/{repeats} B={batch} {config} ...", file=sys.stderr, flush=True)
                 raw.setdefault((batch, config), []).append(_run_config(b, config, batch, n_prompts))
+    pairs = _kept_pairs(b, batches[-1], 1 if quick else KEPT_PAIRS)
     rows: list[dict[str, Any]] = []
     for batch in batches:
         s = {c: _summarise(raw[(batch, c)]) for c in CONFIGS}
@@ -564,6 +591,12 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
             "dense": _paired(ou, ojd),
             "controller_dense": _paired(ou, ocd),
         }
+        spread: dict[str, Any] = {}
+        if batch == batches[-1]:
+            for runner, ratios in pairs.items():
+                kept[runner] = statistics.median(ratios)
+                spread[runner] = {"kept_quartiles": [round(q, 3) for q in _quartiles(ratios)],
+                                  "kept_pairs": len(ratios)}
 
         def t(d: dict[str, Any], key: str = "step_us") -> dict[str, Any]:
             return {"median_us": d[key], "min_us": min(d[key + "_all"])}
@@ -592,11 +625,14 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
                 hu, tokens_per_s=round(hu["tokens_per_s"], 1), valid=hu["valid"]))))
         rows.append(_common.make_row(
             f"{p} JSON-constrained decode µs/step", t(oj), "unconstrained (ours)", t(ou),
-            **extra(oj, kept=round(kept["ours"], 3), all_valid=oj["all_valid"], steps_detail=detail(oj))))
+            **extra(oj, kept=round(kept["ours"], 3), **spread.get("ours", {}), all_valid=oj["all_valid"],
+                    steps_detail=detail(oj))))
         for base, d in (("xgrammar", hx), ("llguidance", hl)):
             rows.append(_common.make_row(
                 f"{p} JSON-constrained decode µs/step", t(oj), f"{base} LogitsProcessor", t(d),
                 **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept[base], 3),
+                        **spread.get("ours", {}),
+                        baseline_kept_quartiles=spread.get(base, {}).get("kept_quartiles"),
                         paired_ratio=round(_paired(d, oj), 3),
                         baseline_valid=d["valid"], baseline_all_valid=d["all_valid"], steps_detail=detail(oj),
                         steps_baseline_detail=detail(d, tokens_per_s=round(d["tokens_per_s"], 1),
@@ -604,6 +640,7 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
         rows.append(_common.make_row(
             f"{p} JSON-constrained decode µs/step", t(oj), "ours, dense mask application", t(ojd),
             **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept["dense"], 3),
+                    paired_ratio=round(_paired(ojd, oj), 3),
                     baseline_valid=ojd["valid"], steps_detail=detail(oj), steps_baseline_detail=detail(ojd))))
         rows.append(_common.make_row(
             f"{p} wasm controller (boost_words) decode µs/step", t(oc), "unconstrained (ours)", t(ou),
@@ -611,6 +648,7 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
         rows.append(_common.make_row(
             f"{p} wasm controller (boost_words) decode µs/step", t(oc), "ours, dense bias application", t(ocd),
             **extra(oc, kept=round(kept["controller"], 3), baseline_kept=round(kept["controller_dense"], 3),
+                    paired_ratio=round(_paired(ocd, oc), 3),
                     steps_detail=detail(oc), steps_baseline_detail=detail(ocd))))
         rows.append(_common.make_row(
             f"{p} JSON mask µs/step on the critical path", t(oj, "critical_us"),
