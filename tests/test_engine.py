@@ -288,17 +288,28 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
         GenerationRequest("List numbers.", max_tokens=10, steer=Controller(CONTROLLERS / "boost_words.wasm", "seven\t30")),
         GenerationRequest("Say hi.", max_tokens=8),
     ]
-    from wasmshare.llm.batch import RowOutput
+    from wasmshare.llm.batch import ControllerBatch, RowOutput
 
-    fallbacks = {"n": 0}
-    real_forbidden = RowOutput.forbidden
+    fallbacks = {"n": 0, "masks": 0, "analysed": 0}
+    real_forbidden, real_allowed, real_row_outputs = RowOutput.forbidden, RowOutput.allowed, ControllerBatch.row_outputs
 
     def counted(self: RowOutput) -> Any:
         fallbacks["n"] += 1
         return real_forbidden(self)
 
+    def counted_allowed(self: RowOutput) -> Any:
+        fallbacks["analysed"] += not self.analysed
+        return real_allowed.fget(self)  # type: ignore[attr-defined]
+
+    def counted_row_outputs(self: ControllerBatch, step: Any, **kw: Any) -> Any:
+        outputs = real_row_outputs(self, step, **kw)
+        fallbacks["masks"] += sum(out.words is not None for out in outputs.values())
+        return outputs
+
     outcomes = {}
     monkeypatch.setattr(RowOutput, "forbidden", counted)
+    monkeypatch.setattr(RowOutput, "allowed", property(counted_allowed))
+    monkeypatch.setattr(ControllerBatch, "row_outputs", counted_row_outputs)
     for how in ("sparse", "dense"):
         with Engine(loaded, max_batch=6, mask_apply=how) as engine:  # type: ignore[arg-type]
             assert engine.sparse_apply == (how == "sparse")
@@ -307,6 +318,8 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
     assert all(error is None for _, error in outcomes["sparse"])
     assert "the" not in loaded.tokenizer.decode(outcomes["sparse"][3][0]).lower()
     assert fallbacks["n"] > 0  # some greedy draw was forbidden and the row was masked after it
+    # Greedy rows look at a mask as a whole only after a forbidden draw: most never do.
+    assert 0 < fallbacks["analysed"] < fallbacks["masks"] / 2, fallbacks
     with Engine(loaded, max_batch=2) as engine:
         sampled = engine.generate([GenerationRequest(requests[3].prompt, max_tokens=24, temperature=1.0, seed=s,
                                                      steer=requests[3].steer) for s in (1, 2)])

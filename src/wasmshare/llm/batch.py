@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Container, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,29 +186,47 @@ class RowOutput:
     """One sequence's mask or bias of a step, in the form that is cheapest to apply to its row.
 
     A mask is held as a private copy of its bitmask words (``words``, uint32; bits past the
-    vocabulary cleared), so it outlives the next step. When the mask allows at most half
-    the vocabulary, ``allowed`` holds those ids (sorted; empty when it allows nothing):
-    they are cheap to find then, as every allowed id sits in one of the few non-zero words.
-    Otherwise :meth:`forbidden` finds the forbidden ids on demand, and :meth:`allows`
-    tests one token, so a sampler can draw from the unmasked row first and only mask
-    when the draw is forbidden. A bias is ``bias``, a float32 ``[V]`` view of the
-    sequence's bias slot in the shared region (no copy), valid until the batch steps again.
+    vocabulary cleared), so it outlives the next step. :meth:`allows` tests one token (a
+    word and a bit), so a sampler can draw from the unmasked row first and look at the
+    mask as a whole only when the draw is forbidden. When the mask allows at most half the
+    vocabulary, :attr:`allowed` holds those ids (sorted; empty when it allows nothing):
+    they are cheap to find then, as every allowed id sits in one of the few non-zero
+    words; it is worked out on first use. Otherwise :meth:`forbidden` lists the forbidden
+    ids. A bias is ``bias``, a float32 ``[V]`` view of the sequence's bias slot in the
+    shared region (no copy), valid until the batch steps again.
     """
 
-    __slots__ = ("words", "allowed", "bias", "vocab_size")
+    __slots__ = ("words", "bias", "vocab_size", "_allowed", "_analysed")
 
     def __init__(
         self,
         vocab_size: int,
         *,
         words: np.ndarray[Any, Any] | None = None,
-        allowed: np.ndarray[Any, Any] | None = None,
         bias: np.ndarray[Any, Any] | None = None,
     ) -> None:
         self.vocab_size = vocab_size
         self.words = words
-        self.allowed = allowed
         self.bias = bias
+        self._allowed: np.ndarray[Any, Any] | None = None
+        self._analysed = words is None
+
+    @property
+    def allowed(self) -> np.ndarray[Any, Any] | None:
+        """Sorted int64 ids the mask allows, when it allows at most half the vocabulary;
+        else None (and always None for a bias). Computed on first use (a popcount of the
+        row, then its non-zero words), then kept."""
+        if not self._analysed:
+            assert self.words is not None
+            if int(np.bitwise_count(self.words).sum()) * 2 <= self.vocab_size:
+                self._allowed = _set_bit_ids(self.words, self.vocab_size)
+            self._analysed = True
+        return self._allowed
+
+    @property
+    def analysed(self) -> bool:
+        """True once :attr:`allowed` has been worked out (always for a bias)."""
+        return self._analysed
 
     def allows(self, token: int) -> bool:
         """True when the mask allows ``token`` (always for a bias)."""
@@ -862,16 +880,18 @@ class ControllerBatch:
             additive[:, : self.vocab_size] += bias
         return PreparedOutputs(tuple(int(s) for s in step.sequence_ids.tolist()), additive)
 
-    def row_outputs(self, step: BatchStep) -> dict[int, RowOutput]:
+    def row_outputs(self, step: BatchStep, *, analyse: Container[int] = ()) -> dict[int, RowOutput]:
         """The step's masks and biases per sequence id, for sparse application (numpy only).
 
-        A mask's work then follows the tokens it allows or a sampler's draw, not a pass
-        over the whole ``[n, V]`` logits: a JSON constraint mostly allows a handful of
-        tokens, or (inside a string) nearly all. This reads the mask words once (a copy and
-        a popcount, ``V / 32`` words a row) and lists the allowed ids of the masks that
-        allow at most half the vocabulary, so it is cheap enough for the engine's helper
-        thread beside the forward pass. Sequences without output are left out (a mask that
-        allows every token stays: it still forbids the columns past the vocabulary).
+        A mask's work then follows a sampler's draw or the tokens the mask allows, not a
+        pass over the whole ``[n, V]`` logits: a JSON constraint mostly allows a handful of
+        tokens, or (inside a string) nearly all, and a model that follows its prompt mostly
+        draws an allowed token anyway. This takes one copy of the masked rows (bits past the
+        vocabulary cleared); each :class:`RowOutput` works out its allowed ids on first use,
+        and at once for the sequence ids in ``analyse`` (say, the rows that will be sampled
+        rather than decoded greedily, on a thread beside the forward pass). Sequences
+        without output are left out (a mask that allows every token stays: it still
+        forbids the columns past the vocabulary).
         """
         outputs: dict[int, RowOutput] = {}
         vocab = self.vocab_size
@@ -881,19 +901,10 @@ class ControllerBatch:
             words = self._mask_rows.view(np.uint32)[step.slots[masked]]  # a private copy
             if vocab % 32:
                 words[:, -1] &= np.uint32((1 << (vocab % 32)) - 1)
-            counts = np.bitwise_count(words).sum(axis=1, dtype=np.int64)
-            few = counts * 2 <= vocab
-            # The allowed ids of every row that allows few, in one pass over their non-zero words.
-            owner, ids = _set_bit_ids_by_row(words[few])
-            bounds = np.searchsorted(owner, np.arange(int(few.sum()) + 1)).tolist()
-            sequence_ids = step.sequence_ids[masked].tolist()
-            nth_few = 0
-            for k, is_few in enumerate(few.tolist()):
-                allowed = None
-                if is_few:
-                    allowed = ids[bounds[nth_few] : bounds[nth_few + 1]]
-                    nth_few += 1
-                outputs[sequence_ids[k]] = RowOutput(vocab, words=words[k], allowed=allowed)
+            for k, sequence_id in enumerate(step.sequence_ids[masked].tolist()):
+                out = outputs[sequence_id] = RowOutput(vocab, words=words[k])
+                if sequence_id in analyse:
+                    out.allowed  # noqa: B018 - worked out now, off the caller's critical path
         for i in np.flatnonzero(codes == L.OUTPUT_BIAS).tolist():
             outputs[int(step.sequence_ids[i])] = RowOutput(vocab, bias=self._bias_rows[int(step.slots[i])])
         return outputs
@@ -969,28 +980,19 @@ def _run_chunk(instances: list[ControllerInstance | ConstraintInstance]) -> None
 
 
 def _set_bit_ids(words: np.ndarray[Any, Any], limit: int) -> np.ndarray[Any, Any]:
-    """Sorted int64 ids ``t < limit`` whose bit ``t % 32`` of ``words[t // 32]`` is set."""
-    _, ids = _set_bit_ids_by_row(words.reshape(1, -1))
-    return ids[: np.searchsorted(ids, limit)] if ids.size and ids[-1] >= limit else ids
-
-
-def _set_bit_ids_by_row(words: np.ndarray[Any, Any]) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-    """For ``[n, W]`` uint32 words: (row, id) of every set bit, sorted by row then id (int64 each).
+    """Sorted int64 ids ``t < limit`` whose bit ``t % 32`` of ``words[t // 32]`` is set.
 
     Only the non-zero words are unpacked. Every search is a ``flatnonzero`` of a bool
-    array, which numpy does several times faster than ``nonzero`` of integers or of a 2-D
-    array.
+    array, which numpy does several times faster than ``nonzero`` of integers.
     """
-    width = words.shape[1]
     flat = np.ascontiguousarray(words).reshape(-1)
     nonzero = np.flatnonzero(flat != 0)
     if not nonzero.size:
-        return np.empty(0, dtype=np.int64), np.empty(0, dtype=np.int64)
+        return np.empty(0, dtype=np.int64)
     bits = np.unpackbits(flat[nonzero].view(np.uint8), bitorder="little")
     where = np.flatnonzero(bits.view(np.bool_))
-    word = nonzero[where >> 5]
-    row = word // width
-    return row, (word - row * width) * 32 + (where & 31)
+    ids: np.ndarray[Any, Any] = nonzero[where >> 5] * 32 + (where & 31)
+    return ids[: np.searchsorted(ids, limit)] if ids[-1] >= limit else ids
 
 
 _BYTE_TABLES: dict[str, Any] = {}

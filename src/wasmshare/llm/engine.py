@@ -231,12 +231,14 @@ class Engine:
     it (for measuring what the overlap hides).
 
     ``mask_apply`` says how masks reach the logits. ``"sparse"`` (the default on CPU):
-    beside the forward pass the helper thread copies each mask and lists its allowed ids
-    when they are at most half the vocabulary (:meth:`ControllerBatch.row_outputs`); after
-    the forward pass such a row samples among its allowed ids, and a row whose mask
-    allows most ids draws from its unmasked logits and is masked only when the draw is
-    forbidden (exact, see :meth:`_sample_steered`). The mask work left on the critical path
-    then follows the allowed ids, not ``B × V``. ``"dense"`` (the default on CUDA, where
+    beside the forward pass the helper thread copies the masks out
+    (:meth:`ControllerBatch.row_outputs`). After the forward pass a greedy row takes its
+    unmasked argmax when the mask allows it (one bit to test) and only otherwise looks
+    at the mask as a whole: it picks among the allowed ids when they are at most half the
+    vocabulary, else puts ``-inf`` at the forbidden ones. A sampled row does the same with
+    its allowed ids worked out on the helper thread (exact in both cases, see
+    :meth:`_sample_steered`). The mask work left on the critical path then follows the
+    draw and the allowed ids, not ``B × V``. ``"dense"`` (the default on CUDA, where
     the device does it in microseconds): one additive ``[B, V]`` tensor from the bitmask,
     added to the logits. Both give the same greedy tokens; seeded sampling draws from the
     same distribution, but not with the same random numbers. A mask that allows no token
@@ -460,8 +462,10 @@ class Engine:
                 has_controllers = any(r.sequence_id is not None for r in rows + new_rows)
                 future: Future[_ControllerPhase] | None = None
                 ctrl, outputs = None, None
+                analyse = frozenset(r.sequence_id for r in rows + new_rows
+                                    if r.sequence_id is not None and r.request.temperature > 0)
                 if has_controllers and self.overlap:
-                    future = self._inflight = self._helper.submit(self._timed_step, steer)
+                    future = self._inflight = self._helper.submit(self._timed_step, steer, analyse)
                 decoded = bool(rows)
                 if rows:
                     feeds = [r.feed if r.feed else [sampled[id(r)]] for r in rows]
@@ -478,7 +482,7 @@ class Engine:
                     rows.extend(new_rows)
                 if has_controllers:
                     wait_started = time.perf_counter()
-                    ctrl, outputs = future.result() if future is not None else self._timed_step(steer)
+                    ctrl, outputs = future.result() if future is not None else self._timed_step(steer, analyse)
                     self._inflight = None
                     self.stats.critical_controller_s += time.perf_counter() - wait_started
                 if decoded:
@@ -577,19 +581,21 @@ class Engine:
         live = self.batch.sequences
         return np.fromiter((token_of.get(sid, -1) for sid in live), dtype=np.int64, count=len(live))
 
-    def _timed_step(self, steer: np.ndarray[Any, Any]) -> _ControllerPhase:
+    def _timed_step(self, steer: np.ndarray[Any, Any], analyse: frozenset[int] = frozenset()) -> _ControllerPhase:
         """The controller phase (on the helper thread while the forward pass runs).
 
-        With sparse application the masks are also turned into token ids here (numpy over
-        the mask words: about 60 µs for 8 rows of a 49k vocabulary on an idle core, more
-        beside the forward pass). No torch op runs on this thread: building a
-        dense additive tensor here made the torch ops of both threads fight over the
-        cores and slowed the forward pass (in a trial on a 2-core machine, 42 -> 70 ms a
-        step at batch 8), so the dense path builds it on the main thread.
+        With sparse application the masks are also copied out here, and the rows of
+        sequences in ``analyse`` (those that sample) turned into their allowed ids; a
+        greedy row only looks at its mask as a whole when its unmasked argmax is forbidden.
+        The helper's Python holds the GIL, which the forward pass needs between its
+        kernels, so it is kept short. No torch op runs on this thread: building a dense
+        additive tensor here made the torch ops of both threads fight over the cores and
+        slowed the forward pass (in a trial on a 2-core machine, 42 -> 70 ms a step at
+        batch 8), so the dense path builds it on the main thread.
         """
         started = time.perf_counter()
         step = self.batch.step(steer)
-        outputs = self.batch.row_outputs(step) if self.sparse_apply else None
+        outputs = self.batch.row_outputs(step, analyse=analyse) if self.sparse_apply else None
         self.stats.controller_s += time.perf_counter() - started
         return _ControllerPhase(step, outputs)
 
@@ -665,41 +671,42 @@ class Engine:
     def _sample_steered(self, row: _Row, line: torch.Tensor, out: RowOutput) -> int | None:
         """Sample row ``line`` under its controller's mask or bias (sparse application).
 
-        A mask that allows few ids: sample among them (their logits gathered). A mask that
-        allows most ids: draw from the unmasked row and keep the draw when the mask allows
-        it, which is exact (greedy: the masked argmax; sampling: a draw from the masked
-        distribution, since a rejected draw is redrawn from it), else put ``-inf`` at the
-        forbidden ids and draw again; with ``top_p < 1`` the forbidden ids are masked
-        first. A bias is added from its shared view. Only the mask and bias work is
-        counted as apply time. A mask that allows no token ends the row with an error
-        (returns None).
+        Greedy rows, and sampled rows whose mask allows most ids, draw from the unmasked row
+        first and keep the draw when the mask allows it, which is exact (greedy: the masked
+        argmax; sampling: a draw from the masked distribution, since a rejected draw is
+        redrawn from it). Otherwise, and after a rejected draw: a mask that allows few ids
+        samples among them (their logits gathered), else ``-inf`` goes at the forbidden ids
+        and the row is drawn again; with ``top_p < 1`` the mask always comes first. A bias
+        is added from its shared view. Only the mask and bias work is counted as apply
+        time. A mask that allows no token ends the row with an error (returns None).
         """
         import torch
 
         started = time.perf_counter()
         vocab = out.vocab_size
+        request = row.request
         if out.bias is not None:
             line[:vocab].add_(torch.from_numpy(out.bias).to(line.device))
             self.stats.apply_s += time.perf_counter() - started
             return self._sample(row, line)
-        if out.allowed is not None:
-            if not out.allowed.size:
-                assert row.sequence_id is not None
-                row.finish = "error"
-                row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
-                             f"its mask allows no token at output token {len(row.tokens)}")
-                return None
-            ids = torch.from_numpy(out.allowed).to(line.device)
-            values = line.index_select(0, ids)
-            self.stats.apply_s += time.perf_counter() - started
-            return int(out.allowed[self._sample(row, values)])
-        if row.request.temperature == 0 or row.request.top_p >= 1:
+        if request.temperature == 0 or (request.top_p >= 1 and out.allowed is None):
             self.stats.apply_s += time.perf_counter() - started
             token = self._sample(row, line)
             started = time.perf_counter()
             if out.allows(token):
                 self.stats.apply_s += time.perf_counter() - started
                 return token
+        allowed = out.allowed
+        if allowed is not None:
+            if not allowed.size:
+                assert row.sequence_id is not None
+                row.finish = "error"
+                row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
+                             f"its mask allows no token at output token {len(row.tokens)}")
+                return None
+            values = line.index_select(0, torch.from_numpy(allowed).to(line.device))
+            self.stats.apply_s += time.perf_counter() - started
+            return int(allowed[self._sample(row, values)])
         line.index_fill_(0, torch.from_numpy(out.forbidden()).to(line.device), float("-inf"))
         if line.shape[0] > vocab:
             line[vocab:] = float("-inf")
