@@ -258,6 +258,27 @@ def test_hostile_controller_fails_alone(table: TokenTable, mode: str, behaviour:
         assert all(r.action is Action.CONTINUE for r in later.results.values())
 
 
+def test_small_and_large_batches_find_the_same_unusual_results(table: TokenTable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Per-step checks run on Python lists for small batches, vectorised for large ones: same outcome."""
+    from wasmshare.llm import batch as batch_module
+
+    answer = u32s(tid(b" hello"), table.eos_token or 0)
+    kinds = [ctrl("allow_list", u32s(7)), ctrl("force_answer", answer), ctrl("hostile_controller", "error"),
+             ctrl("hostile_controller", "bad_result"), ctrl("boost_words", "good\t1")]
+    outcomes = []
+    for small in (0, 1000):
+        monkeypatch.setattr(batch_module, "_SMALL_BATCH", small)
+        with ControllerBatch(table, capacity=40) as batch:
+            for i in range(40):
+                batch.add(kinds[i % len(kinds)], sequence_id=i)
+            step = batch.step()
+            outcomes.append(([(sid, r.action, r.output, r.fast_forward, r.error.cause if r.error else None)
+                              for sid, r in sorted(step.results.items())], batch.sequences))
+    assert outcomes[0] == outcomes[1]
+    results, left = outcomes[0]
+    assert {r[1] for r in results} == {Action.CONTINUE, Action.STOP, Action.ERROR} and len(left) == 24
+
+
 def test_failures_at_creation_free_the_slot(table: TokenTable, mode: str) -> None:
     with ControllerBatch(table, capacity=1, mode=mode, workers=1) as batch:
         with pytest.raises(SequenceFailed, match="hostile_controller") as info:

@@ -54,6 +54,7 @@ Mode = Literal["threads", "workers"]
 _CONSTRAINT_PLACEHOLDER = b"\0asm\x01\0\0\0"
 
 _ORDINARY_LIMITS = np.array([L.ACTION_STOP, L.OUTPUT_BIAS, 0, 0], dtype=np.uint32)
+_SMALL_BATCH = 32  # up to this many sequences, per-step checks run on Python lists
 _SPIN_S = 300e-6  # the engine polls a worker's done word this long before sleeping
 
 PROBE_EVERY = 64
@@ -610,7 +611,8 @@ class ControllerBatch:
             )
         if not tokens.size:
             return np.zeros(0, dtype=np.int64)
-        low, high = int(tokens.min()), int(tokens.max())
+        values = tokens.tolist()  # one call; two numpy reductions cost ~20x more on a cold path
+        low, high = min(values), max(values)
         if high >= self.vocab_size or low < -1:
             raise WasmshareError(f"token ids must be in [0, {self.vocab_size}) (or -1 for none)")
         words = self._step_words
@@ -644,10 +646,18 @@ class ControllerBatch:
         # ordinary values finds every sequence that needs a closer look (a negative action
         # or output reads as a huge unsigned value).
         header = self._step_words[index, L.W_RESULT + 1 : L.W_RESULT + 5]
-        unusual = (header > _ORDINARY_LIMITS).any(axis=1)
-        unusual |= self._status_words[index, 0] != L.STATUS_OK
+        status = self._status_words[index, 0]
+        if len(order) <= _SMALL_BATCH:  # a few list operations beat a chain of numpy calls
+            stop, bias = int(_ORDINARY_LIMITS[0]), int(_ORDINARY_LIMITS[1])
+            candidates = [
+                i for i, ((a, o, b, f), st) in enumerate(zip(header.tolist(), status.tolist()))
+                if a > stop or o > bias or b or f or st != L.STATUS_OK
+            ]
+        else:
+            unusual = (header > _ORDINARY_LIMITS).any(axis=1)
+            unusual |= status != L.STATUS_OK
+            candidates = np.flatnonzero(unusual).tolist() if unusual.any() else []
         action, output = header[:, 0].astype(np.int8), header[:, 1].astype(np.int8)
-        candidates = np.flatnonzero(unusual).tolist() if unusual.any() else []
         special: dict[int, StepResult] = {}
         dropped: list[_Sequence] = []
         for i in candidates:
@@ -895,18 +905,20 @@ class ControllerBatch:
         """
         outputs: dict[int, RowOutput] = {}
         vocab = self.vocab_size
-        codes = step.output_codes
-        masked = np.flatnonzero(codes == L.OUTPUT_BITMASK)
-        if masked.size:
+        codes = step.output_codes.tolist()
+        sequence_ids = step.sequence_ids.tolist()
+        masked = [i for i, code in enumerate(codes) if code == L.OUTPUT_BITMASK]
+        if masked:
             words = self._mask_rows.view(np.uint32)[step.slots[masked]]  # a private copy
             if vocab % 32:
                 words[:, -1] &= np.uint32((1 << (vocab % 32)) - 1)
-            for k, sequence_id in enumerate(step.sequence_ids[masked].tolist()):
-                out = outputs[sequence_id] = RowOutput(vocab, words=words[k])
-                if sequence_id in analyse:
+            for k, i in enumerate(masked):
+                out = outputs[sequence_ids[i]] = RowOutput(vocab, words=words[k])
+                if sequence_ids[i] in analyse:
                     out.allowed  # noqa: B018 - worked out now, off the caller's critical path
-        for i in np.flatnonzero(codes == L.OUTPUT_BIAS).tolist():
-            outputs[int(step.sequence_ids[i])] = RowOutput(vocab, bias=self._bias_rows[int(step.slots[i])])
+        for i, code in enumerate(codes):
+            if code == L.OUTPUT_BIAS:
+                outputs[sequence_ids[i]] = RowOutput(vocab, bias=self._bias_rows[int(step.slots[i])])
         return outputs
 
     def apply_prepared(self, logits: torch.Tensor, prepared: PreparedOutputs, rows: Sequence[int] | None = None) -> None:

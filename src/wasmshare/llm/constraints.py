@@ -14,6 +14,7 @@ a batch computes its constrained rows in parallel on its thread pool.
 
 from __future__ import annotations
 
+import array
 import hashlib
 import json
 import re
@@ -395,7 +396,9 @@ class ConstraintInstance:
         self.matcher = compiled.matcher()
         self._mask_address = regions.mask.address + slot * regions.mask_stride
         self._mask_nbytes = regions.mask_words * 4
-        self._words = regions.step_words()[slot]
+        # A memoryview of the slot's step words: reading or writing one word through it costs
+        # a small part of a numpy scalar access, and a step does several per sequence.
+        self._words = memoryview(regions.step_words()[slot])
         self._status = regions.status_record(slot)
         self._label = f"constraint {compiled.spec.describe()}"
         self._history: list[int] = []  # every token consumed, to replay on a rebuilt lexer
@@ -417,7 +420,7 @@ class ConstraintInstance:
         template) is rebuilt once and the step redone from the sequence's history.
         """
         words = self._words
-        n = int(words[L.W_N_TOKENS])
+        n = words[L.W_N_TOKENS]
         tokens = words[L.W_TOKENS : L.W_TOKENS + n].tolist() if n else []
         base = len(self._history)
         error = self._step_once(tokens)
@@ -454,7 +457,7 @@ class ConstraintInstance:
                 return f"forced tokens rejected: {matcher.get_error()}"
             self._history.extend(forced)
             words[L.W_RESULT + 4] = len(forced)
-            words[L.W_FF_TOKENS : L.W_FF_TOKENS + len(forced)] = forced
+            words[L.W_FF_TOKENS : L.W_FF_TOKENS + len(forced)] = array.array("I", forced)
             if matcher.is_stopped():
                 words[L.W_RESULT + 1] = L.ACTION_STOP
                 return None
