@@ -169,6 +169,28 @@ def _bit(mask: np.ndarray[Any, Any], token: int) -> bool:
 # -- ours and llguidance direct, in lockstep -------------------------------------------------------
 
 
+def _bare_step(m: Any, feed: list[int], address: int, nbytes: int) -> tuple[int, list[int]]:
+    """What ConstraintInstance.step does, on a bare llguidance matcher, writing the mask at
+    ``address``: (0 continue / 1 stop / 2 error, the forced tokens consumed)."""
+    from wasmshare.llm import _layout as L
+
+    if feed and not m.consume_tokens(feed):
+        return 2, []
+    if m.is_stopped():
+        return 1, []
+    forced = m.compute_ff_tokens()
+    if forced:
+        forced = forced[: L.MAX_FF_TOKENS]
+        if not m.consume_tokens(forced):
+            return 2, []
+        if m.is_stopped():
+            return 1, forced
+    m.unsafe_compute_mask_ptr(address, nbytes)
+    if m.is_error():
+        return 2, forced
+    return 0, forced
+
+
 class _Llg:
     """Runs ours (through a ControllerBatch) and llguidance direct on the same instances."""
 
@@ -179,7 +201,6 @@ class _Llg:
         from wasmshare.llm import ControllerBatch
         from wasmshare.llm import _layout as L
 
-        self.L = L
         self.llguidance = llguidance
         self.table = table
         self.hf = tokenizers.Tokenizer.from_str(table.tokenizer_json)
@@ -231,24 +252,6 @@ class _Llg:
             fn()
         return ours, direct, ours_ms, direct_ms, ours_err, direct_err
 
-    def _direct_step(self, m: Any, feed: list[int]) -> tuple[int, list[int]]:
-        """What ConstraintInstance.step does, on a bare matcher: 0 continue, 1 stop, 2 error."""
-        if feed and not m.consume_tokens(feed):
-            return 2, []
-        if m.is_stopped():
-            return 1, []
-        forced = m.compute_ff_tokens()
-        if forced:
-            forced = forced[: self.L.MAX_FF_TOKENS]
-            if not m.consume_tokens(forced):
-                return 2, []
-            if m.is_stopped():
-                return 1, forced
-        m.unsafe_compute_mask_ptr(self.buf.ctypes.data, self.buf.nbytes)
-        if m.is_error():
-            return 2, forced
-        return 0, forced
-
     def walk(self, spec: Any, grammar: Any, ids: list[int], valid: bool, order: int,
              record: bool, label: str = "") -> dict[str, Any]:
         """Walk one instance on both; returns per-step ns (ours instance, ours batch.step, direct)."""
@@ -291,7 +294,7 @@ class _Llg:
 
             def run_direct() -> tuple[int, list[int]]:
                 t0 = pc()
-                r = self._direct_step(m, feed)
+                r = _bare_step(m, feed, self.buf.ctypes.data, self.buf.nbytes)
                 direct_ns.append(pc() - t0)
                 return r
 
@@ -514,8 +517,12 @@ def _importable(engine: str) -> bool:
 
 
 class _WorkerProcess:
-    def __init__(self, engine: str) -> None:
+    """A child process running this file with ``args`` (default ``--worker ENGINE``), spoken
+    to in JSON lines."""
+
+    def __init__(self, engine: str, args: tuple[str, ...] | None = None) -> None:
         self.engine = engine
+        self.args = args if args is not None else ("--worker", engine)
         self.proc: subprocess.Popen[bytes] | None = None
         self._buffer = b""
 
@@ -529,7 +536,7 @@ class _WorkerProcess:
         env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--worker", self.engine],
+            [sys.executable, str(Path(__file__).resolve()), *self.args],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
         )
         self._buffer = b""
@@ -742,71 +749,41 @@ def _same_work_control(sources: list[str], feed: list[list[int]], lanes: int, re
         return {"schemas": [sources[i] for i in members], "feed": [[row[i] for i in members] for row in feed]}
 
     everyone = list(range(len(sources)))
-    split = [everyone[k::lanes] for k in range(lanes)]
-    one = _SameWorkProcess(job(everyone))
-    many = [_SameWorkProcess(job(members)) for members in split]
+    groups = [[_WorkerProcess("same-work control", ("--same-work",))],
+              [_WorkerProcess("same-work control", ("--same-work",)) for _ in range(lanes)]]
+    jobs = [[job(everyone)], [job(everyone[k::lanes]) for k in range(lanes)]]
     try:
-        for proc in [one, *many]:
-            proc.wait_ready()
+        for group, group_jobs in zip(groups, jobs):
+            for proc, one_job in zip(group, group_jobs):
+                proc.spawn()
+                proc.send(one_job)
+        for group in groups:
+            for proc in group:
+                proc.wait_ready()
         one_us: list[float] = []
         many_us: list[float] = []
         for round_ in range(repeat + 1):  # the first round warms up
-            t = one.run([one])[0]
-            m = max(one.run(many))
+            t, m = (max(_same_work_round(group)) for group in groups)
             if round_:
                 one_us.append(t)
                 many_us.append(m)
     finally:
-        for proc in [one, *many]:
-            proc.close()
+        for group in groups:
+            for proc in group:
+                proc.close()
     ratios = [a / b for a, b in zip(one_us, many_us)]
     return {"lanes": lanes, "one_process_us": float(np.median(one_us)), "processes_us": float(np.median(many_us)),
             "scaling": round(float(np.median(ratios)), 3), "scaling_per_round": [round(r, 3) for r in ratios]}
 
 
-class _SameWorkProcess:
-    """A ``--same-work`` child: compiles its schemas, then replays the steps on each ``go``."""
-
-    def __init__(self, job: dict[str, Any]) -> None:
-        env = dict(os.environ)
-        env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + env.get("PYTHONPATH", "")
-        self.proc = subprocess.Popen(
-            [sys.executable, str(Path(__file__).resolve()), "--same-work"],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
-        )
-        assert self.proc.stdin is not None
-        self.proc.stdin.write(json.dumps(job).encode() + b"\n")
-        self.proc.stdin.flush()
-
-    def _line(self) -> dict[str, Any]:
-        assert self.proc.stdout is not None
-        line = self.proc.stdout.readline()
-        if not line:
-            raise RuntimeError("same-work control process ended early")
-        result: dict[str, Any] = json.loads(line)
-        return result
-
-    def wait_ready(self) -> None:
-        if not self._line().get("ready"):
-            raise RuntimeError("same-work control process did not start")
-
-    @staticmethod
-    def run(group: list[_SameWorkProcess]) -> list[float]:
-        """Start one round in every process of ``group`` at once; their µs per step."""
-        for proc in group:
-            assert proc.proc.stdin is not None
-            proc.proc.stdin.write(b"go\n")
-            proc.proc.stdin.flush()
-        return [float(proc._line()["us_per_step"]) for proc in group]
-
-    def close(self) -> None:
-        if self.proc.stdin is not None:
-            self.proc.stdin.close()
-        try:
-            self.proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            self.proc.kill()
-            self.proc.wait()
+def _same_work_round(group: list[_WorkerProcess]) -> list[float]:
+    """Start one replay in every process of ``group`` at once; their µs per step."""
+    for proc in group:
+        proc.send({"go": True})
+    results = [proc.read(WALK_TIMEOUT_S) for proc in group]
+    if any(r is None for r in results):
+        raise RuntimeError("a same-work control process ended or hung")
+    return [float(r["us_per_step"]) for r in results if r is not None]
 
 
 def _same_work_main() -> int:
@@ -828,20 +805,13 @@ def _same_work_main() -> int:
     rows = [(int(buf[i].ctypes.data), int(buf[i].nbytes)) for i in range(len(templates))]
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
-        if line.strip() != "go":
+        if not json.loads(line).get("go"):
             break
         matchers = [t.deep_copy() for t in templates]
         t0 = time.perf_counter()
         for row in feed:
             for m, token, (address, nbytes) in zip(matchers, row, rows):
-                if token >= 0:
-                    m.consume_tokens([token])
-                if m.is_stopped():
-                    continue
-                forced = m.compute_ff_tokens()
-                if forced:
-                    m.consume_tokens(forced[: L.MAX_FF_TOKENS])
-                m.unsafe_compute_mask_ptr(address, nbytes)
+                _bare_step(m, [token] if token >= 0 else [], address, nbytes)
         us = (time.perf_counter() - t0) / len(feed) * 1e6
         print(json.dumps({"us_per_step": us}), flush=True)
     return 0
