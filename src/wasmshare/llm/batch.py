@@ -648,10 +648,9 @@ class ControllerBatch:
         header = self._step_words[index, L.W_RESULT + 1 : L.W_RESULT + 5]
         status = self._status_words[index, 0]
         if len(order) <= _SMALL_BATCH:  # a few list operations beat a chain of numpy calls
-            stop, bias = int(_ORDINARY_LIMITS[0]), int(_ORDINARY_LIMITS[1])
             candidates = [
                 i for i, ((a, o, b, f), st) in enumerate(zip(header.tolist(), status.tolist()))
-                if a > stop or o > bias or b or f or st != L.STATUS_OK
+                if a > L.ACTION_STOP or o > L.OUTPUT_BIAS or b or f or st != L.STATUS_OK
             ]
         else:
             unusual = (header > _ORDINARY_LIMITS).any(axis=1)
