@@ -14,7 +14,11 @@ the shared machine hits every configuration alike):
 
 * ours, unconstrained: :class:`~wasmshare.llm.engine.Engine` (``overlap=True``), ``steer=None``;
   the reference for ours.
-* ours, JSON-constrained: the same Engine, ``steer=constraints.json_schema(SCHEMA)``.
+* ours, JSON-constrained: the same Engine, ``steer=constraints.json_schema(SCHEMA)``. Greedy
+  rows' masks are deferred (``defer_masks=True``, the default): the constraint is asked about
+  the unmasked argmax after the forward pass, and the mask computed only when it forbids it.
+* ours, JSON-constrained, eager: ``defer_masks=False``, every mask computed beside the forward
+  pass (the in-run baseline for deferral).
 * ours, wasm controller: ``boost_words.wasm`` (argument ``"name\\t2\\nyear\\t1"``) writes a logit
   bias row; generation proceeds as usual.
 * ours, the two above with ``mask_apply="dense"``: masks applied as one additive ``[B, V]``
@@ -76,7 +80,8 @@ Measures (per run; the row holds the median over repeats):
 Rows (``ratio = baseline_us / ours_us``, above 1: ours is faster / cheaper): per model and B:
 unconstrained Engine vs unconstrained ``generate``; JSON-constrained vs unconstrained (ours);
 JSON-constrained vs each baseline (absolute µs/step; ``kept`` of both beside); controller vs
-unconstrained (ours); critical mask µs/step vs each baseline's processor µs/call; then the
+unconstrained (ours); JSON-constrained vs eager masks (µs/step, ``kept`` of both, and the
+whole controller phase µs/step); critical mask µs/step vs each baseline's processor µs/call; then the
 first-request rows (cold wall µs); and ours sparse vs ours dense (decode µs/step and critical
 mask µs/step, JSON-constrained and wasm controller).
 
@@ -339,11 +344,12 @@ class _Bench:
 
     # ours
     def engine_run(self, batch: int, n_prompts: int, steer: Any, max_tokens: int | None = None,
-                   mask_apply: str = "sparse") -> dict[str, Any]:
+                   mask_apply: str = "sparse", defer_masks: bool = True) -> dict[str, Any]:
         from wasmshare.llm.engine import Engine, GenerationRequest
 
         max_tokens = max_tokens or self.max_tokens
-        with Engine(self.loaded, max_batch=batch, overlap=True, mask_apply=mask_apply) as engine:  # type: ignore[arg-type]
+        with Engine(self.loaded, max_batch=batch, overlap=True, mask_apply=mask_apply,  # type: ignore[arg-type]
+                    defer_masks=defer_masks) as engine:
             engine.stats = stats = _step_stats()
             reqs = [GenerationRequest(p, max_tokens=max_tokens, temperature=0.0, steer=steer)
                     for p in self.prompt_ids[:n_prompts]]
@@ -366,6 +372,8 @@ class _Bench:
             "steps": stats.steps,
             "tokens": stats.generated_tokens,
             "prefill_ms": stats.prefill_s * 1e3,
+            "deferred_masks": stats.deferred_masks,
+            "late_masks": stats.late_masks,
             "texts": [r.text for r in results],
         }
 
@@ -472,7 +480,7 @@ class _Bench:
         return {k: {"cold_s": c, "warm_s": w, "setup_ms": self.setup_ms[k]} for k, (c, w) in out.items()}
 
 
-CONFIGS = ("ours_unconstrained", "ours_json", "ours_json_dense", "ours_controller", "ours_controller_dense",
+CONFIGS = ("ours_unconstrained", "ours_json", "ours_json_eager", "ours_json_dense", "ours_controller", "ours_controller_dense",
            "hf_unconstrained", "hf_xgrammar", "hf_llguidance")
 
 
@@ -481,6 +489,8 @@ def _run_config(b: _Bench, config: str, batch: int, n_prompts: int) -> dict[str,
         return b.engine_run(batch, n_prompts, None)
     if config == "ours_json":
         return b.engine_run(batch, n_prompts, b.spec)
+    if config == "ours_json_eager":
+        return b.engine_run(batch, n_prompts, b.spec, defer_masks=False)
     if config == "ours_json_dense":
         return b.engine_run(batch, n_prompts, b.spec, mask_apply="dense")
     if config == "ours_controller":
@@ -516,7 +526,8 @@ def _paired(numerator: dict[str, Any], denominator: dict[str, Any], key: str = "
 def _kept_pairs(b: _Bench, batch: int, n_pairs: int) -> dict[str, list[float]]:
     """For each runner, ``n_pairs`` ratios unconstrained µs/step ÷ JSON-constrained µs/step,
     each from two runs back to back (which one goes first alternates pair by pair)."""
-    runners = {"ours": ("ours_unconstrained", "ours_json"), "llguidance": ("hf_unconstrained", "hf_llguidance"),
+    runners = {"ours": ("ours_unconstrained", "ours_json"), "ours_eager": ("ours_unconstrained", "ours_json_eager"),
+               "llguidance": ("hf_unconstrained", "hf_llguidance"),
                "xgrammar": ("hf_unconstrained", "hf_xgrammar")}
     ratios: dict[str, list[float]] = {name: [] for name in runners}
     for k in range(n_pairs):
@@ -545,6 +556,9 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if vals:
             out[key] = statistics.median(vals)
             out[key + "_all"] = [round(v, 1) for v in vals]
+    for key in ("deferred_masks", "late_masks"):
+        if key in runs[0]:
+            out[key] = runs[0][key]
     out["steps"] = runs[0]["steps"]
     out["tokens"] = runs[0]["tokens"]
     out["texts"] = runs[0]["texts"]
@@ -581,13 +595,14 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
     for batch in batches:
         s = {c: _summarise(raw[(batch, c)]) for c in CONFIGS}
         ou, oj, oc = s["ours_unconstrained"], s["ours_json"], s["ours_controller"]
-        ojd, ocd = s["ours_json_dense"], s["ours_controller_dense"]
+        ojd, ocd, oje = s["ours_json_dense"], s["ours_controller_dense"], s["ours_json_eager"]
         hu, hx, hl = s["hf_unconstrained"], s["hf_xgrammar"], s["hf_llguidance"]
         kept = {
             "ours": _paired(ou, oj),
             "xgrammar": _paired(hu, hx),
             "llguidance": _paired(hu, hl),
             "controller": _paired(ou, oc),
+            "ours_eager": _paired(ou, oje),
             "dense": _paired(ou, ojd),
             "controller_dense": _paired(ou, ocd),
         }
@@ -606,7 +621,7 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
                  "mean_step_us": round(d["mean_step_us"], 1), "mean_critical_us": round(d["mean_critical_us"], 1)}
             if d["all_valid"] is False and d["valid"] != f"0/{len(d['texts'])}":
                 e["invalid_texts"] = d["invalid_texts"]
-            for key in ("wait_us", "apply_us", "mask_total_us", "prefill_ms"):
+            for key in ("wait_us", "apply_us", "mask_total_us", "prefill_ms", "deferred_masks", "late_masks"):
                 if key in d:
                     e[key] = round(d[key], 1)
             e.update(kw)
@@ -637,6 +652,17 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
                         baseline_valid=d["valid"], baseline_all_valid=d["all_valid"], steps_detail=detail(oj),
                         steps_baseline_detail=detail(d, tokens_per_s=round(d["tokens_per_s"], 1),
                                                      critical_mask_us=round(d["critical_us"], 1)))))
+        rows.append(_common.make_row(
+            f"{p} JSON-constrained decode µs/step", t(oj), "ours, every mask computed beside the forward pass", t(oje),
+            **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept["ours_eager"], 3),
+                    **spread.get("ours", {}),
+                    baseline_kept_quartiles=spread.get("ours_eager", {}).get("kept_quartiles"),
+                    paired_ratio=round(_paired(oje, oj), 3),
+                    baseline_valid=oje["valid"], steps_detail=detail(oj), steps_baseline_detail=detail(oje))))
+        rows.append(_common.make_row(
+            f"{p} JSON controller phase µs/step (whole, hidden or not)", t(oj, "mask_total_us"),
+            "ours, every mask computed beside the forward pass", t(oje, "mask_total_us"), model=model, B=batch,
+            steps_detail=detail(oj), steps_baseline_detail=detail(oje)))
         rows.append(_common.make_row(
             f"{p} JSON-constrained decode µs/step", t(oj), "ours, dense mask application", t(ojd),
             **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept["dense"], 3),

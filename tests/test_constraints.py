@@ -165,6 +165,91 @@ def test_every_constraint_kind_generates_matching_output(table: TokenTable) -> N
     assert re.fullmatch(r"\([0-9]{1,2}(\+[0-9]{1,2})*\)", out[sids["grammar"]].decode())
 
 
+def _deferred_cases(hf: Any) -> list[tuple[C.ConstraintSpec, list[int]]]:
+    """Specs with token ids to walk: MaskBench schemas with their instances (the first 150
+    tokens), and one of each other kind."""
+    cases: list[tuple[C.ConstraintSpec, list[int]]] = []
+    for row in maskbench_sample()[::30]:
+        for test in row["tests"][:2]:
+            text = json.dumps(test["data"], ensure_ascii=False)
+            cases.append((C.json_schema(row["schema"]), hf.encode(text, add_special_tokens=False).ids[:150]))
+    others = [
+        (C.regex(r"[a-z]{3}-[0-9]{2}"), "abc-12"),
+        (C.regex(r"[0-9]+( [0-9]+)*"), "12 345 6"),  # accepting, yet it may go on: the end-of-text token
+        (C.choice(["red", "green", "blue"]), "green"),
+        (C.grammar('start: "(" NUM ("+" NUM)* ")"\nNUM: /[0-9]{1,2}/'), "(1+22+3)"),
+        (C.stop(["\n\n"]), "Some text.\n\nmore"),
+    ]
+    cases += [(spec, hf.encode(text, add_special_tokens=False).ids) for spec, text in others]
+    return cases
+
+
+def test_a_deferred_mask_answers_like_the_computed_one(table: TokenTable, hf: Any) -> None:
+    """``step(defer_masks=...)`` leaves a constraint's mask uncomputed: its RowOutput asks the
+    matcher about single tokens, and computes the mask only on demand. Both must agree with
+    the mask an eager twin of the sequence computes at every step, on real schemas, valid and
+    invalid instances, and every other constraint kind."""
+    rng = np.random.default_rng(3)
+    vocab = table.vocab_size
+    states = 0
+    with ControllerBatch(table, capacity=2) as batch:
+        for spec, ids in _deferred_cases(hf):
+            try:
+                C.compile_constraint(spec, table)
+            except C.ConstraintError:
+                continue
+            lazy, eager = batch.add(spec), batch.add(spec)
+            step = batch.step(defer_masks={lazy})
+            i = 0
+            while step.results[lazy].action is Action.CONTINUE:
+                result = step.results[lazy]
+                twin = step.results[eager]
+                assert (result.action, result.fast_forward) == (twin.action, twin.fast_forward)
+                forced = list(result.fast_forward)
+                if forced:  # forced tokens were consumed by both; follow the instance past them
+                    if ids[i : i + len(forced)] != forced:
+                        break
+                    i += len(forced)
+                out = batch.row_outputs(step)[lazy]
+                assert out.deferred
+                reference = batch.mask[batch.slot(eager)].view(np.uint32).copy()
+                if vocab % 32:
+                    reference[-1] &= np.uint32((1 << (vocab % 32)) - 1)
+                bits = np.unpackbits(reference.view(np.uint8), bitorder="little")[:vocab].astype(bool)
+                candidates = set(rng.integers(0, vocab, 400).tolist()) | {table.eos_token or 0}
+                allowed_ids = np.flatnonzero(bits)
+                if allowed_ids.size:
+                    candidates |= set(allowed_ids[rng.integers(0, allowed_ids.size, 200)].tolist())
+                if i < len(ids):
+                    candidates.add(ids[i])
+                wrong = [t for t in candidates if out.allows(t) != bits[t]]
+                assert not wrong, (spec.describe(), i, wrong[:5])
+                assert np.array_equal(out.words, reference)  # computed on demand
+                assert not out.deferred
+                assert np.array_equal(batch.mask[batch.slot(lazy)], batch.mask[batch.slot(eager)])
+                states += 1
+                if i >= len(ids) or not bits[ids[i]]:
+                    break
+                step = batch.step({lazy: [ids[i]], eager: [ids[i]]}, defer_masks={lazy})
+                i += 1
+            for sid in (lazy, eager):
+                if sid in batch.sequences:
+                    batch.remove(sid)
+    assert states > 200
+
+
+def test_apply_and_fill_compute_deferred_masks_first(table: TokenTable) -> None:
+    spec = C.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    with ControllerBatch(table, capacity=3) as batch:
+        lazy, eager, other = batch.add(spec), batch.add(spec), batch.add(spec)
+        step = batch.step(defer_masks={lazy, other})
+        logits = batch.apply(torch.zeros((3, table.vocab_size)), step)
+        assert torch.equal(torch.isinf(logits[0]), torch.isinf(logits[1]))
+        assert torch.isinf(logits[0]).any() and not torch.isinf(logits[0]).all()
+        batch.fill_deferred_masks()  # the direct view of the bitmask is whole again
+        assert np.array_equal(batch.mask[batch.slot(other)], batch.mask[batch.slot(eager)])
+
+
 def test_forced_tokens_are_reported_as_fast_forward(table: TokenTable) -> None:
     spec = C.json_schema({"type": "object", "properties": {"tool": {"const": "wasmshare_search"}}, "required": ["tool"]})
     with ControllerBatch(table, capacity=2) as batch:

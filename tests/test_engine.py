@@ -303,19 +303,26 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
 
     def counted_row_outputs(self: ControllerBatch, step: Any, **kw: Any) -> Any:
         outputs = real_row_outputs(self, step, **kw)
-        fallbacks["masks"] += sum(out.words is not None for out in outputs.values())
+        fallbacks["masks"] += sum(out.bias is None for out in outputs.values())
         return outputs
 
     outcomes = {}
     monkeypatch.setattr(RowOutput, "forbidden", counted)
     monkeypatch.setattr(RowOutput, "allowed", property(counted_allowed))
     monkeypatch.setattr(ControllerBatch, "row_outputs", counted_row_outputs)
-    for how in ("sparse", "dense"):
-        with Engine(loaded, max_batch=6, mask_apply=how) as engine:  # type: ignore[arg-type]
-            assert engine.sparse_apply == (how == "sparse")
+    stats = {}
+    for how in ("sparse", "sparse-eager", "dense"):
+        apply = "dense" if how == "dense" else "sparse"
+        with Engine(loaded, max_batch=6, mask_apply=apply, defer_masks=how == "sparse") as engine:  # type: ignore[arg-type]
+            assert engine.sparse_apply == (how != "dense")
             outcomes[how] = [(r.tokens, r.error) for r in engine.generate(requests)]
-    assert outcomes["sparse"] == outcomes["dense"]
+            stats[how] = engine.stats
+    assert outcomes["sparse"] == outcomes["sparse-eager"] == outcomes["dense"]
     assert all(error is None for _, error in outcomes["sparse"])
+    # Deferred constraint masks: most greedy draws are allowed, so most masks are never computed.
+    deferred, late = stats["sparse"].deferred_masks, stats["sparse"].late_masks
+    assert 0 < late < deferred / 2, (late, deferred)
+    assert stats["sparse-eager"].deferred_masks == stats["dense"].deferred_masks == 0
     assert "the" not in loaded.tokenizer.decode(outcomes["sparse"][3][0]).lower()
     assert fallbacks["n"] > 0  # some greedy draw was forbidden and the row was masked after it
     # Greedy rows look at a mask as a whole only after a forbidden draw: most never do.

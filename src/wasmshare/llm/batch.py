@@ -21,13 +21,14 @@ batch carries on.
 from __future__ import annotations
 
 import enum
+import functools
 import os
 import socket
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Container, Iterable, Mapping, Sequence
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -195,9 +196,14 @@ class RowOutput:
     words; it is worked out on first use. Otherwise :meth:`forbidden` lists the forbidden
     ids. A bias is ``bias``, a float32 ``[V]`` view of the sequence's bias slot in the
     shared region (no copy), valid until the batch steps again.
+
+    A *deferred* mask (a constraint's, when the step was asked to defer it) is not computed
+    yet: :meth:`allows` asks the constraint about the one token, and the mask is computed
+    (into the shared row, then copied) only when :attr:`allowed`, :meth:`forbidden` or
+    :attr:`words` is needed. Like a bias view, it is valid until the batch steps again.
     """
 
-    __slots__ = ("words", "bias", "vocab_size", "_allowed", "_analysed")
+    __slots__ = ("_words", "bias", "vocab_size", "_allowed", "_analysed", "_check", "_load")
 
     def __init__(
         self,
@@ -205,12 +211,31 @@ class RowOutput:
         *,
         words: np.ndarray[Any, Any] | None = None,
         bias: np.ndarray[Any, Any] | None = None,
+        check: Callable[[int], bool] | None = None,
+        load: Callable[[], np.ndarray[Any, Any]] | None = None,
     ) -> None:
+        if (check is None) != (load is None):
+            raise ValueError("a deferred mask needs both check and load")
         self.vocab_size = vocab_size
-        self.words = words
+        self._words = words
         self.bias = bias
+        self._check = check
+        self._load = load
         self._allowed: np.ndarray[Any, Any] | None = None
-        self._analysed = words is None
+        self._analysed = words is None and load is None
+
+    @property
+    def words(self) -> np.ndarray[Any, Any] | None:
+        """The mask's private uint32 words (computed now if deferred); None for a bias."""
+        if self._load is not None:
+            self._words = self._load()
+            self._load = self._check = None
+        return self._words
+
+    @property
+    def deferred(self) -> bool:
+        """True while a deferred mask has not been computed."""
+        return self._load is not None
 
     @property
     def allowed(self) -> np.ndarray[Any, Any] | None:
@@ -218,9 +243,10 @@ class RowOutput:
         else None (and always None for a bias). Computed on first use (a popcount of the
         row, then its non-zero words), then kept."""
         if not self._analysed:
-            assert self.words is not None
-            if int(np.bitwise_count(self.words).sum()) * 2 <= self.vocab_size:
-                self._allowed = _set_bit_ids(self.words, self.vocab_size)
+            words = self.words
+            assert words is not None
+            if int(np.bitwise_count(words).sum()) * 2 <= self.vocab_size:
+                self._allowed = _set_bit_ids(words, self.vocab_size)
             self._analysed = True
         return self._allowed
 
@@ -231,15 +257,19 @@ class RowOutput:
 
     def allows(self, token: int) -> bool:
         """True when the mask allows ``token`` (always for a bias)."""
-        if self.words is None:
+        if self._check is not None:
+            return 0 <= token < self.vocab_size and self._check(token)
+        words = self._words
+        if words is None:
             return True
-        return 0 <= token < self.vocab_size and bool((int(self.words[token >> 5]) >> (token & 31)) & 1)
+        return 0 <= token < self.vocab_size and bool((int(words[token >> 5]) >> (token & 31)) & 1)
 
     def forbidden(self) -> np.ndarray[Any, Any]:
         """Sorted int64 ids ``< V`` the mask forbids (empty for a bias)."""
-        if self.words is None:
+        words = self.words
+        if words is None:
             return np.empty(0, dtype=np.int64)
-        return _set_bit_ids(~self.words, self.vocab_size)
+        return _set_bit_ids(~words, self.vocab_size)
 
 
 @dataclass
@@ -343,6 +373,8 @@ class ControllerBatch:
         self._torch: dict[str, Any] = {}
         self._copy_event: Any = None
         self._last_step: BatchStep | None = None
+        self._deferred: dict[int, ConstraintInstance] = {}  # slot -> constraint whose mask waits
+        self._deferring = False  # some constraint was told to defer its mask at the last step
         if mode == "threads":
             self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="wasmshare-ctrl")
         else:
@@ -352,7 +384,9 @@ class ControllerBatch:
 
     @property
     def mask(self) -> np.ndarray[Any, Any]:
-        """Zero-copy ``[capacity, ceil(V/32)]`` int32 view of the batch bitmask (row = slot)."""
+        """Zero-copy ``[capacity, ceil(V/32)]`` int32 view of the batch bitmask (row = slot).
+
+        Rows whose mask the last step deferred are stale until :meth:`fill_deferred_masks`."""
         return self._mask_rows
 
     @property
@@ -492,6 +526,7 @@ class ControllerBatch:
         self._drop(seq)
 
     def _drop(self, seq: _Sequence) -> None:
+        self._deferred.pop(seq.slot, None)
         if seq.instance is not None:
             seq.instance.close()
             seq.instance = None
@@ -518,6 +553,7 @@ class ControllerBatch:
         sampled: Mapping[int, Sequence[int]] | np.ndarray[Any, Any] | Sequence[int] | None = None,
         *,
         only: Iterable[int] | None = None,
+        defer_masks: Container[int] = (),
     ) -> BatchStep:
         """Run every live controller once, in parallel where it pays.
 
@@ -528,6 +564,15 @@ class ControllerBatch:
         removed from the batch (their action is ERROR). ``only`` restricts the step to some
         sequences (the others keep their state and their rows); ``sampled`` must then be a
         mapping over those.
+
+        ``defer_masks``: sequence ids whose *constraint* masks are left uncomputed (threads
+        mode, llguidance constraints; others compute theirs as usual). A greedy sampler
+        mostly draws a token the mask allows, and asking the constraint about that one token
+        costs under a microsecond where a mask costs tens to hundreds:
+        :meth:`row_outputs` hands such rows out as deferred :class:`RowOutput` s, which
+        compute the mask only when it is needed. :meth:`prepare` and :meth:`apply` compute
+        the deferred masks they read; :meth:`fill_deferred_masks` computes them all (say,
+        before reading :attr:`mask` directly).
 
         The bookkeeping is vectorised over the step region, so the engine-side cost per
         sequence is well under the cost of the controller call itself.
@@ -555,6 +600,9 @@ class ControllerBatch:
         words[index, L.W_N_TOKENS] = counts
         words[index, L.W_RESULT : L.W_RESULT + 5] = L.RESULT_RESET
         self._status_words[index, 0] = L.STATUS_OK  # runners write only failures
+        self._deferred.clear()
+        if self.mode == "threads" and (defer_masks or self._deferring):
+            self._mark_deferred(order, defer_masks)
         phase_start = time.perf_counter()
         if self.mode == "threads":
             self._run_threads(order) if only is None else _run_chunk(
@@ -567,8 +615,40 @@ class ControllerBatch:
         controller_us = (time.perf_counter() - phase_start) * 1e6
         steps += 1
         self._steps[index] = steps
+        if self._deferring:
+            for seq in order:
+                instance = seq.instance
+                if isinstance(instance, ConstraintInstance) and instance.mask_deferred:
+                    self._deferred[seq.slot] = instance
         self._last_step = self._collect_all(order, slots, index, started, controller_us)
         return self._last_step
+
+    def _mark_deferred(self, order: list[_Sequence], defer_masks: Container[int]) -> None:
+        """Tell each constraint whether to leave this step's mask uncomputed."""
+        deferring = False
+        for seq in order:
+            instance = seq.instance
+            if isinstance(instance, ConstraintInstance):
+                instance.defer_mask = defer = instance.can_defer and seq.sequence_id in defer_masks
+                deferring = deferring or defer
+        self._deferring = deferring
+
+    def fill_deferred_masks(self, slots: Iterable[int] | None = None) -> None:
+        """Compute the last step's deferred masks (of ``slots``, default all) into the bitmask."""
+        if not self._deferred:
+            return
+        for slot in list(self._deferred) if slots is None else slots:
+            instance = self._deferred.pop(int(slot), None)
+            if instance is not None:
+                instance.fill_mask()
+
+    def _load_deferred(self, slot: int) -> np.ndarray[Any, Any]:
+        """Compute one deferred mask and return a private copy of its words (tail bits cleared)."""
+        self.fill_deferred_masks((slot,))
+        words: np.ndarray[Any, Any] = self._mask_rows[slot].view(np.uint32).copy()
+        if self.vocab_size % 32:
+            words[-1] &= np.uint32((1 << (self.vocab_size % 32)) - 1)
+        return words
 
     def _order(self) -> tuple[list[_Sequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]]:
         """Live sequences in slot order, their slots, and an index for the per-slot arrays:
@@ -867,6 +947,8 @@ class ControllerBatch:
         mask_idx = np.flatnonzero(codes == L.OUTPUT_BITMASK)
         bias_idx = np.flatnonzero(codes == L.OUTPUT_BIAS)
         if mask_idx.size:
+            if self._deferred:
+                self.fill_deferred_masks(step.slots[mask_idx].tolist())
             rows = views["mask"].index_select(0, torch.from_numpy(step.slots[mask_idx]))
             if mask_idx.size == n:
                 words = rows
@@ -900,13 +982,24 @@ class ControllerBatch:
         and at once for the sequence ids in ``analyse`` (say, the rows that will be sampled
         rather than decoded greedily, on a thread beside the forward pass). Sequences
         without output are left out (a mask that allows every token stays: it still
-        forbids the columns past the vocabulary).
+        forbids the columns past the vocabulary). Masks the step deferred (``defer_masks``)
+        are handed out deferred: nothing is computed or copied for them until needed.
         """
         outputs: dict[int, RowOutput] = {}
         vocab = self.vocab_size
         codes = step.output_codes.tolist()
         sequence_ids = step.sequence_ids.tolist()
         masked = [i for i, code in enumerate(codes) if code == L.OUTPUT_BITMASK]
+        if masked and self._deferred and step is self._last_step:
+            slots = step.slots.tolist()
+            waiting = [i for i in masked if slots[i] in self._deferred]
+            for i in waiting:
+                slot, sid = slots[i], sequence_ids[i]
+                out = outputs[sid] = RowOutput(vocab, check=self._deferred[slot].allows,
+                                               load=functools.partial(self._load_deferred, slot))
+                if sid in analyse:
+                    out.allowed  # noqa: B018 - computed now, off the caller's critical path
+            masked = [i for i in masked if slots[i] not in self._deferred]
         if masked:
             words = self._mask_rows.view(np.uint32)[step.slots[masked]]  # a private copy
             if vocab % 32:

@@ -15,6 +15,7 @@ a batch computes its constrained rows in parallel on its thread pool.
 from __future__ import annotations
 
 import array
+import ctypes
 import hashlib
 import json
 import re
@@ -403,6 +404,14 @@ class ConstraintInstance:
         self._label = f"constraint {compiled.spec.describe()}"
         self._history: list[int] = []  # every token consumed, to replay on a rebuilt lexer
         self.name = f"constraint:{compiled.spec.kind}"
+        engine = compiled._engine if compiled.backend == "llguidance" else None
+        self._eos: int | None = getattr(engine, "eos_token", None)
+        # Deferred masks (llguidance only: it can test a token without a mask): the batch sets
+        # defer_mask before a step to leave the mask uncomputed; mask_deferred then says so
+        # until fill_mask(). allows() answers for single tokens meanwhile.
+        self.can_defer = compiled.backend == "llguidance"
+        self.defer_mask = False
+        self.mask_deferred = False
 
     def create(self, n_prompt_tokens: int, arg_offset_bytes: int, arg_len: int) -> None:
         """Nothing to run at creation (the prompt is not constrained); reports OK."""
@@ -423,6 +432,7 @@ class ConstraintInstance:
         n = words[L.W_N_TOKENS]
         tokens = words[L.W_TOKENS : L.W_TOKENS + n].tolist() if n else []
         base = len(self._history)
+        self.mask_deferred = False
         error = self._step_once(tokens)
         if error is not None and self.compiled.recovers_from(error):
             del self._history[base:]
@@ -461,11 +471,30 @@ class ConstraintInstance:
             if matcher.is_stopped():
                 words[L.W_RESULT + 1] = L.ACTION_STOP
                 return None
-        matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
-        if matcher.is_error():
-            return str(matcher.get_error())
+        if self.defer_mask and self.can_defer:
+            self.mask_deferred = True
+        else:
+            matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
+            if matcher.is_error():
+                return str(matcher.get_error())
         words[L.W_RESULT + 2] = L.OUTPUT_BITMASK
         return None
+
+    def allows(self, token: int) -> bool:
+        """Whether this step's mask allows ``token``, asked of the matcher without computing
+        the mask (under a microsecond, where a mask costs tens to hundreds). Valid between
+        a step and the next; the batch calls it for a deferred mask."""
+        if token == self._eos:  # a stopped matcher refuses EOS in validate_tokens, not in its mask
+            return bool(self.matcher.is_accepting())
+        return bool(self.matcher.validate_tokens([token]) == 1)
+
+    def fill_mask(self) -> None:
+        """Compute a deferred mask into the slot's row of the batch bitmask (no-op otherwise)."""
+        if self.mask_deferred:
+            self.mask_deferred = False
+            self.matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
+            if self.matcher.is_error():  # allow nothing: the sampler reports the row's error
+                ctypes.memset(self._mask_address, 0, self._mask_nbytes)
 
     def close(self) -> None:
         """Nothing to release: the matcher is garbage-collected."""

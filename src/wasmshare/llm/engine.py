@@ -23,7 +23,7 @@ import concurrent.futures
 import itertools
 import threading
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Container, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
@@ -97,6 +97,8 @@ class EngineStats:
     decode_s: float = 0.0
     fast_forward_tokens: int = 0
     bytes_copied: int = 0
+    deferred_masks: int = 0  # constraint masks left uncomputed beside the forward pass
+    late_masks: int = 0  # of those, computed after it because the draw was forbidden
 
     @property
     def controller_us_per_step(self) -> float:
@@ -244,6 +246,14 @@ class Engine:
     same distribution, but not with the same random numbers. A mask that allows no token
     ends its row with an error under sparse application; the dense tensor leaves nothing
     finite to sample from.
+
+    ``defer_masks`` (sparse application, llguidance constraints, greedy rows): the
+    constraint's mask is not computed beside the forward pass at all. After it the
+    constraint is asked about the unmasked argmax alone (under a microsecond), and the
+    mask is computed only when it forbids that token (``EngineStats.late_masks``). A mask
+    costs tens to hundreds of µs of CPU, which on a machine whose cores the forward pass
+    already fills comes out of the forward pass. Wasm controllers' masks, and every mask
+    under dense application, are computed beside the forward pass as before.
     """
 
     def __init__(
@@ -258,6 +268,7 @@ class Engine:
         overlap: bool = True,
         grammar_backend: Backend = "llguidance",
         mask_apply: MaskApply = "auto",
+        defer_masks: bool = True,
     ) -> None:
         if max_batch <= 0:
             raise WasmshareError(f"max_batch must be positive, got {max_batch}")
@@ -273,6 +284,7 @@ class Engine:
         )
         self.device = next(self.model.parameters()).device
         self.sparse_apply = mask_apply == "sparse" or (mask_apply == "auto" and self.device.type == "cpu")
+        self.defer_masks = defer_masks and self.sparse_apply
         self.stats = EngineStats()
         self._helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="wasmshare-engine")
         self._eos = set(loaded.eos_token_ids)
@@ -459,13 +471,22 @@ class Engine:
                 prefill_s = time.perf_counter() - prefill_started
                 # The controller phase for the next step runs beside the forward pass.
                 steer = self._sampled_by_slot(rows, sampled)
-                has_controllers = any(r.sequence_id is not None for r in rows + new_rows)
                 future: Future[_ControllerPhase] | None = None
                 ctrl, outputs = None, None
-                analyse = frozenset(r.sequence_id for r in rows + new_rows
-                                    if r.sequence_id is not None and r.request.temperature > 0)
+                # Sampled rows get their allowed ids worked out beside the forward pass;
+                # greedy rows' constraint masks wait until a draw needs them.
+                has_controllers = False
+                analyse: set[int] = set()
+                defer: set[int] = set()
+                for r in rows + new_rows:
+                    if r.sequence_id is not None:
+                        has_controllers = True
+                        if r.request.temperature > 0:
+                            analyse.add(r.sequence_id)
+                        elif self.defer_masks:
+                            defer.add(r.sequence_id)
                 if has_controllers and self.overlap:
-                    future = self._inflight = self._helper.submit(self._timed_step, steer, analyse)
+                    future = self._inflight = self._helper.submit(self._timed_step, steer, analyse, defer)
                 decoded = bool(rows)
                 if rows:
                     feeds = [r.feed if r.feed else [sampled[id(r)]] for r in rows]
@@ -482,7 +503,7 @@ class Engine:
                     rows.extend(new_rows)
                 if has_controllers:
                     wait_started = time.perf_counter()
-                    ctrl, outputs = future.result() if future is not None else self._timed_step(steer, analyse)
+                    ctrl, outputs = future.result() if future is not None else self._timed_step(steer, analyse, defer)
                     self._inflight = None
                     self.stats.critical_controller_s += time.perf_counter() - wait_started
                 if decoded:
@@ -581,7 +602,9 @@ class Engine:
         live = self.batch.sequences
         return np.fromiter((token_of.get(sid, -1) for sid in live), dtype=np.int64, count=len(live))
 
-    def _timed_step(self, steer: np.ndarray[Any, Any], analyse: frozenset[int] = frozenset()) -> _ControllerPhase:
+    def _timed_step(
+        self, steer: np.ndarray[Any, Any], analyse: Container[int] = (), defer: Container[int] = ()
+    ) -> _ControllerPhase:
         """The controller phase (on the helper thread while the forward pass runs).
 
         With sparse application the masks are also copied out here, and the rows of
@@ -594,7 +617,7 @@ class Engine:
         batch 8), so the dense path builds it on the main thread.
         """
         started = time.perf_counter()
-        step = self.batch.step(steer)
+        step = self.batch.step(steer, defer_masks=defer)
         outputs = self.batch.row_outputs(step, analyse=analyse) if self.sparse_apply else None
         self.stats.controller_s += time.perf_counter() - started
         return _ControllerPhase(step, outputs)
@@ -689,6 +712,9 @@ class Engine:
             line[:vocab].add_(torch.from_numpy(out.bias).to(line.device))
             self.stats.apply_s += time.perf_counter() - started
             return self._sample(row, line)
+        deferred = out.deferred
+        if deferred:
+            self.stats.deferred_masks += 1
         if request.temperature == 0 or (request.top_p >= 1 and out.allowed is None):
             self.stats.apply_s += time.perf_counter() - started
             token = self._sample(row, line)
@@ -696,6 +722,8 @@ class Engine:
             if out.allows(token):
                 self.stats.apply_s += time.perf_counter() - started
                 return token
+        if deferred:
+            self.stats.late_masks += 1
         allowed = out.allowed
         if allowed is not None:
             if not allowed.size:
