@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from wasmshare.errors import WasmshareError
 from wasmshare.llm import Action, Controller, ControllerBatch, Output, TokenTable
 from wasmshare.llm import constraints as C
 
@@ -191,6 +192,7 @@ def test_a_deferred_mask_answers_like_the_computed_one(table: TokenTable, hf: An
     invalid instances, and every other constraint kind."""
     rng = np.random.default_rng(3)
     vocab = table.vocab_size
+    specials = np.flatnonzero(table.flags & 1)  # special and end-of-text tokens: a sample at each state
     states = 0
     with ControllerBatch(table, capacity=2) as batch:
         for spec, ids in _deferred_cases(hf):
@@ -217,6 +219,7 @@ def test_a_deferred_mask_answers_like_the_computed_one(table: TokenTable, hf: An
                     reference[-1] &= np.uint32((1 << (vocab % 32)) - 1)
                 bits = np.unpackbits(reference.view(np.uint8), bitorder="little")[:vocab].astype(bool)
                 candidates = set(rng.integers(0, vocab, 400).tolist()) | {table.eos_token or 0}
+                candidates |= set(specials[rng.integers(0, specials.size, 100)].tolist())
                 allowed_ids = np.flatnonzero(bits)
                 if allowed_ids.size:
                     candidates |= set(allowed_ids[rng.integers(0, allowed_ids.size, 200)].tolist())
@@ -248,6 +251,26 @@ def test_apply_and_fill_compute_deferred_masks_first(table: TokenTable) -> None:
         assert torch.isinf(logits[0]).any() and not torch.isinf(logits[0]).all()
         batch.fill_deferred_masks()  # the direct view of the bitmask is whole again
         assert np.array_equal(batch.mask[batch.slot(other)], batch.mask[batch.slot(eager)])
+
+
+def test_deferred_masks_across_partial_and_plain_steps(table: TokenTable) -> None:
+    """A step with ``only=`` keeps the others' deferred masks; a later plain step computes every
+    mask again (no flag left over); a deferred RowOutput refuses to answer after the next step."""
+    spec = C.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]})
+    with ControllerBatch(table, capacity=3) as batch:
+        a, b, twin = batch.add(spec), batch.add(spec), batch.add(spec)
+        first = batch.step(defer_masks={a})
+        stale = batch.row_outputs(first)[a]
+        assert stale.deferred
+        batch.step({b: []}, only={b})  # a keeps its state, and its waiting mask
+        batch.fill_deferred_masks()
+        assert np.array_equal(batch.mask[batch.slot(a)], batch.mask[batch.slot(twin)])
+        with pytest.raises(WasmshareError, match="only valid until the batch steps again"):
+            stale.allows(0)
+        batch.mask[batch.slot(a)] = 0
+        step = batch.step()  # no deferral asked: every mask computed
+        assert not batch.row_outputs(step)[a].deferred
+        assert np.array_equal(batch.mask[batch.slot(a)], batch.mask[batch.slot(twin)])
 
 
 def test_forced_tokens_are_reported_as_fast_forward(table: TokenTable) -> None:
@@ -372,6 +395,18 @@ def test_a_lexer_that_reached_its_size_cap_is_rebuilt_and_the_sequence_goes_on(
         assert renewals == [len(fed)]  # rebuilt once, replaying what came before this step
         fresh = compiled.renewed_matcher(fed + [token] + list(result.fast_forward))
         expected = np.zeros_like(batch.mask[batch.slot(sid)])
+        fresh.unsafe_compute_mask_ptr(expected.ctypes.data, expected.nbytes)
+        assert np.array_equal(batch.mask[batch.slot(sid)], expected)
+        # A deferred mask hits the cap when computed on demand: the same recovery.
+        history = fed + [token] + list(result.fast_forward)
+        token = ids[len(history)]
+        step = batch.step({sid: [token]}, defer_masks={sid})
+        history += [token] + list(step.results[sid].fast_forward)
+        instance.matcher = CappedOnce(instance.matcher)
+        out = batch.row_outputs(step)[sid]
+        assert out.deferred and out.allowed is not None and out.allowed.size > 0
+        assert renewals[-1] == len(history) and instance.mask_error is None
+        fresh = compiled.renewed_matcher(history)
         fresh.unsafe_compute_mask_ptr(expected.ctypes.data, expected.nbytes)
         assert np.array_equal(batch.mask[batch.slot(sid)], expected)
 

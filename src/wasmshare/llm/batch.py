@@ -21,7 +21,6 @@ batch carries on.
 from __future__ import annotations
 
 import enum
-import functools
 import os
 import socket
 import subprocess
@@ -374,7 +373,8 @@ class ControllerBatch:
         self._copy_event: Any = None
         self._last_step: BatchStep | None = None
         self._deferred: dict[int, ConstraintInstance] = {}  # slot -> constraint whose mask waits
-        self._deferring = False  # some constraint was told to defer its mask at the last step
+        self._flagged: list[ConstraintInstance] = []  # constraints told to defer at the last step
+        self._generation = 0  # steps so far: a deferred RowOutput answers for its own step only
         if mode == "threads":
             self._pool = ThreadPoolExecutor(max_workers=n, thread_name_prefix="wasmshare-ctrl")
         else:
@@ -395,7 +395,9 @@ class ControllerBatch:
         return self._bias_rows
 
     def mask_tensor(self) -> torch.Tensor:
-        """Zero-copy torch view of :attr:`mask` (CPU; page-locked when CUDA is available)."""
+        """Zero-copy torch view of :attr:`mask` (CPU; page-locked when CUDA is available).
+
+        Rows whose mask the last step deferred are stale until :meth:`fill_deferred_masks`."""
         tensor: torch.Tensor = self._torch_views()["mask"]
         return tensor
 
@@ -566,7 +568,8 @@ class ControllerBatch:
         mapping over those.
 
         ``defer_masks``: sequence ids whose *constraint* masks are left uncomputed (threads
-        mode, llguidance constraints; others compute theirs as usual). A greedy sampler
+        mode, llguidance constraints; others compute theirs as usual; worker mode computes
+        every mask). A greedy sampler
         mostly draws a token the mask allows, and asking the constraint about that one token
         costs under a microsecond where a mask costs tens to hundreds:
         :meth:`row_outputs` hands such rows out as deferred :class:`RowOutput` s, which
@@ -600,9 +603,8 @@ class ControllerBatch:
         words[index, L.W_N_TOKENS] = counts
         words[index, L.W_RESULT : L.W_RESULT + 5] = L.RESULT_RESET
         self._status_words[index, 0] = L.STATUS_OK  # runners write only failures
-        self._deferred.clear()
-        if self.mode == "threads" and (defer_masks or self._deferring):
-            self._mark_deferred(order, defer_masks)
+        self._generation += 1
+        self._mark_deferred(order, defer_masks, partial=only is not None)
         phase_start = time.perf_counter()
         if self.mode == "threads":
             self._run_threads(order) if only is None else _run_chunk(
@@ -615,23 +617,33 @@ class ControllerBatch:
         controller_us = (time.perf_counter() - phase_start) * 1e6
         steps += 1
         self._steps[index] = steps
-        if self._deferring:
-            for seq in order:
-                instance = seq.instance
-                if isinstance(instance, ConstraintInstance) and instance.mask_deferred:
-                    self._deferred[seq.slot] = instance
+        for instance in self._flagged:
+            if instance.mask_deferred:
+                self._deferred[instance.slot] = instance
         self._last_step = self._collect_all(order, slots, index, started, controller_us)
         return self._last_step
 
-    def _mark_deferred(self, order: list[_Sequence], defer_masks: Container[int]) -> None:
-        """Tell each constraint whether to leave this step's mask uncomputed."""
-        deferring = False
+    def _mark_deferred(self, order: list[_Sequence], defer_masks: Container[int], *, partial: bool) -> None:
+        """Tell the constraints of ``defer_masks`` to leave this step's mask uncomputed.
+
+        Every flag of an earlier step is cleared first, stepped now or not. The stepped
+        sequences' waiting masks are forgotten (they are about to move on); with ``partial``
+        (a step with ``only=``) the others' stay, as their state does."""
+        for flagged in self._flagged:
+            flagged.defer_mask = False
+        self._flagged = []
+        if not partial:
+            self._deferred.clear()
+        elif self._deferred:
+            for seq in order:
+                self._deferred.pop(seq.slot, None)
+        if not defer_masks or self.mode != "threads":
+            return
         for seq in order:
             instance = seq.instance
-            if isinstance(instance, ConstraintInstance):
-                instance.defer_mask = defer = instance.can_defer and seq.sequence_id in defer_masks
-                deferring = deferring or defer
-        self._deferring = deferring
+            if isinstance(instance, ConstraintInstance) and instance.can_defer and seq.sequence_id in defer_masks:
+                instance.defer_mask = True
+                self._flagged.append(instance)
 
     def fill_deferred_masks(self, slots: Iterable[int] | None = None) -> None:
         """Compute the last step's deferred masks (of ``slots``, default all) into the bitmask."""
@@ -641,6 +653,30 @@ class ControllerBatch:
             instance = self._deferred.pop(int(slot), None)
             if instance is not None:
                 instance.fill_mask()
+
+    def _deferred_output(self, slot: int, instance: ConstraintInstance) -> RowOutput:
+        """A RowOutput for a deferred mask, valid until the next step (then it raises)."""
+        generation = self._generation
+
+        def current() -> None:
+            if self._generation != generation or self._closed:
+                raise WasmshareError("a deferred mask is only valid until the batch steps again")
+
+        def check(token: int) -> bool:
+            current()
+            return instance.allows(token)
+
+        def load() -> np.ndarray[Any, Any]:
+            current()
+            return self._load_deferred(slot)
+
+        return RowOutput(self.vocab_size, check=check, load=load)
+
+    def deferred_mask_error(self, sequence_id: int) -> str | None:
+        """Why a deferred mask computed on demand allows nothing (the constraint's error), if it failed."""
+        seq = self._sequences.get(sequence_id)
+        instance = seq.instance if seq is not None else None
+        return instance.mask_error if isinstance(instance, ConstraintInstance) else None
 
     def _load_deferred(self, slot: int) -> np.ndarray[Any, Any]:
         """Compute one deferred mask and return a private copy of its words (tail bits cleared)."""
@@ -995,8 +1031,7 @@ class ControllerBatch:
             waiting = [i for i in masked if slots[i] in self._deferred]
             for i in waiting:
                 slot, sid = slots[i], sequence_ids[i]
-                out = outputs[sid] = RowOutput(vocab, check=self._deferred[slot].allows,
-                                               load=functools.partial(self._load_deferred, slot))
+                out = outputs[sid] = self._deferred_output(slot, self._deferred[slot])
                 if sid in analyse:
                     out.allowed  # noqa: B018 - computed now, off the caller's critical path
             masked = [i for i in masked if slots[i] not in self._deferred]

@@ -412,6 +412,7 @@ class ConstraintInstance:
         self.can_defer = compiled.backend == "llguidance"
         self.defer_mask = False
         self.mask_deferred = False
+        self.mask_error: str | None = None  # why the last mask computed on demand allows nothing
 
     def create(self, n_prompt_tokens: int, arg_offset_bytes: int, arg_len: int) -> None:
         """Nothing to run at creation (the prompt is not constrained); reports OK."""
@@ -490,11 +491,22 @@ class ConstraintInstance:
 
     def fill_mask(self) -> None:
         """Compute a deferred mask into the slot's row of the batch bitmask (no-op otherwise)."""
-        if self.mask_deferred:
-            self.mask_deferred = False
-            self.matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
-            if self.matcher.is_error():  # allow nothing: the sampler reports the row's error
-                ctypes.memset(self._mask_address, 0, self._mask_nbytes)
+        if not self.mask_deferred:
+            return
+        self.mask_deferred = False
+        self.mask_error = None
+        self.matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
+        error = str(self.matcher.get_error()) if self.matcher.is_error() else None
+        if error is not None and self.compiled.recovers_from(error):
+            try:  # the shared lexer reached its cap: go on from a rebuilt one, as step() does
+                self.matcher = self.compiled.renewed_matcher(self._history)
+                self.matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
+                error = str(self.matcher.get_error()) if self.matcher.is_error() else None
+            except ConstraintError as e:
+                error = str(e)
+        if error is not None:  # allow nothing: the sampler ends the row, with this error
+            self.mask_error = f"{self._label} seq {self.sequence_id}: {error}"
+            ctypes.memset(self._mask_address, 0, self._mask_nbytes)
 
     def close(self) -> None:
         """Nothing to release: the matcher is garbage-collected."""

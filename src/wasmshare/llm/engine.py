@@ -252,8 +252,9 @@ class Engine:
     constraint is asked about the unmasked argmax alone (under a microsecond), and the
     mask is computed only when it forbids that token (``EngineStats.late_masks``). A mask
     costs tens to hundreds of µs of CPU, which on a machine whose cores the forward pass
-    already fills comes out of the forward pass. Wasm controllers' masks, and every mask
-    under dense application, are computed beside the forward pass as before.
+    already fills comes out of the forward pass. Wasm controllers' masks, every mask under
+    dense application and every mask in ``mode="workers"`` are computed beside the forward
+    pass as before.
     """
 
     def __init__(
@@ -731,6 +732,9 @@ class Engine:
                 row.finish = "error"
                 row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
                              f"its mask allows no token at output token {len(row.tokens)}")
+                cause = self.batch.deferred_mask_error(row.sequence_id)
+                if cause is not None:
+                    row.error += f" ({cause})"
                 return None
             values = line.index_select(0, torch.from_numpy(allowed).to(line.device))
             self.stats.apply_s += time.perf_counter() - started
