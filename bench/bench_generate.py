@@ -371,7 +371,7 @@ class _Bench:
             "wait_us": statistics.median(stats.step_wait) * 1e6,
             "apply_us": statistics.median(stats.step_apply) * 1e6,
             "mask_total_us": stats.controller_us_per_step,
-            "mask_work_us": (stats.controller_s + stats.apply_s) / stats.steps * 1e6 if stats.steps else 0.0,
+            "mask_work_us": stats.work_us_per_step,
             "steps": stats.steps,
             "tokens": stats.generated_tokens,
             "prefill_ms": stats.prefill_s * 1e3,

@@ -183,7 +183,7 @@ def run_command(opts: RunOptions, console: Console) -> int:
                 console.print(f"[red]error:[/] {r.error}", highlight=False)
     console.print(
         f"[dim]{stats.generated_tokens} tokens in {elapsed:.1f} s; decode {stats.tokens_per_s:.1f} tok/s; "
-        f"controllers {stats.controller_us_per_step:.0f} µs/step "
+        f"controllers {stats.work_us_per_step:.0f} µs/step "
         f"({stats.critical_us_per_step:.0f} µs on the critical path); "
         f"bytes copied between host and guests: {stats.bytes_copied}[/]",
         highlight=False,

@@ -162,7 +162,7 @@ def _generation_demo(out: Console, check: Any) -> int:
             check(False, f"the tool call validates: {e}")
     out.print(
         f"  [dim]{stats.generated_tokens} tokens, {stats.tokens_per_s:.1f} tok/s decoding; controllers "
-        f"{stats.controller_us_per_step:.0f} µs/step, {stats.critical_us_per_step:.0f} µs on the critical path; "
+        f"{stats.work_us_per_step:.0f} µs/step, {stats.critical_us_per_step:.0f} µs on the critical path; "
         f"bytes copied between host and guests: {stats.bytes_copied}[/]"
     )
     return 0

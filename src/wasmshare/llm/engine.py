@@ -102,8 +102,15 @@ class EngineStats:
 
     @property
     def controller_us_per_step(self) -> float:
-        """Controller/mask work per step, total (µs)."""
+        """The controller phase per step (µs), hidden by the overlap or not (:attr:`work_us_per_step`
+        adds the work after the forward pass)."""
         return self.controller_s / self.steps * 1e6 if self.steps else 0.0
+
+    @property
+    def work_us_per_step(self) -> float:
+        """All controller/mask work per step (µs): the controller phase plus applying and
+        checking outputs after the forward pass (deferred masks computed there included)."""
+        return (self.controller_s + self.apply_s) / self.steps * 1e6 if self.steps else 0.0
 
     @property
     def critical_us_per_step(self) -> float:
