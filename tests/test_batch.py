@@ -260,6 +260,7 @@ def test_hostile_controller_fails_alone(table: TokenTable, mode: str, behaviour:
 
 def test_small_and_large_batches_find_the_same_unusual_results(table: TokenTable, monkeypatch: pytest.MonkeyPatch) -> None:
     """Per-step checks run on Python lists for small batches, vectorised for large ones: same outcome."""
+    from wasmshare.llm import _layout as L
     from wasmshare.llm import batch as batch_module
 
     answer = u32s(tid(b" hello"), table.eos_token or 0)
@@ -274,9 +275,20 @@ def test_small_and_large_batches_find_the_same_unusual_results(table: TokenTable
             step = batch.step()
             outcomes.append(([(sid, r.action, r.output, r.fast_forward, r.error.cause if r.error else None)
                               for sid, r in sorted(step.results.items())], batch.sequences))
-    assert outcomes[0] == outcomes[1]
+            # one token per sequence, some with none (-1: fast-forwarded rows sample nothing)
+            live = [sid for sid in batch.sequences if step.results[sid].action is Action.CONTINUE]
+            for sid in set(batch.sequences) - set(live):
+                batch.remove(sid)
+            tokens = np.array([-1 if k % 3 == 0 else 100 + k for k in range(len(batch.sequences))], np.int64)
+            batch.step(tokens)
+            rows = [batch.slot(sid) for sid in batch.sequences]
+            words = batch._step_words
+            outcomes.append([(int(words[r, L.W_N_TOKENS]), int(words[r, L.W_TOKENS]), int(batch._lengths[r]))
+                             for r in rows])
+    assert outcomes[0] == outcomes[2] and outcomes[1] == outcomes[3]
     results, left = outcomes[0]
     assert {r[1] for r in results} == {Action.CONTINUE, Action.STOP, Action.ERROR} and len(left) == 24
+    assert {n for n, _, _ in outcomes[1]} == {0, 1}
 
 
 def test_failures_at_creation_free_the_slot(table: TokenTable, mode: str) -> None:

@@ -735,6 +735,11 @@ class ControllerBatch:
         if low >= 0:  # every sequence got one token: the common case, one store
             words[index, L.W_TOKENS] = tokens
             return self._ones[: len(order)]
+        if len(values) <= _SMALL_BATCH:  # some got none (fast-forwarded): a few scalar stores
+            for slot, token in zip(slots.tolist(), values):
+                if token >= 0:
+                    words[slot, L.W_TOKENS] = token
+            return np.array([token >= 0 for token in values], dtype=np.int64)
         present = tokens >= 0
         words[slots[present], L.W_TOKENS] = tokens[present]
         return present.astype(np.int64)
