@@ -679,11 +679,16 @@ class ControllerBatch:
         return instance.mask_error if isinstance(instance, ConstraintInstance) else None
 
     def _load_deferred(self, slot: int) -> np.ndarray[Any, Any]:
-        """Compute one deferred mask and return a private copy of its words (tail bits cleared)."""
+        """Compute one deferred mask and return a private copy of its words."""
         self.fill_deferred_masks((slot,))
-        words: np.ndarray[Any, Any] = self._mask_rows[slot].view(np.uint32).copy()
+        words: np.ndarray[Any, Any] = self._private_mask_words([slot])[0]
+        return words
+
+    def _private_mask_words(self, slots: Sequence[int] | np.ndarray[Any, Any]) -> np.ndarray[Any, Any]:
+        """A copy of the mask rows of ``slots`` as uint32 words, bits past the vocabulary cleared."""
+        words = self._mask_rows.view(np.uint32)[slots]  # fancy indexing: a private copy
         if self.vocab_size % 32:
-            words[-1] &= np.uint32((1 << (self.vocab_size % 32)) - 1)
+            words[:, -1] &= np.uint32((1 << (self.vocab_size % 32)) - 1)
         return words
 
     def _order(self) -> tuple[list[_Sequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]]:
@@ -1041,9 +1046,7 @@ class ControllerBatch:
                     out.allowed  # noqa: B018 - computed now, off the caller's critical path
             masked = [i for i in masked if slots[i] not in self._deferred]
         if masked:
-            words = self._mask_rows.view(np.uint32)[step.slots[masked]]  # a private copy
-            if vocab % 32:
-                words[:, -1] &= np.uint32((1 << (vocab % 32)) - 1)
+            words = self._private_mask_words(step.slots[masked])
             for k, i in enumerate(masked):
                 out = outputs[sequence_ids[i]] = RowOutput(vocab, words=words[k])
                 if sequence_ids[i] in analyse:

@@ -475,11 +475,16 @@ class ConstraintInstance:
         if self.defer_mask and self.can_defer:
             self.mask_deferred = True
         else:
-            matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
-            if matcher.is_error():
-                return str(matcher.get_error())
+            error = self._compute_mask()
+            if error is not None:
+                return error
         words[L.W_RESULT + 2] = L.OUTPUT_BITMASK
         return None
+
+    def _compute_mask(self) -> str | None:
+        """Write the matcher's mask into the slot's row of the batch bitmask; its error, or None."""
+        self.matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
+        return str(self.matcher.get_error()) if self.matcher.is_error() else None
 
     def allows(self, token: int) -> bool:
         """Whether this step's mask allows ``token``, asked of the matcher without computing
@@ -495,13 +500,11 @@ class ConstraintInstance:
             return
         self.mask_deferred = False
         self.mask_error = None
-        self.matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
-        error = str(self.matcher.get_error()) if self.matcher.is_error() else None
+        error = self._compute_mask()
         if error is not None and self.compiled.recovers_from(error):
             try:  # the shared lexer reached its cap: go on from a rebuilt one, as step() does
                 self.matcher = self.compiled.renewed_matcher(self._history)
-                self.matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
-                error = str(self.matcher.get_error()) if self.matcher.is_error() else None
+                error = self._compute_mask()
             except ConstraintError as e:
                 error = str(e)
         if error is not None:  # allow nothing: the sampler ends the row, with this error
