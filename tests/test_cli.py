@@ -105,6 +105,8 @@ def test_run_generates_a_schema_constrained_answer(tmp_path: Path) -> None:
         (["run", "hi", "--regex", "a", "--choice", "b"], "choose at most one of"),
         (["run", "--max-tokens", "5"], "give a PROMPT or --batch"),
         (["run", "hi", "--max-tokens", "0"], "--max-tokens must be positive"),
+        (["run", "hi", "--device", "tpu"], "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        (["run", "hi", "--device", "cuda:64"], "cuda:64' was asked for"),
     ],
 )
 def test_run_errors_are_one_line(args: list[str], message: str) -> None:

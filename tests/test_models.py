@@ -305,6 +305,38 @@ def test_bad_dtype() -> None:
         load_model(dtype="float16")  # type: ignore[arg-type]
 
 
+@pytest.mark.parametrize(
+    "device, message",
+    [("tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"), ("", "device must be"),
+     (3, "device must be a str")],
+)
+def test_bad_device(device: Any, message: str) -> None:
+    with pytest.raises(ModelError, match=message):
+        load_model(device=device)
+
+
+def test_cuda_device_where_there_is_none() -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        with pytest.raises(ModelError, match="this machine has"):
+            load_model(device=f"cuda:{torch.cuda.device_count()}")
+    else:
+        with pytest.raises(ModelError, match="torch sees no CUDA device"):
+            load_model(device="cuda")
+
+
+def test_auto_device_is_cuda_when_there_is_one(smollm2: tuple[LoadedModel, list[str], float], models_cache: Path) -> None:
+    import torch
+
+    loaded, _, _ = smollm2
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert loaded.device.type == expected
+    assert {p.device.type for p in loaded.model.parameters()} == {expected}
+    # The device spelled out gives the same object as "auto" when it resolves to it.
+    assert load_model(device=str(loaded.device), cache_dir=models_cache) is loaded
+
+
 def test_bad_name_type() -> None:
     with pytest.raises(ModelError, match="must be a str or a path"):
         load_model(42)  # type: ignore[arg-type]

@@ -31,6 +31,7 @@ class RunOptions:
         self.controller: Path | None = values.get("controller")
         self.arg: list[str] = values.get("arg") or []
         self.model: str = values.get("model") or "smollm2-135m"
+        self.device: str = values.get("device") or "auto"
         self.max_tokens: int = values.get("max_tokens", 128)
         self.temperature: float = values.get("temperature", 0.0)
         self.seed: int | None = values.get("seed")
@@ -145,7 +146,7 @@ def run_command(opts: RunOptions, console: Console) -> int:
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our status line says what happens
     requests = build_requests(opts)
     with console.status(f"loading {opts.model} ...") as status:
-        loaded = load_model(opts.model, progress=lambda message: status.update(message))
+        loaded = load_model(opts.model, device=opts.device, progress=lambda message: status.update(message))
     single = len(requests) == 1 and not opts.json_output
     printed = [0]
 

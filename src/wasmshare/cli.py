@@ -150,6 +150,7 @@ def run(
     controller: Annotated[Optional[Path], typer.Option(help="Steer with a wasm controller module.")] = None,
     arg: Annotated[Optional[list[str]], typer.Option(help="Controller argument: text, ids:1,2,3 or file:PATH (repeat).")] = None,
     model: Annotated[str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")] = "smollm2-135m",
+    device: Annotated[str, typer.Option(help="auto (a CUDA device when torch sees one, else the CPU), cpu, cuda or cuda:N.")] = "auto",
     max_tokens: Annotated[int, typer.Option(help="Most tokens to generate per answer.")] = 128,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
@@ -164,7 +165,7 @@ def run(
 
     options = RunOptions(
         prompt=prompt, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
-        controller=controller, arg=arg, model=model, max_tokens=max_tokens, temperature=temperature,
+        controller=controller, arg=arg, model=model, device=device, max_tokens=max_tokens, temperature=temperature,
         seed=seed, batch=batch, json_output=json_output, raw=raw, stop=stop, grammar_backend=grammar_backend,
     )
     try:
@@ -177,6 +178,7 @@ def run(
 @app.command()
 def serve(
     model: Annotated[str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")] = "smollm2-135m",
+    device: Annotated[str, typer.Option(help="auto (a CUDA device when torch sees one, else the CPU), cpu, cuda or cuda:N.")] = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
     api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="WASMSHARE_API_KEY", help="Require this bearer key on /v1 routes.")] = None,
@@ -213,7 +215,7 @@ def serve(
         controller_deadline_ms=controller_deadline_ms, controllers_dir=controllers_dir, grammar_backend=grammar_backend,
     )
     try:
-        run_server(model, config, host=host, port=port, log_level=log_level, console=console)
+        run_server(model, config, host=host, port=port, log_level=log_level, console=console, device=device)
     except WasmshareError as e:
         raise _fail(str(e)) from None
 

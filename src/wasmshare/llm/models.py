@@ -22,7 +22,12 @@ covers the GGUF file's path, size and modification time (its published sha256 fo
 interrupted conversion never leaves a half-written model; a file lock keeps two processes from
 converting the same model at once. Later loads read the folder in a second or two.
 
-Loaded models are cached for the life of the process, keyed by the resolved source and dtype:
+A model is placed on ``device``: ``"auto"`` (the default) is the first CUDA device when torch
+sees one, else the CPU; ``"cpu"``, ``"cuda"`` or ``"cuda:N"`` ask for one. On a CUDA device
+``dtype="auto"`` is bfloat16 (float32 where the device lacks it); the converted folder in the
+cache is shared by every device.
+
+Loaded models are cached for the life of the process, keyed by the resolved source, dtype and device:
 the CLI, the server and the tests share one copy. ``torch.set_num_threads`` is left to the
 caller. ``transformers``, ``torch``, ``gguf`` and ``accelerate`` are imported only by
 :func:`load_model` (and ``gguf``/``accelerate`` only when a GGUF file must be converted).
@@ -62,6 +67,7 @@ __all__ = [
     "MODEL_NAMES",
     "DEFAULT_MODEL",
     "DtypeOption",
+    "DeviceOption",
     "LoadedModel",
     "ModelError",
     "load_model",
@@ -73,6 +79,8 @@ MODEL_NAMES: Final = ("smollm2-135m", "gemma3-270m")
 DEFAULT_MODEL: Final = "smollm2-135m"
 
 DtypeOption = Literal["auto", "bfloat16", "float32"]
+#: ``"auto"``, ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+DeviceOption = str
 
 # The pinned packages of the `llm` extra that converting a GGUF file needs, besides transformers.
 _GGUF_PIP = "pip install gguf==0.19.0 accelerate==1.15.0"
@@ -96,15 +104,15 @@ class ModelError(WasmshareError):
 
 @dataclass(frozen=True, eq=False)
 class LoadedModel:
-    """A causal LM ready to generate on the CPU, with its tokenizer and token table.
+    """A causal LM ready to generate on its :attr:`device`, with its tokenizer and token table.
 
     Returned by :func:`load_model` and shared by every caller in the process: do not move
     the model to another device or dtype in place, and do not close :attr:`token_table`
     while others use it. ``vocab_size`` is the width of the model's logits, which can exceed
     the tokenizer's size; :attr:`token_table` is padded to it. ``eos_token_ids`` are the ids
     that end a generation (the generation config's, then the tokenizer's EOS); the first is
-    the token table's EOS. ``path`` is the folder the weights were read from (for a GGUF model,
-    its converted copy in the cache).
+    the token table's EOS. ``device`` is where the weights live. ``path`` is the folder the
+    weights were read from (for a GGUF model, its converted copy in the cache).
     """
 
     name: str
@@ -116,6 +124,7 @@ class LoadedModel:
     has_chat_template: bool
     dtype: torch.dtype
     path: Path
+    device: torch.device
 
     def encode_prompt(self, prompt: str, *, chat: bool | None = None) -> list[int]:
         """The input ids for ``prompt``.
@@ -306,13 +315,43 @@ def _auto_dtype() -> torch.dtype:
     return torch.bfloat16
 
 
-def _resolve_dtype(dtype: str) -> torch.dtype:
+def _resolve_device(device: str) -> torch.device:
+    """``device`` as a torch device that exists here; ModelError for a bad or missing one."""
+    try:
+        import torch
+    except ImportError as e:
+        raise ModelError(f"loading a model needs torch and transformers: {_TRANSFORMERS_PIP}") from e
+
+    if not isinstance(device, str):
+        raise ModelError(f"device must be a str such as 'auto', 'cpu' or 'cuda', got {type(device).__name__}")
+    if device == "auto":
+        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+    try:
+        resolved = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise ModelError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}") from None
+    if resolved.type == "cpu":
+        return torch.device("cpu")
+    if resolved.type != "cuda":
+        raise ModelError(f"device must be 'auto', 'cpu', 'cuda' or 'cuda:N', got {device!r}")
+    if not torch.cuda.is_available():
+        raise ModelError(f"device {device!r} was asked for, but torch sees no CUDA device on this machine")
+    count = torch.cuda.device_count()
+    index = torch.cuda.current_device() if resolved.index is None else resolved.index
+    if index >= count:
+        raise ModelError(f"device {device!r} was asked for, but this machine has {count} CUDA device(s)")
+    return torch.device("cuda", index)
+
+
+def _resolve_dtype(dtype: str, device: torch.device | None = None) -> torch.dtype:
     try:
         import torch
     except ImportError as e:
         raise ModelError(f"loading a model needs torch and transformers: {_TRANSFORMERS_PIP}") from e
 
     if dtype == "auto":
+        if device is not None and device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
         return _auto_dtype()
     if dtype == "bfloat16":
         return torch.bfloat16
@@ -471,11 +510,12 @@ def _convert(source: _Source, dtype: torch.dtype, scratch: Path, out: Path, prog
 # --- loading a model folder -------------------------------------------------------
 
 
-def _load_folder(folder: Path, name: str, dtype: torch.dtype, progress: Progress) -> LoadedModel:
+def _load_folder(folder: Path, name: str, dtype: torch.dtype, device: torch.device, progress: Progress) -> LoadedModel:
     transformers = _import_transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    progress(f"loading {name} ({_dtype_tag(dtype)}) from {folder}")
+    where = "" if device.type == "cpu" else f" onto {device}"
+    progress(f"loading {name} ({_dtype_tag(dtype)}){where} from {folder}")
     try:
         config = transformers.AutoConfig.from_pretrained(str(folder), local_files_only=True)
     except Exception as e:  # OSError, ValueError, json errors: a bad config.json
@@ -492,6 +532,11 @@ def _load_folder(folder: Path, name: str, dtype: torch.dtype, progress: Progress
         )
     except Exception as e:  # missing or corrupt weights, shape mismatches, ...
         raise ModelError(f"cannot load the model in {str(folder)!r}: {type(e).__name__}: {e}") from e
+    if device.type != "cpu":
+        try:
+            model.to(device)
+        except Exception as e:  # out of device memory, a driver error
+            raise ModelError(f"cannot move {name} onto {device}: {type(e).__name__}: {e}") from e
     model.eval()
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
@@ -521,6 +566,7 @@ def _load_folder(folder: Path, name: str, dtype: torch.dtype, progress: Progress
         has_chat_template=bool(getattr(tokenizer, "chat_template", None)),
         dtype=model.dtype,
         path=folder,
+        device=device,
     )
 
 
@@ -567,6 +613,7 @@ def load_model(
     name_or_path: str | os.PathLike[str] = DEFAULT_MODEL,
     *,
     dtype: DtypeOption = "auto",
+    device: DeviceOption = "auto",
     cache_dir: str | os.PathLike[str] | None = None,
     progress: Progress | None = None,
 ) -> LoadedModel:
@@ -574,22 +621,24 @@ def load_model(
 
     A GGUF model (named or a path) is converted once into the cache (``cache_dir``, else
     ``$WASMSHARE_CACHE_DIR``, ``$XDG_CACHE_HOME/wasmshare`` or ``~/.cache/wasmshare``; see the
-    module docstring): about 30 s the first time, a second or two afterwards. ``dtype="auto"``
-    is bfloat16 on CPUs that compute it natively, else float32. ``progress`` is called with a
+    module docstring): about 30 s the first time, a second or two afterwards. ``device="auto"``
+    is the first CUDA device when torch sees one, else the CPU. ``dtype="auto"`` is bfloat16
+    on CUDA devices and on CPUs that compute it natively, else float32. ``progress`` is called with a
     one-line message at each phase (locating, converting, saving, loading, token table), for a
-    status line. The result is cached for the process: the same source and dtype give the same
-    object. Thread-safe (one load at a time).
+    status line. The result is cached for the process: the same source, dtype and device give
+    the same object. Thread-safe (one load at a time).
 
     Raises ModelError for an unknown name (the message lists the known ones), a missing
     package (the message has the pip command), a missing path, a folder that is not a
-    causal LM, or a corrupt or unreadable file.
+    causal LM, a corrupt or unreadable file, or a device that is not there.
     """
     report = progress if progress is not None else _quiet
-    torch_dtype = _resolve_dtype(dtype)
+    torch_device = _resolve_device(device)
+    torch_dtype = _resolve_dtype(dtype, torch_device)
     shown = os.fspath(name_or_path) if isinstance(name_or_path, (str, os.PathLike)) else repr(name_or_path)
     report(f"locating {shown}")
     source = _resolve_source(name_or_path)
-    key = (source.name, *source.key, str(torch_dtype))
+    key = (source.name, *source.key, str(torch_dtype), str(torch_device))
     with _lock:
         hit = _models.get(key)
         if hit is not None and not hit.token_table.closed:
@@ -599,6 +648,6 @@ def load_model(
         else:
             root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
             folder = _converted_folder(source, torch_dtype, root.expanduser(), report)
-        loaded = _load_folder(folder, source.name, torch_dtype, report)
+        loaded = _load_folder(folder, source.name, torch_dtype, torch_device, report)
         _models[key] = loaded
         return loaded

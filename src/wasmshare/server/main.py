@@ -18,8 +18,10 @@ from .service import EngineService
 __all__ = ["serve", "build_server"]
 
 
-def build_server(model: str, config: ServerConfig, console: Console | None = None) -> tuple[FastAPI, EngineService, ControllerStore]:
-    """Load ``model`` and build (app, service, store); the caller closes service and store."""
+def build_server(
+    model: str, config: ServerConfig, console: Console | None = None, *, device: str = "auto"
+) -> tuple[FastAPI, EngineService, ControllerStore]:
+    """Load ``model`` onto ``device`` and build (app, service, store); the caller closes service and store."""
     from transformers.utils import logging as hf_logging
 
     from ..llm.models import load_model
@@ -27,9 +29,9 @@ def build_server(model: str, config: ServerConfig, console: Console | None = Non
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # the status line says what happens
     if console is not None:
         with console.status(f"loading {model}") as status:
-            loaded = load_model(model, progress=lambda message: status.update(message))
+            loaded = load_model(model, device=device, progress=lambda message: status.update(message))
     else:
-        loaded = load_model(model)
+        loaded = load_model(model, device=device)
     service = EngineService(
         loaded, max_batch=config.max_concurrent, max_waiting=config.max_waiting,
         controller_deadline_ms=config.controller_deadline_ms, grammar_backend=config.grammar_backend,
@@ -55,7 +57,7 @@ def _check_port(host: str, port: int) -> None:
 
 
 def serve(model: str, config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", console: Console | None = None) -> None:
+          log_level: str = "info", console: Console | None = None, device: str = "auto") -> None:
     """Serve until interrupted (Ctrl-C finishes the requests in flight, then stops)."""
     import uvicorn
 
@@ -63,7 +65,7 @@ def serve(model: str, config: ServerConfig, *, host: str = "127.0.0.1", port: in
     if not 0 <= port <= 65535:
         raise WasmshareError(f"--port must be in 0-65535, got {port}")
     _check_port(host, port)
-    app, service, store = build_server(model, config, console)
+    app, service, store = build_server(model, config, console, device=device)
     auth = "API key required" if config.api_key else "no API key"
     console.print(
         f"serving [bold]{service.loaded.name}[/] on http://{host}:{port}/v1 "
