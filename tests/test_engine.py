@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 import struct
 from pathlib import Path
 from typing import Any
@@ -108,6 +109,29 @@ def test_hf_adapter_and_engine_agree_under_greedy(loaded: Any) -> None:
     theirs = [t for t in out[0, ids.shape[1]:].tolist() if t not in loaded.eos_token_ids]
     assert ours.tokens == theirs
     jsonschema.validate(json.loads(ours.text), schema)
+
+
+def test_hf_adapter_ends_a_row_whose_mask_allows_no_token(loaded: Any) -> None:
+    prompts = ["Misbehave.", "Say hi."]
+    steer = [Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask"), C.regex(r"[a-z]{2,6}")]
+    tokenizer = loaded.tokenizer
+    encoded = [loaded.encode_prompt(p) for p in prompts]
+    width = max(map(len, encoded))
+    pad = loaded.eos_token_ids[0]
+    ids = torch.tensor([[pad] * (width - len(e)) + e for e in encoded])
+    attention = torch.tensor([[0] * (width - len(e)) + [1] * len(e) for e in encoded])
+    processor = WasmshareLogitsProcessor(loaded.token_table, steer, eos_token_id=pad)
+    with torch.inference_mode():
+        out = loaded.model.generate(
+            ids.to(loaded.device), attention_mask=attention.to(loaded.device), logits_processor=[processor],
+            max_new_tokens=8, do_sample=True, temperature=0.8, eos_token_id=list(loaded.eos_token_ids),
+            pad_token_id=pad,
+        )
+    processor.close()
+    assert set(processor.errors) == {0} and "allows no token" in processor.errors[0]
+    assert out[0, width] == pad  # the empty row ended at once
+    text = tokenizer.decode([t for t in out[1, width:].tolist() if t not in loaded.eos_token_ids])
+    assert re.fullmatch(r"[a-z]{2,6}", text), text
 
 
 def test_fast_forward_and_backtrack_produce_what_the_controller_asked(loaded: Any) -> None:
@@ -333,16 +357,23 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
     assert all(r.error is None and "the" not in r.text.lower() for r in sampled)
 
 
-def test_a_mask_that_allows_no_token_ends_only_its_sequence(loaded: Any) -> None:
+@pytest.mark.parametrize("mask_apply", ["auto", "dense"])
+def test_a_mask_that_allows_no_token_ends_only_its_sequence(loaded: Any, mask_apply: str) -> None:
+    """Sampled and greedy rows alike; ``dense`` (the default on CUDA) checks the masked logits
+    before any draw, since sampling from an all ``-inf`` row fails (on CUDA, for the whole
+    process)."""
     requests = [
         GenerationRequest("Misbehave.", max_tokens=10, temperature=0.8, seed=1,
                           steer=Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask")),
         GenerationRequest("Say hi.", max_tokens=8, temperature=0.8, seed=2),
         GenerationRequest("Give a code.", max_tokens=12, temperature=0.8, seed=3, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")),
+        GenerationRequest("Misbehave greedily.", max_tokens=10,
+                          steer=Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask")),
     ]
-    with Engine(loaded, max_batch=3) as engine:
-        bad, free, code = engine.generate(requests)
-    assert bad.finish_reason == "error" and "allows no token" in (bad.error or "") and not bad.tokens
+    with Engine(loaded, max_batch=4, mask_apply=mask_apply) as engine:  # type: ignore[arg-type]
+        bad, free, code, bad_greedy = engine.generate(requests)
+    for result in (bad, bad_greedy):
+        assert result.finish_reason == "error" and "allows no token" in (result.error or "") and not result.tokens
     assert free.error is None and free.tokens
     import re
 

@@ -432,18 +432,27 @@ class Engine:
                 sampled: dict[int, int] = {}
                 if rows:
                     assert logits is not None
-                    if outputs is None and ctrl is not None and any(r.sequence_id is not None for r in rows):
+                    dense = outputs is None and ctrl is not None and any(r.sequence_id is not None for r in rows)
+                    if dense:
+                        assert ctrl is not None
                         apply_started = time.perf_counter()
                         self._apply(rows, logits, ctrl)
                         self.stats.apply_s += time.perf_counter() - apply_started
+                    firsts = self._first_choices(rows, logits, dense)
                     for i, row in enumerate(rows):
                         if row.feed:
                             continue  # its logits predate a fast-forward: it samples after the next forward
                         out = outputs.get(row.sequence_id) if outputs and row.sequence_id is not None else None
+                        first = firsts[i] if firsts is not None else None
+                        if first == _NOTHING_ALLOWED:
+                            self._end_with_empty_mask(row)
+                            continue
+                        if row.request.temperature > 0:
+                            first = None
                         if out is None:
-                            token = self._sample(row, logits[i])
+                            token = first if first is not None else self._sample(row, logits[i])
                         else:
-                            steered = self._sample_steered(row, logits[i], out)
+                            steered = self._sample_steered(row, logits[i], out, first)
                             if steered is None:
                                 continue  # the row ended with an error
                             token = steered
@@ -536,7 +545,7 @@ class Engine:
             raise WasmshareError(f"request {index}: temperature must be >= 0 and top_p in (0, 1]")
         row = _Row(request, index, prompt)
         if request.temperature > 0:
-            row.generator = torch.Generator(device="cpu")
+            row.generator = torch.Generator(device=self.device)  # multinomial draws where the logits are
             row.generator.manual_seed(request.seed if request.seed is not None else 0x5EED + index)
         return row
 
@@ -699,7 +708,45 @@ class Engine:
         self._select_rows(keep)
         return [rows[i] for i in keep], logits[keep]
 
-    def _sample_steered(self, row: _Row, line: torch.Tensor, out: RowOutput) -> int | None:
+    def _first_choices(self, rows: list[_Row], logits: torch.Tensor, masked: bool) -> list[int] | None:
+        """Every row's argmax, or ``_NOTHING_ALLOWED`` where the row is all ``-inf``; None
+        when the caller needs neither.
+
+        Wanted on an accelerator (greedy rows there would otherwise wait for the device once
+        per row: this is one transfer) and after dense application (``masked``), where a mask
+        that allows no token must end its row before a draw: an all ``-inf`` row has no
+        argmax, and sampling from it fails (on CUDA, with a device-side assert that breaks
+        the process's CUDA context). A row whose bias is still to be added, or that samples,
+        uses the entry only for that check (:meth:`_sample_steered`).
+        """
+        import torch
+
+        on_cpu = logits.device.type == "cpu"
+        if on_cpu and not masked:
+            return None
+        if not masked and not any(r.request.temperature == 0 for r in rows):
+            return None
+        if on_cpu:
+            values = logits.numpy()
+            ids = values.argmax(axis=1)
+            ids[np.isneginf(values[np.arange(len(ids)), ids])] = _NOTHING_ALLOWED
+            choices: list[int] = ids.tolist()
+            return choices
+        best, ids = logits.max(dim=-1)
+        choices = torch.where(torch.isneginf(best), _NOTHING_ALLOWED, ids).tolist()
+        return choices
+
+    def _end_with_empty_mask(self, row: _Row) -> None:
+        """End ``row`` with an error: its controller's mask allows no token."""
+        assert row.sequence_id is not None
+        row.finish = "error"
+        row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
+                     f"its mask allows no token at output token {len(row.tokens)}")
+        cause = self.batch.deferred_mask_error(row.sequence_id)
+        if cause is not None:
+            row.error += f" ({cause})"
+
+    def _sample_steered(self, row: _Row, line: torch.Tensor, out: RowOutput, first: int | None = None) -> int | None:
         """Sample row ``line`` under its controller's mask or bias (sparse application).
 
         Greedy rows, and sampled rows whose mask allows most ids, draw from the unmasked row
@@ -709,7 +756,9 @@ class Engine:
         samples among them (their logits gathered), else ``-inf`` goes at the forbidden ids
         and the row is drawn again; with ``top_p < 1`` the mask always comes first. A bias
         is added from its shared view. Only the mask and bias work is counted as apply
-        time. A mask that allows no token ends the row with an error (returns None).
+        time. A mask that allows no token ends the row with an error (returns None). ``first``
+        is the row's unmasked argmax when the caller already has it (greedy rows on an
+        accelerator).
         """
         import torch
 
@@ -725,7 +774,7 @@ class Engine:
             self.stats.deferred_masks += 1
         if request.temperature == 0 or (request.top_p >= 1 and out.allowed is None):
             self.stats.apply_s += time.perf_counter() - started
-            token = self._sample(row, line)
+            token = first if first is not None and request.temperature == 0 else self._sample(row, line)
             started = time.perf_counter()
             if out.allows(token):
                 self.stats.apply_s += time.perf_counter() - started
@@ -735,13 +784,7 @@ class Engine:
         allowed = out.allowed
         if allowed is not None:
             if not allowed.size:
-                assert row.sequence_id is not None
-                row.finish = "error"
-                row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
-                             f"its mask allows no token at output token {len(row.tokens)}")
-                cause = self.batch.deferred_mask_error(row.sequence_id)
-                if cause is not None:
-                    row.error += f" ({cause})"
+                self._end_with_empty_mask(row)
                 return None
             values = line.index_select(0, torch.from_numpy(allowed).to(line.device))
             self.stats.apply_s += time.perf_counter() - started
@@ -881,6 +924,10 @@ class Engine:
         self._attn = attn
         picked: torch.Tensor = out.logits[torch.arange(batch), last.to(self.device)].float()
         return picked
+
+
+# A row's first choice when its logits are all -inf (its mask allows no token).
+_NOTHING_ALLOWED = -1
 
 
 class _ControllerPhase(NamedTuple):

@@ -161,4 +161,29 @@ class WasmshareLogitsProcessor(_Base):
             sub = scores.index_select(0, index)
             self.batch.apply(sub, sequences=[sid for _, sid in masked])
             scores.index_copy_(0, index, sub)
+        if masked:
+            self._end_empty_rows(scores, masked)
         return scores
+
+    def _end_empty_rows(self, scores: torch.Tensor, masked: list[tuple[int, int]]) -> None:
+        """A row whose mask allows no token ends now with end-of-sequence and an error:
+        ``generate`` would otherwise pick an arbitrary token, or fail to sample (on CUDA, with
+        a device-side assert that breaks the process's CUDA context)."""
+        import torch
+
+        rows = [row for row, _ in masked]
+        best = scores[rows].amax(dim=-1) if len(rows) < scores.shape[0] else scores.amax(dim=-1)
+        empty = torch.isneginf(best).tolist()
+        for (row, sid), dead in zip(masked, empty):
+            if not dead:
+                continue
+            assert self.batch is not None
+            error = f"controller '{self.batch.label(sid)}' seq {sid}: its mask allows no token"
+            if self.eos_token_id is None:
+                raise WasmshareError(f"row {row}: {error}, and there is no end-of-sequence token to end it with")
+            self.errors[row] = error
+            self._end(row)
+            self._forced[row].clear()
+            self._feed[row] = False
+            scores[row].fill_(float("-inf"))
+            scores[row, self.eos_token_id] = 0.0
