@@ -94,6 +94,10 @@ cost ≥ 1 s. Targets are checked on SmolLM2 and, where installed, Gemma 3 270M.
 
 Run from the repo root: ``PYTHONPATH=src .venv/bin/python bench/bench_generate.py [--quick] [--out DIR]``.
 ``--quick``: SmolLM2 only, B = 1 and 2, 12 tokens, one repeat (a smoke run, under a minute).
+``--models``, ``--batches``, ``--repeats`` and ``--kept-pairs`` narrow a full run (for a short
+check on a rented machine); ``--device`` places the model (default: a CUDA device when torch
+sees one, else the CPU; on CUDA the Engine applies masks densely on the device, as it does by
+default there).
 """
 
 from __future__ import annotations
@@ -108,7 +112,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -294,14 +298,15 @@ def _step_stats() -> Any:
 
 
 class _Bench:
-    def __init__(self, model_name: str, quick: bool) -> None:
+    def __init__(self, model_name: str, quick: bool, device: str = "auto") -> None:
         import torch
 
         from wasmshare.llm import Controller, constraints, load_model
 
         torch.set_num_threads(2)
         self.quick = quick
-        self.loaded = load_model(model_name)
+        self.loaded = load_model(model_name, device=device)
+        _DEVICES.add(str(self.loaded.device))
         self.name = model_name
         lm = self.loaded
         self.prompts = prompts(lm.has_chat_template)
@@ -507,12 +512,12 @@ def _run_config(b: _Bench, config: str, batch: int, n_prompts: int) -> dict[str,
     return b.hf_run(batch, n_prompts, b.llg_factory())
 
 
-def _first_request_subprocess(model: str) -> dict[str, Any]:
+def _first_request_subprocess(model: str, device: str) -> dict[str, Any]:
     env = dict(os.environ)
     if "wasmshare-bench-inductor-" in env.get("TORCHINDUCTOR_CACHE_DIR", ""):
         env["TORCHINDUCTOR_CACHE_DIR"] = _fresh_dir()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--first-request", model],
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--first-request", model, "--device", device],
                           capture_output=True, text=True, env=env, timeout=600, check=False)
     if proc.returncode != 0:
         raise RuntimeError(f"first-request subprocess for {model} failed: {proc.stderr[-2000:]}")
@@ -572,15 +577,18 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return out
 
 
-def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cache: bool) -> list[dict[str, Any]]:
-    b = _Bench(model, quick)
+def bench_model(
+    model: str, quick: bool, first: dict[str, Any] | None, fresh_cache: bool, scope: Scope | None = None
+) -> list[dict[str, Any]]:
+    scope = scope if scope is not None else Scope()
+    b = _Bench(model, quick, scope.device)
     b.setup_baselines()
     if first is None:
         print(f"{model}: first request ...", file=sys.stderr, flush=True)
         first = b.first_request(19)
         first["fresh_inductor_cache"] = fresh_cache
-    batches = (1, 2) if quick else (1, 8)
-    repeats = 1 if quick else REPEATS
+    batches = (1, 2) if quick else scope.batches
+    repeats = 1 if quick else scope.repeats
     # warm-up: one short run of each configuration (lazy inits, torch.compile of the llguidance apply)
     for batch in batches:
         for config in CONFIGS:
@@ -593,7 +601,7 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
             for config in CONFIGS:
                 print(f"{model}: repeat {rep + 1}/{repeats} B={batch} {config} ...", file=sys.stderr, flush=True)
                 raw.setdefault((batch, config), []).append(_run_config(b, config, batch, n_prompts))
-    pairs = _kept_pairs(b, batches[-1], 1 if quick else KEPT_PAIRS)
+    pairs = _kept_pairs(b, batches[-1], 1 if quick else scope.kept_pairs)
     rows: list[dict[str, Any]] = []
     for batch in batches:
         s = {c: _summarise(raw[(batch, c)]) for c in CONFIGS}
@@ -707,10 +715,21 @@ def bench_model(model: str, quick: bool, first: dict[str, Any] | None, fresh_cac
     return rows
 
 
-def run(quick: bool = False) -> list[dict[str, Any]]:
+class Scope(NamedTuple):
+    """What a full run covers (all of it by default)."""
+
+    models: tuple[str, ...] = MODELS
+    batches: tuple[int, ...] = (1, 8)
+    repeats: int = REPEATS
+    kept_pairs: int = KEPT_PAIRS
+    device: str = "auto"
+
+
+def run(quick: bool = False, scope: Scope | None = None) -> list[dict[str, Any]]:
     import importlib.util
 
-    models = MODELS[:1] if quick else MODELS
+    scope = scope if scope is not None else Scope()
+    models = MODELS[:1] if quick else scope.models
     fresh_cache = _fresh_inductor_cache() if not quick else None
     rows: list[dict[str, Any]] = []
     for i, model in enumerate(models):
@@ -720,8 +739,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         first = None
         if i > 0:  # a fresh process, so llguidance's torch.compile is cold as for the first model
             print(f"{model}: first request (subprocess) ...", file=sys.stderr, flush=True)
-            first = _first_request_subprocess(model)
-        rows.extend(bench_model(model, quick, first, fresh_cache is not None))
+            first = _first_request_subprocess(model, scope.device)
+        rows.extend(bench_model(model, quick, first, fresh_cache is not None, scope))
     import shutil
 
     for path in _TEMP_DIRS:
@@ -782,8 +801,8 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return out
 
 
-def _first_request_main(model: str) -> int:
-    b = _Bench(model, False)
+def _first_request_main(model: str, device: str) -> int:
+    b = _Bench(model, False, device)
     b.setup_baselines()
     result = b.first_request(19)
     result["fresh_inductor_cache"] = "wasmshare-bench-inductor-" in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
@@ -801,15 +820,68 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench_generate", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (SmolLM2, B=1 and 2, few tokens)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
+    parser.add_argument("--models", type=_names, default=MODELS, help=f"comma-separated, of {', '.join(MODELS)}")
+    parser.add_argument("--batches", type=_batches, default=(1, 8), help="comma-separated batch sizes (default 1,8)")
+    parser.add_argument("--repeats", type=_positive, default=REPEATS, help=f"runs of each configuration (default {REPEATS})")
+    parser.add_argument("--kept-pairs", type=_positive, default=KEPT_PAIRS,
+                        help=f"back-to-back pairs for kept at the largest batch (default {KEPT_PAIRS})")
+    parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--first-request", default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     if ns.first_request:
-        return _first_request_main(ns.first_request)
-    rows = run(quick=ns.quick)
+        return _first_request_main(ns.first_request, ns.device)
+    scope = Scope(models=ns.models, batches=ns.batches, repeats=ns.repeats, kept_pairs=ns.kept_pairs, device=ns.device)
+    rows = run(quick=ns.quick, scope=scope)
     _common.report(NAME, rows, out_dir=ns.out, extra={"quick": ns.quick, "targets": targets(rows),
                                                       "schema": SCHEMA, "max_tokens": 12 if ns.quick else MAX_TOKENS,
-                                                      "repeats": 1 if ns.quick else REPEATS})
+                                                      "repeats": 1 if ns.quick else scope.repeats,
+                                                      "kept_pairs": 1 if ns.quick else scope.kept_pairs,
+                                                      "device": _device_info()})
     return 0
+
+
+def _names(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(f"models are {', '.join(MODELS)}; got {text!r}")
+    return names
+
+
+def _batches(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(sorted({int(n) for n in text.split(",") if n.strip()}))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"batch sizes are comma-separated integers; got {text!r}") from None
+    if not sizes or sizes[0] <= 0:
+        raise argparse.ArgumentTypeError(f"batch sizes must be positive; got {text!r}")
+    return sizes
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"expected a positive integer; got {text!r}")
+    return value
+
+
+# Where this process's benchmarked models ran ("cpu", "cuda:0").
+_DEVICES: set[str] = set()
+
+
+def _device_info() -> dict[str, Any]:
+    """Where the models ran: the CPU, or the CUDA device's name and the torch build."""
+    import torch
+
+    devices = sorted(_DEVICES)
+    info: dict[str, Any] = {"model_devices": devices, "torch": torch.__version__}
+    if any(d.startswith("cuda") for d in devices):
+        info["cuda_device"] = torch.cuda.get_device_name()
+        info["cuda"] = torch.version.cuda
+    return info
 
 
 if __name__ == "__main__":
