@@ -111,9 +111,10 @@ def test_hf_adapter_and_engine_agree_under_greedy(loaded: Any) -> None:
     jsonschema.validate(json.loads(ours.text), schema)
 
 
-def test_hf_adapter_ends_a_row_whose_mask_allows_no_token(loaded: Any) -> None:
-    prompts = ["Misbehave.", "Say hi."]
-    steer = [Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask"), C.regex(r"[a-z]{2,6}")]
+def test_hf_adapter_ends_a_row_whose_output_leaves_nothing_to_draw(loaded: Any) -> None:
+    prompts = ["Misbehave.", "Say hi.", "Misbehave with NaN."]
+    steer = [Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask"), C.regex(r"[a-z]{2,6}"),
+             Controller(CONTROLLERS / "hostile_controller.wasm", "nan_bias")]
     tokenizer = loaded.tokenizer
     encoded = [loaded.encode_prompt(p) for p in prompts]
     width = max(map(len, encoded))
@@ -128,8 +129,9 @@ def test_hf_adapter_ends_a_row_whose_mask_allows_no_token(loaded: Any) -> None:
             pad_token_id=pad,
         )
     processor.close()
-    assert set(processor.errors) == {0} and "allows no token" in processor.errors[0]
-    assert out[0, width] == pad  # the empty row ended at once
+    assert set(processor.errors) == {0, 2}
+    assert "allows no token" in processor.errors[0] and "holds NaN or +inf" in processor.errors[2]
+    assert out[0, width] == pad and out[2, width] == pad  # both rows ended at once
     text = tokenizer.decode([t for t in out[1, width:].tolist() if t not in loaded.eos_token_ids])
     assert re.fullmatch(r"[a-z]{2,6}", text), text
 
@@ -377,4 +379,30 @@ def test_a_mask_that_allows_no_token_ends_only_its_sequence(loaded: Any, mask_ap
     assert free.error is None and free.tokens
     import re
 
+    assert code.error is None and re.fullmatch(r"[A-Z]{3}-[0-9]{3}", code.text)
+
+
+@pytest.mark.parametrize("mask_apply", ["auto", "dense"])
+def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: Any, mask_apply: str) -> None:
+    """A controller's bias row is its own to write: NaN or +inf in it (greedy or sampled), or
+    -inf everywhere, ends that sequence with an error before any draw."""
+    def hostile(mode: str) -> Controller:
+        return Controller(CONTROLLERS / "hostile_controller.wasm", mode)
+
+    requests = [
+        GenerationRequest("One.", max_tokens=6, temperature=0.8, seed=1, steer=hostile("nan_bias")),
+        GenerationRequest("Two.", max_tokens=6, steer=hostile("nan_bias")),
+        GenerationRequest("Three.", max_tokens=6, steer=hostile("inf_bias")),
+        GenerationRequest("Four.", max_tokens=6, temperature=0.8, seed=4, steer=hostile("inf_bias")),
+        GenerationRequest("Five.", max_tokens=6, steer=hostile("forbid_all_bias")),
+        GenerationRequest("Say hi.", max_tokens=6, temperature=0.8, seed=2),
+        GenerationRequest("Give a code.", max_tokens=12, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")),
+    ]
+    with Engine(loaded, max_batch=len(requests), mask_apply=mask_apply) as engine:  # type: ignore[arg-type]
+        *bad, free, code = engine.generate(requests)
+    for result in bad[:4]:
+        assert result.finish_reason == "error" and "bias holds NaN or +inf" in (result.error or ""), result.error
+        assert not result.tokens
+    assert bad[4].finish_reason == "error" and "bias allows no token" in (bad[4].error or ""), bad[4].error
+    assert free.error is None and free.tokens
     assert code.error is None and re.fullmatch(r"[A-Z]{3}-[0-9]{3}", code.text)

@@ -19,6 +19,9 @@
  *   "write_token_table"   step writes into the token table, which the host
  *                         lends read-only: with real loans that traps
  *   "empty_mask"          step answers a bitmask that allows no token at all
+ *   "nan_bias"            step answers a bias that is 0 but NaN at one token
+ *   "inf_bias"            step answers a bias that is 0 but +inf at one token
+ *   "forbid_all_bias"     step answers a bias of -inf at every token
  * Any other argument makes ws_ctrl_create return WS_ERR_FAILED.
  */
 #include "wasmshare_controller.h"
@@ -36,13 +39,16 @@ enum mode {
     MODE_ERROR,
     MODE_WRITE_TOKEN_TABLE,
     MODE_EMPTY_MASK,
+    MODE_NAN_BIAS,
+    MODE_INF_BIAS,
+    MODE_FORBID_ALL_BIAS,
     MODE_COUNT
 };
 
 static const char *const g_names[MODE_COUNT] = {
     "ok", "create_trap", "create_error", "trap_mid_mask", "spin", "bomb",
     "bad_result", "bad_output", "bad_backtrack", "error", "write_token_table",
-    "empty_mask",
+    "empty_mask", "nan_bias", "inf_bias", "forbid_all_bias",
 };
 
 static int32_t g_mode = -1;
@@ -120,6 +126,16 @@ WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_
     case MODE_EMPTY_MASK:
         ws_mask_clear(in->mask, in->mask_words);
         out->output = WS_OUTPUT_BITMASK;
+        return WS_OK;
+    case MODE_NAN_BIAS:
+    case MODE_INF_BIAS:
+        ws_bias_fill(in->bias, in->vocab_size, 0.0f);
+        in->bias[in->vocab_size / 2u] = g_mode == MODE_NAN_BIAS ? __builtin_nanf("") : __builtin_inff();
+        out->output = WS_OUTPUT_BIAS;
+        return WS_OK;
+    case MODE_FORBID_ALL_BIAS:
+        ws_bias_fill(in->bias, in->vocab_size, -__builtin_inff());
+        out->output = WS_OUTPUT_BIAS;
         return WS_OK;
     case MODE_WRITE_TOKEN_TABLE:
         ((volatile uint32_t *)in->token_table)[1] = 0; /* the magic */

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import itertools
+import math
 import threading
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
@@ -31,6 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from ..errors import WasmshareError
+from ._layout import OUTPUT_BIAS
 from .batch import Action, BatchStep, ControllerBatch, PreparedOutputs, RowOutput
 from .constraints import Backend, ConstraintSpec
 from .controller import Controller
@@ -444,9 +446,11 @@ class Engine:
                             continue  # its logits predate a fast-forward: it samples after the next forward
                         out = outputs.get(row.sequence_id) if outputs and row.sequence_id is not None else None
                         first = firsts[i] if firsts is not None else None
-                        if first == _NOTHING_ALLOWED:
-                            self._end_with_empty_mask(row)
-                            continue
+                        if first is not None and first < 0:
+                            if row.sequence_id is not None:  # its controller's output left nothing to draw
+                                self._end_with_unusable_output(row, first, _output_kind(ctrl, row.sequence_id))
+                                continue
+                            first = None  # the model's own logits: sampled as they are
                         if row.request.temperature > 0:
                             first = None
                         if out is None:
@@ -709,15 +713,17 @@ class Engine:
         return [rows[i] for i in keep], logits[keep]
 
     def _first_choices(self, rows: list[_Row], logits: torch.Tensor, masked: bool) -> list[int] | None:
-        """Every row's argmax, or ``_NOTHING_ALLOWED`` where the row is all ``-inf``; None
-        when the caller needs neither.
+        """Every row's argmax; ``_NOTHING_ALLOWED`` where the row is all ``-inf``,
+        ``_NOT_FINITE`` where its largest value is NaN or ``+inf``; None when the caller
+        needs none of it.
 
         Wanted on an accelerator (greedy rows there would otherwise wait for the device once
-        per row: this is one transfer) and after dense application (``masked``), where a mask
-        that allows no token must end its row before a draw: an all ``-inf`` row has no
-        argmax, and sampling from it fails (on CUDA, with a device-side assert that breaks
-        the process's CUDA context). A row whose bias is still to be added, or that samples,
-        uses the entry only for that check (:meth:`_sample_steered`).
+        per row: this is one transfer) and after dense application (``masked``), where a
+        controller's output that leaves nothing to draw must end its row before a draw: an
+        all ``-inf`` row has no argmax, and sampling from a row with NaN or ``+inf`` fails
+        (on CUDA, with a device-side assert that breaks the process's CUDA context). A row
+        whose bias is still to be added, or that samples, uses the entry only for that check
+        (:meth:`_sample_steered`).
         """
         import torch
 
@@ -728,20 +734,25 @@ class Engine:
             return None
         if on_cpu:
             values = logits.numpy()
-            ids = values.argmax(axis=1)
-            ids[np.isneginf(values[np.arange(len(ids)), ids])] = _NOTHING_ALLOWED
+            ids = values.argmax(axis=1)  # the first NaN where there is one
+            best = values[np.arange(len(ids)), ids]
+            ids[~np.isfinite(best)] = _NOT_FINITE
+            ids[np.isneginf(best)] = _NOTHING_ALLOWED
             choices: list[int] = ids.tolist()
             return choices
-        best, ids = logits.max(dim=-1)
+        best, ids = logits.max(dim=-1)  # NaN propagates
+        ids = torch.where(torch.isfinite(best), ids, _NOT_FINITE)
         choices = torch.where(torch.isneginf(best), _NOTHING_ALLOWED, ids).tolist()
         return choices
 
-    def _end_with_empty_mask(self, row: _Row) -> None:
-        """End ``row`` with an error: its controller's mask allows no token."""
+    def _end_with_unusable_output(self, row: _Row, code: int, kind: str) -> None:
+        """End ``row`` with an error: its controller's ``kind`` ("mask" or "bias") leaves
+        nothing to draw (``code``: ``_NOTHING_ALLOWED`` or ``_NOT_FINITE``)."""
         assert row.sequence_id is not None
+        what = "allows no token" if code == _NOTHING_ALLOWED else "holds NaN or +inf"
         row.finish = "error"
         row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
-                     f"its mask allows no token at output token {len(row.tokens)}")
+                     f"its {kind} {what} at output token {len(row.tokens)}")
         cause = self.batch.deferred_mask_error(row.sequence_id)
         if cause is not None:
             row.error += f" ({cause})"
@@ -767,7 +778,11 @@ class Engine:
         request = row.request
         if out.bias is not None:
             line[:vocab].add_(torch.from_numpy(out.bias).to(line.device))
+            peak = float(line.numpy().max()) if line.device.type == "cpu" else float(line.max())  # NaN propagates
             self.stats.apply_s += time.perf_counter() - started
+            if not math.isfinite(peak):  # nothing to draw from (-inf), or nothing sound (NaN, +inf)
+                self._end_with_unusable_output(row, _NOTHING_ALLOWED if peak == -math.inf else _NOT_FINITE, "bias")
+                return None
             return self._sample(row, line)
         deferred = out.deferred
         if deferred:
@@ -784,7 +799,7 @@ class Engine:
         allowed = out.allowed
         if allowed is not None:
             if not allowed.size:
-                self._end_with_empty_mask(row)
+                self._end_with_unusable_output(row, _NOTHING_ALLOWED, "mask")
                 return None
             values = line.index_select(0, torch.from_numpy(allowed).to(line.device))
             self.stats.apply_s += time.perf_counter() - started
@@ -926,8 +941,19 @@ class Engine:
         return picked
 
 
-# A row's first choice when its logits are all -inf (its mask allows no token).
+# A row's first choice when its logits are all -inf (its mask allows no token), and when
+# their largest value is NaN or +inf (a bias that holds such a value).
 _NOTHING_ALLOWED = -1
+_NOT_FINITE = -2
+
+
+def _output_kind(ctrl: BatchStep | None, sequence_id: int) -> str:
+    """"bias" when ``sequence_id`` answered a bias in ``ctrl``, else "mask"."""
+    if ctrl is not None:
+        for sid, code in zip(ctrl.sequence_ids.tolist(), ctrl.output_codes.tolist()):
+            if sid == sequence_id:
+                return "bias" if code == OUTPUT_BIAS else "mask"
+    return "mask"
 
 
 class _ControllerPhase(NamedTuple):

@@ -162,23 +162,28 @@ class WasmshareLogitsProcessor(_Base):
             self.batch.apply(sub, sequences=[sid for _, sid in masked])
             scores.index_copy_(0, index, sub)
         if masked:
-            self._end_empty_rows(scores, masked)
+            self._end_unusable_rows(scores, masked)
         return scores
 
-    def _end_empty_rows(self, scores: torch.Tensor, masked: list[tuple[int, int]]) -> None:
-        """A row whose mask allows no token ends now with end-of-sequence and an error:
-        ``generate`` would otherwise pick an arbitrary token, or fail to sample (on CUDA, with
-        a device-side assert that breaks the process's CUDA context)."""
+    def _end_unusable_rows(self, scores: torch.Tensor, masked: list[tuple[int, int]]) -> None:
+        """A row that its controller's mask or bias leaves with nothing to draw (all ``-inf``,
+        or a NaN / ``+inf`` bias) ends now with end-of-sequence and an error: ``generate``
+        would otherwise pick an arbitrary token, or fail to sample (on CUDA, with a
+        device-side assert that breaks the process's CUDA context)."""
         import torch
 
         rows = [row for row, _ in masked]
         best = scores[rows].amax(dim=-1) if len(rows) < scores.shape[0] else scores.amax(dim=-1)
+        if bool(torch.isfinite(best).all()):  # one transfer in the usual case
+            return
         empty = torch.isneginf(best).tolist()
-        for (row, sid), dead in zip(masked, empty):
-            if not dead:
+        unsound = (~torch.isfinite(best)).tolist()
+        for (row, sid), dead, bad in zip(masked, empty, unsound):
+            if not bad:
                 continue
             assert self.batch is not None
-            error = f"controller '{self.batch.label(sid)}' seq {sid}: its mask allows no token"
+            what = "allows no token" if dead else "holds NaN or +inf"
+            error = f"controller '{self.batch.label(sid)}' seq {sid}: its output {what}"
             if self.eos_token_id is None:
                 raise WasmshareError(f"row {row}: {error}, and there is no end-of-sequence token to end it with")
             self.errors[row] = error
