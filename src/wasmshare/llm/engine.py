@@ -778,12 +778,15 @@ class Engine:
         request = row.request
         if out.bias is not None:
             line[:vocab].add_(torch.from_numpy(out.bias).to(line.device))
-            peak = float(line.numpy().max()) if line.device.type == "cpu" else float(line.max())  # NaN propagates
             self.stats.apply_s += time.perf_counter() - started
-            if not math.isfinite(peak):  # nothing to draw from (-inf), or nothing sound (NaN, +inf)
+            # The row's largest value must be finite: -inf leaves nothing to draw, NaN or +inf
+            # nothing sound. A greedy draw lands on it (argmax picks NaN first): one value to test.
+            token = self._sample(row, line) if request.temperature == 0 else None
+            peak = float(line[token] if token is not None else line.max())
+            if not math.isfinite(peak):
                 self._end_with_unusable_output(row, _NOTHING_ALLOWED if peak == -math.inf else _NOT_FINITE, "bias")
                 return None
-            return self._sample(row, line)
+            return token if token is not None else self._sample(row, line)
         deferred = out.deferred
         if deferred:
             self.stats.deferred_masks += 1
