@@ -767,7 +767,8 @@ class Engine:
         samples among them (their logits gathered), else ``-inf`` goes at the forbidden ids
         and the row is drawn again; with ``top_p < 1`` the mask always comes first. A bias
         is added from its shared view. Only the mask and bias work is counted as apply
-        time. A mask that allows no token ends the row with an error (returns None). ``first``
+        time. A mask that allows no token, or a bias that leaves nothing sound to draw (-inf
+        everywhere, NaN or +inf), ends the row with an error (returns None). ``first``
         is the row's unmasked argmax when the caller already has it (greedy rows on an
         accelerator).
         """
