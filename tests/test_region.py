@@ -16,10 +16,10 @@ from typing import Any, Iterator
 import numpy as np
 import pytest
 
+from conftest import child_env
 from wasmshare.errors import RegionError
 from wasmshare.region import Region
 
-SRC = str(Path(__file__).resolve().parents[1] / "src")
 IS_LINUX = sys.platform.startswith("linux")
 IS_ROOT = hasattr(os, "geteuid") and os.geteuid() == 0
 linux_only = pytest.mark.skipif(not IS_LINUX, reason="memfd and sealing are Linux only")
@@ -27,10 +27,9 @@ linux_only = pytest.mark.skipif(not IS_LINUX, reason="memfd and sealing are Linu
 
 def run_child(code: str, *, pass_fds: tuple[int, ...] = ()) -> str:
     """Run ``code`` in a fresh Python process that can import wasmshare; return its stdout."""
-    env = dict(os.environ, PYTHONPATH=SRC)
     proc = subprocess.run(
         [sys.executable, "-c", textwrap.dedent(code)],
-        env=env,
+        env=child_env(),  # keeps the caller's PYTHONPATH (dependencies installed outside the venv)
         pass_fds=pass_fds,
         capture_output=True,
         text=True,
