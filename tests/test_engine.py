@@ -130,7 +130,7 @@ def test_hf_adapter_ends_a_row_whose_output_leaves_nothing_to_draw(loaded: Any) 
         )
     processor.close()
     assert set(processor.errors) == {0, 2}
-    assert "allows no token" in processor.errors[0] and "holds NaN or +inf" in processor.errors[2]
+    assert "allows no token" in processor.errors[0] and "holds NaN, +inf or values too large" in processor.errors[2]
     assert out[0, width] == pad and out[2, width] == pad  # both rows ended at once
     text = tokenizer.decode([t for t in out[1, width:].tolist() if t not in loaded.eos_token_ids])
     assert re.fullmatch(r"[a-z]{2,6}", text), text
@@ -384,8 +384,10 @@ def test_a_mask_that_allows_no_token_ends_only_its_sequence(loaded: Any, mask_ap
 
 @pytest.mark.parametrize("mask_apply", ["auto", "dense"])
 def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: Any, mask_apply: str) -> None:
-    """A controller's bias row is its own to write: NaN or +inf in it (greedy or sampled), or
-    -inf everywhere, ends that sequence with an error before any draw."""
+    """A controller's bias row is its own to write: NaN or +inf in it (greedy or sampled), -inf
+    everywhere, or a finite value that overflows once divided by the temperature (sampled)
+    ends that sequence with an error before any draw; the same huge value under greedy
+    decoding is simply the largest logit."""
     def hostile(mode: str) -> Controller:
         return Controller(CONTROLLERS / "hostile_controller.wasm", mode)
 
@@ -395,14 +397,18 @@ def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: A
         GenerationRequest("Three.", max_tokens=6, steer=hostile("inf_bias")),
         GenerationRequest("Four.", max_tokens=6, temperature=0.8, seed=4, steer=hostile("inf_bias")),
         GenerationRequest("Five.", max_tokens=6, steer=hostile("forbid_all_bias")),
+        GenerationRequest("Six.", max_tokens=6, temperature=0.8, seed=6, steer=hostile("huge_bias")),
+        GenerationRequest("Seven.", max_tokens=3, steer=hostile("huge_bias")),
         GenerationRequest("Say hi.", max_tokens=6, temperature=0.8, seed=2),
         GenerationRequest("Give a code.", max_tokens=12, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")),
     ]
     with Engine(loaded, max_batch=len(requests), mask_apply=mask_apply) as engine:  # type: ignore[arg-type]
-        *bad, free, code = engine.generate(requests)
-    for result in bad[:4]:
-        assert result.finish_reason == "error" and "bias holds NaN or +inf" in (result.error or ""), result.error
+        *bad, huge_greedy, free, code = engine.generate(requests)
+    for result in bad[:4] + bad[5:]:
+        assert result.finish_reason == "error" and "bias holds NaN, +inf or values too large" in (result.error or ""), \
+            result.error
         assert not result.tokens
     assert bad[4].finish_reason == "error" and "bias allows no token" in (bad[4].error or ""), bad[4].error
+    assert huge_greedy.error is None and huge_greedy.tokens == [loaded.vocab_size // 2] * 3
     assert free.error is None and free.tokens
     assert code.error is None and re.fullmatch(r"[A-Z]{3}-[0-9]{3}", code.text)

@@ -22,6 +22,8 @@
  *   "nan_bias"            step answers a bias that is 0 but NaN at one token
  *   "inf_bias"            step answers a bias that is 0 but +inf at one token
  *   "forbid_all_bias"     step answers a bias of -inf at every token
+ *   "huge_bias"           step answers a bias that is 0 but 3e38 at one token: finite,
+ *                         but it overflows float32 once divided by a temperature < 1
  * Any other argument makes ws_ctrl_create return WS_ERR_FAILED.
  */
 #include "wasmshare_controller.h"
@@ -42,13 +44,14 @@ enum mode {
     MODE_NAN_BIAS,
     MODE_INF_BIAS,
     MODE_FORBID_ALL_BIAS,
+    MODE_HUGE_BIAS,
     MODE_COUNT
 };
 
 static const char *const g_names[MODE_COUNT] = {
     "ok", "create_trap", "create_error", "trap_mid_mask", "spin", "bomb",
     "bad_result", "bad_output", "bad_backtrack", "error", "write_token_table",
-    "empty_mask", "nan_bias", "inf_bias", "forbid_all_bias",
+    "empty_mask", "nan_bias", "inf_bias", "forbid_all_bias", "huge_bias",
 };
 
 static int32_t g_mode = -1;
@@ -129,8 +132,11 @@ WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_
         return WS_OK;
     case MODE_NAN_BIAS:
     case MODE_INF_BIAS:
+    case MODE_HUGE_BIAS:
         ws_bias_fill(in->bias, in->vocab_size, 0.0f);
-        in->bias[in->vocab_size / 2u] = g_mode == MODE_NAN_BIAS ? __builtin_nanf("") : __builtin_inff();
+        in->bias[in->vocab_size / 2u] = g_mode == MODE_NAN_BIAS   ? __builtin_nanf("")
+                                        : g_mode == MODE_INF_BIAS ? __builtin_inff()
+                                                                  : 3e38f;
         out->output = WS_OUTPUT_BIAS;
         return WS_OK;
     case MODE_FORBID_ALL_BIAS:

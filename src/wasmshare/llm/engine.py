@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from ..errors import WasmshareError
-from ._layout import OUTPUT_BIAS
+from ._layout import OUTPUT_BIAS, OUTPUT_BITMASK
 from .batch import Action, BatchStep, ControllerBatch, PreparedOutputs, RowOutput
 from .constraints import Backend, ConstraintSpec
 from .controller import Controller
@@ -252,9 +252,10 @@ class Engine:
     draw and the allowed ids, not ``B × V``. ``"dense"`` (the default on CUDA, where
     the device does it in microseconds): one additive ``[B, V]`` tensor from the bitmask,
     added to the logits. Both give the same greedy tokens; seeded sampling draws from the
-    same distribution, but not with the same random numbers. A mask that allows no token
-    ends its row with an error under sparse application; the dense tensor leaves nothing
-    finite to sample from.
+    same distribution, but not with the same random numbers. Under either, a controller
+    output that leaves nothing to draw (a mask that allows no token, a bias of ``-inf``
+    everywhere, NaN, ``+inf`` or values too large to sample from at the row's temperature)
+    ends that row alone with an error before any draw.
 
     ``defer_masks`` (sparse application, llguidance constraints, greedy rows): the
     constraint's mask is not computed beside the forward pass at all. After it the
@@ -446,11 +447,10 @@ class Engine:
                             continue  # its logits predate a fast-forward: it samples after the next forward
                         out = outputs.get(row.sequence_id) if outputs and row.sequence_id is not None else None
                         first = firsts[i] if firsts is not None else None
-                        if first is not None and first < 0:
-                            if row.sequence_id is not None:  # its controller's output left nothing to draw
-                                self._end_with_unusable_output(row, first, _output_kind(ctrl, row.sequence_id))
-                                continue
-                            first = None  # the model's own logits: sampled as they are
+                        if first is not None and first < 0:  # nothing sound to draw from
+                            kind = _output_kind(ctrl, row.sequence_id) if dense else None
+                            self._end_with_unusable_output(row, first, kind)
+                            continue
                         if row.request.temperature > 0:
                             first = None
                         if out is None:
@@ -713,17 +713,16 @@ class Engine:
         return [rows[i] for i in keep], logits[keep]
 
     def _first_choices(self, rows: list[_Row], logits: torch.Tensor, masked: bool) -> list[int] | None:
-        """Every row's argmax; ``_NOTHING_ALLOWED`` where the row is all ``-inf``,
-        ``_NOT_FINITE`` where its largest value is NaN or ``+inf``; None when the caller
-        needs none of it.
+        """Every row's argmax, or a negative code where the row has nothing sound to draw
+        from (:func:`_soundness`); None when the caller needs none of it.
 
         Wanted on an accelerator (greedy rows there would otherwise wait for the device once
         per row: this is one transfer) and after dense application (``masked``), where a
-        controller's output that leaves nothing to draw must end its row before a draw: an
-        all ``-inf`` row has no argmax, and sampling from a row with NaN or ``+inf`` fails
-        (on CUDA, with a device-side assert that breaks the process's CUDA context). A row
-        whose bias is still to be added, or that samples, uses the entry only for that check
-        (:meth:`_sample_steered`).
+        controller output that leaves nothing to draw must end its row before a draw: an
+        all ``-inf`` row has no argmax, and sampling from a row with NaN, ``+inf`` or values
+        that overflow when divided by the temperature fails (on CUDA, with a device-side
+        assert that breaks the process's CUDA context). A row whose bias is still to be
+        added, or that samples, uses its entry only for that check (:meth:`_sample_steered`).
         """
         import torch
 
@@ -735,22 +734,27 @@ class Engine:
         if on_cpu:
             values = logits.numpy()
             ids = values.argmax(axis=1)  # the first NaN where there is one
-            best = values[np.arange(len(ids)), ids]
-            ids[~np.isfinite(best)] = _NOT_FINITE
-            ids[np.isneginf(best)] = _NOTHING_ALLOWED
-            choices: list[int] = ids.tolist()
-            return choices
-        best, ids = logits.max(dim=-1)  # NaN propagates
-        ids = torch.where(torch.isfinite(best), ids, _NOT_FINITE)
-        choices = torch.where(torch.isneginf(best), _NOTHING_ALLOWED, ids).tolist()
-        return choices
+            peaks: list[float] = values[np.arange(len(ids)), ids].tolist()
+            indices: list[int] = ids.tolist()
+        else:
+            best, top = logits.max(dim=-1)  # NaN propagates
+            both = torch.stack([best.double(), top.double()]).tolist()  # one transfer
+            peaks, indices = both[0], [int(i) for i in both[1]]
+        return [
+            index if code == 0 else code
+            for index, code in zip(indices, (_soundness(p, r.request.temperature) for p, r in zip(peaks, rows)))
+        ]
 
-    def _end_with_unusable_output(self, row: _Row, code: int, kind: str) -> None:
-        """End ``row`` with an error: its controller's ``kind`` ("mask" or "bias") leaves
-        nothing to draw (``code``: ``_NOTHING_ALLOWED`` or ``_NOT_FINITE``)."""
-        assert row.sequence_id is not None
-        what = "allows no token" if code == _NOTHING_ALLOWED else "holds NaN or +inf"
+    def _end_with_unusable_output(self, row: _Row, code: int, kind: str | None) -> None:
+        """End ``row`` with an error: nothing sound to draw from (``code`` from
+        :func:`_soundness`). ``kind`` is the controller output that made it so ("mask" or
+        "bias"); None blames the model's own logits."""
         row.finish = "error"
+        if kind is None or row.sequence_id is None:
+            what = "allow no token" if code == _NOTHING_ALLOWED else "hold NaN, +inf or values too large to sample from"
+            row.error = f"the model's logits at output token {len(row.tokens)} {what}"
+            return
+        what = "allows no token" if code == _NOTHING_ALLOWED else "holds NaN, +inf or values too large to sample from"
         row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
                      f"its {kind} {what} at output token {len(row.tokens)}")
         cause = self.batch.deferred_mask_error(row.sequence_id)
@@ -780,12 +784,12 @@ class Engine:
         if out.bias is not None:
             line[:vocab].add_(torch.from_numpy(out.bias).to(line.device))
             self.stats.apply_s += time.perf_counter() - started
-            # The row's largest value must be finite: -inf leaves nothing to draw, NaN or +inf
-            # nothing sound. A greedy draw lands on it (argmax picks NaN first): one value to test.
+            # The row's largest value must be sound (_soundness). A greedy draw lands on it
+            # (argmax picks NaN first): one value to test.
             token = self._sample(row, line) if request.temperature == 0 else None
-            peak = float(line[token] if token is not None else line.max())
-            if not math.isfinite(peak):
-                self._end_with_unusable_output(row, _NOTHING_ALLOWED if peak == -math.inf else _NOT_FINITE, "bias")
+            code = _soundness(float(line[token] if token is not None else line.max()), request.temperature)
+            if code:
+                self._end_with_unusable_output(row, code, "bias")
                 return None
             return token if token is not None else self._sample(row, line)
         deferred = out.deferred
@@ -803,7 +807,7 @@ class Engine:
         allowed = out.allowed
         if allowed is not None:
             if not allowed.size:
-                self._end_with_unusable_output(row, _NOTHING_ALLOWED, "mask")
+                self._end_with_unusable_output(row, _NOTHING_ALLOWED, "mask")  # its own mask's doing
                 return None
             values = line.index_select(0, torch.from_numpy(allowed).to(line.device))
             self.stats.apply_s += time.perf_counter() - started
@@ -945,19 +949,32 @@ class Engine:
         return picked
 
 
-# A row's first choice when its logits are all -inf (its mask allows no token), and when
-# their largest value is NaN or +inf (a bias that holds such a value).
+# What _soundness says of a row with nothing to draw from: all -inf (a mask that allows no
+# token), or a largest value that is NaN, +inf or too large to divide by the temperature.
 _NOTHING_ALLOWED = -1
 _NOT_FINITE = -2
+_FLOAT32_MAX = 3.4028234663852886e38
 
 
-def _output_kind(ctrl: BatchStep | None, sequence_id: int) -> str:
-    """"bias" when ``sequence_id`` answered a bias in ``ctrl``, else "mask"."""
-    if ctrl is not None:
+def _soundness(peak: float, temperature: float) -> int:
+    """0 when a row whose largest logit is ``peak`` can be drawn from at ``temperature``,
+    else ``_NOTHING_ALLOWED`` or ``_NOT_FINITE``. Sampling divides the row by the
+    temperature in float32, so a finite peak beyond ``float32 max × temperature`` (a bias
+    of ±3e38, say) overflows there."""
+    if peak == -math.inf:
+        return _NOTHING_ALLOWED
+    if not math.isfinite(peak) or (temperature > 0 and abs(peak) > _FLOAT32_MAX * temperature):
+        return _NOT_FINITE
+    return 0
+
+
+def _output_kind(ctrl: BatchStep | None, sequence_id: int | None) -> str | None:
+    """"mask" or "bias" when ``sequence_id`` answered one in ``ctrl``, else None."""
+    if ctrl is not None and sequence_id is not None:
         for sid, code in zip(ctrl.sequence_ids.tolist(), ctrl.output_codes.tolist()):
             if sid == sequence_id:
-                return "bias" if code == OUTPUT_BIAS else "mask"
-    return "mask"
+                return "bias" if code == OUTPUT_BIAS else "mask" if code == OUTPUT_BITMASK else None
+    return None
 
 
 class _ControllerPhase(NamedTuple):

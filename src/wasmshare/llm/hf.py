@@ -38,6 +38,12 @@ except ImportError:  # pragma: no cover
     _Base = object  # type: ignore[assignment,misc]
 
 
+# The largest logit magnitude the adapter lets through: generate() divides the scores by the
+# temperature after the processors (in float32, max 3.4e38), and biases of ±1e9 or so are
+# the usual way to forbid or force tokens.
+_SOUND_LIMIT = 1e30
+
+
 class WasmshareLogitsProcessor(_Base):
     """Steer ``model.generate`` with a controller or constraint per row (see the module docstring).
 
@@ -166,23 +172,25 @@ class WasmshareLogitsProcessor(_Base):
         return scores
 
     def _end_unusable_rows(self, scores: torch.Tensor, masked: list[tuple[int, int]]) -> None:
-        """A row that its controller's mask or bias leaves with nothing to draw (all ``-inf``,
-        or a NaN / ``+inf`` bias) ends now with end-of-sequence and an error: ``generate``
-        would otherwise pick an arbitrary token, or fail to sample (on CUDA, with a
-        device-side assert that breaks the process's CUDA context)."""
+        """A row that its controller's mask or bias leaves with nothing to draw (all ``-inf``
+        over the vocabulary, or a largest value that is NaN, ``+inf`` or beyond
+        :data:`_SOUND_LIMIT`) ends now with end-of-sequence and an error: ``generate`` would
+        otherwise pick an arbitrary token, or fail to sample (on CUDA, with a device-side
+        assert that breaks the process's CUDA context)."""
         import torch
 
+        assert self.batch is not None
         rows = [row for row, _ in masked]
-        best = scores[rows].amax(dim=-1) if len(rows) < scores.shape[0] else scores.amax(dim=-1)
-        if bool(torch.isfinite(best).all()):  # one transfer in the usual case
+        vocab = self.batch.vocab_size  # columns past it are the model's padding, not draws
+        best = scores[rows, :vocab].amax(dim=-1)
+        unsound = ~(best.abs() <= _SOUND_LIMIT)  # NaN compares False
+        if not bool(unsound.any()):  # one transfer in the usual case
             return
         empty = torch.isneginf(best).tolist()
-        unsound = (~torch.isfinite(best)).tolist()
-        for (row, sid), dead, bad in zip(masked, empty, unsound):
+        for (row, sid), dead, bad in zip(masked, empty, unsound.tolist()):
             if not bad:
                 continue
-            assert self.batch is not None
-            what = "allows no token" if dead else "holds NaN or +inf"
+            what = "allows no token" if dead else "holds NaN, +inf or values too large to sample from"
             error = f"controller '{self.batch.label(sid)}' seq {sid}: its output {what}"
             if self.eos_token_id is None:
                 raise WasmshareError(f"row {row}: {error}, and there is no end-of-sequence token to end it with")
