@@ -223,7 +223,8 @@ class LlguidanceLogitsProcessor(_processor_base()):  # type: ignore[misc]
                     row[e // 32] |= np.int32(np.uint32(1 << (e % 32)).view(np.int32))
             else:
                 m.unsafe_compute_mask_ptr(row.ctypes.data, row.nbytes)
-        llt.apply_token_bitmask_inplace(scores, self.mask)
+        mask = self.mask if scores.device.type == "cpu" else self.mask.to(scores.device, non_blocking=True)
+        llt.apply_token_bitmask_inplace(scores, mask)
         return scores
 
 
@@ -351,7 +352,7 @@ class _Bench:
 
     # ours
     def engine_run(self, batch: int, n_prompts: int, steer: Any, max_tokens: int | None = None,
-                   mask_apply: str = "sparse", defer_masks: bool = True) -> dict[str, Any]:
+                   mask_apply: str = "auto", defer_masks: bool = True) -> dict[str, Any]:
         from wasmshare.llm.engine import Engine, GenerationRequest
 
         max_tokens = max_tokens or self.max_tokens
@@ -417,7 +418,8 @@ class _Bench:
                                       eos_token_id=list(lm.eos_token_ids), pad_token_id=self.pad)
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = lm.model.generate(input_ids=ids, attention_mask=attn, generation_config=config,
+                out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device),
+                                        generation_config=config,
                                         logits_processor=procs, stopping_criteria=StoppingCriteriaList([timer]))
             wall += time.perf_counter() - t0
             stamps = timer.stamps
@@ -879,7 +881,8 @@ def _device_info() -> dict[str, Any]:
     devices = sorted(_DEVICES)
     info: dict[str, Any] = {"model_devices": devices, "torch": torch.__version__}
     if any(d.startswith("cuda") for d in devices):
-        info["cuda_device"] = torch.cuda.get_device_name()
+        first = next(d for d in devices if d.startswith("cuda"))
+        info["cuda_device"] = torch.cuda.get_device_name(torch.device(first))
         info["cuda"] = torch.version.cuda
     return info
 

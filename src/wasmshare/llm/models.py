@@ -351,7 +351,8 @@ def _resolve_dtype(dtype: str, device: torch.device | None = None) -> torch.dtyp
 
     if dtype == "auto":
         if device is not None and device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+            # Native bf16 from compute capability 8.0 (Ampere) on; older devices only emulate it.
+            return torch.bfloat16 if torch.cuda.get_device_capability(device)[0] >= 8 else torch.float32
         return _auto_dtype()
     if dtype == "bfloat16":
         return torch.bfloat16
