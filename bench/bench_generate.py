@@ -59,7 +59,10 @@ Measures (per run; the row holds the median over repeats):
   pair so a drift favours neither side): the median of the pair ratios, with their
   quartiles (``kept_quartiles``) and count. ``paired_ratio`` (baseline µs/step ÷ ours, in the
   rows against a baseline) is the median over the repeats of the ratio within each repeat,
-  for the same reason.
+  for the same reason. At the largest B the same rounds of pairs also give ``round_ratio``:
+  the baseline's JSON-constrained step ÷ ours within each round (seconds apart, the runners'
+  order rotating round by round), median and quartiles over the ``KEPT_PAIRS`` rounds; with
+  more and closer samples than the repeats, it decides the "faster per step" targets.
 * critical mask µs/step: ours: each step's increment of ``critical_controller_s + apply_s`` (the
   wait for the controller phase after the forward pass, plus applying the masks; the overlap
   hides the rest), median step. Baselines: time inside the processor's ``__call__`` per call
@@ -533,20 +536,30 @@ def _paired(numerator: dict[str, Any], denominator: dict[str, Any], key: str = "
     return statistics.median(a / b for a, b in zip(numerator[key + "_all"], denominator[key + "_all"]))
 
 
-def _kept_pairs(b: _Bench, batch: int, n_pairs: int) -> dict[str, list[float]]:
+def _kept_pairs(b: _Bench, batch: int, n_pairs: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
     """For each runner, ``n_pairs`` ratios unconstrained µs/step ÷ JSON-constrained µs/step,
-    each from two runs back to back (which one goes first alternates pair by pair)."""
+    each from two runs back to back (which one goes first alternates pair by pair); and, for
+    each baseline runner, ``n_pairs`` ratios of its JSON-constrained step ÷ ours, both from
+    the same round of pairs (the runners' order rotates round by round, so none is always
+    first)."""
     runners = {"ours": ("ours_unconstrained", "ours_json"), "ours_eager": ("ours_unconstrained", "ours_json_eager"),
                "llguidance": ("hf_unconstrained", "hf_llguidance"),
                "xgrammar": ("hf_unconstrained", "hf_xgrammar")}
+    names = list(runners)
     ratios: dict[str, list[float]] = {name: [] for name in runners}
+    versus: dict[str, list[float]] = {name: [] for name in runners if name != "ours"}
     for k in range(n_pairs):
-        for name, (plain, constrained) in runners.items():
+        constrained_step: dict[str, float] = {}
+        for name in names[k % len(names):] + names[: k % len(names)]:
+            plain, constrained = runners[name]
             print(f"{b.name}: kept pair {k + 1}/{n_pairs} B={batch} {name} ...", file=sys.stderr, flush=True)
             order = (plain, constrained) if k % 2 == 0 else (constrained, plain)
             step = {config: _run_config(b, config, batch, batch)["step_us"] for config in order}
             ratios[name].append(step[plain] / step[constrained])
-    return ratios
+            constrained_step[name] = step[constrained]
+        for name in versus:
+            versus[name].append(constrained_step[name] / constrained_step["ours"])
+    return ratios, versus
 
 
 def _quartiles(values: list[float]) -> tuple[float, float]:
@@ -603,7 +616,7 @@ def bench_model(
             for config in CONFIGS:
                 print(f"{model}: repeat {rep + 1}/{repeats} B={batch} {config} ...", file=sys.stderr, flush=True)
                 raw.setdefault((batch, config), []).append(_run_config(b, config, batch, n_prompts))
-    pairs = _kept_pairs(b, batches[-1], 1 if quick else scope.kept_pairs)
+    pairs, versus = _kept_pairs(b, batches[-1], 1 if quick else scope.kept_pairs)
     rows: list[dict[str, Any]] = []
     for batch in batches:
         s = {c: _summarise(raw[(batch, c)]) for c in CONFIGS}
@@ -620,11 +633,15 @@ def bench_model(
             "controller_dense": _paired(ou, ocd),
         }
         spread: dict[str, Any] = {}
+        rounds: dict[str, dict[str, Any]] = {}
         if batch == batches[-1]:
             for runner, ratios in pairs.items():
                 kept[runner] = statistics.median(ratios)
                 spread[runner] = {"kept_quartiles": [round(q, 3) for q in _quartiles(ratios)],
                                   "kept_pairs": len(ratios)}
+            for runner, ratios in versus.items():
+                rounds[runner] = {"round_ratio": round(statistics.median(ratios), 3),
+                                  "round_ratio_quartiles": [round(q, 3) for q in _quartiles(ratios)]}
 
         def t(d: dict[str, Any], key: str = "step_us") -> dict[str, Any]:
             return {"median_us": d[key], "min_us": min(d[key + "_all"])}
@@ -661,7 +678,7 @@ def bench_model(
                 **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept[base], 3),
                         **spread.get("ours", {}),
                         baseline_kept_quartiles=spread.get(base, {}).get("kept_quartiles"),
-                        paired_ratio=round(_paired(d, oj), 3),
+                        paired_ratio=round(_paired(d, oj), 3), **rounds.get(base, {}),
                         baseline_valid=d["valid"], baseline_all_valid=d["all_valid"], steps_detail=detail(oj),
                         steps_baseline_detail=detail(d, tokens_per_s=round(d["tokens_per_s"], 1),
                                                      critical_mask_us=round(d["critical_us"], 1)))))
@@ -670,7 +687,7 @@ def bench_model(
             **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept["ours_eager"], 3),
                     **spread.get("ours", {}),
                     baseline_kept_quartiles=spread.get("ours_eager", {}).get("kept_quartiles"),
-                    paired_ratio=round(_paired(oje, oj), 3),
+                    paired_ratio=round(_paired(oje, oj), 3), **rounds.get("ours_eager", {}),
                     baseline_valid=oje["valid"], steps_detail=detail(oj), steps_baseline_detail=detail(oje))))
         rows.append(_common.make_row(
             f"{p} JSON mask work µs/step (controller phase + apply, hidden or not)", t(oj, "mask_work_us"),
@@ -791,8 +808,12 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
             out.append({"target": f"{model} B={big}: ours keeps more of unconstrained than {base} (kept, each vs "
                                   "its own runner)", "met": r["kept"] > r["baseline_kept"],
                         "value": {"ours": r["kept"], base: r["baseline_kept"]}})
+            ratio = r.get("round_ratio", r["paired_ratio"])
+            how = "round ratio over the kept pairs' rounds" if "round_ratio" in r else "paired ratio"
             out.append({"target": f"{model} B={big}: ours JSON-constrained faster per decode step than {base} "
-                                  "(paired ratio)", "met": r["paired_ratio"] > 1, "value": r["paired_ratio"]})
+                                  f"({how})", "met": ratio > 1,
+                        "value": {"round_ratio": r.get("round_ratio"), "quartiles": r.get("round_ratio_quartiles"),
+                                  "paired_ratio_over_repeats": r["paired_ratio"]}})
         out.append({"target": f"{model} B={big}: ≤ 200 µs mask work per step on the critical path",
                     "met": crit["ours_us"] <= 200, "value": crit["ours_us"]})
         out.append({"target": f"{model}: all JSON-constrained outputs valid",
