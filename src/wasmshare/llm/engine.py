@@ -32,8 +32,7 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from ..errors import WasmshareError
-from ._layout import OUTPUT_BIAS, OUTPUT_BITMASK
-from .batch import Action, BatchStep, ControllerBatch, PreparedOutputs, RowOutput
+from .batch import Action, BatchStep, ControllerBatch, Output, PreparedOutputs, RowOutput
 from .constraints import Backend, ConstraintSpec
 from .controller import Controller
 
@@ -774,7 +773,7 @@ class Engine:
         time. A mask that allows no token, or a bias that leaves nothing sound to draw (-inf
         everywhere, NaN or +inf), ends the row with an error (returns None). ``first``
         is the row's unmasked argmax when the caller already has it (greedy rows on an
-        accelerator).
+        accelerator; None for sampled rows).
         """
         import torch
 
@@ -797,7 +796,7 @@ class Engine:
             self.stats.deferred_masks += 1
         if request.temperature == 0 or (request.top_p >= 1 and out.allowed is None):
             self.stats.apply_s += time.perf_counter() - started
-            token = first if first is not None and request.temperature == 0 else self._sample(row, line)
+            token = first if first is not None else self._sample(row, line)
             started = time.perf_counter()
             if out.allows(token):
                 self.stats.apply_s += time.perf_counter() - started
@@ -970,10 +969,9 @@ def _soundness(peak: float, temperature: float) -> int:
 
 def _output_kind(ctrl: BatchStep | None, sequence_id: int | None) -> str | None:
     """"mask" or "bias" when ``sequence_id`` answered one in ``ctrl``, else None."""
-    if ctrl is not None and sequence_id is not None:
-        for sid, code in zip(ctrl.sequence_ids.tolist(), ctrl.output_codes.tolist()):
-            if sid == sequence_id:
-                return "bias" if code == OUTPUT_BIAS else "mask" if code == OUTPUT_BITMASK else None
+    result = ctrl.results.get(sequence_id) if ctrl is not None and sequence_id is not None else None
+    if result is not None and result.output in (Output.BITMASK, Output.BIAS):
+        return "mask" if result.output is Output.BITMASK else "bias"
     return None
 
 

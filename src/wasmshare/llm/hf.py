@@ -182,7 +182,7 @@ class WasmshareLogitsProcessor(_Base):
         assert self.batch is not None
         rows = [row for row, _ in masked]
         vocab = self.batch.vocab_size  # columns past it are the model's padding, not draws
-        best = scores[rows, :vocab].amax(dim=-1)
+        best = scores[:, :vocab].amax(dim=-1)[rows]  # reduce the view: no copy of the rows
         unsound = ~(best.abs() <= _SOUND_LIMIT)  # NaN compares False
         if not bool(unsound.any()):  # one transfer in the usual case
             return
