@@ -412,3 +412,43 @@ def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: A
     assert huge_greedy.error is None and huge_greedy.tokens == [loaded.vocab_size // 2] * 3
     assert free.error is None and free.tokens
     assert code.error is None and re.fullmatch(r"[A-Z]{3}-[0-9]{3}", code.text)
+
+
+def test_run_contains_a_failing_prefill_to_the_rows_it_was_admitting(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A request that fails while joining a running batch (its prefill raises) still gets its
+    result, an error, like the rows already decoding; its controller slot is freed."""
+    from wasmshare.llm.engine import RequestQueue
+
+    with Engine(loaded, max_batch=2) as engine:
+        real_prefill = engine._prefill
+        calls = {"n": 0}
+
+        def flaky(rows: Any) -> Any:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise RuntimeError("out of memory")
+            return real_prefill(rows)
+
+        monkeypatch.setattr(engine, "_prefill", flaky)
+        queue = RequestQueue()
+        results: dict[int, Any] = {}
+        joined = {"done": False}
+        first = queue.submit(GenerationRequest("Say hi.", max_tokens=16, steer=C.regex(r"[a-z ]+")))
+
+        def on_token(key: int, token: int, text: str) -> None:
+            if not joined["done"]:
+                joined["done"] = True
+                joined["key"] = queue.submit(GenerationRequest("Say bye.", max_tokens=4, steer=C.choice(["bye"])))
+                queue.close()
+
+        engine.run(queue, on_token=on_token, on_finish=results.__setitem__, contain_failures=True)
+        late = results[joined["key"]]
+        assert late.finish_reason == "error" and "out of memory" in str(late.error)
+        assert results[first].finish_reason == "error"
+        assert not engine.batch.sequences  # both controller slots were given back
+        queue = RequestQueue()
+        again = queue.submit(GenerationRequest("Say hi.", max_tokens=4, steer=C.choice(["hi", "hello"])))
+        queue.close()
+        engine.run(queue, on_finish=results.__setitem__, contain_failures=True)
+        assert results[again].error is None and results[again].text in ("hi", "hello")
+

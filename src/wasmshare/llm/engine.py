@@ -259,7 +259,8 @@ class Engine:
     ``defer_masks`` (sparse application, llguidance constraints, greedy rows): the
     constraint's mask is not computed beside the forward pass at all. After it the
     constraint is asked about the unmasked argmax alone (under a microsecond), and the
-    mask is computed only when it forbids that token (``EngineStats.late_masks``). A mask
+    mask is computed only when it forbids that token (``EngineStats.late_masks``). A
+    joining row's first mask is computed beside its prefill instead. A mask
     costs tens to hundreds of µs of CPU, which on a machine whose cores the forward pass
     already fills comes out of the forward pass. Wasm controllers' masks, every mask under
     dense application and every mask in ``mode="workers"`` are computed beside the forward
@@ -381,14 +382,15 @@ class Engine:
         finish = on_finish or (lambda key, result: None)
         while True:
             rows: list[_Row] = []
+            joining: list[_Row] = []
             try:
-                self._run_batch(queue, rows, on_token, finish, prebuilt)
+                self._run_batch(queue, rows, joining, on_token, finish, prebuilt)
                 return
             except Exception as e:  # noqa: BLE001 - contained by request, see docstring
                 inflight, self._inflight = self._inflight, None
                 if inflight is not None:
                     concurrent.futures.wait([inflight])  # the controller phase must end before cleanup
-                for row in rows:
+                for row in rows + joining:
                     if row.finish is None:
                         row.finish, row.error = "error", f"engine failure: {type(e).__name__}: {e}"
                     finish(row.index, self._finish(row))
@@ -400,11 +402,13 @@ class Engine:
         self,
         queue: RequestQueue,
         rows: list[_Row],
+        joining: list[_Row],
         on_token: Callable[[int, int, str], None] | None,
         finish: Callable[[int, GenerationResult], None],
         prebuilt: dict[int, _Row],
     ) -> None:
-        """The decode loop of :meth:`run`; ``rows`` (filled in place) are the live sequences."""
+        """The decode loop of :meth:`run`; ``rows`` (filled in place) are the live sequences and
+        ``joining`` those admitted but not yet in ``rows`` (both finished by the caller if a step fails)."""
         import torch
 
         self._cache = None
@@ -469,7 +473,7 @@ class Engine:
                         self._select_rows(keep)
                         rows[:] = [rows[i] for i in keep]
                 # Admit waiting requests while there is room.
-                new_rows: list[_Row] = []
+                new_rows = joining
                 room = self.max_batch - len(rows)
                 admitted: list[tuple[int, GenerationRequest, _Row | None]] = []
                 for key in list(itertools.islice(prebuilt, room)):
@@ -486,27 +490,30 @@ class Engine:
                         finish(key, self._finish(row))
                         continue
                     new_rows.append(row)
-                prefill_started = time.perf_counter()
-                prefilled = self._prefill(new_rows) if new_rows else None
-                prefill_s = time.perf_counter() - prefill_started
-                # The controller phase for the next step runs beside the forward pass.
+                # The controller phase for the next step runs beside the joining rows' prefill
+                # and the forward pass.
                 steer = self._sampled_by_slot(rows, sampled)
                 future: Future[_ControllerPhase] | None = None
                 ctrl, outputs = None, None
                 # Sampled rows get their allowed ids worked out beside the forward pass;
-                # greedy rows' constraint masks wait until a draw needs them.
+                # greedy rows' constraint masks wait until a draw needs them, except a joining
+                # row's first, which its prefill (a pass over the whole prompt) hides.
                 has_controllers = False
                 analyse: set[int] = set()
                 defer: set[int] = set()
-                for r in rows + new_rows:
+                running = len(rows)
+                for n, r in enumerate(rows + new_rows):
                     if r.sequence_id is not None:
                         has_controllers = True
                         if r.request.temperature > 0:
                             analyse.add(r.sequence_id)
-                        elif self.defer_masks:
+                        elif self.defer_masks and n < running:
                             defer.add(r.sequence_id)
                 if has_controllers and self.overlap:
                     future = self._inflight = self._helper.submit(self._timed_step, steer, analyse, defer)
+                prefill_started = time.perf_counter()
+                prefilled = self._prefill(new_rows) if new_rows else None
+                prefill_s = time.perf_counter() - prefill_started
                 decoded = bool(rows)
                 if rows:
                     feeds = [r.feed if r.feed else [sampled[id(r)]] for r in rows]
@@ -521,6 +528,7 @@ class Engine:
                     self._merge_cache(new_cache, new_attn)  # after the forward of the rows already running
                     logits = new_logits if not rows else torch.cat([logits, new_logits], dim=0)  # type: ignore[list-item]
                     rows.extend(new_rows)
+                    new_rows.clear()
                 if has_controllers:
                     wait_started = time.perf_counter()
                     ctrl, outputs = future.result() if future is not None else self._timed_step(steer, analyse, defer)
