@@ -386,6 +386,7 @@ class _Bench:
             "prefill_ms": stats.prefill_s * 1e3,
             "deferred_masks": stats.deferred_masks,
             "late_masks": stats.late_masks,
+            "runner_up_draws": stats.runner_up_draws,
             "texts": [r.text for r in results],
         }
 
@@ -579,7 +580,7 @@ def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
         if vals:
             out[key] = statistics.median(vals)
             out[key + "_all"] = [round(v, 1) for v in vals]
-    for key in ("deferred_masks", "late_masks"):
+    for key in ("deferred_masks", "late_masks", "runner_up_draws"):
         if key in runs[0]:
             out[key] = runs[0][key]
     out["steps"] = runs[0]["steps"]
@@ -651,7 +652,8 @@ def bench_model(
                  "mean_step_us": round(d["mean_step_us"], 1), "mean_critical_us": round(d["mean_critical_us"], 1)}
             if d["all_valid"] is False and d["valid"] != f"0/{len(d['texts'])}":
                 e["invalid_texts"] = d["invalid_texts"]
-            for key in ("wait_us", "apply_us", "mask_total_us", "mask_work_us", "prefill_ms", "deferred_masks", "late_masks"):
+            for key in ("wait_us", "apply_us", "mask_total_us", "mask_work_us", "prefill_ms", "deferred_masks", "late_masks",
+                        "runner_up_draws"):
                 if key in d:
                     e[key] = round(d[key], 1)
             e.update(kw)

@@ -348,6 +348,7 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
     # Deferred constraint masks: most greedy draws are allowed, so most masks are never computed.
     deferred, late = stats["sparse"].deferred_masks, stats["sparse"].late_masks
     assert 0 < late < deferred / 2, (late, deferred)
+    assert stats["sparse"].runner_up_draws > 0  # some forbidden draws were settled without a mask
     assert stats["sparse-eager"].deferred_masks == stats["dense"].deferred_masks == 0
     assert "the" not in loaded.tokenizer.decode(outcomes["sparse"][3][0]).lower()
     assert fallbacks["n"] > 0  # some greedy draw was forbidden and the row was masked after it
@@ -452,3 +453,37 @@ def test_run_contains_a_failing_prefill_to_the_rows_it_was_admitting(loaded: Any
         engine.run(queue, on_finish=results.__setitem__, contain_failures=True)
         assert results[again].error is None and results[again].text in ("hi", "hello")
 
+
+@pytest.mark.parametrize("allowed_rank", [1, 2, 40])
+def test_a_forbidden_greedy_draw_takes_the_best_allowed_token(loaded: Any, allowed_rank: int) -> None:
+    """A greedy row whose deferred mask forbids its argmax gets the masked argmax, ties to the
+    lowest id: from further argmax passes while the budget lasts, else from the computed mask."""
+    import numpy as np
+    import torch
+
+    from wasmshare.llm.batch import RowOutput
+    from wasmshare.llm.engine import _Row
+
+    width = loaded.vocab_size
+    line = torch.zeros(width)
+    ranked = [7, 3, 11, 5] + list(range(100, 100 + 60))  # ids from the largest logit down
+    for rank, token in enumerate(ranked):
+        line[token] = 100.0 - rank
+    line[2] = line[3]  # a tie with the runner-up at a lower id, which the mask forbids
+    allowed = {ranked[allowed_rank], ranked[-1]}
+    loads = {"n": 0}
+
+    def load() -> Any:
+        loads["n"] += 1
+        words = np.zeros((width + 31) // 32, dtype=np.uint32)
+        for t in allowed:
+            words[t >> 5] |= np.uint32(1 << (t & 31))
+        return words
+
+    with Engine(loaded, max_batch=1) as engine:
+        row = _Row(GenerationRequest("x"), 0, [1])
+        out = RowOutput(width, check=lambda t: t in allowed, load=load)
+        assert engine._sample_steered(row, line.clone(), out) == ranked[allowed_rank]
+    within_budget = allowed_rank <= 1_048_576 // width
+    assert loads["n"] == (0 if within_budget else 1)
+    assert engine.stats.runner_up_draws == int(within_budget) and engine.stats.late_masks == int(not within_budget)
