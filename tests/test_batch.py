@@ -384,3 +384,19 @@ def test_mask_to_additive_matches_the_bits(width: int) -> None:
     keep = min(width, bits.shape[1])
     expected[:, :keep] = np.where(bits[:, :keep], 0.0, -np.inf)
     assert got.shape == (3, width) and np.array_equal(got, expected)
+
+
+def test_a_step_with_a_joining_sequence_is_not_a_sample_of_the_step_cost(table: TokenTable) -> None:
+    """The inline-or-pool choice learns from steps of the same sequences only: a step in which
+    one takes its first step (one-off work, such as an engine computing a joining constraint's
+    first mask) records no cost."""
+    with ControllerBatch(table, capacity=4, mode="threads", workers=2) as batch:
+        first = batch.add(ctrl("allow_list", u32s(5, 300)), prompt=[1])
+        batch.add(ctrl("allow_list", u32s(7)), prompt=[1])
+        batch.step()
+        assert batch._run_cost == [0.0, 0.0]
+        batch.step({first: [5]})
+        assert batch._run_cost[0] > 0.0  # measured inline first
+        batch.add(ctrl("allow_list", u32s(9)), prompt=[1])
+        batch.step()
+        assert batch._run_cost == [0.0, 0.0]  # a new line-up starts afresh, and its join step is not a sample

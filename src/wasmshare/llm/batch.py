@@ -607,7 +607,9 @@ class ControllerBatch:
         self._mark_deferred(order, defer_masks, partial=only is not None)
         phase_start = time.perf_counter()
         if self.mode == "threads":
-            self._run_threads(order) if only is None else _run_chunk(
+            # A sequence's first step may do one-off work (an engine computes a joining
+            # constraint's first mask and defers the later ones): not a fair sample of the cost.
+            self._run_threads(order, measure=bool(steps.all())) if only is None else _run_chunk(
                 [seq.instance for seq in order if seq.instance is not None]
             )
         else:
@@ -804,13 +806,14 @@ class ControllerBatch:
             elapsed_us=(time.perf_counter() - started) * 1e6, controller_us=controller_us,
         )
 
-    def _run_threads(self, order: list[_Sequence]) -> None:
+    def _run_threads(self, order: list[_Sequence], *, measure: bool = True) -> None:
         """Run the controllers on this thread, or spread over the pool, whichever is faster.
 
         A trivial controller call costs about a microsecond, less than handing work to
         another thread and contending for the GIL around it, while controllers that
         compute for longer run in parallel (wasm calls release the GIL). The batch measures
-        both ways on its own workload and keeps the faster, probing the other now and then.
+        both ways on its own workload and keeps the faster, probing the other now and then;
+        a step run with ``measure=False`` counts for neither.
         """
         assert self._pool is not None
         if self._calls_cache is None:
@@ -834,6 +837,8 @@ class ControllerBatch:
             _run_chunk(chunks[0])  # the calling thread works too
             for f in futures:
                 f.result()
+        if not measure:
+            return
         cost = (time.perf_counter() - started) * 1e6
         previous = self._run_cost[parallel]
         self._run_cost[parallel] = cost if previous == 0.0 else 0.8 * previous + 0.2 * cost
