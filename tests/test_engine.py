@@ -201,6 +201,57 @@ def test_engine_input_errors(loaded: Any) -> None:
             engine.generate([GenerationRequest("x", max_tokens=0)])
         bad = engine.generate([GenerationRequest("x", steer=C.json_schema({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 2}]}))])
         assert bad[0].finish_reason == "error" and "oneOf" in (bad[0].error or "")
+        with pytest.raises(WasmshareError, match="must hold integers"):
+            engine.generate([GenerationRequest([1, 2.5], max_tokens=2)])  # type: ignore[list-item]
+        with pytest.raises(WasmshareError, match=r"token id -3 is outside the vocabulary \(0\.\.49151\)"):
+            engine.generate([GenerationRequest([1, -3], max_tokens=2)])
+
+
+def test_run_ends_a_request_that_cannot_start_alone(loaded: Any) -> None:
+    """In continuous batching a request that cannot start (token ids outside the vocabulary,
+    say) ends with its error; the requests beside it decode."""
+    from wasmshare.llm.engine import RequestQueue
+
+    with Engine(loaded, max_batch=4) as engine:
+        queue = RequestQueue()
+        results: dict[int, Any] = {}
+        before = queue.submit(GenerationRequest("Say hi.", max_tokens=3))
+        bad = queue.submit(GenerationRequest([5, 10**9], max_tokens=3))
+        after = queue.submit(GenerationRequest("Say bye.", max_tokens=3, steer=C.choice(["bye", "goodbye"])))
+        queue.close()
+        engine.run(queue, on_finish=results.__setitem__)
+    assert results[bad].finish_reason == "error" and "outside the vocabulary" in str(results[bad].error)
+    assert results[before].error is None and len(results[before].tokens) == 3
+    assert results[after].error is None and results[after].text in ("bye", "goodbye")
+
+
+def test_a_result_is_handed_over_once_even_when_the_step_after_it_fails(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A row that finished just before a step failed keeps its own result: the failure
+    handler does not report it a second time as an engine failure."""
+    from wasmshare.llm.engine import RequestQueue
+
+    with Engine(loaded, max_batch=2) as engine:
+        real_select = engine._select_rows
+        calls = {"n": 0}
+
+        def failing_select(keep: list[int]) -> None:  # first called once the short row has finished
+            calls["n"] += 1
+            real_select(keep)
+            if calls["n"] == 1:
+                raise RuntimeError("cache trim failed")
+
+        monkeypatch.setattr(engine, "_select_rows", failing_select)
+        queue = RequestQueue()
+        delivered: list[tuple[int, Any]] = []
+        short = queue.submit(GenerationRequest("Say hi.", max_tokens=1))
+        long = queue.submit(GenerationRequest("Say hi.", max_tokens=8))
+        queue.close()
+        engine.run(queue, on_finish=lambda key, result: delivered.append((key, result)), contain_failures=True)
+    keys = [key for key, _ in delivered]
+    assert sorted(keys) == [short, long]  # each once
+    result = dict(delivered)
+    assert result[short].finish_reason == "length" and result[short].error is None
+    assert result[long].finish_reason == "error" and "cache trim failed" in str(result[long].error)
 
 
 def test_continuous_batching_joins_running_batch_and_cancel_frees_the_slot(loaded: Any) -> None:
@@ -484,6 +535,6 @@ def test_a_forbidden_greedy_draw_takes_the_best_allowed_token(loaded: Any, allow
         row = _Row(GenerationRequest("x"), 0, [1])
         out = RowOutput(width, check=lambda t: t in allowed, load=load)
         assert engine._sample_steered(row, line.clone(), out) == ranked[allowed_rank]
-    within_budget = allowed_rank <= 1_048_576 // width
+    within_budget = allowed_rank <= max(1, 1_048_576 // width)
     assert loads["n"] == (0 if within_budget else 1)
     assert engine.stats.runner_up_draws == int(within_budget) and engine.stats.late_masks == int(not within_budget)

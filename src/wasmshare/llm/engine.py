@@ -22,6 +22,7 @@ from __future__ import annotations
 import concurrent.futures
 import itertools
 import math
+import operator
 import threading
 import time
 from collections.abc import Callable, Container, Iterable, Sequence
@@ -231,6 +232,7 @@ class _Row:
     text_cache: str = ""  # decoded text of tokens[:read_offset] (see _text_so_far)
     prefix_offset: int = 0
     read_offset: int = 0
+    reported: bool = False  # its result has been handed to the caller
 
 
 class Engine:
@@ -393,9 +395,11 @@ class Engine:
                 if inflight is not None:
                     concurrent.futures.wait([inflight])  # the controller phase must end before cleanup
                 for row in rows + joining:
+                    if row.reported:
+                        continue  # finished before the failure, its result already handed over
                     if row.finish is None:
                         row.finish, row.error = "error", f"engine failure: {type(e).__name__}: {e}"
-                    finish(row.index, self._finish(row))
+                    self._report(row, finish)
                 self._cache, self._attn = None, None
                 if not contain_failures:
                     raise
@@ -429,13 +433,13 @@ class Engine:
                     for row in rows:
                         if row.index in cancelled:
                             row.finish = "cancelled"
-                            finish(row.index, self._finish(row))
+                            self._report(row, finish)
                     rows[:], logits = self._drop_finished(rows, logits)
                 if rows:
                     assert logits is not None
                     logits, ctrl_rows_done = self._handle_controller_results(rows, logits, ctrl, on_token)
                     for row in ctrl_rows_done:
-                        finish(row.index, self._finish(row))
+                        self._report(row, finish)
                     rows[:], logits = self._drop_finished(rows, logits)
                 sampled: dict[int, int] = {}
                 if rows:
@@ -469,7 +473,7 @@ class Engine:
                         self._accept(row, [token], on_token)
                     for row in rows:
                         if row.finish is not None:
-                            finish(row.index, self._finish(row))
+                            self._report(row, finish)
                     keep = [i for i, r in enumerate(rows) if r.finish is None]
                     if len(keep) != len(rows):
                         self._select_rows(keep)
@@ -486,10 +490,11 @@ class Engine:
                     try:
                         row = prepared_row if prepared_row is not None else self._make_row(key, request)
                         self._start_controller(row)
-                    except WasmshareError as e:
+                    except Exception as e:  # noqa: BLE001 - a request that cannot start ends alone
                         row = _Row(request, key, [])
-                        row.finish, row.error = "error", str(e)
-                        finish(key, self._finish(row))
+                        row.finish = "error"
+                        row.error = str(e) if isinstance(e, WasmshareError) else f"request {key}: {type(e).__name__}: {e}"
+                        self._report(row, finish)
                         continue
                     new_rows.append(row)
                 # The controller phase for the next step runs beside the joining rows' prefill
@@ -509,7 +514,7 @@ class Engine:
                         has_controllers = True
                         if r.request.temperature > 0:
                             analyse.add(r.sequence_id)
-                        elif self.defer_masks and n < running:
+                        elif self.defer_masks and (n < running or not self.overlap):
                             defer.add(r.sequence_id)
                 if has_controllers and self.overlap:
                     future = self._inflight = self._helper.submit(self._timed_step, steer, analyse, defer)
@@ -549,7 +554,13 @@ class Engine:
         if isinstance(request.prompt, str):
             prompt = self.loaded.encode_prompt(request.prompt, chat=request.chat)
         else:
-            prompt = [int(t) for t in request.prompt]
+            try:
+                prompt = [operator.index(t) for t in request.prompt]
+            except TypeError:
+                raise WasmshareError(f"request {index}: a prompt of token ids must hold integers") from None
+            outside = [t for t in prompt if not 0 <= t < self._width]
+            if outside:
+                raise WasmshareError(f"request {index}: token id {outside[0]} is outside the vocabulary (0..{self._width - 1})")
         if not prompt:
             raise WasmshareError(f"request {index}: the prompt is empty")
         if request.max_tokens <= 0:
@@ -566,6 +577,13 @@ class Engine:
         steer = row.request.steer
         if steer is not None:
             row.sequence_id = self.batch.add(steer, row.prompt)
+
+    def _report(self, row: _Row, finish: Callable[[int, GenerationResult], None]) -> None:
+        """Hand ``row``'s result to ``finish``, once: a row reported before a failing step is
+        not reported again by the failure handler."""
+        result = self._finish(row)
+        row.reported = True
+        finish(row.index, result)
 
     def _finish(self, row: _Row) -> GenerationResult:
         if row.sequence_id is not None and row.sequence_id in self.batch.sequences:
@@ -815,7 +833,8 @@ class Engine:
                 # The masked argmax is most often the runner-up: a few more passes of argmax
                 # (each with the forbidden draw at -inf, so ties still go to the lowest id)
                 # cost less than computing the mask.
-                for _ in range(max(1, _RETRY_BUDGET // line.shape[0])):
+                passes = max(1, _RETRY_BUDGET // line.shape[0]) if line.device.type == "cpu" else _DEVICE_RETRIES
+                for _ in range(passes):
                     line[token] = float("-inf")
                     token = self._sample(row, line)
                     if out.allows(token):
@@ -980,6 +999,8 @@ _FLOAT32_MAX = 3.4028234663852886e38
 # costs about 3 / 20 µs and the mask 250-400 µs; in the generation benchmark the masked
 # argmax was the runner-up in most such draws, and rarely past the 15th.
 _RETRY_BUDGET = 1 << 20
+# On an accelerator every pass waits for the device (a sync of tens of µs, whatever the width).
+_DEVICE_RETRIES = 2
 
 
 def _soundness(peak: float, temperature: float) -> int:
