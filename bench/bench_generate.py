@@ -21,6 +21,9 @@ the shared machine hits every configuration alike):
   pass (the in-run baseline for deferral).
 * ours, wasm controller: ``boost_words.wasm`` (argument ``"name\\t2\\nyear\\t1"``) writes a logit
   bias row; generation proceeds as usual.
+* ours, wasm controller, sparse bias: ``boost_words_sparse.wasm`` (the same argument) answers the
+  same biases as (id, value) pairs (``WS_OUTPUT_SPARSE_BIAS``); its critical path is compared
+  with the whole-row bias's.
 * ours, the two above with ``mask_apply="dense"``: masks applied as one additive ``[B, V]``
   tensor built from the bitmask (biases folded in) instead of the default sparse application on
   CPU (each row's few allowed / forbidden token ids, or its bias view); the in-run baseline for
@@ -318,6 +321,7 @@ class _Bench:
         self.max_tokens = 12 if quick else MAX_TOKENS
         self.spec = constraints.json_schema(SCHEMA)
         self.controller = Controller(CONTROLLERS / "boost_words.wasm", BOOST_ARG)
+        self.sparse_controller = Controller(CONTROLLERS / "boost_words_sparse.wasm", BOOST_ARG)
         tok = lm.tokenizer
         self.pad = tok.pad_token_id if tok.pad_token_id is not None else lm.eos_token_ids[0]
         self.eos = set(lm.eos_token_ids)
@@ -495,7 +499,7 @@ class _Bench:
 
 
 CONFIGS = ("ours_unconstrained", "ours_json", "ours_json_eager", "ours_json_dense", "ours_controller", "ours_controller_dense",
-           "hf_unconstrained", "hf_xgrammar", "hf_llguidance")
+           "ours_controller_sparse", "hf_unconstrained", "hf_xgrammar", "hf_llguidance")
 
 
 def _run_config(b: _Bench, config: str, batch: int, n_prompts: int) -> dict[str, Any]:
@@ -511,6 +515,8 @@ def _run_config(b: _Bench, config: str, batch: int, n_prompts: int) -> dict[str,
         return b.engine_run(batch, n_prompts, b.controller)
     if config == "ours_controller_dense":
         return b.engine_run(batch, n_prompts, b.controller, mask_apply="dense")
+    if config == "ours_controller_sparse":
+        return b.engine_run(batch, n_prompts, b.sparse_controller)
     if config == "hf_unconstrained":
         return b.hf_run(batch, n_prompts, None)
     if config == "hf_xgrammar":
@@ -623,6 +629,7 @@ def bench_model(
         s = {c: _summarise(raw[(batch, c)]) for c in CONFIGS}
         ou, oj, oc = s["ours_unconstrained"], s["ours_json"], s["ours_controller"]
         ojd, ocd, oje = s["ours_json_dense"], s["ours_controller_dense"], s["ours_json_eager"]
+        ocs = s["ours_controller_sparse"]
         hu, hx, hl = s["hf_unconstrained"], s["hf_xgrammar"], s["hf_llguidance"]
         kept = {
             "ours": _paired(ou, oj),
@@ -632,6 +639,7 @@ def bench_model(
             "ours_eager": _paired(ou, oje),
             "dense": _paired(ou, ojd),
             "controller_dense": _paired(ou, ocd),
+            "controller_sparse": _paired(ou, ocs),
         }
         spread: dict[str, Any] = {}
         rounds: dict[str, dict[str, Any]] = {}
@@ -709,6 +717,9 @@ def bench_model(
                     paired_ratio=round(_paired(ocd, oc), 3),
                     steps_detail=detail(oc), steps_baseline_detail=detail(ocd))))
         rows.append(_common.make_row(
+            f"{p} wasm controller, sparse bias (boost_words_sparse) decode µs/step", t(ocs), "unconstrained (ours)", t(ou),
+            **extra(ocs, kept=round(kept["controller_sparse"], 3), steps_detail=detail(ocs))))
+        rows.append(_common.make_row(
             f"{p} JSON mask µs/step on the critical path", t(oj, "critical_us"),
             "ours, dense mask application", t(ojd, "critical_us"), model=model, B=batch,
             steps_detail=detail(oj), steps_baseline_detail=detail(ojd)))
@@ -716,6 +727,10 @@ def bench_model(
             f"{p} controller bias µs/step on the critical path", t(oc, "critical_us"),
             "ours, dense bias application", t(ocd, "critical_us"), model=model, B=batch,
             steps_detail=detail(oc), steps_baseline_detail=detail(ocd)))
+        rows.append(_common.make_row(
+            f"{p} controller sparse bias µs/step on the critical path", t(ocs, "critical_us"),
+            "ours, the same bias as a whole row", t(oc, "critical_us"), model=model, B=batch,
+            same_texts=ocs["texts"] == oc["texts"], steps_detail=detail(ocs), steps_baseline_detail=detail(oc)))
         for base, d in (("xgrammar", hx), ("llguidance", hl)):
             rows.append(_common.make_row(
                 f"{p} JSON mask µs/step on the critical path", t(oj, "critical_us"),

@@ -69,6 +69,28 @@ def test_bitmask_result_is_written_in_place_and_applied(table: TokenTable, mode:
         assert torch.isfinite(wide[0]).nonzero().flatten().tolist() == [5, 300, 700]
 
 
+def test_sparse_bias_result_applies_like_the_dense_one(table: TokenTable, mode: str) -> None:
+    """WS_OUTPUT_SPARSE_BIAS: the (id, value) pairs reach row_outputs as copies and the dense
+    application adds them; the same words as a dense bias give the same logits."""
+    arg = "world\t2.5\nbad\t-1\ngood\t0.5\ngood\t4"  # the last line for a word wins
+    with ControllerBatch(table, capacity=2, mode=mode, workers=1) as batch:
+        sparse = batch.add(ctrl("boost_words_sparse", arg))
+        dense = batch.add(ctrl("boost_words", arg))
+        step = batch.step()
+        assert step.results[sparse].output is Output.SPARSE_BIAS and step.results[dense].output is Output.BIAS
+        ids, values = batch.row_outputs(step)[sparse].sparse_bias  # type: ignore[misc]
+        pairs = dict(zip(ids.tolist(), values.tolist()))
+        assert pairs == {tid(b"world"): 2.5, tid(b" world"): 2.5, tid(b" bad"): -1.0, tid(b"good"): 4.0}
+        base = torch.randn(table.vocab_size)
+        logits = base.repeat(2, 1)
+        batch.apply(logits, step)
+        torch.testing.assert_close(logits[0], logits[1], rtol=0, atol=0)
+        assert float(logits[0, tid(b"good")] - base[tid(b"good")]) == pytest.approx(4.0)
+        later = batch.step({sparse: [3], dense: [3]})  # the pairs persist in the slot between steps
+        assert later.results[sparse].output is Output.SPARSE_BIAS
+        assert dict(zip(*(a.tolist() for a in batch.row_outputs(later)[sparse].sparse_bias))) == pairs  # type: ignore[misc]
+
+
 def test_bias_result(table: TokenTable, mode: str) -> None:
     with ControllerBatch(table, capacity=2, mode=mode, workers=1) as batch:
         seq = batch.add(ctrl("boost_words", "world\t2.5\nbad\t-1"))
@@ -228,6 +250,8 @@ HOSTILE = [
     ("spin", "deadline"),
     ("bomb", "memory"),
     ("bad_result", "invalid result"),
+    ("sparse_bad_id", "invalid result"),
+    ("sparse_too_many", "invalid result"),
     ("error", "error code"),
 ]
 

@@ -51,7 +51,7 @@ CONTROLLER_ABI_VERSION = 1
 WS_OK = 0
 WS_ERR_FAILED = -4
 WS_CONTINUE, WS_STOP = 0, 1
-WS_OUTPUT_NONE, WS_OUTPUT_BITMASK, WS_OUTPUT_BIAS = 0, 1, 2
+WS_OUTPUT_NONE, WS_OUTPUT_BITMASK, WS_OUTPUT_BIAS, WS_OUTPUT_SPARSE_BIAS = 0, 1, 2, 3
 WS_MAX_FF_TOKENS = 1024
 WS_TOKEN_SPECIAL = 1
 WS_TOKEN_TABLE_MAGIC = 0x54545357
@@ -185,6 +185,7 @@ class Result:
     backtrack: int
     n_ff: int
     ff_tokens: list[int]
+    n_bias: int = 0
 
 
 def _page_up(n: int) -> int:
@@ -316,6 +317,7 @@ class Controller:
             backtrack=int(res["backtrack"]),
             n_ff=n_ff,
             ff_tokens=[int(t) for t in res["ff_tokens"][: min(n_ff, WS_MAX_FF_TOKENS)]],
+            n_bias=int(res["n_bias"]),
         )
 
     def create(self) -> Result:
@@ -430,6 +432,7 @@ GOOD_ARGS: dict[str, bytes] = {
     "force_answer": pack_ids(4, 5),
     "max_tokens": b"100",
     "boost_words": b"hello\t1.5",
+    "boost_words_sparse": b"hello\t1.5",
     "backtrack": pack_ids(2, 9),
     "hostile_controller": b"ok",
     "old_abi": b"",
@@ -690,6 +693,20 @@ def test_boost_words_parses_floats(text: bytes, value: float) -> None:
 )
 def test_boost_words_rejects_bad_arguments(arg: bytes) -> None:
     assert Controller("boost_words", arg).create().rc == WS_ERR_FAILED
+
+
+def test_boost_words_sparse_writes_pairs_once_and_answers_their_count() -> None:
+    ctrl = Controller("boost_words_sparse", b"hello\t2.5\nworld\t-1\n\nbad\t.25e1\nworld\t3\r\n")
+    assert ctrl.create().rc == WS_OK
+    expected = {tok(b"hello"): 2.5, tok(b" hello"): 2.5, tok(b"world"): 3.0, tok(b" world"): 3.0,
+                tok(b"bad"): 2.5, tok(b" bad"): 2.5}
+    for tokens in ([], [1], [2, 3]):
+        result = ctrl.step(tokens)
+        assert (result.rc, result.action, result.output, result.n_bias) == (WS_OK, WS_CONTINUE, WS_OUTPUT_SPARSE_BIAS, 6)
+        slot = ctrl.bias()
+        ids = slot.view(np.uint32)[: result.n_bias].tolist()
+        values = slot[V // 2 : V // 2 + result.n_bias].tolist()
+        assert dict(zip(ids, values)) == expected and len(set(ids)) == len(ids)
 
 
 def test_boost_words_skips_special_tokens() -> None:

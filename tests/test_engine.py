@@ -111,6 +111,30 @@ def test_hf_adapter_and_engine_agree_under_greedy(loaded: Any) -> None:
     jsonschema.validate(json.loads(ours.text), schema)
 
 
+def test_hf_adapter_applies_a_sparse_bias_like_the_whole_row(loaded: Any) -> None:
+    """The same boost as (id, value) pairs or as a whole bias row steers the HF adapter, and
+    the engine, to the same greedy tokens."""
+    prompt = "List numbers."
+    ids = torch.tensor([loaded.encode_prompt(prompt)])
+    tokens = {}
+    for name in ("boost_words", "boost_words_sparse"):
+        processor = WasmshareLogitsProcessor(loaded.token_table, Controller(CONTROLLERS / f"{name}.wasm", "seven\t30"),
+                                             eos_token_id=loaded.eos_token_ids[0])
+        with torch.inference_mode():
+            out = loaded.model.generate(
+                ids, attention_mask=torch.ones_like(ids), logits_processor=[processor], max_new_tokens=6,
+                do_sample=False, eos_token_id=list(loaded.eos_token_ids), pad_token_id=loaded.eos_token_ids[0],
+            )
+        processor.close()
+        tokens[name] = out[0, ids.shape[1]:].tolist()
+    assert tokens["boost_words"] == tokens["boost_words_sparse"]
+    assert "seven" in loaded.tokenizer.decode(tokens["boost_words_sparse"]).lower()
+    with Engine(loaded, max_batch=1) as engine:
+        ours = engine.generate([GenerationRequest(prompt, max_tokens=6, steer=Controller(
+            CONTROLLERS / "boost_words_sparse.wasm", "seven\t30"))])[0]
+    assert ours.tokens == [t for t in tokens["boost_words_sparse"] if t not in loaded.eos_token_ids]
+
+
 def test_hf_adapter_ends_a_row_whose_output_leaves_nothing_to_draw(loaded: Any) -> None:
     prompts = ["Misbehave.", "Say hi.", "Misbehave with NaN."]
     steer = [Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask"), C.regex(r"[a-z]{2,6}"),
@@ -364,6 +388,8 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
                           steer=Controller(CONTROLLERS / "ban_strings.wasm", "the\nThe\nTHE\ntHe\nthE\nTHe\ntHE\nThE")),
         GenerationRequest("List numbers.", max_tokens=10, steer=Controller(CONTROLLERS / "boost_words.wasm", "seven\t30")),
         GenerationRequest("Say hi.", max_tokens=8),
+        GenerationRequest("List numbers.", max_tokens=10,
+                          steer=Controller(CONTROLLERS / "boost_words_sparse.wasm", "seven\t30")),
     ]
     from wasmshare.llm.batch import ControllerBatch, RowOutput
 
@@ -380,7 +406,7 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
 
     def counted_row_outputs(self: ControllerBatch, step: Any, **kw: Any) -> Any:
         outputs = real_row_outputs(self, step, **kw)
-        fallbacks["masks"] += sum(out.bias is None for out in outputs.values())
+        fallbacks["masks"] += sum(out.bias is None and out.sparse_bias is None for out in outputs.values())
         return outputs
 
     outcomes = {}
@@ -395,6 +421,7 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
             outcomes[how] = [(r.tokens, r.error) for r in engine.generate(requests)]
             stats[how] = engine.stats
     assert outcomes["sparse"] == outcomes["sparse-eager"] == outcomes["dense"]
+    assert outcomes["sparse"][6] == outcomes["sparse"][4]  # the same boost as (id, value) pairs or a whole row
     assert all(error is None for _, error in outcomes["sparse"])
     # Deferred constraint masks: most greedy draws are allowed, so most masks are never computed.
     deferred, late = stats["sparse"].deferred_masks, stats["sparse"].late_masks
@@ -436,7 +463,7 @@ def test_a_mask_that_allows_no_token_ends_only_its_sequence(loaded: Any, mask_ap
 
 @pytest.mark.parametrize("mask_apply", ["auto", "dense"])
 def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: Any, mask_apply: str) -> None:
-    """A controller's bias row is its own to write: NaN or +inf in it (greedy or sampled), -inf
+    """A controller's bias row is its own to write: NaN or +inf in it (greedy or sampled, dense or sparse), -inf
     everywhere, or a finite value that overflows once divided by the temperature (sampled)
     ends that sequence with an error before any draw; the same huge value under greedy
     decoding is simply the largest logit."""
@@ -450,6 +477,7 @@ def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: A
         GenerationRequest("Four.", max_tokens=6, temperature=0.8, seed=4, steer=hostile("inf_bias")),
         GenerationRequest("Five.", max_tokens=6, steer=hostile("forbid_all_bias")),
         GenerationRequest("Six.", max_tokens=6, temperature=0.8, seed=6, steer=hostile("huge_bias")),
+        GenerationRequest("Eight.", max_tokens=6, steer=hostile("sparse_nan")),
         GenerationRequest("Seven.", max_tokens=3, steer=hostile("huge_bias")),
         GenerationRequest("Say hi.", max_tokens=6, temperature=0.8, seed=2),
         GenerationRequest("Give a code.", max_tokens=12, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")),

@@ -13,6 +13,12 @@
  *         matches several lines, the last one wins.  Special tokens are skipped.
  * step:   answers WS_OUTPUT_BIAS without touching the slot, which keeps its
  *         contents between steps.
+ *
+ * Built with BOOST_SPARSE defined (boost_words_sparse.c), create writes the same
+ * biases as (token, value) pairs instead (ws_sparse_bias_ids / _values, one pair
+ * per matching token, the last matching line's value) and every step answers
+ * WS_OUTPUT_SPARSE_BIAS with their count: the host then adds a few values per
+ * step instead of a whole V-entry row.
  */
 #include "wasmshare_controller.h"
 
@@ -23,6 +29,9 @@ static uint8_t g_word[BOOST_MAX][BOOST_MAX_LEN + 1u]; /* " " + word */
 static uint32_t g_word_len[BOOST_MAX];                 /* without the space */
 static float g_bias[BOOST_MAX];
 static uint32_t g_n_words;
+#ifdef BOOST_SPARSE
+static uint32_t g_n_bias; /* pairs written at create */
+#endif
 
 static bool is_digit(uint8_t c) { return c >= '0' && c <= '9'; }
 
@@ -133,26 +142,50 @@ WS_EXPORT("ws_ctrl_create") int32_t ws_ctrl_create(const ws_step_input *in, ws_s
     if (table->n_tokens < v) {
         return WS_ERR_FAILED;
     }
+#ifdef BOOST_SPARSE
+    uint32_t *ids = ws_sparse_bias_ids(in);
+    float *values = ws_sparse_bias_values(in);
+    g_n_bias = 0;
+#else
     ws_bias_fill(in->bias, v, 0.0f);
+#endif
     for (uint32_t t = 0; t < v; t++) {
         if (ws_token_is_special(table, t)) {
             continue;
         }
         uint32_t len = 0;
         const uint8_t *bytes = ws_token_bytes(table, t, &len);
+        int32_t last = -1;
         for (uint32_t w = 0; w < g_n_words; w++) {
             uint32_t n = g_word_len[w];
             if ((len == n && ws_bytes_equal(bytes, g_word[w] + 1, n)) ||
                 (len == n + 1u && ws_bytes_equal(bytes, g_word[w], n + 1u))) {
-                in->bias[t] = g_bias[w];
+                last = (int32_t)w;
             }
         }
+        if (last < 0) {
+            continue;
+        }
+#ifdef BOOST_SPARSE
+        if (g_n_bias == v / 2u) {
+            return WS_ERR_FAILED; /* more matching tokens than the slot holds pairs */
+        }
+        ids[g_n_bias] = t;
+        values[g_n_bias++] = g_bias[last];
+#else
+        in->bias[t] = g_bias[last];
+#endif
     }
     return WS_OK;
 }
 
 WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_result *out) {
     (void)in;
+#ifdef BOOST_SPARSE
+    out->output = WS_OUTPUT_SPARSE_BIAS;
+    out->n_bias = g_n_bias;
+#else
     out->output = WS_OUTPUT_BIAS;
+#endif
     return WS_OK;
 }

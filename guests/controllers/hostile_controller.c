@@ -24,6 +24,9 @@
  *   "forbid_all_bias"     step answers a bias of -inf at every token
  *   "huge_bias"           step answers a bias that is 0 but 3e38 at one token: finite,
  *                         but it overflows float32 once divided by a temperature < 1
+ *   "sparse_bad_id"       step answers a sparse bias whose one id is vocab_size (outside)
+ *   "sparse_too_many"     step answers a sparse bias of vocab_size / 2 + 1 entries
+ *   "sparse_nan"          step answers a sparse bias of NaN at one token
  * Any other argument makes ws_ctrl_create return WS_ERR_FAILED.
  */
 #include "wasmshare_controller.h"
@@ -45,6 +48,9 @@ enum mode {
     MODE_INF_BIAS,
     MODE_FORBID_ALL_BIAS,
     MODE_HUGE_BIAS,
+    MODE_SPARSE_BAD_ID,
+    MODE_SPARSE_TOO_MANY,
+    MODE_SPARSE_NAN,
     MODE_COUNT
 };
 
@@ -52,6 +58,7 @@ static const char *const g_names[MODE_COUNT] = {
     "ok", "create_trap", "create_error", "trap_mid_mask", "spin", "bomb",
     "bad_result", "bad_output", "bad_backtrack", "error", "write_token_table",
     "empty_mask", "nan_bias", "inf_bias", "forbid_all_bias", "huge_bias",
+    "sparse_bad_id", "sparse_too_many", "sparse_nan",
 };
 
 static int32_t g_mode = -1;
@@ -142,6 +149,17 @@ WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_
     case MODE_FORBID_ALL_BIAS:
         ws_bias_fill(in->bias, in->vocab_size, -__builtin_inff());
         out->output = WS_OUTPUT_BIAS;
+        return WS_OK;
+    case MODE_SPARSE_BAD_ID:
+    case MODE_SPARSE_NAN:
+        ws_sparse_bias_ids(in)[0] = g_mode == MODE_SPARSE_BAD_ID ? in->vocab_size : in->vocab_size / 3u;
+        ws_sparse_bias_values(in)[0] = g_mode == MODE_SPARSE_BAD_ID ? 1.0f : __builtin_nanf("");
+        out->n_bias = 1;
+        out->output = WS_OUTPUT_SPARSE_BIAS;
+        return WS_OK;
+    case MODE_SPARSE_TOO_MANY:
+        out->n_bias = in->vocab_size / 2u + 1u;
+        out->output = WS_OUTPUT_SPARSE_BIAS;
         return WS_OK;
     case MODE_WRITE_TOKEN_TABLE:
         ((volatile uint32_t *)in->token_table)[1] = 0; /* the magic */

@@ -39,7 +39,8 @@ typedef struct ws_step_result {
     int32_t output;
     uint32_t backtrack;
     uint32_t n_ff;
-    uint32_t reserved[3];
+    uint32_t n_bias;
+    uint32_t reserved[2];
     uint32_t ff_tokens[1024];
 } ws_step_result;
 

@@ -23,6 +23,7 @@ ACTION_STOP = 1
 OUTPUT_NONE = 0
 OUTPUT_BITMASK = 1
 OUTPUT_BIAS = 2
+OUTPUT_SPARSE_BIAS = 3
 
 STEP_INPUT_OFFSET = 0
 STEP_RESULT_OFFSET = 256
@@ -54,7 +55,8 @@ STEP_RESULT = np.dtype(
         ("output", "<i4"),
         ("backtrack", "<u4"),
         ("n_ff", "<u4"),
-        ("reserved", "<u4", (3,)),
+        ("n_bias", "<u4"),
+        ("reserved", "<u4", (2,)),
         ("ff_tokens", "<u4", (MAX_FF_TOKENS,)),
     ]
 )
@@ -85,10 +87,10 @@ LIMIT_NAMES = {v: k for k, v in LIMIT_CODES.items()}
 # Word indices (uint32) into a step slot, for vectorised access across slots.
 W_STEP = 7
 W_N_TOKENS = 8
-W_RESULT = STEP_RESULT_OFFSET // 4  # struct_size, action, output, backtrack, n_ff
+W_RESULT = STEP_RESULT_OFFSET // 4  # struct_size, action, output, backtrack, n_ff, n_bias
 W_FF_TOKENS = W_RESULT + 8
 W_TOKENS = TOKENS_OFFSET // 4
-RESULT_RESET = np.array([STEP_RESULT.itemsize, ACTION_CONTINUE, OUTPUT_NONE, 0, 0], dtype=np.uint32)
+RESULT_RESET = np.array([STEP_RESULT.itemsize, ACTION_CONTINUE, OUTPUT_NONE, 0, 0, 0], dtype=np.uint32)
 
 
 def mask_words(vocab_size: int) -> int:

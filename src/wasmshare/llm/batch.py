@@ -53,6 +53,7 @@ Mode = Literal["threads", "workers"]
 # Constrained sequences carry a Controller record only for its name; it is never instantiated.
 _CONSTRAINT_PLACEHOLDER = b"\0asm\x01\0\0\0"
 
+# A sparse bias is validated every step (its ids index the logits), so it counts as unusual.
 _ORDINARY_LIMITS = np.array([L.ACTION_STOP, L.OUTPUT_BIAS, 0, 0], dtype=np.uint32)
 _SMALL_BATCH = 32  # up to this many sequences, per-step checks run on Python lists
 _SPIN_S = 300e-6  # the engine polls a worker's done word this long before sleeping
@@ -75,9 +76,13 @@ class Output(str, enum.Enum):
     NONE = "none"
     BITMASK = "bitmask"
     BIAS = "bias"
+    SPARSE_BIAS = "sparse_bias"
 
 
-_OUTPUTS = {L.OUTPUT_NONE: Output.NONE, L.OUTPUT_BITMASK: Output.BITMASK, L.OUTPUT_BIAS: Output.BIAS}
+_OUTPUTS = {
+    L.OUTPUT_NONE: Output.NONE, L.OUTPUT_BITMASK: Output.BITMASK, L.OUTPUT_BIAS: Output.BIAS,
+    L.OUTPUT_SPARSE_BIAS: Output.SPARSE_BIAS,
+}
 _ACTIONS = {L.ACTION_CONTINUE: Action.CONTINUE, L.ACTION_STOP: Action.STOP}
 
 
@@ -110,7 +115,7 @@ class StepResult(NamedTuple):
 
 
 _ACTION_BY_CODE = (Action.CONTINUE, Action.STOP, Action.ERROR)
-_OUTPUT_BY_CODE = (Output.NONE, Output.BITMASK, Output.BIAS)
+_OUTPUT_BY_CODE = (Output.NONE, Output.BITMASK, Output.BIAS, Output.SPARSE_BIAS)
 ACTION_ERROR_CODE = 2
 
 
@@ -194,7 +199,9 @@ class RowOutput:
     they are cheap to find then, as every allowed id sits in one of the few non-zero
     words; it is worked out on first use. Otherwise :meth:`forbidden` lists the forbidden
     ids. A bias is ``bias``, a float32 ``[V]`` view of the sequence's bias slot in the
-    shared region (no copy), valid until the batch steps again.
+    shared region (no copy), valid until the batch steps again. A sparse bias is
+    ``sparse_bias``: int64 token ids and their float32 values (copies, ``n_bias`` long),
+    each value added to its id's logit (a repeated id adds up).
 
     A *deferred* mask (a constraint's, when the step was asked to defer it) is not computed
     yet: :meth:`allows` asks the constraint about the one token, and the mask is computed
@@ -202,7 +209,7 @@ class RowOutput:
     :attr:`words` is needed. Like a bias view, it is valid until the batch steps again.
     """
 
-    __slots__ = ("_words", "bias", "vocab_size", "_allowed", "_analysed", "_check", "_load")
+    __slots__ = ("_words", "bias", "sparse_bias", "vocab_size", "_allowed", "_analysed", "_check", "_load")
 
     def __init__(
         self,
@@ -210,6 +217,7 @@ class RowOutput:
         *,
         words: np.ndarray[Any, Any] | None = None,
         bias: np.ndarray[Any, Any] | None = None,
+        sparse_bias: tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]] | None = None,
         check: Callable[[int], bool] | None = None,
         load: Callable[[], np.ndarray[Any, Any]] | None = None,
     ) -> None:
@@ -218,6 +226,7 @@ class RowOutput:
         self.vocab_size = vocab_size
         self._words = words
         self.bias = bias
+        self.sparse_bias = sparse_bias
         self._check = check
         self._load = load
         self._allowed: np.ndarray[Any, Any] | None = None
@@ -601,7 +610,7 @@ class ControllerBatch:
         steps = self._steps[index]
         words[index, L.W_STEP] = steps
         words[index, L.W_N_TOKENS] = counts
-        words[index, L.W_RESULT : L.W_RESULT + 5] = L.RESULT_RESET
+        words[index, L.W_RESULT : L.W_RESULT + 6] = L.RESULT_RESET
         self._status_words[index, 0] = L.STATUS_OK  # runners write only failures
         self._generation += 1
         self._mark_deferred(order, defer_masks, partial=only is not None)
@@ -906,6 +915,8 @@ class ControllerBatch:
             problem = f"n_ff {n_ff} exceeds WS_MAX_FF_TOKENS ({L.MAX_FF_TOKENS})"
         elif backtrack > int(self._lengths[seq.slot]):
             problem = f"backtrack {backtrack} exceeds the sequence length {int(self._lengths[seq.slot])}"
+        elif output == L.OUTPUT_SPARSE_BIAS:
+            problem = self._sparse_bias_problem(seq.slot, int(record["n_bias"]))
         ff = record["ff_tokens"][:n_ff] if problem is None else np.empty(0, np.uint32)
         if problem is None and ff.size and int(ff.max()) >= self.vocab_size:
             problem = f"fast-forward token {int(ff.max())} is outside the vocabulary ({self.vocab_size})"
@@ -922,6 +933,22 @@ class ControllerBatch:
             tuple(int(t) for t in ff),
             None,
         )
+
+    def _sparse_bias_problem(self, slot: int, n_bias: int) -> str | None:
+        """Why a sparse bias of ``n_bias`` entries in ``slot`` is invalid, or None."""
+        if n_bias > self.vocab_size // 2:
+            return f"n_bias {n_bias} exceeds vocab_size / 2 ({self.vocab_size // 2})"
+        ids = self._bias_rows[slot].view(np.uint32)[:n_bias]
+        if n_bias and int(ids.max()) >= self.vocab_size:
+            return f"sparse bias token {int(ids.max())} is outside the vocabulary ({self.vocab_size})"
+        return None
+
+    def _sparse_bias(self, slot: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
+        """Copies of a validated sparse bias: int64 ids and their float32 values."""
+        n_bias = int(self._result_records[slot]["n_bias"])
+        row = self._bias_rows[slot]
+        half = self.vocab_size // 2
+        return row.view(np.uint32)[:n_bias].astype(np.int64), row[half : half + n_bias].copy()
 
     # -- applying to logits -------------------------------------------------------------------------------
 
@@ -997,6 +1024,7 @@ class ControllerBatch:
         additive = None
         mask_idx = np.flatnonzero(codes == L.OUTPUT_BITMASK)
         bias_idx = np.flatnonzero(codes == L.OUTPUT_BIAS)
+        sparse_idx = np.flatnonzero(codes == L.OUTPUT_SPARSE_BIAS)
         if mask_idx.size:
             if self._deferred:
                 self.fill_deferred_masks(step.slots[mask_idx].tolist())
@@ -1013,9 +1041,13 @@ class ControllerBatch:
                 if mask_idx.size != n:
                     others = np.setdiff1d(np.arange(n), mask_idx)
                     additive[torch.from_numpy(others).to(device), self.vocab_size :] = 0.0
-        if bias_idx.size:
+        if bias_idx.size or sparse_idx.size:
             bias = torch.zeros((n, self.vocab_size), dtype=torch.float32)
-            bias[torch.from_numpy(bias_idx)] = views["bias"].index_select(0, torch.from_numpy(step.slots[bias_idx]))
+            if bias_idx.size:
+                bias[torch.from_numpy(bias_idx)] = views["bias"].index_select(0, torch.from_numpy(step.slots[bias_idx]))
+            for i in sparse_idx.tolist():
+                ids, values = self._sparse_bias(int(step.slots[i]))
+                bias[i].index_add_(0, torch.from_numpy(ids), torch.from_numpy(values))
             bias = bias.to(device, non_blocking=True)
             if additive is None:
                 additive = torch.zeros((n, width), dtype=torch.float32, device=device)
@@ -1059,6 +1091,8 @@ class ControllerBatch:
         for i, code in enumerate(codes):
             if code == L.OUTPUT_BIAS:
                 outputs[sequence_ids[i]] = RowOutput(vocab, bias=self._bias_rows[int(step.slots[i])])
+            elif code == L.OUTPUT_SPARSE_BIAS:
+                outputs[sequence_ids[i]] = RowOutput(vocab, sparse_bias=self._sparse_bias(int(step.slots[i])))
         return outputs
 
     def apply_prepared(self, logits: torch.Tensor, prepared: PreparedOutputs, rows: Sequence[int] | None = None) -> None:

@@ -321,6 +321,7 @@ class ControllerInstance:
         result["output"] = L.OUTPUT_NONE
         result["backtrack"] = 0
         result["n_ff"] = 0
+        result["n_bias"] = 0
 
     def create(self, n_prompt_tokens: int, arg_offset_bytes: int, arg_len: int) -> None:
         """Run ``ws_ctrl_create``; the batch already wrote the prompt and argument into the slot."""

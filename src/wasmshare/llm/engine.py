@@ -808,8 +808,13 @@ class Engine:
         started = time.perf_counter()
         vocab = out.vocab_size
         request = row.request
-        if out.bias is not None:
-            line[:vocab].add_(torch.from_numpy(out.bias).to(line.device))
+        if out.bias is not None or out.sparse_bias is not None:
+            if out.bias is not None:
+                line[:vocab].add_(torch.from_numpy(out.bias).to(line.device))
+            else:
+                assert out.sparse_bias is not None
+                bias_ids, bias_values = out.sparse_bias
+                line.index_add_(0, torch.from_numpy(bias_ids).to(line.device), torch.from_numpy(bias_values).to(line.device))
             self.stats.apply_s += time.perf_counter() - started
             # The row's largest value must be sound (_soundness). A greedy draw lands on it
             # (argmax picks NaN first): one value to test.
@@ -1018,7 +1023,7 @@ def _soundness(peak: float, temperature: float) -> int:
 def _output_kind(ctrl: BatchStep | None, sequence_id: int | None) -> str | None:
     """"mask" or "bias" when ``sequence_id`` answered one in ``ctrl``, else None."""
     result = ctrl.results.get(sequence_id) if ctrl is not None and sequence_id is not None else None
-    if result is not None and result.output in (Output.BITMASK, Output.BIAS):
+    if result is not None and result.output in (Output.BITMASK, Output.BIAS, Output.SPARSE_BIAS):
         return "mask" if result.output is Output.BITMASK else "bias"
     return None
 

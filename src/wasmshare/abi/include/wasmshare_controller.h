@@ -29,6 +29,10 @@
  *   4. otherwise the next token is sampled with the output applied:
  *      WS_OUTPUT_BITMASK: bit (t % 32) of mask[t / 32] set = token t allowed;
  *      WS_OUTPUT_BIAS:    bias[t] is added to token t's logit;
+ *      WS_OUTPUT_SPARSE_BIAS: values[i] is added to token ids[i]'s logit for i < n_bias,
+ *                         where ids = ws_sparse_bias_ids(in) and values =
+ *                         ws_sparse_bias_values(in) (both halves of the bias slot;
+ *                         n_bias <= vocab_size / 2; a repeated id adds up);
  *      WS_OUTPUT_NONE:    no constraint.
  * The output slots keep their contents between steps (they are the controller's
  * own rows); the host resets them only after a fault: the mask to all-allowed,
@@ -56,6 +60,7 @@ extern "C" {
 #define WS_OUTPUT_NONE 0
 #define WS_OUTPUT_BITMASK 1
 #define WS_OUTPUT_BIAS 2
+#define WS_OUTPUT_SPARSE_BIAS 3
 
 /* Capacity of out->ff_tokens. */
 #define WS_MAX_FF_TOKENS 1024
@@ -102,10 +107,11 @@ typedef struct ws_step_input {
 typedef struct ws_step_result {
     uint32_t struct_size;     /* sizeof(ws_step_result) as the host wrote it */
     int32_t action;           /* WS_CONTINUE or WS_STOP */
-    int32_t output;           /* WS_OUTPUT_NONE, WS_OUTPUT_BITMASK or WS_OUTPUT_BIAS */
+    int32_t output;           /* WS_OUTPUT_NONE, _BITMASK, _BIAS or _SPARSE_BIAS */
     uint32_t backtrack;       /* tokens to remove from the end before fast-forwarding */
     uint32_t n_ff;            /* count of ff_tokens (at most WS_MAX_FF_TOKENS) */
-    uint32_t reserved[3];
+    uint32_t n_bias;          /* WS_OUTPUT_SPARSE_BIAS: entries (at most vocab_size / 2) */
+    uint32_t reserved[2];
     uint32_t ff_tokens[WS_MAX_FF_TOKENS];
 } ws_step_result;
 
@@ -181,6 +187,16 @@ static inline void ws_bias_fill(float *bias, uint32_t n, float value) {
         return;
     }
     for (uint32_t i = 0; i < n; i++) bias[i] = value;
+}
+
+/* Sparse bias (WS_OUTPUT_SPARSE_BIAS): token ids in the first half of the bias slot,
+   their values in the second. The host reads only the first n_bias of each, so a step
+   costs the host O(n_bias) instead of a pass over V logits. */
+static inline uint32_t *ws_sparse_bias_ids(const ws_step_input *in) {
+    return (uint32_t *)(void *)in->bias;
+}
+static inline float *ws_sparse_bias_values(const ws_step_input *in) {
+    return in->bias + in->vocab_size / 2u;
 }
 
 /* Byte helpers (freestanding: no libc). */
