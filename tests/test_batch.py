@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from wasmshare.errors import AbiMismatch, GuestError
+from wasmshare.errors import AbiMismatch, GuestError, WasmshareError
 from wasmshare.llm.batch import Action, BatchFull, ControllerBatch, Output, SequenceFailed
 from wasmshare.llm.controller import Controller
 from wasmshare.llm.tokens import TokenTable
@@ -346,6 +346,47 @@ def test_killed_worker_fails_only_its_sequences_and_restarts(table: TokenTable) 
         assert victim.restarts == 1 and victim.process.poll() is None
         new = batch.add(ctrl("allow_list", u32s(9)))
         assert batch.step().results[new].output is Output.BITMASK
+
+
+def test_a_worker_that_dies_between_steps_fails_its_sequences_at_the_next_step(table: TokenTable) -> None:
+    """A worker found dead while starting a new sequence is restarted without its sequences;
+    they end with the worker's error at the next step instead of going on unconstrained."""
+    with ControllerBatch(table, capacity=4, mode="workers", workers=1) as batch:
+        seqs = [batch.add(ctrl("allow_list", u32s(i + 1))) for i in range(2)]
+        batch.step()
+        victim = batch._workers[0]
+        os.kill(victim.process.pid, signal.SIGKILL)
+        victim.process.wait()
+        with pytest.raises(WasmshareError, match="crashed; restarted"):
+            batch.add(ctrl("allow_list", u32s(9)))
+        step = batch.step({s: [1] for s in seqs})
+        for sid in seqs:
+            result = step.results[sid]
+            assert result.action is Action.ERROR and "killed by signal 9" in str(result.error), result
+        assert not batch.sequences
+        new = batch.add(ctrl("allow_list", u32s(9)))  # a reused slot starts clean
+        assert batch.step().results[new].output is Output.BITMASK
+
+
+def test_a_sparse_bias_is_applied_as_validated(table: TokenTable) -> None:
+    """The pairs are copied when the step is checked: what the guest writes into its slot
+    afterwards is never applied, and a repeated id is summed into one entry."""
+    with ControllerBatch(table, capacity=2) as batch:
+        seq = batch.add(ctrl("boost_words_sparse", "world\t2.5"))
+        step = batch.step()
+        slot = batch.slot(seq)
+        half = table.vocab_size // 2
+        batch.bias[slot].view(np.uint32)[0] = 10**9  # as a guest could, after the check
+        logits = torch.zeros(1, table.vocab_size)
+        batch.apply(logits, step)
+        assert sorted(torch.nonzero(logits[0]).flatten().tolist()) == sorted([tid(b"world"), tid(b" world")])
+        batch._sparse_bias_problem(slot, 0)  # nothing to sum
+        ids = batch.bias[slot].view(np.uint32)
+        ids[0], ids[1] = 5, 5
+        batch.bias[slot][half : half + 2] = [1.5, 2.0]
+        assert batch._sparse_bias_problem(slot, 2) is None
+        pairs = batch._sparse_bias(slot)
+        assert pairs[0].tolist() == [5] and pairs[1].tolist() == [3.5]
 
 
 def test_batch_input_errors(table: TokenTable) -> None:

@@ -124,9 +124,10 @@ class BatchStep:
 
     The per-sequence outcome is held as arrays (``sequence_ids``, ``slots``,
     ``action_codes``: 0 continue / 1 stop / 2 error, ``output_codes``: 0 none / 1 bitmask /
-    2 bias), which is what an engine loop consumes; :attr:`results` builds
+    2 bias / 3 sparse bias), which is what an engine loop consumes; :attr:`results` builds
     :class:`StepResult` objects on first use. Only the sequences with fast-forward,
-    backtrack or an error carry a StepResult from the start (:attr:`special`).
+    backtrack, a sparse bias (checked every step) or an error carry a StepResult from the
+    start (:attr:`special`).
     """
 
     def __init__(
@@ -382,6 +383,12 @@ class ControllerBatch:
         self._copy_event: Any = None
         self._last_step: BatchStep | None = None
         self._deferred: dict[int, ConstraintInstance] = {}  # slot -> constraint whose mask waits
+        # slot -> the last sparse bias that passed validation, copied out of the guest's slot
+        # then (the guest may write its slot again before the pairs are applied)
+        self._sparse_pairs: dict[int, tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]] = {}
+        # slot -> why its worker's sequences ended when the worker died outside a step; the
+        # next step reports it (a step resets every stepped slot's status first)
+        self._lost: dict[int, str] = {}
         self._flagged: list[ConstraintInstance] = []  # constraints told to defer at the last step
         self._generation = 0  # steps so far: a deferred RowOutput answers for its own step only
         if mode == "threads":
@@ -400,7 +407,9 @@ class ControllerBatch:
 
     @property
     def bias(self) -> np.ndarray[Any, Any]:
-        """Zero-copy ``[capacity, V]`` float32 view of the batch bias (row = slot)."""
+        """Zero-copy ``[capacity, V]`` float32 view of the batch bias (row = slot). The row
+        of a sequence that answered a sparse bias holds its (id, value) pairs, not a dense
+        bias: :meth:`row_outputs` and :meth:`apply` read them as checked."""
         return self._bias_rows
 
     def mask_tensor(self) -> torch.Tensor:
@@ -538,6 +547,7 @@ class ControllerBatch:
 
     def _drop(self, seq: _Sequence) -> None:
         self._deferred.pop(seq.slot, None)
+        self._lost.pop(seq.slot, None)
         if seq.instance is not None:
             seq.instance.close()
             seq.instance = None
@@ -556,6 +566,7 @@ class ControllerBatch:
         """The safe value of a slot: every token allowed, no bias."""
         self._mask_rows[slot] = -1
         self._bias_rows[slot] = 0.0
+        self._sparse_pairs.pop(slot, None)
 
     # -- stepping -----------------------------------------------------------------------------------
 
@@ -612,6 +623,13 @@ class ControllerBatch:
         words[index, L.W_N_TOKENS] = counts
         words[index, L.W_RESULT : L.W_RESULT + 6] = L.RESULT_RESET
         self._status_words[index, 0] = L.STATUS_OK  # runners write only failures
+        if self._lost:
+            from .controller import write_status
+
+            for seq in order:
+                message = self._lost.get(seq.slot)
+                if message is not None:
+                    write_status(self._status_records[seq.slot], L.STATUS_HOST_ERROR, 0, message)
         self._generation += 1
         self._mark_deferred(order, defer_masks, partial=only is not None)
         phase_start = time.perf_counter()
@@ -935,20 +953,30 @@ class ControllerBatch:
         )
 
     def _sparse_bias_problem(self, slot: int, n_bias: int) -> str | None:
-        """Why a sparse bias of ``n_bias`` entries in ``slot`` is invalid, or None."""
+        """Why a sparse bias of ``n_bias`` entries in ``slot`` is invalid, or None; when
+        valid, the pairs are copied out of the slot (a repeated id summed into one entry, so
+        every device adds them alike) for :meth:`_sparse_bias`."""
         if n_bias > self.vocab_size // 2:
             return f"n_bias {n_bias} exceeds vocab_size / 2 ({self.vocab_size // 2})"
-        ids = self._bias_rows[slot].view(np.uint32)[:n_bias]
+        row = self._bias_rows[slot]
+        ids = row.view(np.uint32)[:n_bias].astype(np.int64)
         if n_bias and int(ids.max()) >= self.vocab_size:
             return f"sparse bias token {int(ids.max())} is outside the vocabulary ({self.vocab_size})"
+        half = self.vocab_size // 2
+        values = row[half : half + n_bias].copy()
+        unique, inverse = np.unique(ids, return_inverse=True)
+        if unique.size != ids.size:
+            summed = np.zeros(unique.size, dtype=np.float32)
+            np.add.at(summed, inverse, values)
+            ids, values = unique, summed
+        self._sparse_pairs[slot] = (ids, values)
         return None
 
     def _sparse_bias(self, slot: int) -> tuple[np.ndarray[Any, Any], np.ndarray[Any, Any]]:
-        """Copies of a validated sparse bias: int64 ids and their float32 values."""
-        n_bias = int(self._result_records[slot]["n_bias"])
-        row = self._bias_rows[slot]
-        half = self.vocab_size // 2
-        return row.view(np.uint32)[:n_bias].astype(np.int64), row[half : half + n_bias].copy()
+        """The slot's last validated sparse bias: int64 ids and their float32 values (copies
+        taken at validation, never read from the guest's slot again)."""
+        empty = (np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32))
+        return self._sparse_pairs.get(slot, empty)
 
     # -- applying to logits -------------------------------------------------------------------------------
 
@@ -1348,6 +1376,7 @@ class _WorkerHandle:
 
         for slot in self.slots:
             write_status(regions.status_record(slot)[0], L.STATUS_HOST_ERROR, 0, message)
+            self.batch._lost[slot] = message  # reported by the next step if this one does not
         self.slots.clear()
         try:
             self.sock.close()
