@@ -317,10 +317,8 @@ def _auto_dtype() -> torch.dtype:
 
 def _resolve_device(device: str) -> torch.device:
     """``device`` as a torch device that exists here; ModelError for a bad or missing one."""
-    try:
-        import torch
-    except ImportError as e:
-        raise ModelError(f"loading a model needs torch and transformers: {_TRANSFORMERS_PIP}") from e
+    _require_torch()
+    import torch
 
     if not isinstance(device, str):
         raise ModelError(f"device must be a str such as 'auto', 'cpu' or 'cuda', got {type(device).__name__}")
@@ -344,10 +342,8 @@ def _resolve_device(device: str) -> torch.device:
 
 
 def _resolve_dtype(dtype: str, device: torch.device | None = None) -> torch.dtype:
-    try:
-        import torch
-    except ImportError as e:
-        raise ModelError(f"loading a model needs torch and transformers: {_TRANSFORMERS_PIP}") from e
+    _require_torch()
+    import torch
 
     if dtype == "auto":
         if device is not None and device.type == "cuda":
@@ -368,6 +364,14 @@ def _dtype_tag(dtype: torch.dtype) -> str:
 
 
 # --- imports of optional dependencies ----------------------------------------------
+
+
+def _require_torch() -> None:
+    """Import torch once, or raise ModelError with the pip command; callers then import it typed."""
+    try:
+        import torch  # noqa: F401
+    except ImportError as e:
+        raise ModelError(f"loading a model needs torch and transformers: {_TRANSFORMERS_PIP}") from e
 
 
 def _import_transformers() -> Any:
