@@ -380,11 +380,11 @@ def test_a_sparse_bias_is_applied_as_validated(table: TokenTable) -> None:
         logits = torch.zeros(1, table.vocab_size)
         batch.apply(logits, step)
         assert sorted(torch.nonzero(logits[0]).flatten().tolist()) == sorted([tid(b"world"), tid(b" world")])
-        batch._sparse_bias_problem(slot, 0)  # nothing to sum
+        assert batch._take_sparse_bias(slot, 0) is None and batch._sparse_bias(slot)[0].size == 0  # an empty bias
         ids = batch.bias[slot].view(np.uint32)
         ids[0], ids[1] = 5, 5
         batch.bias[slot][half : half + 2] = [1.5, 2.0]
-        assert batch._sparse_bias_problem(slot, 2) is None
+        assert batch._take_sparse_bias(slot, 2) is None
         pairs = batch._sparse_bias(slot)
         assert pairs[0].tolist() == [5] and pairs[1].tolist() == [3.5]
 

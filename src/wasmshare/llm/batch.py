@@ -934,7 +934,7 @@ class ControllerBatch:
         elif backtrack > int(self._lengths[seq.slot]):
             problem = f"backtrack {backtrack} exceeds the sequence length {int(self._lengths[seq.slot])}"
         elif output == L.OUTPUT_SPARSE_BIAS:
-            problem = self._sparse_bias_problem(seq.slot, int(record["n_bias"]))
+            problem = self._take_sparse_bias(seq.slot, int(record["n_bias"]))
         ff = record["ff_tokens"][:n_ff] if problem is None else np.empty(0, np.uint32)
         if problem is None and ff.size and int(ff.max()) >= self.vocab_size:
             problem = f"fast-forward token {int(ff.max())} is outside the vocabulary ({self.vocab_size})"
@@ -952,10 +952,10 @@ class ControllerBatch:
             None,
         )
 
-    def _sparse_bias_problem(self, slot: int, n_bias: int) -> str | None:
-        """Why a sparse bias of ``n_bias`` entries in ``slot`` is invalid, or None; when
-        valid, the pairs are copied out of the slot (a repeated id summed into one entry, so
-        every device adds them alike) for :meth:`_sparse_bias`."""
+    def _take_sparse_bias(self, slot: int, n_bias: int) -> str | None:
+        """Check the sparse bias of ``n_bias`` entries in ``slot`` and, when valid, copy its
+        pairs out of the slot for :meth:`_sparse_bias` (a repeated id summed into one entry,
+        so every device adds them alike). Returns why it is invalid, or None."""
         if n_bias > self.vocab_size // 2:
             return f"n_bias {n_bias} exceeds vocab_size / 2 ({self.vocab_size // 2})"
         row = self._bias_rows[slot]
