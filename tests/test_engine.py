@@ -463,10 +463,10 @@ def test_a_mask_that_allows_no_token_ends_only_its_sequence(loaded: Any, mask_ap
 
 @pytest.mark.parametrize("mask_apply", ["auto", "dense"])
 def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: Any, mask_apply: str) -> None:
-    """A controller's bias row is its own to write: NaN or +inf in it (greedy or sampled, dense or sparse), -inf
-    everywhere, or a finite value that overflows once divided by the temperature (sampled)
-    ends that sequence with an error before any draw; the same huge value under greedy
-    decoding is simply the largest logit."""
+    """A controller's bias row is its own to write: NaN or +inf in it (greedy or sampled, dense or sparse), or -inf
+    everywhere ends that sequence with an error before any draw; a huge finite value
+    (3e38) is simply the largest logit, greedy or sampled (sampling subtracts the peak
+    before dividing by the temperature, so nothing overflows)."""
     def hostile(mode: str) -> Controller:
         return Controller(CONTROLLERS / "hostile_controller.wasm", mode)
 
@@ -484,6 +484,8 @@ def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: A
     ]
     with Engine(loaded, max_batch=len(requests), mask_apply=mask_apply) as engine:  # type: ignore[arg-type]
         *bad, huge_greedy, free, code = engine.generate(requests)
+    huge_sampled = bad.pop(5)
+    assert huge_sampled.error is None and huge_sampled.tokens == [loaded.vocab_size // 2] * 6
     for result in bad[:4] + bad[5:]:
         assert result.finish_reason == "error" and "bias holds NaN, +inf or values too large" in (result.error or ""), \
             result.error

@@ -285,10 +285,11 @@ class Guest:
                 raise GuestError(f"guest '{self.name}': import {key[0]}.{key[1]} is not a function", guest=self.name)
             linker.define_func(key[0], key[1], ty, _host_call(self_ref, f"{key[0]}.{key[1]}", func), access_caller=True)
             provided.add(key)
+        linked_wasi = bool(wasi or (wasi is None and uses_wasi))
         missing = [
-            f"{m}.{n}" for (m, n) in declared if (m, n) not in provided and not (uses_wasi and m.startswith("wasi_"))
+            f"{m}.{n}" for (m, n) in declared if (m, n) not in provided and not (linked_wasi and m.startswith("wasi_"))
         ]
-        if missing and not (wasi and all(x.startswith("wasi_") for x in missing)):
+        if missing:
             raise GuestError(
                 f"guest '{self.name}' needs imports the host does not provide: {', '.join(sorted(missing))}",
                 guest=self.name,
@@ -431,27 +432,54 @@ class Guest:
             raise GuestError(f"guest '{self.name}': linear memory moved; loans are invalid", guest=self.name)
         return old
 
-    def read_memory(self, address: int, nbytes: int) -> bytes:
-        """Copy ``nbytes`` of guest memory at ``address`` (bounds-checked)."""
+    def check_host_access(self, address: int, nbytes: int, *, write: bool) -> None:
+        """Raise :class:`GuestError` unless the host may read (or write) ``[address, address+nbytes)``
+        of this guest's memory on the guest's behalf.
+
+        Bounds are not enough: a range that overlaps a read-only loan (for a write), a
+        revoked loan, a loan's unmapped tail or a retired loan window is refused too. Those
+        pages are protected, so a host access there would fault in the host process
+        instead of trapping the guest. Every host function that takes a guest pointer
+        checks it here before touching the memory.
+        """
         self._require_memory()
         if address < 0 or nbytes < 0 or address + nbytes > self.memory_nbytes:
             raise GuestError(
-                f"guest '{self.name}': read of {nbytes} bytes at {address:#x} is outside its memory "
-                f"({self.memory_nbytes} bytes)",
-                guest=self.name,
+                f"guest '{self.name}': {'write' if write else 'read'} of {nbytes} bytes at {address:#x} is outside "
+                f"its memory ({self.memory_nbytes} bytes)",
+                guest=self.name, sequence=self.sequence,
             )
+        if nbytes == 0:
+            return
+        end = address + nbytes
+        for loan in self._loans:
+            start, mapped, window = loan.ptr, loan.ptr + loan._map_nbytes, loan.ptr + loan._window_nbytes
+            if end <= start or address >= window:
+                continue
+            denied = loan.access == "none" or (write and loan.access != "rw") or end > mapped
+            if denied:
+                raise GuestError(
+                    f"guest '{self.name}': host {'write' if write else 'read'} of {nbytes} bytes at {address:#x} "
+                    f"overlaps {loan.describe()}, which the guest may not {'write' if write else 'read'} through the host",
+                    guest=self.name, sequence=self.sequence,
+                )
+        for start, size in self._retired_windows:
+            if address < start + size and end > start:
+                raise GuestError(
+                    f"guest '{self.name}': host access of {nbytes} bytes at {address:#x} overlaps a returned loan's "
+                    "window",
+                    guest=self.name, sequence=self.sequence,
+                )
+
+    def read_memory(self, address: int, nbytes: int) -> bytes:
+        """Copy ``nbytes`` of guest memory at ``address`` (checked by :meth:`check_host_access`)."""
+        self.check_host_access(address, nbytes, write=False)
         self.bytes_copied += nbytes
         return ctypes.string_at(self._memory_base + address, nbytes)
 
     def write_memory(self, address: int, data: bytes) -> None:
-        """Copy ``data`` into guest memory at ``address`` (bounds-checked)."""
-        self._require_memory()
-        if address < 0 or address + len(data) > self.memory_nbytes:
-            raise GuestError(
-                f"guest '{self.name}': write of {len(data)} bytes at {address:#x} is outside its memory "
-                f"({self.memory_nbytes} bytes)",
-                guest=self.name,
-            )
+        """Copy ``data`` into guest memory at ``address`` (checked by :meth:`check_host_access`)."""
+        self.check_host_access(address, len(data), write=True)
         ctypes.memmove(self._memory_base + address, data, len(data))
         self.bytes_copied += len(data)
 
@@ -735,8 +763,12 @@ def _ws_region_size(guest: Guest, handle: int) -> int:
 
 
 def _ws_log(guest: Guest, address: int, length: int) -> None:
-    if length < 0 or address < 0 or address + length > guest.memory_nbytes:
-        log.warning("guest '%s': ws_log with an out-of-bounds message", guest.name)
+    try:
+        guest.check_host_access(address, min(max(length, 0), 4096), write=False)
+    except GuestError:
+        log.warning("guest '%s': ws_log with a message the host may not read", guest.name)
+        return
+    if length < 0:
         return
     text = guest.read_memory(address, min(length, 4096)).decode("utf-8", "replace")
     log.info("guest '%s': %s", guest.name, text)

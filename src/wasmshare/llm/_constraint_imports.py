@@ -16,7 +16,7 @@ import logging
 from collections.abc import Callable
 from typing import Any, Protocol
 
-from ..errors import WasmshareError
+from ..errors import GuestError, WasmshareError
 from . import constraints as C
 
 log = logging.getLogger("wasmshare.llm")
@@ -54,17 +54,44 @@ class TokenizerInfo:
         self.name = name
 
 
-def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) -> dict[tuple[str, str], Callable[..., int]]:
+MAX_SPEC_BYTES = 256 << 10
+"""The longest constraint spec a controller may pass to ``ws_constraint_open``."""
+
+
+def prepare_tokenizer(tokenizer: TokenizerSource) -> None:
+    """Build the grammar engine's view of ``tokenizer`` now, so no later call pays for it.
+
+    The first constraint compiled for a tokenizer builds it (seconds for a 128k vocabulary
+    on a busy machine); a controller that opens a constraint mid-generation would otherwise
+    pay that inside a step's deadline. Tokenizers without their JSON are left alone (their
+    constraints fail with the reason when opened)."""
+    if tokenizer.tokenizer_json is None:
+        return
+    try:
+        C.prepare_tokenizer(tokenizer)  # type: ignore[arg-type]
+    except WasmshareError as e:
+        log.warning("preparing tokenizer %r for constraints failed: %s", tokenizer.name, e)
+
+
+def constraint_imports(
+    guest_of: Callable[[], Any], tokenizer: TokenizerSource, check_budget: Callable[[str], None] | None = None,
+) -> dict[tuple[str, str], Callable[..., int]]:
     """The ``ws_constraint_*`` host functions for one controller guest.
 
     ``guest_of()`` returns the :class:`~wasmshare.guest.Guest` once it exists (the imports
     are defined before instantiation). Matchers live as long as the guest.
+    ``check_budget(name)`` raises when the current call is past its deadline; it runs
+    before and after each function's work, so host work counts against the deadline like
+    the guest's own. Every guest pointer is checked against the guest's loans
+    (:meth:`~wasmshare.guest.Guest.check_host_access`) before the host touches it.
     """
     matchers: dict[int, Any] = {}
     opened: dict[int, tuple[C.CompiledConstraint, list[int]]] = {}  # what each handle was built from, and its tokens
     words = (tokenizer.vocab_size + 31) // 32
 
     def read_spec(kind: int, ptr: int, length: int) -> C.ConstraintSpec:
+        if not 0 <= length <= MAX_SPEC_BYTES:
+            raise C.ConstraintError(f"a spec of {length} bytes (at most {MAX_SPEC_BYTES})")
         text = guest_of().read_memory(ptr, length).decode("utf-8")
         if kind == KIND_JSON_SCHEMA:
             return C.json_schema(text)
@@ -88,7 +115,14 @@ def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) 
             log.warning("controller '%s': more than %d open constraints", guest.name, MAX_OPEN)
             return ERR_SPEC
         try:
-            compiled = C.compile_constraint(read_spec(kind, ptr, length), tokenizer)  # type: ignore[arg-type]
+            spec = read_spec(kind, ptr, length)
+        except GuestError:
+            raise  # a pointer the host may not read: the guest traps
+        except (WasmshareError, UnicodeDecodeError, ValueError, RecursionError) as e:
+            log.warning("controller '%s': ws_constraint_open failed: %s", guest.name, e)
+            return ERR_SPEC
+        try:
+            compiled = C.compile_constraint(spec, tokenizer)  # type: ignore[arg-type]
         except (WasmshareError, UnicodeDecodeError, ValueError) as e:
             log.warning("controller '%s': ws_constraint_open failed: %s", guest.name, e)
             return ERR_SPEC
@@ -115,7 +149,12 @@ def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) 
             return ERR_BAD_HANDLE
         guest = guest_of()
         nbytes = words * 4
-        if mask_words != words or mask_ptr <= 0 or mask_ptr + nbytes > guest.memory_nbytes:
+        if mask_words != words or mask_ptr <= 0:
+            return ERR_BOUNDS
+        try:
+            guest.check_host_access(mask_ptr, nbytes, write=True)
+        except GuestError as e:
+            log.warning("controller '%s': ws_constraint_fill_mask refused: %s", guest.name, e)
             return ERR_BOUNDS
         # The mask lands in the controller's memory (its lent mask row): no copy.
         matcher.unsafe_compute_mask_ptr(guest.memory_address + mask_ptr, nbytes)
@@ -155,4 +194,18 @@ def constraint_imports(guest_of: Callable[[], Any], tokenizer: TokenizerSource) 
         "ws_constraint_is_stopped": ws_constraint_is_stopped,
         "ws_constraint_close": ws_constraint_close,
     }
-    return {("wasmshare", name): fn for name, fn in functions.items()}
+    if check_budget is None:
+        return {("wasmshare", name): fn for name, fn in functions.items()}
+    return {("wasmshare", name): _budgeted(name, fn, check_budget) for name, fn in functions.items()}
+
+
+def _budgeted(name: str, fn: Callable[..., int], check_budget: Callable[[str], None]) -> Callable[..., int]:
+    """``fn`` with the call's deadline checked before and after it."""
+
+    def call(*args: Any) -> int:
+        check_budget(name)
+        result = fn(*args)
+        check_budget(name)
+        return result
+
+    return call

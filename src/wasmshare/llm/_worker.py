@@ -29,7 +29,7 @@ def main(argv: list[str]) -> int:
     from ..region import Region
     from ._constraint_imports import TokenizerInfo
     from .constraints import ConstraintInstance
-    from .controller import BatchRegions, Controller, ControllerInstance, Limits
+    from .controller import BatchRegions, Controller, ControllerInstance, Limits, fail_instance
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints this worker's stacks
     sock = socket.socket(fileno=int(argv[0]))
@@ -65,7 +65,10 @@ def main(argv: list[str]) -> int:
         if command == CMD_STEP:
             for slot, instance in instances.items():
                 if run_flags[slot]:
-                    instance.step()
+                    try:
+                        instance.step()
+                    except Exception as e:  # noqa: BLE001 - one sequence's failure must not end the worker
+                        fail_instance(instance, e)
         elif command == CMD_MESSAGE:
             message, payload = recv_message(sock)
             kind = message["kind"]

@@ -40,7 +40,7 @@ from . import _futex
 from . import _layout as L
 from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
 from .constraints import BACKENDS, Backend, ConstraintError, ConstraintInstance, ConstraintSpec, compile_constraint
-from .controller import BatchRegions, Controller, ControllerInstance, Limits, module_path_or_bytes
+from .controller import BatchRegions, Controller, ControllerInstance, Limits, fail_instance, module_path_or_bytes
 from .tokens import TokenTable
 
 if TYPE_CHECKING:
@@ -1187,8 +1187,14 @@ class ControllerBatch:
 
 
 def _run_chunk(instances: list[ControllerInstance | ConstraintInstance]) -> None:
+    """Step each instance; an exception out of one (a host bug, not a guest fault, which the
+    instances report themselves) ends that sequence alone through its status record."""
     for instance in instances:
-        instance.step()
+        try:
+            instance.step()
+        except Exception as e:  # noqa: BLE001 - contained to the one sequence
+            fail_instance(instance, e)
+
 
 
 
@@ -1238,6 +1244,10 @@ def _mask_to_additive(words: torch.Tensor, table: torch.Tensor, width: int) -> t
         return additive[:, :width]
     pad = torch.full((n, width - additive.shape[1]), float("-inf"), device=additive.device)
     return torch.cat([additive, pad], dim=1)
+
+
+_WORKER_GRACE_S = 10.0
+"""How long past its controllers' deadlines a worker may take to answer a step."""
 
 
 class _WorkerHandle:
@@ -1358,8 +1368,12 @@ class _WorkerHandle:
         self._pending = self._bump(CMD_STEP)
 
     def finish_step(self, limits: Limits) -> None:
+        # Every call a worker makes is bounded by its deadline (the epoch stops wasm, the host
+        # functions check the rest), so a step takes at most the sum of its controllers'
+        # deadlines; the grace covers a loaded machine's scheduling delays, where a worker can
+        # wait seconds for a core, and still catches a worker that hangs.
         per_call = (limits.deadline_ms or 1000.0) / 1000
-        timeout = max(2.0, 2 * per_call * max(1, len(self.slots)) + 1.0)
+        timeout = 2 * per_call * max(1, len(self.slots)) + _WORKER_GRACE_S
         if not self._wait_done(self._pending, timeout):
             self._crashed("died during a step" if self.process.poll() is not None else f"did not answer within {timeout:.1f} s")
 

@@ -208,6 +208,11 @@ _compiled: dict[tuple[str, str, str], CompiledConstraint] = {}
 _lock = threading.Lock()
 
 
+def prepare_tokenizer(table: TokenTable) -> None:
+    """Build llguidance's tokenizer for ``table`` now (it is built once per process and kept)."""
+    _engine_tokenizer(table)
+
+
 def _engine_tokenizer(table: TokenTable) -> Any:
     try:
         import llguidance

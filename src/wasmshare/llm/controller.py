@@ -18,12 +18,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import wasmtime
 
 from .. import Guest, Region
 from ..errors import AbiMismatch, GuestError, GuestLimitExceeded, GuestTrap, WasmshareError
 from ..guest import ModuleSource, _load_wasm_bytes
 from . import _layout as L
-from ._constraint_imports import TokenizerSource, constraint_imports
+from ._constraint_imports import TokenizerSource, constraint_imports, prepare_tokenizer
 
 __all__ = ["Controller", "ControllerInstance", "BatchRegions"]
 
@@ -217,6 +218,16 @@ def write_status(record: np.ndarray[Any, Any], status: int, detail: int = 0, mes
 _MESSAGE_BYTES = 492  # the size of STATUS["message"]
 
 
+def fail_instance(instance: Any, error: BaseException) -> None:
+    """Record ``error`` as the host failure of ``instance`` (a controller or constraint
+    instance: anything with ``regions``, ``slot`` and ``sequence_id``) in its status record."""
+    write_status(
+        instance.regions.status_record(instance.slot)[0], L.STATUS_HOST_ERROR, 0,
+        f"{getattr(instance, 'name', 'controller')} seq {instance.sequence_id}: the host failed while stepping it: "
+        f"{type(error).__name__}: {error}",
+    )
+
+
 @dataclass
 class Limits:
     """Per-controller limits: a per-call deadline, fuel per call, a memory cap."""
@@ -249,8 +260,15 @@ class ControllerInstance:
         self.regions = regions
         self.status = regions.status_record(slot)
         name = controller.label
+        self._deadline_ns = int(limits.deadline_ms * 1e6) if limits.deadline_ms is not None else None
+        self._call_started_ns = 0
         holder: list[Guest] = []
-        imports = constraint_imports(lambda: holder[0], tokenizer) if tokenizer is not None else None
+        imports = (
+            constraint_imports(lambda: holder[0], tokenizer, self._check_budget) if tokenizer is not None else None
+        )
+        # WASI is never linked: a controller gets the imports of the controller ABI and nothing
+        # else (WASI would hand it the server's stdout and stderr, a clock and a sleep that no
+        # epoch deadline interrupts).
         self.guest = Guest(
             controller.wasm,
             name=name,
@@ -259,10 +277,17 @@ class ControllerInstance:
             fuel=limits.fuel,
             memory_limit_bytes=limits.memory_limit_bytes,
             sequence=sequence_id,
+            wasi=False,
         )
         holder.append(self.guest)
         try:
             self._check_exports()
+            if tokenizer is not None and any(
+                imp.module == "wasmshare" and imp.name == "ws_constraint_open" for imp in self.guest._module.imports
+            ):
+                # One-off set-up (the grammar engine's view of the tokenizer, seconds on a busy
+                # machine) happens here, never inside a step's deadline.
+                prepare_tokenizer(tokenizer)
             self._lend()
             self._create_fn = self.guest.func("ws_ctrl_create")
             self._step_fn = self.guest.func("ws_ctrl_step")
@@ -273,6 +298,21 @@ class ControllerInstance:
     def _check_exports(self) -> None:
         guest = self.guest
         exports = {e.name for e in guest._module.exports}
+        for export in guest._module.exports:
+            expected = _EXPORT_SIGNATURES.get(export.name)
+            if expected is None:
+                continue
+            ty = export.type
+            found = (
+                (tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results))
+                if isinstance(ty, wasmtime.FuncType) else None
+            )
+            if found != expected:
+                raise AbiMismatch(
+                    f"controller '{guest.name}' exports {export.name} as {_describe_signature(found)}; "
+                    f"the controller ABI needs {_describe_signature(expected)}",
+                    guest=guest.name, sequence=self.sequence_id,
+                )
         if "ws_ctrl_abi_version" not in exports:
             raise AbiMismatch(
                 f"controller '{guest.name}' does not export ws_ctrl_abi_version; build it with wasmshare_controller.h",
@@ -335,11 +375,18 @@ class ControllerInstance:
 
     def step(self) -> None:
         """Run ``ws_ctrl_step``. The batch already wrote the step number and tokens, reset
-        the result and set the status to OK; only a failure writes the status record."""
+        the result and set the status to OK; only a failure writes the status record.
+
+        Never raises: whatever goes wrong in the call (a trap, a limit, a host error, even a
+        bug of the host's) ends this sequence alone through its status record."""
+        self._call_started_ns = time.perf_counter_ns()
         try:
             code = self._step_fn(self._input_ptr, self._result_ptr)
         except WasmshareError as e:
             self._record_failure(e, 0)
+            return
+        except Exception as e:  # noqa: BLE001 - contained to this sequence, see the docstring
+            self._record_host_failure(e, "ws_ctrl_step")
             return
         if code < 0:
             write_status(
@@ -347,14 +394,39 @@ class ControllerInstance:
                 f"controller '{self.guest.name}' seq {self.sequence_id}: ws_ctrl_step returned error {code}",
             )
 
+    def _check_budget(self, what: str) -> None:
+        """Raise :class:`GuestLimitExceeded` when the current call has used up its deadline.
+
+        The epoch deadline stops wasm code, not the host: a host function the guest calls
+        checks this before and after its work, so the deadline covers the whole call."""
+        if self._deadline_ns is None:
+            return
+        elapsed = time.perf_counter_ns() - self._call_started_ns
+        if elapsed > self._deadline_ns:
+            raise GuestLimitExceeded(
+                f"controller '{self.guest.name}' seq {self.sequence_id}: deadline {self._deadline_ns / 1e6:g} ms "
+                f"exceeded in host function {what} ({elapsed / 1e6:.1f} ms into the call)",
+                limit="deadline", guest=self.guest.name, sequence=self.sequence_id,
+            )
+
+    def _record_host_failure(self, error: Exception, what: str) -> None:
+        write_status(
+            self.status, L.STATUS_HOST_ERROR, 0,
+            f"controller '{self.guest.name}' seq {self.sequence_id}: {what} failed in the host: "
+            f"{type(error).__name__}: {error}",
+        )
+
     def _run(self, fn: Any, what: str) -> None:
         self._reset_result()
         status = self.status
-        started = time.perf_counter_ns()
+        started = self._call_started_ns = time.perf_counter_ns()
         try:
             code = fn(self._input_ptr, self._result_ptr)
         except WasmshareError as e:
             self._record_failure(e, started)
+            return
+        except Exception as e:  # noqa: BLE001 - contained to this sequence, as in step()
+            self._record_host_failure(e, what)
             return
         elapsed = time.perf_counter_ns() - started
         if code < 0:
@@ -384,6 +456,23 @@ class ControllerInstance:
             except WasmshareError:
                 pass
         self.guest.close()
+
+
+_I32 = "i32"
+# The controller ABI's exports as (params, results); wasmtime prints value types as "i32".
+_EXPORT_SIGNATURES: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+    "ws_ctrl_abi_version": ((), (_I32,)),
+    "ws_ctrl_create": ((_I32, _I32), (_I32,)),
+    "ws_ctrl_step": ((_I32, _I32), (_I32,)),
+    "ws_ctrl_free": ((), ()),
+}
+
+
+def _describe_signature(signature: tuple[tuple[str, ...], tuple[str, ...]] | None) -> str:
+    if signature is None:
+        return "something that is not a function"
+    params, results = signature
+    return f"({', '.join(params)}) -> ({', '.join(results)})"
 
 
 def module_path_or_bytes(controller: Controller) -> str | bytes:

@@ -256,7 +256,7 @@ class Engine:
     added to the logits. Both give the same greedy tokens; seeded sampling draws from the
     same distribution, but not with the same random numbers. Under either, a controller
     output that leaves nothing to draw (a mask that allows no token, a bias of ``-inf``
-    everywhere, NaN, ``+inf`` or values too large to sample from at the row's temperature)
+    everywhere, NaN or ``+inf``)
     ends that row alone with an error before any draw.
 
     ``defer_masks`` (sparse application, llguidance constraints, greedy rows): the
@@ -462,13 +462,18 @@ class Engine:
                             continue
                         if row.request.temperature > 0:
                             first = None
-                        if out is None:
-                            token = first if first is not None else self._sample(row, logits[i])
-                        else:
-                            steered = self._sample_steered(row, logits[i], out, first)
-                            if steered is None:
-                                continue  # the row ended with an error
-                            token = steered
+                        try:
+                            if out is None:
+                                token = first if first is not None else self._sample(row, logits[i])
+                            else:
+                                steered = self._sample_steered(row, logits[i], out, first)
+                                if steered is None:
+                                    continue  # the row ended with an error
+                                token = steered
+                        except Exception as e:  # noqa: BLE001 - one row's draw must not end the batch
+                            row.finish = "error"
+                            row.error = f"request {row.index}: sampling failed: {type(e).__name__}: {e}"
+                            continue
                         sampled[id(row)] = token
                         self._accept(row, [token], on_token)
                     for row in rows:
@@ -769,7 +774,7 @@ class Engine:
             peaks, indices = both[0], [int(i) for i in both[1]]
         return [
             index if code == 0 else code
-            for index, code in zip(indices, (_soundness(p, r.request.temperature) for p, r in zip(peaks, rows)))
+            for index, code in zip(indices, (_soundness(p) for p in peaks))
         ]
 
     def _end_with_unusable_output(self, row: _Row, code: int, kind: str | None) -> None:
@@ -819,7 +824,7 @@ class Engine:
             # The row's largest value must be sound (_soundness). A greedy draw lands on it
             # (argmax picks NaN first): one value to test.
             token = self._sample(row, line) if request.temperature == 0 else None
-            code = _soundness(float(line[token] if token is not None else line.max()), request.temperature)
+            code = _soundness(float(line[token] if token is not None else line.max()))
             if code:
                 self._end_with_unusable_output(row, code, "bias")
                 return None
@@ -896,10 +901,10 @@ class Engine:
                 # 49k-token row (45 vs 6 µs). Both return the first maximum.
                 return int(logits.numpy().argmax())
             return int(torch.argmax(logits))
-        probs = torch.softmax(logits.float() / request.temperature, dim=-1)
+        probs = _distribution(logits, request.temperature)
         if request.top_p < 1:
             sorted_probs, order = torch.sort(probs, descending=True)
-            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < request.top_p
+            keep = torch.cumsum(sorted_probs, dim=-1) - sorted_probs < request.top_p  # keeps the first always
             sorted_probs = torch.where(keep, sorted_probs, torch.zeros_like(sorted_probs))
             choice = int(torch.multinomial(sorted_probs, 1, generator=row.generator))
             return int(order[choice])
@@ -997,7 +1002,6 @@ class Engine:
 # token), or a largest value that is NaN, +inf or too large to divide by the temperature.
 _NOTHING_ALLOWED = -1
 _NOT_FINITE = -2
-_FLOAT32_MAX = 3.4028234663852886e38
 
 # The logits a greedy row whose draw its deferred mask forbids scans in further argmax passes
 # before computing the mask: 21 passes over a 49k-entry row, 4 over a 262k one. Each pass
@@ -1008,16 +1012,33 @@ _RETRY_BUDGET = 1 << 20
 _DEVICE_RETRIES = 2
 
 
-def _soundness(peak: float, temperature: float) -> int:
-    """0 when a row whose largest logit is ``peak`` can be drawn from at ``temperature``,
-    else ``_NOTHING_ALLOWED`` or ``_NOT_FINITE``. Sampling divides the row by the
-    temperature in float32, so a finite peak beyond ``float32 max × temperature`` (a bias
-    of ±3e38, say) overflows there."""
+def _soundness(peak: float) -> int:
+    """0 when a row whose largest logit is ``peak`` can be drawn from, else
+    ``_NOTHING_ALLOWED`` (all ``-inf``) or ``_NOT_FINITE`` (NaN or ``+inf``).
+
+    Any finite peak is sound at any temperature: :func:`_distribution` subtracts it before
+    dividing, in float64."""
     if peak == -math.inf:
         return _NOTHING_ALLOWED
-    if not math.isfinite(peak) or (temperature > 0 and abs(peak) > _FLOAT32_MAX * temperature):
+    if not math.isfinite(peak):
         return _NOT_FINITE
     return 0
+
+
+def _distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Softmax of ``logits / temperature`` that holds for every temperature > 0 and every
+    finite logit: the largest logit is subtracted first and the division is done in float64.
+
+    In float32 a temperature like 1e-300 rounds to 0 (``0 / 0`` is NaN) and a large logit
+    over a small temperature overflows; either made ``torch.multinomial`` raise. Here the
+    largest entry maps to 0 and the others to values <= 0 (or ``-inf``, probability 0), so
+    the sum is at least 1.
+    """
+    import torch
+
+    scaled = logits.double()
+    scaled = (scaled - scaled.max()) / temperature
+    return torch.softmax(scaled, dim=-1)
 
 
 def _output_kind(ctrl: BatchStep | None, sequence_id: int | None) -> str | None:
