@@ -16,6 +16,7 @@ import importlib.metadata
 import os
 import tempfile
 import threading
+from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -160,8 +161,33 @@ def default_cache_dir() -> Path:
 
 
 _WASMTIME_VERSION = importlib.metadata.version("wasmtime")
-_memory_modules: dict[tuple[str, EngineOptions], wasmtime.Module] = {}
+MAX_MEMORY_MODULES = 64
+"""Compiled modules kept in process (least recently used dropped; guests keep their own)."""
+MAX_DISK_MODULES = 256
+"""``.cwasm`` artifacts kept in the disk cache (oldest removed when a new one is written)."""
+_memory_modules: OrderedDict[tuple[str, EngineOptions], wasmtime.Module] = OrderedDict()
 _memory_lock = threading.Lock()
+
+
+def evict_module(digest: str, *, cache_dir: Path | None = None) -> None:
+    """Forget every compiled form of the wasm with sha256 ``digest``: in process and on disk.
+
+    Guests already running it keep their module; the next use compiles it again."""
+    with _memory_lock:
+        for key in [k for k in _memory_modules if k[0] == digest]:
+            del _memory_modules[key]
+    root = (cache_dir or default_cache_dir()) / "modules"
+    for path in root.glob(f"{digest}-*.cwasm") if root.is_dir() else ():
+        path.unlink(missing_ok=True)
+
+
+def _trim_disk_cache(folder: Path) -> None:
+    try:
+        files = sorted(folder.glob("*.cwasm"), key=lambda p: p.stat().st_mtime)
+    except OSError:
+        return
+    for path in files[: max(0, len(files) - MAX_DISK_MODULES)]:
+        path.unlink(missing_ok=True)
 
 
 def compile_module(
@@ -179,6 +205,8 @@ def compile_module(
     key = (digest, options)
     with _memory_lock:
         cached = _memory_modules.get(key)
+        if cached is not None:
+            _memory_modules.move_to_end(key)
     if cached is not None:
         return cached, digest
     engine = engine_for(options)
@@ -196,9 +224,37 @@ def compile_module(
         module = wasmtime.Module(engine, wasm)
         if path is not None:
             _write_atomically(path, bytes(module.serialize()))
+            _trim_disk_cache(path.parent)
     with _memory_lock:
         _memory_modules.setdefault(key, module)
+        _memory_modules.move_to_end(key)
+        while len(_memory_modules) > MAX_MEMORY_MODULES:
+            _memory_modules.popitem(last=False)
         return _memory_modules[key], digest
+
+
+def compile_in_child(wasm: bytes, options: EngineOptions, *, timeout_s: float) -> None:
+    """Compile ``wasm`` for ``options`` in a child process into the disk cache, within ``timeout_s``.
+
+    wasmtime cannot stop a compilation once started, and a hostile module can take a long
+    time (hundreds of thousands of functions) and much memory: in a child it can be killed.
+    Raises TimeoutError past the budget and ValueError (the first line of wasmtime's
+    reason) for an invalid module. The caller then loads the artifact from the cache."""
+    import subprocess
+    import sys
+
+    command = [sys.executable, "-m", "wasmshare._compile_child", str(int(options.fuel)), str(int(options.epoch))]
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("WASMSHARE_CACHE_DIR", str(default_cache_dir()))
+    try:
+        done = subprocess.run(command, input=wasm, capture_output=True, timeout=timeout_s, env=env, check=False)
+    except subprocess.TimeoutExpired:
+        raise TimeoutError(f"compiling the module took longer than {timeout_s:g} s") from None
+    if done.returncode != 0:
+        lines = [line for line in done.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
+        raise ValueError(lines[-1] if lines else f"the compiler exited with code {done.returncode}")
 
 
 def load_compiled(path: Path, options: EngineOptions) -> wasmtime.Module:

@@ -21,6 +21,7 @@ import json
 import re
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -204,7 +205,9 @@ class CompiledConstraint:
 
 
 _tokenizers: dict[str, Any] = {}
-_compiled: dict[tuple[str, str, str], CompiledConstraint] = {}
+MAX_COMPILED_CONSTRAINTS = 256
+"""Compiled constraints kept per process (least recently used dropped): specs come from clients."""
+_compiled: OrderedDict[tuple[str, str, str], CompiledConstraint] = OrderedDict()
 _lock = threading.Lock()
 
 
@@ -269,11 +272,16 @@ def compile_constraint(
     key = (spec.key, table.sha256, backend)
     with _lock:
         hit = _compiled.get(key)
+        if hit is not None:
+            _compiled.move_to_end(key)
     if hit is not None:
         return hit
     compiled = _compile_xgrammar(spec, table) if backend == "xgrammar" else _compile_llguidance(spec, table)
     with _lock:
         _compiled.setdefault(key, compiled)
+        _compiled.move_to_end(key)
+        while len(_compiled) > MAX_COMPILED_CONSTRAINTS:
+            _compiled.popitem(last=False)
         return _compiled[key]
 
 

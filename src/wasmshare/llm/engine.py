@@ -56,6 +56,11 @@ class GenerationRequest:
     is not False) or token ids. ``steer`` is a constraint spec, a wasm :class:`Controller`,
     or None. ``temperature == 0`` is greedy; otherwise sampling with ``top_p`` and a per
     request ``seed``. ``stop`` strings end the output (and are not included).
+
+    ``max_work`` bounds what the sequence may cost beyond ``max_tokens``: every token it
+    produces counts, fast-forwarded and later backtracked ones included, so a controller
+    that backtracks and fast-forwards forever ends with an error instead of running on at
+    a constant length. None means :func:`default_max_work` of ``max_tokens``.
     """
 
     prompt: str | Sequence[int]
@@ -66,11 +71,18 @@ class GenerationRequest:
     steer: ConstraintSpec | Controller | None = None
     stop: Sequence[str] = ()
     chat: bool | None = None
+    max_work: int | None = None
 
     def stop_strings(self) -> list[str]:
         """Where the output is cut: ``stop`` plus the strings of a :func:`~wasmshare.llm.constraints.stop` steer."""
         extra = self.steer.stop_strings if isinstance(self.steer, ConstraintSpec) else []
         return [*self.stop, *extra]
+
+
+def default_max_work(max_tokens: int) -> int:
+    """The work bound of a request that sets none (``4 × max_tokens + 64``): room for a
+    controller to backtrack and redo three times what it keeps, and a margin for short answers."""
+    return 4 * max_tokens + 64
 
 
 @dataclass
@@ -233,6 +245,19 @@ class _Row:
     prefix_offset: int = 0
     read_offset: int = 0
     reported: bool = False  # its result has been handed to the caller
+    work: int = 0  # tokens produced: sampled and fast-forwarded, backtracked ones included
+    steps: int = 0  # decode steps taken in the batch
+    work_limit: int = 0
+
+
+@dataclass
+class _Prefill:
+    """A long prompt prefilled a chunk per step in a cache of its own (see
+    ``Engine.prefill_chunk_tokens``) before its row joins the batch."""
+
+    row: _Row
+    cache: Any = None
+    done: int = 0  # prompt tokens already in the cache
 
 
 class Engine:
@@ -269,6 +294,13 @@ class Engine:
     already fills comes out of the forward pass. Wasm controllers' masks, every mask under
     dense application and every mask in ``mode="workers"`` are computed beside the forward
     pass as before.
+
+    ``prefill_chunk_tokens`` bounds the prompt tokens one step prefills for a long prompt:
+    a longer prompt is prefilled in chunks of that size, one per step, in a cache of its
+    own while the running rows go on decoding, and joins the batch when it is done (its
+    controller starts then), so one long prompt cannot stall every stream. A prompt must be
+    shorter than the model's context (:attr:`LoadedModel.context_length`); a row that
+    reaches the context ends with ``"length"``.
     """
 
     def __init__(
@@ -284,9 +316,15 @@ class Engine:
         grammar_backend: Backend = "llguidance",
         mask_apply: MaskApply = "auto",
         defer_masks: bool = True,
+        prefill_chunk_tokens: int = 256,
     ) -> None:
         if max_batch <= 0:
             raise WasmshareError(f"max_batch must be positive, got {max_batch}")
+        if not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens <= 0:
+            raise WasmshareError(f"prefill_chunk_tokens must be a positive int, got {prefill_chunk_tokens!r}")
+        self.prefill_chunk_tokens = prefill_chunk_tokens
+        self.context_length: int | None = loaded.context_length
+        self._prefilling: list[_Prefill] = []
         if mask_apply not in ("auto", "sparse", "dense"):
             raise WasmshareError(f"mask_apply must be 'auto', 'sparse' or 'dense', got {mask_apply!r}")
         self.loaded = loaded
@@ -394,7 +432,8 @@ class Engine:
                 inflight, self._inflight = self._inflight, None
                 if inflight is not None:
                     concurrent.futures.wait([inflight])  # the controller phase must end before cleanup
-                for row in rows + joining:
+                pending, self._prefilling = [p.row for p in self._prefilling], []
+                for row in rows + joining + pending:
                     if row.reported:
                         continue  # finished before the failure, its result already handed over
                     if row.finish is None:
@@ -424,7 +463,7 @@ class Engine:
         outputs: dict[int, RowOutput] | None = None
         with torch.inference_mode():
             while True:
-                if not rows and not prebuilt and not queue.wait_for_work():
+                if not rows and not prebuilt and not self._prefilling and not queue.wait_for_work():
                     return
                 started = time.perf_counter()
                 cancelled = queue.take_cancelled()
@@ -435,6 +474,11 @@ class Engine:
                             row.finish = "cancelled"
                             self._report(row, finish)
                     rows[:], logits = self._drop_finished(rows, logits)
+                if cancelled and self._prefilling:
+                    for pending in [p for p in self._prefilling if p.row.index in cancelled]:
+                        self._prefilling.remove(pending)
+                        pending.row.finish = "cancelled"
+                        self._report(pending.row, finish)
                 if rows:
                     assert logits is not None
                     logits, ctrl_rows_done = self._handle_controller_results(rows, logits, ctrl, on_token)
@@ -477,6 +521,7 @@ class Engine:
                         sampled[id(row)] = token
                         self._accept(row, [token], on_token)
                     for row in rows:
+                        self._check_limits(row)
                         if row.finish is not None:
                             self._report(row, finish)
                     keep = [i for i, r in enumerate(rows) if r.finish is None]
@@ -485,7 +530,7 @@ class Engine:
                         rows[:] = [rows[i] for i in keep]
                 # Admit waiting requests while there is room.
                 new_rows = joining
-                room = self.max_batch - len(rows)
+                room = self.max_batch - len(rows) - len(self._prefilling)
                 admitted: list[tuple[int, GenerationRequest, _Row | None]] = []
                 for key in list(itertools.islice(prebuilt, room)):
                     built = prebuilt.pop(key)
@@ -494,6 +539,9 @@ class Engine:
                 for key, request, prepared_row in admitted:
                     try:
                         row = prepared_row if prepared_row is not None else self._make_row(key, request)
+                        if len(row.prompt) > self.prefill_chunk_tokens:
+                            self._prefilling.append(_Prefill(row))  # its controller starts when it joins
+                            continue
                         self._start_controller(row)
                     except Exception as e:  # noqa: BLE001 - a request that cannot start ends alone
                         row = _Row(request, key, [])
@@ -502,6 +550,10 @@ class Engine:
                         self._report(row, finish)
                         continue
                     new_rows.append(row)
+                # A long prompt advances by one chunk; once all but its last token are cached
+                # it joins the running rows and that token is its first feed.
+                if self._prefilling:
+                    self._advance_prefill(rows, finish)
                 # The controller phase for the next step runs beside the joining rows' prefill
                 # and the forward pass.
                 steer = self._sampled_by_slot(rows, sampled)
@@ -528,6 +580,8 @@ class Engine:
                 prefill_s = time.perf_counter() - prefill_started
                 decoded = bool(rows)
                 if rows:
+                    for r in rows:
+                        r.steps += 1
                     feeds = [r.feed if r.feed else [sampled[id(r)]] for r in rows]
                     for r in rows:
                         r.feed = []
@@ -570,13 +624,41 @@ class Engine:
             raise WasmshareError(f"request {index}: the prompt is empty")
         if request.max_tokens <= 0:
             raise WasmshareError(f"request {index}: max_tokens must be positive")
-        if request.temperature < 0 or not 0 < request.top_p <= 1:
-            raise WasmshareError(f"request {index}: temperature must be >= 0 and top_p in (0, 1]")
-        row = _Row(request, index, prompt)
+        if not (math.isfinite(request.temperature) and request.temperature >= 0) or not 0 < request.top_p <= 1:
+            raise WasmshareError(f"request {index}: temperature must be a finite number >= 0 and top_p in (0, 1]")
+        if self.context_length is not None and len(prompt) >= self.context_length:
+            raise WasmshareError(
+                f"request {index}: the prompt is {len(prompt):,} tokens; the model's context is "
+                f"{self.context_length:,} tokens"
+            )
+        seed = 0x5EED + index if request.seed is None else request.seed
+        if not isinstance(seed, int) or isinstance(seed, bool):
+            raise WasmshareError(f"request {index}: seed must be an int, got {type(seed).__name__}")
+        limit = default_max_work(request.max_tokens) if request.max_work is None else request.max_work
+        if not isinstance(limit, int) or limit < request.max_tokens:
+            raise WasmshareError(f"request {index}: max_work must be an int >= max_tokens, got {limit!r}")
+        row = _Row(request, index, prompt, work_limit=limit)
         if request.temperature > 0:
             row.generator = torch.Generator(device=self.device)  # multinomial draws where the logits are
-            row.generator.manual_seed(request.seed if request.seed is not None else 0x5EED + index)
+            row.generator.manual_seed(seed % _SEED_MODULUS)  # torch takes seeds below 2**64 only
         return row
+
+    def _check_limits(self, row: _Row) -> None:
+        """End ``row`` past its work bound (an error naming it) or at the model's context (``"length"``)."""
+        if row.finish is not None:
+            return
+        if row.work > row.work_limit or row.steps > 2 * row.work_limit:
+            row.finish = "error"
+            who = f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}" if (
+                row.sequence_id is not None and row.sequence_id in self.batch.sequences
+            ) else f"request {row.index}"
+            row.error = (
+                f"{who}: produced {row.work:,} tokens in {row.steps:,} steps (fast-forwarded and backtracked ones "
+                f"count) for max_tokens {row.request.max_tokens:,}; the limit is {row.work_limit:,} tokens "
+                f"and {2 * row.work_limit:,} steps"
+            )
+        elif self.context_length is not None and len(row.prompt) + len(row.tokens) >= self.context_length:
+            row.finish = "length"
 
     def _start_controller(self, row: _Row) -> None:
         steer = row.request.steer
@@ -630,6 +712,7 @@ class Engine:
             if row.finish is not None:
                 return
             row.tokens.append(token)
+            row.work += 1
             self.stats.generated_tokens += 1
             if token in self._eos:
                 row.tokens.pop()
@@ -713,8 +796,11 @@ class Engine:
                 self._refeed_last(i, row)
             if result.action is Action.STOP and row.finish is None:
                 row.finish = "controller"
+            self._check_limits(row)
             if row.finish is not None:
                 done.append(row)
+        if any(r.backtrack for r in ctrl.special.values()):
+            self._compact_cache()
         return logits, done
 
     def _refeed_last(self, i: int, row: _Row) -> None:
@@ -932,7 +1018,7 @@ class Engine:
         cache = DynamicCache()
         out = self.model(
             input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-            position_ids=positions.to(self.device), cache=cache, use_cache=True,
+            position_ids=positions.to(self.device), cache=cache, use_cache=True, logits_to_keep=1,
         )
         logits = out.logits[:, -1, :].float()
         self.stats.prefill_s += time.perf_counter() - started
@@ -965,6 +1051,72 @@ class Engine:
         index = torch.tensor(keep, device=self.device)
         self._cache.batch_select_indices(index)
         self._attn = self._attn.index_select(0, index)
+        self._compact_cache()
+
+    def _compact_cache(self) -> None:
+        """Drop cache positions no row uses when they are a large part of the cache.
+
+        Backtracked positions are masked out, not removed, and so are the columns left by
+        rows that finished: without this a controller that backtracks every step grows the
+        cache (and every step's attention) without bound at a constant length. Each row's
+        real positions keep their order and are right-aligned; positions ids are per row,
+        so nothing else changes. Skipped for caches whose layers do not all span the mask
+        (sliding-window layers keep only their window)."""
+        import torch
+
+        attn = self._attn
+        if attn is None or self._cache is None:
+            return
+        width = attn.shape[1]
+        longest = int(attn.sum(dim=1).max())
+        if width - longest <= max(_COMPACT_SLACK, longest // 2):
+            return
+        layers = self._cache.layers
+        if any(layer.keys is None or layer.keys.shape[2] != width for layer in layers):
+            return
+        keep = torch.argsort(attn, dim=1, stable=True)[:, width - longest :]  # zeros first, order kept
+        self._attn = attn.gather(1, keep)
+        for layer in layers:
+            b, h, _, d = layer.keys.shape
+            index = keep[:, None, :, None].expand(b, h, longest, d)
+            layer.keys = layer.keys.gather(2, index)
+            b, h, _, d = layer.values.shape
+            layer.values = layer.values.gather(2, keep[:, None, :, None].expand(b, h, longest, d))
+
+    def _advance_prefill(self, rows: list[_Row], finish: Callable[[int, GenerationResult], None]) -> None:
+        """Prefill the next chunk of the oldest long prompt; when all but its last token are
+        cached, start its controller and add its row to ``rows`` with that token to feed."""
+        import torch
+        from transformers import DynamicCache
+
+        pending = self._prefilling[0]
+        row = pending.row
+        end = min(pending.done + self.prefill_chunk_tokens, len(row.prompt) - 1)
+        started = time.perf_counter()
+        if pending.cache is None:
+            pending.cache = DynamicCache()
+        chunk = torch.tensor([row.prompt[pending.done : end]], dtype=torch.long, device=self.device)
+        positions = torch.arange(pending.done, end, dtype=torch.long, device=self.device)[None, :]
+        self.model(
+            input_ids=chunk, attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=positions, cache=pending.cache, use_cache=True, logits_to_keep=1,
+        )
+        pending.done = end
+        self.stats.prefill_s += time.perf_counter() - started
+        if end < len(row.prompt) - 1:
+            return
+        self._prefilling.pop(0)
+        try:
+            self._start_controller(row)
+        except Exception as e:  # noqa: BLE001 - a request that cannot start ends alone
+            row.finish = "error"
+            row.error = str(e) if isinstance(e, WasmshareError) else f"request {row.index}: {type(e).__name__}: {e}"
+            self._report(row, finish)
+            return
+        self._merge_cache(pending.cache, torch.ones((1, end), dtype=torch.long, device=self.device))
+        row.position = end
+        row.feed = [row.prompt[-1]]
+        rows.append(row)
 
     def _forward(self, feeds: list[list[int]], rows: list[_Row]) -> torch.Tensor:
         """Feed each row its tokens (any number, zero included) in one pass; logits at each row's last token."""
@@ -1001,6 +1153,9 @@ class Engine:
 # What _soundness says of a row with nothing to draw from: all -inf (a mask that allows no
 # token), or a largest value that is NaN, +inf or too large to divide by the temperature.
 _NOTHING_ALLOWED = -1
+_SEED_MODULUS = 1 << 63
+# Cache columns no row uses that are tolerated before compacting (besides half the longest row).
+_COMPACT_SLACK = 64
 _NOT_FINITE = -2
 
 # The logits a greedy row whose draw its deferred mask forbids scans in further argmax passes

@@ -126,6 +126,15 @@ class LoadedModel:
     path: Path
     device: torch.device
 
+    @property
+    def context_length(self) -> int | None:
+        """The most positions the model attends over (prompt plus output), from its config;
+        None when the config does not say."""
+        config = getattr(self.model, "config", None)
+        config = getattr(config, "text_config", None) or config
+        value = getattr(config, "max_position_embeddings", None)
+        return int(value) if isinstance(value, int) and value > 0 else None
+
     def encode_prompt(self, prompt: str, *, chat: bool | None = None) -> list[int]:
         """The input ids for ``prompt``.
 

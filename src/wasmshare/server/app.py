@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import secrets
 import struct
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -29,12 +30,14 @@ from ..errors import WasmshareError
 from ..llm import constraints as C
 from ..llm.constraints import ConstraintSpec
 from ..llm.controller import Controller
-from ..llm.engine import GenerationRequest, GenerationResult
-from .controllers import ControllerRejected, ControllerStore
+from ..llm.engine import GenerationRequest, GenerationResult, default_max_work
+from .controllers import ControllerStore
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 from .service import EngineService, Overloaded, Ticket, TokenEvent
 
 __all__ = ["ServerConfig", "create_app"]
+
+log = logging.getLogger("wasmshare.server")
 
 _FINISH = {"stop": "stop", "length": "length", "controller": "stop", "cancelled": "stop", "error": "error"}
 
@@ -51,6 +54,8 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     max_controller_bytes: int = 8 << 20
     controller_deadline_ms: float = 50.0
+    max_prompt_tokens: int = 8192
+    controller_compile_s: float = 10.0
     controllers_dir: Path | None = None
     grammar_backend: str = "llguidance"
     served_model_name: str | None = None
@@ -82,22 +87,11 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
         message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid body"))
         return JSONResponse(error_body(message, param=where or None), status_code=400)
 
-    @app.middleware("http")
-    async def _count_and_authenticate(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-        path = request.url.path
-        if config.api_key and path.startswith("/v1/"):
-            header = request.headers.get("authorization", "")
-            given = header[7:] if header.lower().startswith("bearer ") else ""
-            if not secrets.compare_digest(given.encode(), config.api_key.encode()):
-                metrics.requests.labels(_endpoint(path), "401").inc()
-                return JSONResponse(
-                    error_body("Incorrect or missing API key: send Authorization: Bearer KEY",
-                               type="authentication_error", code="invalid_api_key"),
-                    status_code=401,
-                )
-        response = await call_next(request)
-        metrics.requests.labels(_endpoint(path), str(response.status_code)).inc()
-        return response
+    @app.exception_handler(Exception)
+    async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
+        # The last line of defence: a bug must still answer in OpenAI's shape, and say no more.
+        log.error("unexpected error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
+        return JSONResponse(error_body("internal error; the server logged it", type="server_error"), status_code=500)
 
     # -- plain routes ----------------------------------------------------------------------------------
 
@@ -132,24 +126,26 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
         wasm = await request.body()
         try:
             record = await run_in_threadpool(store.add, wasm, name)
-        except ControllerRejected as e:
-            raise APIError(400, f"controller rejected: {e}", code="invalid_controller") from None
+        except WasmshareError as e:
+            raise APIError(400, f"controller rejected: {_one_line(str(e))}", code="invalid_controller",
+                           param="body") from None
         return record.as_json()
 
     @app.get("/v1/controllers")
     async def list_controllers() -> dict[str, Any]:
-        return {"object": "list", "data": [r.as_json() for r in store.list()]}
+        records = await run_in_threadpool(store.list)
+        return {"object": "list", "data": [r.as_json() for r in records]}
 
     @app.get("/v1/controllers/{controller_id}")
     async def get_controller(controller_id: str) -> dict[str, Any]:
-        record = store.get(controller_id)
+        record = await run_in_threadpool(store.get, controller_id)
         if record is None:
             raise APIError(404, f"no controller {controller_id!r}", code="controller_not_found")
         return record.as_json()
 
     @app.delete("/v1/controllers/{controller_id}")
     async def delete_controller(controller_id: str) -> dict[str, Any]:
-        if not store.delete(controller_id):
+        if not await run_in_threadpool(store.delete, controller_id):
             raise APIError(404, f"no controller {controller_id!r}", code="controller_not_found")
         return {"id": controller_id, "object": "controller", "deleted": True}
 
@@ -165,6 +161,18 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
         if limit > config.max_tokens:
             raise APIError(400, f"max_tokens is {limit}; this server allows at most {config.max_tokens}",
                            param="max_tokens")
+        context = service.loaded.context_length
+        longest = max(len(p) for p in prompts)
+        if longest > config.max_prompt_tokens or (context is not None and longest >= context):
+            bound = min(config.max_prompt_tokens, context - 1) if context is not None else config.max_prompt_tokens
+            raise APIError(400, f"the prompt is {longest:,} tokens; this server takes at most {bound:,}",
+                           code="context_length_exceeded", param="messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+        if context is not None and longest + limit > context:
+            if max_tokens is not None:
+                raise APIError(
+                    400, f"the prompt ({longest:,} tokens) plus max_tokens ({limit:,}) exceeds the model's context "
+                    f"of {context:,} tokens", code="context_length_exceeded", param="max_tokens")
+            limit = context - longest  # the default shrinks to what fits
         steer = await _steering(body, service, store, config)
         requests = []
         for prompt in prompts:
@@ -172,32 +180,83 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
                 seed = None if body.seed is None else body.seed + j
                 requests.append(GenerationRequest(
                     prompt, max_tokens=limit, temperature=body.temperature, top_p=body.top_p, seed=seed,
-                    steer=steer, stop=stops,
+                    steer=steer, stop=stops, max_work=default_max_work(limit),
                 ))
         return requests
 
     @app.post("/v1/completions", response_model=None)
     async def completions(body: CompletionRequest, request: Request) -> Response | dict[str, Any]:
-        prompts = [_encode_text(service, p) for p in body.prompts()]
+        texts = body.prompts()
+        prompts = await run_in_threadpool(lambda: [_encode_text(service, p) for p in texts])
         requests = await make_requests(body, prompts, body.max_tokens)
         return await _answer(request, body, requests, service, model_name, chat=False)
 
     @app.post("/v1/chat/completions", response_model=None)
     async def chat_completions(body: ChatCompletionRequest, request: Request) -> Response | dict[str, Any]:
         try:
-            prompt = service.loaded.encode_messages(body.chat())
+            prompt = await run_in_threadpool(service.loaded.encode_messages, body.chat())
         except WasmshareError as e:
             raise APIError(400, str(e), param="messages") from None
         requests = await make_requests(body, [prompt], body.max_completion_tokens or body.max_tokens)
         return await _answer(request, body, requests, service, model_name, chat=True)
 
     app.add_middleware(_BodyLimit, limit=config.max_body_bytes, per_path={"/v1/controllers": config.max_controller_bytes})
+    app.add_middleware(_AuthAndCount, api_key=config.api_key, metrics=metrics)
     app.state.service = service
     app.state.store = store
     return app
 
 
 # --- helpers -------------------------------------------------------------------------------------------
+
+
+def _one_line(text: str) -> str:
+    """The first line of an error message, for a client (wasmtime's carry backtraces)."""
+    first = text.strip().splitlines()[0] if text.strip() else text
+    return first[:500]
+
+
+class _AuthAndCount:
+    """ASGI middleware: the API key on every ``/v1`` route, and a request counter by status.
+
+    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware
+    hands the endpoint a receive channel on which a client's disconnect does not show, so
+    a non-streaming request whose client hung up decoded to its end."""
+
+    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Any) -> None:
+        self.app = app
+        self.api_key = api_key
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        path = scope["path"]
+        endpoint = _endpoint(path)
+        if self.api_key and path.startswith("/v1/"):
+            header = dict(scope.get("headers") or ()).get(b"authorization", b"")
+            given = header[7:] if header[:7].lower() == b"bearer " else b""
+            if not secrets.compare_digest(given, self.api_key.encode()):
+                self.metrics.requests.labels(endpoint, "401").inc()
+                body = json.dumps(error_body("Incorrect or missing API key: send Authorization: Bearer KEY",
+                                             type="authentication_error", code="invalid_api_key")).encode()
+                await send({"type": "http.response.start", "status": 401,
+                            "headers": [(b"content-type", b"application/json"),
+                                        (b"content-length", str(len(body)).encode())]})
+                await send({"type": "http.response.body", "body": body})
+                return
+        status = {"code": 500}
+
+        async def counting_send(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                status["code"] = int(message["status"])
+            await send(message)
+
+        try:
+            await self.app(scope, receive, counting_send)
+        finally:
+            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
 
 
 def _endpoint(path: str) -> str:

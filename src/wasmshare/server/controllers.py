@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .._engine import EngineOptions, compile_in_child, evict_module
 from ..errors import WasmshareError
 from ..llm.controller import BatchRegions, Controller, ControllerInstance, Limits
 from ..llm.tokens import TokenTable
@@ -58,13 +59,16 @@ class ControllerStore:
     """
 
     def __init__(self, folder: Path, token_table: TokenTable, *, max_bytes: int = 8 << 20,
-                 limits: Limits | None = None) -> None:
+                 limits: Limits | None = None, compile_budget_s: float = 10.0, max_controllers: int = 256) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
+        self.compile_budget_s = compile_budget_s
+        self.max_controllers = max_controllers
         self.token_table = token_table
         self.limits = limits or Limits(deadline_ms=1000.0, fuel=None, memory_limit_bytes=256 << 20)
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # the records and _loaded; never held while compiling
+        self._validating = threading.Lock()  # the scratch slot
         self._loaded: dict[str, Controller] = {}
         self._scratch: BatchRegions | None = None
 
@@ -83,13 +87,31 @@ class ControllerStore:
             existing = self._record(digest)
             if existing is not None:
                 return existing
+            if sum(1 for _ in self.folder.glob("*.wasm")) >= self.max_controllers:
+                raise ControllerRejected(
+                    f"this server already stores {self.max_controllers} controllers; delete some first")
+        try:
             controller = Controller(wasm, name=name or f"controller-{digest[:12]}")
+        except (WasmshareError, UnicodeDecodeError, ValueError) as e:
+            raise ControllerRejected(_first_line(str(e)) if isinstance(e, WasmshareError) else
+                                     "the body is neither a wasm binary nor WAT text") from None
+        options = EngineOptions.for_limits(self.limits.fuel, self.limits.deadline_ms)
+        try:
+            compile_in_child(controller.wasm, options, timeout_s=self.compile_budget_s)
+        except TimeoutError as e:
+            raise ControllerRejected(f"{e}; the budget is {self.compile_budget_s:g} s") from None
+        except ValueError as e:
+            raise ControllerRejected(str(e)) from None
+        except OSError:
+            pass  # no child process here: the module compiles in process below
+        with self._validating:
             self._validate(controller)
-            record = StoredController(digest, controller.label, len(wasm), int(time.time()))
+        record = StoredController(digest, controller.label, len(wasm), int(time.time()))
+        with self._lock:
             _write_atomically(self.folder / f"{digest}.wasm", wasm)
             _write_atomically(self.folder / f"{digest}.json", json.dumps(dataclasses.asdict(record)).encode())
             self._loaded[digest] = controller
-            return record
+        return record
 
     def get(self, controller_id: str) -> StoredController | None:
         """The record of a stored module, or None."""
@@ -110,6 +132,7 @@ class ControllerStore:
             return False
         with self._lock:
             self._loaded.pop(controller_id, None)
+            evict_module(controller_id)
             found = False
             for suffix in (".wasm", ".json"):
                 try:
@@ -133,7 +156,7 @@ class ControllerStore:
 
     def close(self) -> None:
         """Release the scratch slot used for validation."""
-        with self._lock:
+        with self._validating:
             if self._scratch is not None:
                 self._scratch.close()
                 self._scratch = None
@@ -159,8 +182,13 @@ class ControllerStore:
         try:
             instance = ControllerInstance(controller, self._scratch, 0, 0, self.limits, tokenizer=self.token_table)
         except WasmshareError as e:
-            raise ControllerRejected(str(e)) from None
+            raise ControllerRejected(_first_line(str(e))) from None
         instance.close()
+
+
+def _first_line(text: str) -> str:
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[0] if lines else text
 
 
 def _write_atomically(path: Path, data: bytes) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import errno
 import socket
 from pathlib import Path
+from typing import Any
 
 from fastapi import FastAPI
 from rich.console import Console
@@ -38,7 +39,8 @@ def build_server(
     )
     folder = config.controllers_dir or default_cache_dir() / "controllers"
     try:
-        store = ControllerStore(Path(folder), loaded.token_table, max_bytes=config.max_controller_bytes)
+        store = ControllerStore(Path(folder), loaded.token_table, max_bytes=config.max_controller_bytes,
+                                compile_budget_s=config.controller_compile_s)
     except OSError as e:
         service.close()
         raise WasmshareError(f"cannot use {folder} for uploaded controllers: {e.strerror or e}") from None
@@ -71,8 +73,17 @@ def serve(model: str, config: ServerConfig, *, host: str = "127.0.0.1", port: in
         f"serving [bold]{service.loaded.name}[/] on http://{host}:{port}/v1 "
         f"({config.max_concurrent} concurrent sequences, {auth})"
     )
+    class _Server(uvicorn.Server):
+        """Ctrl-C / SIGTERM cancels every request first, so open streams end at once and
+        uvicorn's wait for open connections is short."""
+
+        def handle_exit(self, sig: int, frame: Any) -> None:
+            service.cancel_all()
+            super().handle_exit(sig, frame)
+
+    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10))
     try:
-        uvicorn.run(app, host=host, port=port, log_level=log_level)
+        server.run()
     finally:
         service.close()
         store.close()

@@ -11,7 +11,7 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 __all__ = [
     "APIError",
@@ -60,17 +60,49 @@ class ResponseFormat(BaseModel):
     json_schema: dict[str, Any] | None = None
 
 
+_INT64 = 1 << 63
+_MAX_JSON_DEPTH = 64
+
+
+def _check_text(value: Any, where: str = "", depth: int = 0) -> None:
+    """Raise ValueError for a string anywhere in ``value`` that is not valid Unicode text.
+
+    JSON may spell a lone surrogate (``"\\ud800"``), which Python's json accepts and no
+    UTF-8 encoder (the tokenizer's, llguidance's) does: checked once here, at the edge,
+    so nothing further in has to."""
+    if depth > _MAX_JSON_DEPTH:
+        raise ValueError(f"{where or 'body'}: nested deeper than {_MAX_JSON_DEPTH} levels")
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where or 'body'}: the string holds a lone surrogate, which is not text") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_text(key, where, depth + 1)
+            _check_text(item, f"{where}.{key}" if where else str(key), depth + 1)
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            _check_text(item, f"{where}[{i}]", depth + 1)
+
+
 class _Steering(BaseModel):
     """Sampling and steering fields shared by both endpoints, including wasmshare's extras."""
 
     model_config = ConfigDict(extra="allow")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _text_only(cls, data: Any) -> Any:
+        _check_text(data)
+        return data
 
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     temperature: float = Field(default=1.0, ge=0.0, le=2.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     n: int = Field(default=1, ge=1, le=16)
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=-_INT64, lt=_INT64)  # OpenAI's: a 64-bit signed int
     stop: str | list[str] | None = None
     stream: bool = False
     stream_options: dict[str, Any] | None = None

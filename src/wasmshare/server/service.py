@@ -130,10 +130,27 @@ class EngineService:
         """Requests waiting for a slot."""
         return self.queue.waiting
 
-    def close(self) -> None:
-        """Finish what runs, then stop the loop and the engine."""
+    def cancel_all(self) -> None:
+        """End every request now (shutting down): running ones stop at the next step with
+        ``"cancelled"``, waiting ones get a cancelled result at once. Safe from any thread."""
         self.queue.close()
-        self._thread.join(timeout=60)
+        with self._lock:
+            tickets = list(self._tickets.values())
+        for ticket in tickets:
+            if ticket.result is not None:
+                continue
+            if self.queue.cancel(ticket.key):  # never admitted: answer it here
+                with self._lock:
+                    self._tickets.pop(ticket.key, None)
+                result = GenerationResult(ticket.request, 0, [], "", "cancelled", "the server is shutting down")
+                ticket.result = result
+                ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, result)
+
+    def close(self) -> None:
+        """Cancel what runs and waits, then stop the loop and the engine (within a step or two:
+        a step's work is bounded, long prompts included)."""
+        self.cancel_all()
+        self._thread.join(timeout=30)
         self.engine.close()
 
     # -- engine thread ------------------------------------------------------------------------------
