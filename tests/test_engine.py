@@ -568,3 +568,80 @@ def test_a_forbidden_greedy_draw_takes_the_best_allowed_token(loaded: Any, allow
     within_budget = allowed_rank <= max(1, 1_048_576 // width)
     assert loads["n"] == (0 if within_budget else 1)
     assert engine.stats.runner_up_draws == int(within_budget) and engine.stats.late_masks == int(not within_budget)
+
+
+# -- bounds on what one request costs ----------------------------------------------------------------
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_and_answers_the_same(loaded: Any) -> None:
+    """A prompt longer than prefill_chunk_tokens joins after a chunk per step, decoding the
+    same greedy tokens as a one-pass prefill, while a short request beside it gets its first
+    token before the long prompt's prefill is done."""
+    text = " ".join(f"item {i} is blue;" for i in range(120)) + " So the colour of item 7 is"
+    long_request = GenerationRequest(text, max_tokens=6, chat=False)
+    steered = GenerationRequest(text, max_tokens=6, chat=False, steer=C.regex(r" ?[a-z]+"))
+    short = GenerationRequest("The capital of France is", max_tokens=12, chat=False)
+    with Engine(loaded, max_batch=3) as engine:
+        assert len(loaded.encode_prompt(text, chat=False)) > 600
+        expected = engine.generate([long_request, steered])
+    order: list[int] = []
+    with Engine(loaded, max_batch=3, prefill_chunk_tokens=64) as engine:
+        results = engine.generate([long_request, steered, short], on_token=lambda i, t, s: order.append(i))
+    assert [r.tokens for r in results[:2]] == [r.tokens for r in expected]
+    assert all(r.error is None and r.tokens for r in results)
+    assert order.index(2) < min(order.index(0), order.index(1))  # the short one decoded while the long ones prefilled
+
+
+def test_an_endless_backtracker_ends_at_its_work_bound_and_its_cache_stays_small(loaded: Any) -> None:
+    """A controller that drops every sampled token never grows its output; the work bound ends
+    it with an error naming the bound, and the cache it backtracks over is compacted."""
+    widths: list[int] = []
+    with Engine(loaded, max_batch=2) as engine:
+        real_forward = engine._forward
+
+        def watch(feeds: Any, rows: Any) -> Any:
+            assert engine._attn is not None
+            widths.append(int(engine._attn.shape[1]))
+            return real_forward(feeds, rows)
+
+        engine._forward = watch  # type: ignore[method-assign]
+        hostile, plain = engine.generate([
+            GenerationRequest("Hi", max_tokens=5, max_work=300,
+                              steer=Controller(CONTROLLERS / "hostile_host_calls.wasm", "endless_backtrack")),
+            GenerationRequest("Count: one, two,", max_tokens=40),
+        ])
+    assert hostile.finish_reason == "error" and "the limit is 300 tokens" in (hostile.error or ""), hostile.error
+    assert plain.error is None and len(plain.tokens) == 40
+    assert max(widths) < 40 + 64 + 40  # without compaction the width passes 300
+
+
+def test_a_prompt_at_the_context_is_refused(loaded: Any) -> None:
+    """generate() refuses it before anything runs; in a running batch (the server's run()) it
+    ends alone with the same error."""
+    from wasmshare.errors import WasmshareError
+    from wasmshare.llm.engine import RequestQueue
+
+    context = loaded.context_length
+    assert isinstance(context, int) and context > 0
+    with Engine(loaded, max_batch=2) as engine:
+        with pytest.raises(WasmshareError, match="the model's context is"):
+            engine.generate([GenerationRequest([42] * context, max_tokens=2)])
+        queue = RequestQueue()
+        results: dict[int, Any] = {}
+        too_long = queue.submit(GenerationRequest([42] * context, max_tokens=2))
+        fine = queue.submit(GenerationRequest("Hello", max_tokens=2))
+        queue.close()
+        engine.run(queue, on_finish=results.__setitem__)
+    assert results[too_long].finish_reason == "error" and "context" in (results[too_long].error or "")
+    assert results[fine].error is None and results[fine].tokens
+
+
+def test_a_controller_that_imports_constraints_gets_its_tokenizer_before_any_step(loaded: Any) -> None:
+    """One-off start-up work (the grammar engine's tokenizer) happens when the controller is
+    created, never inside a step's deadline."""
+    from wasmshare.llm.batch import ControllerBatch
+
+    C._tokenizers.pop(loaded.token_table.sha256, None)
+    with ControllerBatch(loaded.token_table, capacity=1) as batch:
+        batch.add(Controller(CONTROLLERS / "tool_call.wasm", "<tool>\n{}"))
+        assert loaded.token_table.sha256 in C._tokenizers

@@ -33,6 +33,12 @@ from conftest import PYTHON, ROOT, child_env
 from wasmshare import Guest, GuestError, GuestLimitExceeded, GuestTrap, Region
 from wasmshare.cli import app
 from wasmshare.plugins import (
+    BLOB_FILE_MAX_BYTES,
+    MODULE_FILE_MAX_BYTES,
+    PROGRAM_EXPANDED_MAX_CHARS,
+    PROGRAM_MAX_NESTING_LEVELS,
+    PROGRAM_MAX_NODES,
+    PROGRAM_TEXT_MAX_BYTES,
     BlobFormatError,
     BlobLease,
     CheckResult,
@@ -541,17 +547,245 @@ def test_plugin_past_its_deadline_fails_that_query_alone(publication: Publicatio
 
 
 def test_bad_programs_give_clear_errors(publication: Publication) -> None:
-    with pytest.raises(ProgramError, match="not valid YAML"):
-        parse_program("resources: [unclosed")
-    with pytest.raises(ProgramError, match="'resources' section"):
-        parse_program("name: x\n")
-    with pytest.raises(ProgramError, match="resources.a: the resource has no 'type'"):
-        parse_program("resources:\n  a:\n    properties: {}\n")
+    for text, message in [
+        ("resources: [unclosed", r"not valid YAML: while parsing a flow sequence: .*expected ',' or '\]' at line \d+, column \d+$"),
+        ("name: x\n", "'resources' section"),
+        ("resources:\n  a:\n    properties: {}\n", "resources.a: the resource has no 'type'"),
+        ("resources: [*nowhere]", "the alias \\*nowhere has no anchor before it"),
+        ("resources: [&a 1, &a 2]", "the anchor &a is defined twice"),
+        ("resources:\n  a: {type: t, properties: {day: 2001-13-45}}\n", "a value that cannot be read: month must be"),
+        (f"resources:\n  a: {{type: t, properties: {{n: {'9' * 5000}}}}}\n", "a value that cannot be read: Exceeds"),
+        (b"resources: {a: {type: \xff}}", "not valid YAML: unacceptable character #x00ff: invalid leading UTF-8 octet"),
+    ]:
+        with pytest.raises(ProgramError, match=message) as info:
+            parse_program(text)
+        assert "\n" not in str(info.value), str(info.value)
     huge = Program.of({f"r{i}": {"type": "aws:x/y:Y", "properties": {"k": "v" * 100}} for i in range(200)})
     with PluginHost(publication, io_nbytes=8192) as host:
         host.spawn(1)
         with pytest.raises(ProgramError, match="does not fit"):
             host.check(huge)
+
+
+# --------------------------------------------------------------------------- untrusted programs and paths
+
+CHILD_HEAP_BYTES = 1 << 30
+
+
+def _guarded(code: str, *args: str, stdin: bytes = b"", timeout_s: float = 120.0) -> subprocess.CompletedProcess[bytes]:
+    """Run Python ``code`` in a child with its heap capped (RLIMIT_DATA) and its time bounded.
+
+    For attacks whose regression would fill this machine's memory (a YAML bomb, a read
+    of ``/dev/zero``), crash the interpreter (a C stack overflow) or block forever (a
+    FIFO): the child then dies or is killed at the deadline and the test fails, while
+    pytest carries on. The deadline is a guard against hanging, not a timing assertion.
+    """
+    limit = f"import resource; resource.setrlimit(resource.RLIMIT_DATA, ({CHILD_HEAP_BYTES}, {CHILD_HEAP_BYTES}))\n"
+    try:
+        return subprocess.run(
+            [PYTHON, "-c", limit + code, *args], input=stdin, env=child_env(), capture_output=True, timeout=timeout_s
+        )
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the child was still running after {timeout_s} s (blocked on its input?)")
+
+
+def _laughs() -> str:
+    """The "billion laughs": nine levels of nine aliases, 9**9 lols in about 600 bytes."""
+    lines = ['      a0: &a0 ["lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol", "lol"]']
+    lines += [f"      a{i}: &a{i} [{', '.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 9)]
+    return "resources:\n  bomb:\n    type: aws:s3/bucket:Bucket\n    properties:\n" + "\n".join(lines) + "\n"
+
+
+DEEP_LEVELS = 100_000
+YAML_BOMBS = {
+    "billion-laughs": (_laughs(), rf"more than {PROGRAM_MAX_NODES:,} YAML nodes with its aliases expanded at line \d+"),
+    "self-alias": ("resources:\n  loop:\n    type: aws:s3/bucket:Bucket\n    properties: {tags: &a [*a, *a]}\n",
+                   "refers to the anchor &a from inside itself at line 4"),
+    "recursive-merge": ("resources:\n  loop:\n    type: aws:s3/bucket:Bucket\n    properties: &m {<<: *m, a: 1}\n",
+                        "refers to the anchor &m from inside itself"),
+    "deep-nesting": ("resources:\n  deep:\n    type: aws:s3/bucket:Bucket\n    properties: {k: "
+                     + "[" * DEEP_LEVELS + "]" * DEEP_LEVELS + "}\n",
+                     rf"nested more than {PROGRAM_MAX_NESTING_LEVELS} levels deep at line 4"),
+    "string-alias": ("resources:\n  s:\n    type: t\n    properties:\n      s: &s " + "x" * (1 << 20) + "\n      l: ["
+                     + ", ".join(["*s"] * 80) + "]\n", f"more than {PROGRAM_EXPANDED_MAX_CHARS:,} characters"),
+    "two-documents": ("resources: {}\n---\nresources: {}\n", "second YAML document at line 2"),
+    "oversized-text": ("resources: {}\n#" + "x" * PROGRAM_TEXT_MAX_BYTES,
+                       rf"over the {PROGRAM_TEXT_MAX_BYTES:,}-byte limit \(PROGRAM_TEXT_MAX_BYTES\)"),
+}
+PARSE_FROM_STDIN = """
+import sys
+from wasmshare.plugins import ProgramError, encode_program, parse_program
+raw = sys.stdin.buffer.read()
+for text in (raw, raw.decode()):
+    try:
+        encode_program(parse_program(text))
+        print("accepted")
+    except ProgramError as e:
+        print(f"{type(e).__name__}: {e}")
+"""
+
+
+@pytest.mark.parametrize("case", YAML_BOMBS)
+def test_yaml_bomb_is_refused_before_it_is_built(case: str) -> None:
+    """Expanded, these exhaust the host's memory (or, nested, overflow PyYAML's C stack): refused unbuilt."""
+    text, message = YAML_BOMBS[case]
+    if case == "billion-laughs":
+        assert len(text) < 700
+    if case == "self-alias":
+        assert len(text) < 100
+    proc = _guarded(PARSE_FROM_STDIN, stdin=text.encode())
+    assert proc.returncode == 0, f"the child died ({proc.returncode}): {proc.stderr.decode()[-2000:]}"
+    lines = proc.stdout.decode().splitlines()
+    assert len(lines) == 2, lines  # bytes and str: one line each
+    for line in lines:
+        assert line.startswith("ProgramError: program ") and re.search(message, line), line
+
+
+def test_cyclic_program_built_in_python_is_refused_by_the_encoder() -> None:
+    code = """
+from wasmshare.plugins import Program, ProgramError, encode_program
+loop = []
+loop.append(loop)
+try:
+    encode_program(Program.of({"loop": {"type": "t", "properties": {"k": loop}}}))
+    print("accepted")
+except ProgramError as e:
+    print(e)
+"""
+    proc = _guarded(code)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert f"more than {PROGRAM_MAX_NODES:,} nodes as a tree (limit PROGRAM_MAX_NODES)" in proc.stdout.decode()
+
+
+CLI = "import sys\nfrom wasmshare.cli import main\nsys.argv = ['wasmshare', *sys.argv[1:]]\nmain()\n"
+
+
+@pytest.mark.parametrize("case", ["billion-laughs", "self-alias", "deep-nesting"])
+def test_cli_check_refuses_a_yaml_bomb_in_one_line(case: str, blob: bytes, tmp_path: Path) -> None:
+    text, message = YAML_BOMBS[case]
+    (tmp_path / "schema.blob").write_bytes(blob)
+    program = tmp_path / f"{case}.yaml"
+    program.write_text(text)
+    proc = _guarded(CLI, "plugins", "check", str(program), "--blob", str(tmp_path / "schema.blob"))
+    err = proc.stderr.decode()
+    assert proc.returncode == 1, f"exit {proc.returncode}: {err[-2000:]}"
+    assert "Traceback" not in err and len(err.strip().splitlines()) == 1, err[-2000:]
+    assert err.startswith(f"error: {program}: program ") and re.search(message, err), err
+
+
+PATH_ATTACKS = """
+import json, sys
+from typer.testing import CliRunner
+from wasmshare.cli import app
+from wasmshare.plugins import PluginHost, Publication, check_plugin_module, embed_plugin, generate_blob
+
+path, work = sys.argv[1], sys.argv[2]
+small = generate_blob(256 * 1024, seed=4)
+blob_file = work + "/schema.blob"
+open(blob_file, "wb").write(small)
+api = {
+    "module": [lambda: check_plugin_module(path), lambda: PluginHost(None, module=path),
+               lambda: embed_plugin(small, module=path, out=work + "/a.cwasm")],
+    "blob": [lambda: Publication.publish(path), lambda: PluginHost(path), lambda: embed_plugin(path, out=work + "/b.cwasm")],
+}
+cli = {
+    "module": ["plugins", "check", blob_file, "--blob", blob_file, "--module", path],
+    "blob": ["plugins", "check", blob_file, "--blob", path],
+    "program": ["plugins", "check", path, "--blob", blob_file],
+}
+for role, attacks in api.items():
+    for i, attack in enumerate(attacks):
+        try:
+            attack()
+            print(json.dumps([f"{role} api {i}", "accepted", ""]))
+        except Exception as e:
+            print(json.dumps([f"{role} api {i}", type(e).__name__, str(e)]))
+for role, args in cli.items():
+    result = CliRunner().invoke(app, args)
+    crash = "" if isinstance(result.exception, (SystemExit, type(None))) else f" ({result.exception!r})"
+    print(json.dumps([f"{role} cli", f"exit {result.exit_code}{crash}", result.output]))
+"""
+
+
+@pytest.mark.parametrize("kind", ["fifo", "dev-zero", "directory", "oversized"])
+def test_user_paths_that_are_not_plain_files_are_refused_promptly(kind: str, tmp_path: Path) -> None:
+    """A plugin module, blob file or program that is a FIFO (an open waits for a writer,
+    forever), ``/dev/zero`` (a read never ends), a directory, or a (sparse) file over its
+    limit fails at once, from the API and the CLI alike, with a one-line error naming it."""
+    if kind == "fifo":
+        path = tmp_path / "trap"
+        os.mkfifo(path)
+    elif kind == "dev-zero":
+        path = Path("/dev/zero")
+    elif kind == "directory":
+        path = tmp_path / "folder"
+        path.mkdir()
+    else:
+        path = tmp_path / "huge"
+        with open(path, "wb") as f:
+            f.truncate(BLOB_FILE_MAX_BYTES + 1)  # over every limit, without a byte on disk
+    what = {"fifo": "it is a FIFO, not a regular file", "dev-zero": "it is a character device, not a regular file",
+            "directory": "it is a directory, not a regular file"}
+    expected = {
+        "module": what.get(kind, f"over the {MODULE_FILE_MAX_BYTES:,}-byte limit (MODULE_FILE_MAX_BYTES)"),
+        "blob": what.get(kind, f"over the {BLOB_FILE_MAX_BYTES:,}-byte limit (BLOB_FILE_MAX_BYTES)"),
+        "program": what.get(kind, f"over the {PROGRAM_TEXT_MAX_BYTES:,}-byte limit (PROGRAM_TEXT_MAX_BYTES)"),
+    }
+    errors = {"module": "PluginModuleError", "blob": "PluginError"}
+    work = tmp_path / "work"
+    work.mkdir()
+    proc = _guarded(PATH_ATTACKS, str(path), str(work))
+    assert proc.returncode == 0, f"the child died ({proc.returncode}): {proc.stderr.decode()[-2000:]}"
+    rows = [json.loads(line) for line in proc.stdout.decode().splitlines()]
+    assert len(rows) == 9, rows
+    for name, outcome, message in rows:
+        role, how = name.split()[:2]
+        assert expected[role] in message and str(path) in message, (name, outcome, message)
+        assert "\n" not in message.strip(), (name, message)
+        if how == "api":
+            assert outcome == errors[role], (name, outcome, message)
+        else:
+            assert outcome == "exit 1", (name, outcome, message)
+            assert message.startswith("error: cannot read ") and "Traceback" not in message, (name, message)
+    assert not list(work.glob("*.cwasm")), "an artifact was written from a refused input"
+
+
+def test_a_user_file_is_read_to_its_end_and_never_past_its_limit() -> None:
+    """``/proc`` files stat as empty and still have contents; a read stops once past the limit."""
+    from wasmshare.plugins._safe_input import read_user_file
+
+    assert read_user_file("/proc/self/status", label="status", max_bytes=1 << 20).startswith(b"Name:")
+    with pytest.raises(PluginError, match=r"^cannot read status: it grew past the 16-byte limit \(X\) as it was read$"):
+        read_user_file("/proc/self/status", label="status", max_bytes=16, limit_name="X")
+
+
+def test_named_blob_that_is_a_fifo_is_refused_promptly() -> None:
+    """Anyone can make a FIFO in /dev/shm: attaching, sweeping or publishing that name must not block."""
+    name = _unique_name()
+    fifo = Path("/dev/shm") / name
+    os.mkfifo(fifo)
+    code = f"""
+from wasmshare.plugins import BlobLease, PluginError, Publication, generate_blob, sweep_stale_blobs
+try:
+    BlobLease.attach({name!r})
+except PluginError as e:
+    print(e)
+print(sweep_stale_blobs(prefix={name!r}, min_age_s=0))
+try:
+    Publication.publish(generate_blob(256 * 1024, seed=4), name={name!r})
+except PluginError as e:
+    print(e)
+"""
+    try:
+        proc = _guarded(code)
+    finally:
+        fifo.unlink()
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+    assert proc.stdout.decode().splitlines() == [
+        f"cannot open blob {name!r}: not a regular file (a FIFO or device in /dev/shm?)",
+        "[]",
+        f"a blob named {name!r} is already published and in use; pick another name",
+    ]
 
 
 # --------------------------------------------------------------------------- embedded copy-on-write data

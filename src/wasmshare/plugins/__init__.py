@@ -9,15 +9,33 @@ The blob format (:class:`SchemaBlob`) holds the schema JSON and a compact lookup
 :func:`generate_blob` makes a provider-like schema of any size; the type-check plugin
 (``guests/plugins/typecheck.c``) checks infrastructure programs against it.
 
+Programs, modules and blob files come from users and are untrusted: every file is
+opened without blocking and refused unless it is a regular file within its size limit
+(``*_FILE_MAX_BYTES``), and YAML is checked for size, nesting and alias expansion
+(``PROGRAM_*``) before it is built.
+
 See ``docs/plugins.md``. YAML programs need PyYAML (``pip install 'wasmshare[plugins]'``).
 """
 
-from .blob import PropertyInfo, SchemaBlob, TypeInfo, build_blob
+from .blob import BLOB_FILE_MAX_BYTES, PropertyInfo, SchemaBlob, TypeInfo, build_blob
 from .embedded import EmbeddedPlugin, embed_plugin
 from .errors import BlobFormatError, PluginCrashed, PluginError, PluginModuleError, ProgramError
-from .host import REQUIRED_EXPORTS, CheckResult, Mode, Plugin, PluginHost, check_plugin_module, default_plugin_module
+from .host import (
+    MODULE_FILE_MAX_BYTES,
+    REQUIRED_EXPORTS,
+    CheckResult,
+    Mode,
+    Plugin,
+    PluginHost,
+    check_plugin_module,
+    default_plugin_module,
+)
 from .memory import MemoryUsage, memory_usage
 from .program import (
+    PROGRAM_EXPANDED_MAX_CHARS,
+    PROGRAM_MAX_NESTING_LEVELS,
+    PROGRAM_MAX_NODES,
+    PROGRAM_TEXT_MAX_BYTES,
     Diagnostic,
     DiagnosticKind,
     Program,
@@ -33,18 +51,24 @@ from .publish import BlobLease, Publication, blob_holders, sweep_stale_blobs
 from .schema import generate_blob, generate_schema, parse_size
 
 __all__ = [
+    "BLOB_FILE_MAX_BYTES",
     "BlobFormatError",
     "BlobLease",
     "CheckResult",
     "Diagnostic",
     "DiagnosticKind",
     "EmbeddedPlugin",
+    "MODULE_FILE_MAX_BYTES",
     "MemoryUsage",
     "Mode",
     "Plugin",
     "PluginCrashed",
     "PluginError",
     "PluginHost",
+    "PROGRAM_EXPANDED_MAX_CHARS",
+    "PROGRAM_MAX_NESTING_LEVELS",
+    "PROGRAM_MAX_NODES",
+    "PROGRAM_TEXT_MAX_BYTES",
     "PluginModuleError",
     "Program",
     "ProgramError",

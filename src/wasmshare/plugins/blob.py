@@ -28,12 +28,14 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..region import MAX_REGION_BYTES
 from .errors import BlobFormatError
 
 __all__ = [
     "MAGIC",
     "VERSION",
     "HEADER_SIZE",
+    "BLOB_FILE_MAX_BYTES",
     "SchemaBlob",
     "TypeInfo",
     "PropertyInfo",
@@ -46,6 +48,12 @@ MAGIC = b"WSSCHEMA"
 VERSION = 1
 HEADER = struct.Struct("<8sIIQQQQQII")
 HEADER_SIZE = HEADER.size  # 64
+BLOB_FILE_MAX_BYTES = MAX_REGION_BYTES
+"""Largest blob file read, published, embedded or streamed (4 GiB), checked before reading.
+
+A plugin is a wasm32 guest: it addresses 4 GiB in all, so no larger blob can be lent,
+embedded or copied into one.
+"""
 INDEX_HEADER = struct.Struct("<8I")  # 32 bytes
 JSON_ALIGN = 64
 

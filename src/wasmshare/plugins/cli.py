@@ -89,7 +89,10 @@ def check(
     module: Annotated[Optional[Path], typer.Option(help="A plugin module (default: the type-check plugin).")] = None,
 ) -> None:
     """Type-check YAML programs against a schema blob in a sandboxed plugin process."""
+    from ._safe_input import read_user_file
+    from .errors import ProgramError
     from .host import PluginHost
+    from .program import PROGRAM_TEXT_MAX_BYTES
     from .publish import Publication
 
     failures = 0
@@ -97,11 +100,14 @@ def check(
         with Publication.publish(blob) as pub, PluginHost(pub, module=module) as host:
             host.spawn(1)
             for path in programs:
+                text = read_user_file(  # its errors name the file; the handler below prints them
+                    path, label=f"program {path}", max_bytes=PROGRAM_TEXT_MAX_BYTES,
+                    limit_name="PROGRAM_TEXT_MAX_BYTES", error=ProgramError,
+                )
                 try:
-                    text = path.read_text()
-                except OSError as e:
-                    raise _fail(f"cannot read {path}: {e.strerror}") from None
-                result = host.check(text)
+                    result = host.check(text)
+                except ProgramError as e:
+                    raise _fail(f"{path}: {e}") from None
                 if result.ok:
                     console.print(f"[green]✓[/] {path}: no problems", soft_wrap=True)
                     continue

@@ -29,10 +29,11 @@ from pathlib import Path
 import wasmtime
 
 from .. import _engine
+from ._safe_input import read_user_file
 from ._wasm import embed_data
-from .blob import SchemaBlob
+from .blob import BLOB_FILE_MAX_BYTES, SchemaBlob
 from .errors import PluginError, PluginModuleError
-from .host import check_plugin_module, default_plugin_module
+from .host import _read_module_file, check_plugin_module, default_plugin_module
 from .publish import Publication
 
 __all__ = ["EmbeddedPlugin", "embed_plugin"]
@@ -40,6 +41,8 @@ __all__ = ["EmbeddedPlugin", "embed_plugin"]
 PTR_GLOBAL = "plugin_blob_ptr"
 LEN_GLOBAL = "plugin_blob_len"
 _FORMAT = 1
+METADATA_FILE_MAX_BYTES = 1024 * 1024
+"""Largest artifact metadata file (``<artifact>.json``) read; the real ones are under 1 KiB."""
 
 
 @dataclass(frozen=True)
@@ -71,11 +74,15 @@ class EmbeddedPlugin:
         """Reopen an artifact from its metadata file; raises :class:`PluginError` if it is missing or stale."""
         p = Path(path)
         meta = Path(str(p) + ".json")
+        raw = read_user_file(
+            meta, label=f"embedded plugin metadata {meta}", max_bytes=METADATA_FILE_MAX_BYTES,
+            limit_name="METADATA_FILE_MAX_BYTES",
+        )
         try:
-            data = json.loads(meta.read_text())
-        except (OSError, ValueError) as e:
-            raise PluginError(f"no embedded plugin metadata at {meta}: {e}") from e
-        if data.get("format") != _FORMAT or not p.is_file():
+            data = json.loads(raw)
+        except ValueError as e:
+            raise PluginError(f"embedded plugin metadata {meta} is not JSON: {e}") from e
+        if not isinstance(data, dict) or data.get("format") != _FORMAT or not p.is_file():
             raise PluginError(f"{p} is not an embedded plugin artifact of this wasmshare")
         if data.get("wasmtime") != _wasmtime_version():
             raise PluginError(
@@ -115,10 +122,9 @@ def embed_plugin(
     elif isinstance(blob, (bytes, bytearray, memoryview)):
         data = bytes(blob)
     else:
-        try:
-            data = Path(blob).read_bytes()
-        except OSError as e:
-            raise PluginError(f"cannot read blob file {os.fspath(blob)!r}: {e.strerror}") from e
+        data = read_user_file(
+            blob, label=f"blob file {os.fspath(blob)!r}", max_bytes=BLOB_FILE_MAX_BYTES, limit_name="BLOB_FILE_MAX_BYTES"
+        )
     SchemaBlob(data).release()  # validate before anything is written
     options = _engine.EngineOptions(fuel=fuel, epoch=deadline)
     blob_sha = hashlib.sha256(data).hexdigest()
@@ -175,10 +181,7 @@ def _module_bytes(module: str | os.PathLike[str] | bytes | None) -> bytes:
         module = default_plugin_module()
     if isinstance(module, (bytes, bytearray)):
         return bytes(module)
-    try:
-        return Path(module).read_bytes()
-    except OSError as e:
-        raise PluginModuleError(f"cannot read plugin module {os.fspath(module)!r}: {e.strerror}") from e
+    return _read_module_file(module, f"plugin module {os.fspath(module)!r}")
 
 
 def _write_synced(path: Path, data: bytes | bytearray) -> None:

@@ -40,7 +40,9 @@ import numpy as np
 from ..errors import GuestError, GuestLimitExceeded, GuestTrap, LimitKind, WasmshareError
 from ..region import Region
 from ._protocol import recv_message, send_message
+from ._safe_input import open_user_file, read_user_file
 from ._wasm import exports as wasm_exports
+from .blob import BLOB_FILE_MAX_BYTES
 from .errors import BlobFormatError, PluginCrashed, PluginError, PluginModuleError, ProgramError
 from .memory import MemoryUsage, memory_usage
 from .program import Diagnostic, Program, decode_diagnostics, encode_program, parse_program
@@ -49,7 +51,16 @@ from .publish import Publication
 if TYPE_CHECKING:
     from .embedded import EmbeddedPlugin
 
-__all__ = ["PluginHost", "Plugin", "CheckResult", "Mode", "REQUIRED_EXPORTS", "default_plugin_module", "check_plugin_module"]
+__all__ = [
+    "PluginHost",
+    "Plugin",
+    "CheckResult",
+    "Mode",
+    "REQUIRED_EXPORTS",
+    "MODULE_FILE_MAX_BYTES",
+    "default_plugin_module",
+    "check_plugin_module",
+]
 
 Mode = Literal["loan", "embedded", "copy", "none"]
 MODES: tuple[Mode, ...] = ("loan", "embedded", "copy", "none")
@@ -64,6 +75,13 @@ REQUIRED_EXPORTS: dict[str, int] = {
 """What a plugin module must export (name → wasm export kind: 0 function, 2 memory)."""
 PLUGIN_ABI_VERSION = 1
 WASM_PAGE = 65536
+MODULE_FILE_MAX_BYTES = 256 * 1024 * 1024
+"""Largest plugin module file read (``.wasm``/``.wat``), checked before reading.
+
+Real plugins are KiBs (the type-check plugin) to tens of MiB (debug builds); the bytes
+are held, validated and compiled in the host, so a bound keeps a wrong path from
+filling its memory.
+"""
 
 WSP_ERRORS = {
     -101: "bad magic",
@@ -92,7 +110,9 @@ def check_plugin_module(module: str | os.PathLike[str] | bytes, what: str | None
     """Raise :class:`PluginModuleError` unless ``module`` is valid wasm exporting the plugin ABI.
 
     The message names every missing export. Reads only the module's export section
-    (plus wasmtime's validation), so it is cheap enough to run before spawning.
+    (plus wasmtime's validation), so it is cheap enough to run before spawning. A path
+    must name a regular file of at most :data:`MODULE_FILE_MAX_BYTES`; a FIFO, a device
+    or a larger file is refused before it is read.
     """
     import wasmtime
 
@@ -100,10 +120,7 @@ def check_plugin_module(module: str | os.PathLike[str] | bytes, what: str | None
         wasm, label = bytes(module), what or "the plugin module"
     else:
         label = what or f"plugin module {os.fspath(module)}"
-        try:
-            wasm = Path(module).read_bytes()
-        except OSError as e:
-            raise PluginModuleError(f"cannot read {label}: {e.strerror}") from e
+        wasm = _read_module_file(module, label)
     try:
         wasmtime.Module.validate(wasmtime.Engine(), wasm)
     except wasmtime.WasmtimeError as e:
@@ -115,6 +132,19 @@ def check_plugin_module(module: str | os.PathLike[str] | bytes, what: str | None
             f"{label} does not export {', '.join(missing)}: a plugin must export "
             f"{', '.join(REQUIRED_EXPORTS)} (see docs/plugins.md)"
         )
+
+
+def _read_module_file(module: str | os.PathLike[str], label: str | None = None) -> bytes:
+    """The bytes of the plugin module file ``module``, read with the checks of a user's path.
+
+    Raises :class:`PluginModuleError`, in one line, unless it is a regular file of at
+    most :data:`MODULE_FILE_MAX_BYTES`: a FIFO or a device such as ``/dev/zero`` is
+    refused at once instead of blocking or reading forever.
+    """
+    return read_user_file(
+        module, label=label or f"plugin module {os.fspath(module)}", max_bytes=MODULE_FILE_MAX_BYTES,
+        limit_name="MODULE_FILE_MAX_BYTES", error=PluginModuleError,
+    )
 
 
 @dataclass(frozen=True)
@@ -475,10 +505,8 @@ class PluginHost:
             elif isinstance(blob, (bytes, bytearray)):
                 self.blob_nbytes = len(blob)
             elif isinstance(blob, (str, os.PathLike)):
-                try:
-                    self.blob_nbytes = os.stat(blob).st_size
-                except OSError as e:
-                    raise PluginError(f"cannot read blob file {os.fspath(blob)!r}: {e.strerror}") from e
+                fd, self.blob_nbytes = _open_blob_file(blob)
+                os.close(fd)
             else:
                 raise PluginError("mode 'copy' needs a Publication, a blob file path or bytes")
             self._copy_source = blob
@@ -487,21 +515,21 @@ class PluginHost:
         self.module: str | None = None
         if self.mode != "embedded":
             path = Path(module) if module is not None else default_plugin_module()
-            check_plugin_module(path)
+            label = f"plugin module {os.fspath(path)}"
+            wasm = _read_module_file(path, label)
+            check_plugin_module(wasm, label)
             self.module = str(path.resolve())
-            self._warm_module_cache(path)
+            self._warm_module_cache(wasm)
         else:
             assert self._embedded is not None
             self.module = str(self._embedded.path)
 
-    def _warm_module_cache(self, path: Path) -> None:
+    def _warm_module_cache(self, wasm: bytes) -> None:
         """Compile the module once here, so plugin processes map the cached artifact instead of compiling."""
         from .. import _engine
 
         try:
-            _engine.compile_module(
-                path.read_bytes(), _engine.EngineOptions.for_limits(self.fuel, self.deadline_ms)
-            )
+            _engine.compile_module(wasm, _engine.EngineOptions.for_limits(self.fuel, self.deadline_ms))
         except Exception:  # noqa: BLE001 - the plugin process reports a bad module itself
             pass
 
@@ -518,7 +546,13 @@ class PluginHost:
         if isinstance(source, Publication):
             fd = os.dup(source.region.fd)
         else:
-            fd = os.open(os.fspath(source), os.O_RDONLY | os.O_CLOEXEC)
+            fd, nbytes = _open_blob_file(source)
+            if nbytes != self.blob_nbytes:
+                os.close(fd)
+                raise PluginError(
+                    f"blob file {os.fspath(source)!r} changed size ({self.blob_nbytes:,} to {nbytes:,} bytes) "
+                    "since the host opened it"
+                )
         try:
             offset = 0
             while offset < self.blob_nbytes:
@@ -635,6 +669,13 @@ class PluginHost:
     def __repr__(self) -> str:
         alive = sum(1 for p in self._plugins if p.alive)
         return f"<PluginHost mode={self.mode} {alive}/{len(self._plugins)} plugins alive>"
+
+
+def _open_blob_file(path: str | os.PathLike[str]) -> tuple[int, int]:
+    """``(fd, size_bytes)`` of a blob file, checked as a user's path (regular, at most :data:`BLOB_FILE_MAX_BYTES`)."""
+    return open_user_file(
+        path, label=f"blob file {os.fspath(path)!r}", max_bytes=BLOB_FILE_MAX_BYTES, limit_name="BLOB_FILE_MAX_BYTES"
+    )
 
 
 def _infer_mode(blob: object) -> Mode:

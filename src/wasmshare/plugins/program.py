@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime
 import math
 import struct
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -38,7 +38,39 @@ __all__ = [
     "encode_program",
     "decode_diagnostics",
     "reference_check",
+    "PROGRAM_TEXT_MAX_BYTES",
+    "PROGRAM_MAX_NESTING_LEVELS",
+    "PROGRAM_MAX_NODES",
+    "PROGRAM_EXPANDED_MAX_CHARS",
 ]
+
+PROGRAM_TEXT_MAX_BYTES = 8 * 1024 * 1024
+"""Largest program text :func:`parse_program` reads (UTF-8 bytes), checked before parsing.
+
+Eight times the default 1 MiB query buffer its encoding must fit; values are encoded by
+kind alone, so text with long strings and comments is much larger than its encoding.
+"""
+PROGRAM_MAX_NESTING_LEVELS = 64
+"""Deepest nesting of YAML collections in a program (the top-level mapping is level 1).
+
+The type-check plugin checks values 48 levels deep below ``resources.NAME.properties``
+(three levels): 64 refuses nothing a plugin would check, and keeps PyYAML's C composer,
+which recurses once per level, far from the end of the C stack.
+"""
+PROGRAM_MAX_NODES = 250_000
+"""Most YAML nodes in a program with every alias expanded (as the encoder walks it).
+
+5 MB of 20-byte encoded nodes, five times what the default 1 MiB query buffer holds;
+the host's encoder holds some 300 bytes a node while it works, so under 100 MiB.
+Without it a few hundred bytes of nested aliases ("billion laughs") stand for 10**9
+nodes, or, recursive, for endless ones.
+"""
+PROGRAM_EXPANDED_MAX_CHARS = 64 * 1024 * 1024
+"""Most characters of scalars (keys and values) in a program with every alias expanded.
+
+Eight times :data:`PROGRAM_TEXT_MAX_BYTES`: an alias to a long string, repeated, is
+otherwise a string bomb for whatever walks the program as a tree (paths, ``json.dumps``).
+"""
 
 PROGRAM_MAGIC = 0x47505357  # "WSPG"
 PROGRAM_VERSION = 1
@@ -118,21 +150,142 @@ class Diagnostic:
 def parse_program(text: str | bytes) -> Program:
     """Parse a YAML (or JSON) program with a top-level ``resources`` mapping.
 
-    Raises :class:`ProgramError` for text that is not YAML, a document without
-    ``resources``, or a resource without a ``type``; needs PyYAML (``wasmshare[plugins]``).
+    The text is untrusted, so it is bounded before anything is built: its size
+    (:data:`PROGRAM_TEXT_MAX_BYTES`) before any parsing, then a walk of the parser's
+    events (an iterative state machine that builds nothing) for the nesting depth
+    (:data:`PROGRAM_MAX_NESTING_LEVELS`), the size with every alias expanded
+    (:data:`PROGRAM_MAX_NODES`, :data:`PROGRAM_EXPANDED_MAX_CHARS`), aliases inside their
+    own anchor (recursive structures) and a second document; only a program that passed
+    is constructed, with PyYAML's safe loader (the C one where there is libyaml).
+
+    Raises :class:`ProgramError`, with a one-line message, for text past those bounds,
+    text that is not YAML, a document without ``resources``, or a resource without a
+    ``type``; needs PyYAML (``wasmshare[plugins]``).
     """
+    _check_text_size(text)
     try:
         import yaml
     except ImportError as e:  # pragma: no cover - the plugins extra installs it
         raise ProgramError("reading YAML programs needs PyYAML: pip install 'wasmshare[plugins]'") from e
     loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
     try:
+        _check_program_events(yaml.parse(text, Loader=loader))
         doc = yaml.load(text, Loader=loader)  # noqa: S506 - a safe loader
     except yaml.YAMLError as e:
-        raise ProgramError(f"program is not valid YAML: {e}") from e
+        raise ProgramError(f"program is not valid YAML: {_yaml_problem(e)}") from e
+    except ValueError as e:  # a scalar the constructor cannot convert: 2001-13-45, an int of 5000 digits
+        raise ProgramError(f"program has a value that cannot be read: {str(e).splitlines()[0]}") from e
     if not isinstance(doc, dict) or "resources" not in doc:
         raise ProgramError("program must be a YAML mapping with a 'resources' section")
     return Program.of(doc["resources"] or {})
+
+
+def _check_text_size(text: str | bytes) -> None:
+    if not isinstance(text, (str, bytes, bytearray)):
+        raise ProgramError(f"a program is YAML text (str or bytes), not {type(text).__name__}")
+    nbytes, exact = len(text), not isinstance(text, str) or text.isascii()
+    if isinstance(text, str) and not exact and PROGRAM_TEXT_MAX_BYTES // 4 < nbytes <= PROGRAM_TEXT_MAX_BYTES:
+        nbytes, exact = len(text.encode("utf-8", "surrogatepass")), True  # only where the characters do not settle it
+    if nbytes > PROGRAM_TEXT_MAX_BYTES:
+        raise ProgramError(
+            f"program is {'' if exact else 'at least '}{nbytes:,} bytes, over the {PROGRAM_TEXT_MAX_BYTES:,}-byte "
+            "limit (PROGRAM_TEXT_MAX_BYTES)"
+        )
+
+
+def _yaml_problem(e: Exception) -> str:
+    """PyYAML's error in one line: its problem and where (its own message spans several lines)."""
+    problem = getattr(e, "problem", None)
+    if problem:
+        mark = getattr(e, "problem_mark", None)
+        context = getattr(e, "context", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        return f"{context + ': ' if context else ''}{problem}{where}"
+    return " ".join(str(e).split())
+
+
+def _at(event: Any) -> str:
+    mark = getattr(event, "start_mark", None)
+    return f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+
+
+def _check_program_events(events: Iterable[Any]) -> None:
+    """Raise :class:`ProgramError` at the first YAML event past a program limit.
+
+    Keeps, per anchor, the nodes and scalar characters of its subtree; an alias adds
+    its anchor's totals where it stands, so the running totals are those of the
+    document as a plain tree (what the encoder or ``json.dumps`` walks), counted
+    without building it. A merge key ``<<: *a`` counts as all of ``a``, an upper bound
+    of what it adds. An alias inside its own anchor's collection (a recursive
+    structure) is refused, and so are an undefined alias and an anchor defined twice,
+    which PyYAML refuses anyway: the counts must describe what is then built.
+    Stopping early matters too: the parser reads no further than the event refused.
+    """
+    import yaml
+
+    nodes = chars = depth = documents = 0
+    anchors: dict[str, tuple[int, int]] = {}  # closed anchors: (nodes, chars) of the subtree
+    frames: list[tuple[str | None, int, int]] = []  # open collections: (anchor, nodes and chars before)
+    open_anchors: set[str] = set()
+
+    def define(anchor: str | None, event: Any) -> None:
+        if anchor is not None and (anchor in anchors or anchor in open_anchors):
+            raise ProgramError(f"program is not valid YAML: the anchor &{anchor} is defined twice{_at(event)}")
+
+    def grow(n: int, c: int, event: Any) -> None:
+        nonlocal nodes, chars
+        nodes += n
+        chars += c
+        if nodes > PROGRAM_MAX_NODES:
+            raise ProgramError(
+                f"program has more than {PROGRAM_MAX_NODES:,} YAML nodes with its aliases expanded{_at(event)} "
+                "(limit PROGRAM_MAX_NODES)"
+            )
+        if chars > PROGRAM_EXPANDED_MAX_CHARS:
+            raise ProgramError(
+                f"program has more than {PROGRAM_EXPANDED_MAX_CHARS:,} characters of scalars with its aliases "
+                f"expanded{_at(event)} (limit PROGRAM_EXPANDED_MAX_CHARS)"
+            )
+
+    for event in events:
+        if isinstance(event, yaml.ScalarEvent):
+            define(event.anchor, event)
+            grow(1, len(event.value), event)
+            if event.anchor is not None:
+                anchors[event.anchor] = (1, len(event.value))
+        elif isinstance(event, yaml.CollectionStartEvent):
+            depth += 1
+            if depth > PROGRAM_MAX_NESTING_LEVELS:
+                raise ProgramError(
+                    f"program is nested more than {PROGRAM_MAX_NESTING_LEVELS} levels deep{_at(event)} "
+                    "(limit PROGRAM_MAX_NESTING_LEVELS)"
+                )
+            define(event.anchor, event)
+            frames.append((event.anchor, nodes, chars))
+            if event.anchor is not None:
+                open_anchors.add(event.anchor)
+            grow(1, 0, event)
+        elif isinstance(event, yaml.CollectionEndEvent):
+            depth -= 1
+            anchor, nodes_before, chars_before = frames.pop()
+            if anchor is not None:
+                open_anchors.discard(anchor)
+                anchors[anchor] = (nodes - nodes_before, chars - chars_before)
+        elif isinstance(event, yaml.AliasEvent):
+            name = event.anchor
+            if name in open_anchors:
+                raise ProgramError(
+                    f"program refers to the anchor &{name} from inside itself{_at(event)}: "
+                    "a recursive structure, which a program cannot be"
+                )
+            if name not in anchors:
+                raise ProgramError(f"program is not valid YAML: the alias *{name} has no anchor before it{_at(event)}")
+            grow(*anchors[name], event)
+        elif isinstance(event, yaml.DocumentStartEvent):
+            documents += 1
+            if documents > 1:
+                raise ProgramError(f"program has a second YAML document{_at(event)}; a program is one document")
+            anchors.clear()  # anchors are per document
 
 
 def _value_kind(value: Any) -> int:
@@ -171,7 +324,11 @@ class _Encoder:
         return got
 
     def tree(self, value: Any) -> int:
-        """Encode ``value`` breadth-first so each node's children are contiguous and after it."""
+        """Encode ``value`` breadth-first so each node's children are contiguous and after it.
+
+        Every node of every tree counts toward :data:`PROGRAM_MAX_NODES`: a shared value is
+        encoded once per place it appears, and a cyclic one would never end.
+        """
         root = len(self.nodes)
         self.nodes.append((_value_kind(value), 0, 0, 0, 0))
         queue = [(root, value)]
@@ -179,12 +336,14 @@ class _Encoder:
             next_queue = []
             for index, v in queue:
                 kind = self.nodes[index][0]
-                if kind == V_MAP:
-                    items = [(str(k), c) for k, c in v.items()]
-                elif kind == V_LIST:
-                    items = [("", c) for c in v]
-                else:
+                if kind not in (V_MAP, V_LIST):
                     continue
+                if len(self.nodes) + len(v) > PROGRAM_MAX_NODES:  # a Program built in Python may share or cycle
+                    raise ProgramError(
+                        f"the program has more than {PROGRAM_MAX_NODES:,} nodes as a tree (limit PROGRAM_MAX_NODES); "
+                        "does a value contain itself?"
+                    )
+                items = [(str(k), c) for k, c in v.items()] if kind == V_MAP else [("", c) for c in v]
                 first = len(self.nodes)
                 for key, child in items:
                     k_off, k_len = self.string(key) if key else (0, 0)

@@ -26,6 +26,7 @@ import errno
 import fcntl
 import os
 import select
+import stat
 import threading
 import time
 import weakref
@@ -34,7 +35,8 @@ from typing import Any
 
 from ..errors import RegionError
 from ..region import Region
-from .blob import SchemaBlob
+from ._safe_input import open_user_file
+from .blob import BLOB_FILE_MAX_BYTES, SchemaBlob
 from .errors import BlobFormatError, PluginError
 
 __all__ = ["Publication", "BlobLease", "sweep_stale_blobs", "blob_holders"]
@@ -65,11 +67,27 @@ def _bare(name: str) -> str:
     return bare
 
 
+def _shm_open_regular(path: str) -> int:
+    """Open shm ``path`` read-only without blocking; OSError unless it is a regular file.
+
+    Anyone may create names in ``/dev/shm``: a FIFO there would block a plain open.
+    """
+    fd = _shm_open(path, os.O_RDONLY | os.O_NONBLOCK)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, "not a regular file (a FIFO or device in /dev/shm?)")
+        os.set_blocking(fd, True)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _unlink_if_unused(path: str, inode: int) -> bool:
     """Unlink shm ``path`` if it still names ``inode`` and no process holds a lease on it."""
     try:
-        fd = _shm_open(path, os.O_RDONLY)
-    except FileNotFoundError:
+        fd = _shm_open_regular(path)
+    except OSError:
         return False
     try:
         if os.fstat(fd).st_ino != inode:
@@ -90,10 +108,15 @@ def _unlink_if_unused(path: str, inode: int) -> bool:
 def _is_blob(path: Path) -> bool:
     """Whether the shm object at ``path`` starts with the blob magic (never touch anyone else's)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(8) == b"WSSCHEMA"
+        fd, _ = open_user_file(path, label=f"shared memory object {str(path)!r}", max_bytes=None)
+    except PluginError:
+        return False  # not there any more, or not a regular file (a FIFO would block a plain open)
+    try:
+        return os.pread(fd, 8, 0) == b"WSSCHEMA"
     except OSError:
         return False
+    finally:
+        os.close(fd)
 
 
 def sweep_stale_blobs(prefix: str = "", *, min_age_s: float = STALE_AFTER_S) -> list[str]:
@@ -374,11 +397,9 @@ def _source_size(blob: BlobSource) -> tuple[int, int | None, memoryview | None]:
         mv = memoryview(blob).cast("B")
         return mv.nbytes, None, mv
     path = os.fspath(blob)
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-    except OSError as e:
-        raise PluginError(f"cannot read blob file {path!r}: {e.strerror}") from e
-    size = os.fstat(fd).st_size
+    fd, size = open_user_file(
+        path, label=f"blob file {path!r}", max_bytes=BLOB_FILE_MAX_BYTES, limit_name="BLOB_FILE_MAX_BYTES"
+    )
     return size, fd, None
 
 
@@ -502,7 +523,7 @@ class BlobLease:
         bare = _bare(name)
         path = "/" + bare
         try:
-            fd = _shm_open(path, os.O_RDONLY)
+            fd = _shm_open_regular(path)
         except FileNotFoundError as e:
             raise PluginError(f"no blob is published as {bare!r} (never published, or already released)") from e
         except OSError as e:
