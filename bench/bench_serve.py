@@ -15,6 +15,16 @@ rounds (medians over rounds):
   choice is one of the options, the forced answer is exact); each hostile request must end in
   an error event while the server stays healthy.
 
+A third phase, **attacked**, is *mixed* with two of its plain streams replaced by two more
+hostile controllers: a *sleeper* and an *endless backtracker*. The sleeper imports WASI's
+``poll_oneoff`` to sleep in every step; the server refuses that module at upload (no WASI
+for controllers), so its stream runs the sleeper's in-host form instead
+(``hostile_host_calls`` ``slow_opens``: every step asks the host to compile a new large
+regex, host work that no epoch deadline interrupts) and must end at its deadline. The
+backtracker (``endless_backtrack``) drops every sampled token, so its length never grows;
+it must end at its work bound. The other 30 streams' per-token p50 is compared with the same
+30 streams in *mixed* (target: within 1.1x).
+
 Figures per phase: requests/s and tokens/s over the phase's wall time, time to first token
 (submission → first content chunk) p50/p99, and per-token latency (the gaps between
 successive content chunks of a stream) p50/p99. Rows compare mixed (ours) with unconstrained
@@ -110,12 +120,40 @@ class _Server:
         r.raise_for_status()
         return str(r.json()["id"])
 
+    def upload_status(self, module: bytes) -> tuple[int, str]:
+        """Upload ``module``; its HTTP status and error message ("" on success)."""
+        import httpx2
+
+        r = httpx2.post(self.base + "/v1/controllers", params={"name": "sleeper"}, content=module, timeout=60)
+        return r.status_code, "" if r.status_code == 200 else str(r.json()["error"]["message"])
+
     def close(self) -> None:
         self.proc.terminate()
         try:
             self.proc.wait(timeout=60)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+
+
+ATTACKED = (6, 7)  # the plain streams the attacked phase replaces with the new hostile ones
+
+WASI_SLEEPER = """(module
+  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "ws_ctrl_abi_version") (result i32) i32.const 1)
+  (func (export "ws_ctrl_create") (param i32 i32) (result i32) i32.const 0)
+  (func (export "ws_ctrl_step") (param i32 i32) (result i32)
+    (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128))))"""
+
+
+def _attacked(ids: dict[str, str], forced_text: str, forced_ids: list[int]) -> list[dict[str, Any]]:
+    jobs = _workload(True, ids, forced_text, forced_ids)
+    host_calls = ids["hostile_host_calls"]
+    jobs[ATTACKED[0]] = {"kind": "hostile:sleeper", "prompt": "Hello.",
+                         "extra": {"extra_body": {"controller": host_calls, "controller_arg": "slow_opens"}}}
+    jobs[ATTACKED[1]] = {"kind": "hostile:endless_backtrack", "prompt": "Hello.",
+                         "extra": {"extra_body": {"controller": host_calls, "controller_arg": "endless_backtrack"}}}
+    return jobs
 
 
 def _workload(mixed: bool, ids: dict[str, str], forced_text: str, forced_ids: list[int]) -> list[dict[str, Any]]:
@@ -208,8 +246,8 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))]
 
 
-def _summary(phase: dict[str, Any], tokens: int) -> dict[str, float]:
-    good = [o for o in phase["outcomes"] if not o["kind"].startswith("hostile")]
+def _summary(phase: dict[str, Any], tokens: int, skip: tuple[int, ...] = ()) -> dict[str, float]:
+    good = [o for i, o in enumerate(phase["outcomes"]) if not o["kind"].startswith("hostile") and i not in skip]
     ttft = [o["ttft_s"] for o in good if o["ttft_s"] is not None]
     gaps = [g for o in good for g in o["gaps_s"]]
     return {
@@ -240,18 +278,23 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             tokenizer = load_model("smollm2-135m").tokenizer
             forced_text = " The answer is forty-two."
             forced_ids = tokenizer.encode(forced_text, add_special_tokens=False)
-            ids = {name: server.upload(name) for name in ("force_answer", "boost_words", "hostile_controller")}
+            ids = {name: server.upload(name)
+                   for name in ("force_answer", "boost_words", "hostile_controller", "hostile_host_calls")}
+            sleeper_upload = server.upload_status(WASI_SLEEPER.encode())
             warm = _workload(True, ids, forced_text, forced_ids)
             asyncio.run(_phase(server.base, [warm[0], warm[8], warm[16], warm[22]]))  # compile the constraints once
-            summaries: dict[str, list[dict[str, float]]] = {"plain": [], "mixed": []}
+            summaries: dict[str, list[dict[str, float]]] = {"plain": [], "mixed": [], "mixed_30": [], "attacked": []}
             checks: list[dict[str, Any]] = []
             for _ in range(rounds):
-                for name in ("plain", "mixed"):
-                    jobs = _workload(name == "mixed", ids, forced_text, forced_ids)
+                for name in ("plain", "mixed", "attacked"):
+                    jobs = (_attacked(ids, forced_text, forced_ids) if name == "attacked"
+                            else _workload(name == "mixed", ids, forced_text, forced_ids))
                     before = _server_tokens(server.base)
                     phase = asyncio.run(_phase(server.base, jobs))
                     tokens = int(_server_tokens(server.base) - before)
                     summaries[name].append(_summary(phase, tokens))
+                    if name == "mixed":
+                        summaries["mixed_30"].append(_summary(phase, tokens, skip=ATTACKED))
                     checks.append({"phase": name, "failed": [
                         {"kind": o["kind"], "text": o["text"][:80], "error": o["error"]} for o in phase["outcomes"] if not o["ok"]
                     ], "hostile_errors": [o["error"] for o in phase["outcomes"] if o["kind"].startswith("hostile")]})
@@ -277,14 +320,28 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                  "ratio": round(rps_ours / rps_base, 3), "requests_per_s_ours": round(rps_ours, 2),
                  "requests_per_s_baseline": round(rps_base, 2), "tokens_per_s_ours": round(med("mixed", "tokens_per_s"), 1),
                  "tokens_per_s_baseline": round(med("plain", "tokens_per_s"), 1), **extra})
-    rows[-1]["detail_checks"] = checks
+    ours, base = med("attacked", "token_p50_us"), med("mixed_30", "token_p50_us")
+    rows.append({"case": "30 streams beside a sleeper and an endless backtracker, per-token latency p50",
+                 "ours_us": round(ours, 1), "baseline": "the same 30 streams in the mixed load",
+                 "baseline_us": round(base, 1), "ratio": round(base / ours, 3) if ours else float("inf"),
+                 "sleeper_upload_status": sleeper_upload[0], "sleeper_upload_error": sleeper_upload[1],
+                 "wall_per_request_us": round(1e6 / med("attacked", "requests_per_s"), 1)})
+    rows[-2]["detail_checks"] = checks
     return rows
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    last = rows[-1]
+    last, attacked = rows[-2], rows[-1]
     hostile_ok = all(len(c["hostile_errors"]) == 2 and all(c["hostile_errors"]) for c in last["detail_checks"] if c["phase"] == "mixed")
+    new_errors = [e for c in last["detail_checks"] if c["phase"] == "attacked" for e in c["hostile_errors"]]
+    new_ok = bool(new_errors) and all(e and ("deadline" in e or "limit is" in e or "trapped" in e) for e in new_errors)
     return [
+        {"target": "the WASI sleeper is refused at upload", "met": attacked["sleeper_upload_status"] == 400,
+         "value": attacked["sleeper_upload_status"]},
+        {"target": "the sleeper and the backtracker end their own requests (deadline, work bound)", "met": new_ok,
+         "value": new_errors[:4]},
+        {"target": "beside them, the other streams' per-token p50 within 1.1x", "met": attacked["ratio"] >= 1 / 1.1,
+         "value": attacked["ratio"], "timing": True},
         {"target": "every well-behaved request completes with valid output", "met": last["well_behaved_failures"] == 0,
          "value": last["well_behaved_failures"]},
         {"target": "each hostile controller ends its own request with an error", "met": hostile_ok, "value": hostile_ok},

@@ -29,4 +29,4 @@ def test_benchmark_writes_rows_in_the_result_format(name: str, tmp_path: Path) -
     if name == "exchange":
         assert all(r["bytes_copied_per_step_ours"] == 0 for r in data["rows"])
     if name == "serve":  # behaviour, not timing: valid answers, hostile requests fail alone, server up
-        assert all(t["met"] for t in data["targets"]), data["targets"]
+        assert all(t["met"] for t in data["targets"] if not t.get("timing")), data["targets"]

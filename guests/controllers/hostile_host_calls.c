@@ -7,9 +7,10 @@
  *                        into the read-only token table loan (the host must refuse)
  *   "open_from_table"    opens a constraint whose spec pointer is the token table: a
  *                        read the host may do (it fails as a spec, not as a fault)
- *   "slow_opens"         every step opens (and closes) a constraint for a new regex of
- *                        thousands of alternatives: host work that no epoch deadline
- *                        interrupts, which the deadline must still cover
+ *   "slow_opens"         every step opens (and closes) constraints for new regexes of
+ *                        thousands of alternatives, one after another, up to 1000: host
+ *                        work that no epoch deadline interrupts (a sleeper in the host),
+ *                        which the deadline must still cover
  *   "endless_backtrack"  every step after a token was sampled answers backtrack = 1: that
  *                        token is dropped and sampled again, so the length never grows
  *   "ok"                 free text (no output)
@@ -77,11 +78,12 @@ WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_
         int32_t h = ws_constraint_open(WS_CONSTRAINT_JSON_SCHEMA, (const char *)in->token_table, 4096);
         return h < 0 ? WS_ERR_FAILED : WS_OK;
     }
-    case MODE_SLOW_OPENS: {
-        int32_t h = ws_constraint_open(WS_CONSTRAINT_REGEX, g_spec, slow_spec(g_round++));
-        if (h > 0) ws_constraint_close(h);
+    case MODE_SLOW_OPENS:
+        for (uint32_t i = 0; i < 1000; i++) {
+            int32_t h = ws_constraint_open(WS_CONSTRAINT_REGEX, g_spec, slow_spec(g_round++));
+            if (h > 0) ws_constraint_close(h);
+        }
         return WS_OK;
-    }
     case MODE_ENDLESS_BACKTRACK:
         if (in->n_tokens > 0 && in->step > 0) out->backtrack = 1;
         return WS_OK;

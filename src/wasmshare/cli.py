@@ -188,6 +188,8 @@ def serve(
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (JSON endpoints).")] = 1 << 20,
     max_controller_bytes: Annotated[int, typer.Option(help="Largest uploaded controller module in bytes.")] = 8 << 20,
     controller_deadline_ms: Annotated[float, typer.Option(help="Per-step deadline of a controller, in ms.")] = 50.0,
+    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt in tokens (also below the model's context).")] = 8192,
+    controller_compile_s: Annotated[float, typer.Option(help="Time budget for compiling an uploaded controller, in s.")] = 10.0,
     controllers_dir: Annotated[Optional[Path], typer.Option(help="Where uploaded controllers are kept.")] = None,
     grammar_backend: Annotated[str, typer.Option(help="llguidance (default) or xgrammar.")] = "llguidance",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
@@ -200,11 +202,13 @@ def serve(
         raise _fail(f"the server needs its extras: pip install 'wasmshare[server,llm]' ({e})") from None
     for name, value in (("--max-concurrent", max_concurrent), ("--max-waiting", max_waiting),
                         ("--max-tokens", max_tokens), ("--max-body", max_body),
-                        ("--max-controller-bytes", max_controller_bytes)):
+                        ("--max-controller-bytes", max_controller_bytes), ("--max-prompt-tokens", max_prompt_tokens)):
         if value <= 0:
             raise _fail(f"{name} must be positive, got {value}")
     if controller_deadline_ms <= 0:
         raise _fail(f"--controller-deadline-ms must be positive, got {controller_deadline_ms}")
+    if controller_compile_s <= 0:
+        raise _fail(f"--controller-compile-s must be positive, got {controller_compile_s}")
     if grammar_backend not in ("llguidance", "xgrammar"):
         raise _fail(f"--grammar-backend must be llguidance or xgrammar, not {grammar_backend!r}")
     if grammar_backend == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
@@ -213,6 +217,7 @@ def serve(
         api_key=api_key or None, max_concurrent=max_concurrent, max_waiting=max_waiting, max_tokens=max_tokens,
         default_max_tokens=min(256, max_tokens), max_body_bytes=max_body, max_controller_bytes=max_controller_bytes,
         controller_deadline_ms=controller_deadline_ms, controllers_dir=controllers_dir, grammar_backend=grammar_backend,
+        max_prompt_tokens=max_prompt_tokens, controller_compile_s=controller_compile_s,
     )
     try:
         run_server(model, config, host=host, port=port, log_level=log_level, console=console, device=device)

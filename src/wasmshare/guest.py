@@ -1004,6 +1004,8 @@ class GuestFunc:
         err = wasmtime.WasmtimeError._from_ptr(ctypes.cast(ctypes.c_void_p(int(error) if isinstance(error, int) else ctypes.cast(error, ctypes.c_void_p).value), ctypes.POINTER(_ffi.wasmtime_error_t)))
         _clear_wasmtime_last_exception()
         host_error, guest._host_error = guest._host_error, None
+        if isinstance(host_error, GuestError):
+            raise host_error  # a host function's verdict on the guest (a deadline, a refused pointer)
         if host_error is not None:
             raise GuestError(f"guest '{guest.name}': host function failed in {self.name}: {host_error!r}", guest=guest.name) from host_error
         raise GuestError(f"guest '{guest.name}': call to {self.name} failed: {_first_line(err)}", guest=guest.name) from err
@@ -1019,6 +1021,8 @@ class GuestFunc:
         except wasmtime.WasmtimeError as err:
             _clear_wasmtime_last_exception()
             host_error, guest._host_error = guest._host_error, None
+            if isinstance(host_error, GuestError):
+                raise host_error from err
             if host_error is not None:
                 raise GuestError(f"guest '{guest.name}': host function failed in {self.name}: {host_error!r}", guest=guest.name) from host_error
             raise GuestError(f"guest '{guest.name}': call to {self.name} failed: {_first_line(err)}", guest=guest.name) from err
