@@ -227,7 +227,7 @@ class _Llg:
         def run_ours() -> None:
             nonlocal ours, ours_ms, ours_err
             try:
-                spec = json_schema(s["schema"])
+                spec = json_schema(s["schema"], whitespace="flexible")  # like for like with llguidance direct
                 compiled = compile_constraint(spec, self.table)
                 ours, ours_ms = spec, compiled.compile_ms
             except ConstraintError as e:
@@ -671,7 +671,7 @@ def _parallel(table: Any, schemas: list[dict[str, Any]], feeds: dict[tuple[int, 
     while len(chosen) < PARALLEL_B:
         chosen.append(candidates[i % len(candidates)])
         i += 1
-    specs = [json_schema(by_index[k[0]]["schema"]) for k, _ in chosen]
+    specs = [json_schema(by_index[k[0]]["schema"], whitespace="flexible") for k, _ in chosen]
     # step t feeds each sequence the token(s) its walk fed at step t (none at step 0)
     plan = [[f[t] for _, f in chosen] for t in range(steps)]
     result: dict[str, Any] = {"sequences": PARALLEL_B, "distinct_schemas": len(seen), "steps": steps}

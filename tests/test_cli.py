@@ -90,16 +90,16 @@ def test_run_generates_a_schema_constrained_answer(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", "What is 2+2? Reply in JSON.", "--json-schema", str(schema),
                                  "--max-tokens", "30", "--json"])
     assert result.exit_code == 0, result.output
-    line = next(l for l in result.output.splitlines() if l.strip().startswith('"text"'))
-    text = json.loads("{" + line.strip().rstrip(",") + "}")["text"]
+    [line] = result.stdout.splitlines()  # one compact JSON object per answer, nothing else on stdout
+    text = json.loads(line)["text"]
     assert 0 <= json.loads(text)["answer"] <= 10
-    assert "bytes copied between host and guests: 0" in " ".join(result.output.split())
+    assert "bytes copied between host and guests: 0" in " ".join(result.stderr.split())
 
 
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["run", "hi", "--json-schema", "/nonexistent.json"], "no JSON schema file at /nonexistent.json"),
+        (["run", "hi", "--json-schema", "/nonexistent.json"], "--json-schema: no file at /nonexistent.json"),
         (["run", "hi", "--model", "no-such-model"], "no-such-model"),
         (["run", "hi", "--controller", "/nonexistent.wasm"], "no controller module at"),
         (["run", "hi", "--regex", "a", "--choice", "b"], "choose at most one of"),
@@ -122,3 +122,101 @@ def test_run_reports_a_bad_wasm_controller(tmp_path: Path) -> None:
     result = runner.invoke(app, ["run", "hi", "--controller", str(bad), "--max-tokens", "3"])
     assert result.exit_code == 1 and "invalid wasm module" in " ".join(result.output.split())
     assert "Traceback" not in result.output
+
+
+# -- a new user's first hour: output a program can parse, answers valid or flagged ---------------------
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def _needs_model() -> None:
+    pytest.importorskip("transformers", reason="generation needs transformers")
+
+
+def test_run_json_is_one_object_per_line_on_stdout_and_stats_on_stderr(tmp_path: Path) -> None:
+    _needs_model()
+    one = runner.invoke(app, ["run", "Pick a colour", "--choice", "red", "--choice", "green", "--json"])
+    assert one.exit_code == 0, one.output
+    [record] = [json.loads(line) for line in one.stdout.splitlines()]
+    assert record["text"] in ("red", "green") and record["finish_reason"] == "stop" and record["complete"]
+    assert "tok/s" in one.stderr and "tok/s" not in one.stdout
+    batch = runner.invoke(app, ["run", "--batch", str(EXAMPLES / "prompts.jsonl"), "--json-schema",
+                                str(EXAMPLES / "answer.json"), "--json", "--max-tokens", "40"])
+    assert batch.exit_code in (0, 2), batch.output
+    records = [json.loads(line) for line in batch.stdout.splitlines()]
+    assert [r["index"] for r in records] == [0, 1, 2, 3]
+    assert batch.stderr.count(" done (") == 4 and "done (4/4)" in batch.stderr  # progress, per answer
+    assert all(r["complete"] == (r["finish_reason"] == "stop") for r in records)
+
+
+def test_run_flags_a_constrained_answer_cut_by_max_tokens() -> None:
+    _needs_model()
+    cut = runner.invoke(app, ["run", "Write an invoice for 3 apples as JSON.", "--json-schema",
+                              str(EXAMPLES / "invoice.json"), "--max-tokens", "12", "--json"])
+    assert cut.exit_code == 2, cut.output
+    [record] = [json.loads(line) for line in cut.stdout.splitlines()]
+    assert record["finish_reason"] == "length" and record["complete"] is False
+    assert "warning: the constrained answer was cut at --max-tokens 12 before it was complete" in cut.stderr
+    plain = runner.invoke(app, ["run", "Tell me a long story.", "--max-tokens", "3"])
+    assert plain.exit_code == 0, plain.output
+    assert "warning: the answer was cut at --max-tokens 3" in plain.stderr
+    assert "3 tokens in" in plain.stderr
+
+
+def test_run_defaults_to_compact_json_and_says_1_token() -> None:
+    _needs_model()
+    from wasmshare._run import CONSTRAINED_MAX_TOKENS, PLAIN_MAX_TOKENS, RunOptions, build_requests
+
+    [compact] = build_requests(RunOptions(prompt="x", json_schema=EXAMPLES / "person.json"))
+    assert '"whitespace_flexible":false' in compact.steer.source and compact.max_tokens == CONSTRAINED_MAX_TOKENS
+    [flexible] = build_requests(RunOptions(prompt="x", json_schema=EXAMPLES / "person.json", flexible_whitespace=True))
+    assert '"whitespace_flexible":true' in flexible.steer.source
+    [plain] = build_requests(RunOptions(prompt="x"))
+    assert plain.max_tokens == PLAIN_MAX_TOKENS
+    result = runner.invoke(app, ["run", "Describe Paris as JSON", "--json-schema", str(EXAMPLES / "person.json")])
+    assert result.exit_code == 0, result.output
+    answer = result.stdout.strip()
+    assert "\n" not in answer and ": " not in answer and json.loads(answer)["city"]
+    one = runner.invoke(app, ["run", "Pick a colour", "--choice", "red", "--choice", "green"])
+    assert "1 token in" in one.stderr
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--regex", "(ab"], "--regex: invalid regex \"(ab\": unclosed group"),
+    (["--json-schema", str(EXAMPLES / "arithmetic.lark")], "--json-schema: cannot read JSON schema"),
+    (["--grammar", str(EXAMPLES / "person.json")], "--grammar:"),
+    (["--flexible-whitespace"], "--flexible-whitespace applies to --json-schema only"),
+])
+def test_bad_steering_is_one_line_before_the_model_loads(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], message: str
+) -> None:
+    from wasmshare.llm import models
+
+    def no_model(*a: object, **k: object) -> None:
+        raise AssertionError("the model must not load for a bad spec")
+
+    monkeypatch.setattr(models, "load_model", no_model)
+    unsupported = tmp_path / "not.json"
+    unsupported.write_text(json.dumps({"type": "object", "not": {"required": ["a"]}}))
+    result = runner.invoke(app, ["run", "hi", *args])
+    assert result.exit_code == 1, result.output
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert "tok/s" not in result.output
+    result = runner.invoke(app, ["run", "hi", "--json-schema", str(unsupported)])
+    assert result.exit_code == 1 and 'Unimplemented keys: ["not"]' in result.stderr
+
+
+def test_check_takes_the_model_names_run_takes() -> None:
+    _needs_model()
+    named = runner.invoke(app, ["check", str(EXAMPLES / "invoice.json"), "--tokenizer", "smollm2-135m"])
+    assert named.exit_code == 0, named.output
+    default = runner.invoke(app, ["check", str(EXAMPLES / "person.json")])
+    assert default.exit_code == 0 and "smollm2-135m" in default.stdout, default.output
+    bad = runner.invoke(app, ["check", str(EXAMPLES / "person.json"), "--tokenizer", "no-such-model"])
+    assert bad.exit_code == 1 and "--tokenizer:" in bad.stderr
+
+
+def test_long_lines_are_not_wrapped_when_piped() -> None:
+    from wasmshare._cli_output import console, errors
+
+    assert console.soft_wrap and errors.soft_wrap

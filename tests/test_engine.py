@@ -96,10 +96,12 @@ def test_json_schema_outputs_validate_for_real_schemas(loaded: Any) -> None:
 def test_hf_adapter_and_engine_agree_under_greedy(loaded: Any) -> None:
     schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}
     prompt = "Name a city in Norway as JSON."
+    # Flexible whitespace: with compact separators this prompt reaches a near-tie of two tokens
+    # that the engine's batched attention and generate's round differently in bfloat16.
     with Engine(loaded, max_batch=1) as engine:
-        ours = engine.generate([GenerationRequest(prompt, max_tokens=24, steer=C.json_schema(schema))])[0]
+        ours = engine.generate([GenerationRequest(prompt, max_tokens=24, steer=C.json_schema(schema, whitespace="flexible"))])[0]
     ids = torch.tensor([loaded.encode_prompt(prompt)])
-    processor = WasmshareLogitsProcessor(loaded.token_table, C.json_schema(schema), eos_token_id=loaded.eos_token_ids[0])
+    processor = WasmshareLogitsProcessor(loaded.token_table, C.json_schema(schema, whitespace="flexible"), eos_token_id=loaded.eos_token_ids[0])
     with torch.inference_mode():
         out = loaded.model.generate(
             ids, attention_mask=torch.ones_like(ids), logits_processor=[processor], max_new_tokens=24,

@@ -326,3 +326,21 @@ def test_client_disconnect_frees_the_slot(live: LiveServer) -> None:
     assert live.service.engine.stats.generated_tokens - before < 200
     with httpx.Client(base_url=live.base) as http:
         assert "wasmshare_cancelled_total 1.0" in http.get("/metrics").text
+
+
+def test_a_constrained_answer_cut_by_max_tokens_says_length_and_json_is_compact(client: Any) -> None:
+    fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
+    messages = [{"role": "user", "content": "Name a European capital as JSON."}]
+    cut = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=3, temperature=0,
+                                         response_format=fmt)
+    assert cut.choices[0].finish_reason == "length"
+    whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=60, temperature=0,
+                                           response_format=fmt)
+    text = whole.choices[0].message.content
+    assert whole.choices[0].finish_reason == "stop" and "\n" not in text and ", " not in text
+    jsonschema.validate(json.loads(text), SCHEMA)
+    flexible = {**SCHEMA, "x-guidance": {"whitespace_flexible": True}}  # a client may opt back in
+    again = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=60, temperature=0,
+                                           response_format={"type": "json_schema",
+                                                            "json_schema": {"name": "city", "schema": flexible}})
+    jsonschema.validate(json.loads(again.choices[0].message.content), SCHEMA)

@@ -7,8 +7,10 @@ from rich.console import Console
 
 __all__ = ["console", "errors", "fail"]
 
-console = Console()
-errors = Console(stderr=True)
+# soft_wrap: a long line stays one line (piped output is not cut at 80 columns); tables
+# still lay out to the terminal's width.
+console = Console(soft_wrap=True)
+errors = Console(stderr=True, soft_wrap=True)
 
 
 def fail(message: str, code: int = 1) -> typer.Exit:

@@ -1,16 +1,20 @@
 """The ``wasmshare run`` command: constrained generation on a real model, streamed.
 
 Kept apart from ``cli.py`` so the command-line parsing stays small; everything a user can
-get wrong (a bad schema, a missing model, bad wasm, bad arguments) ends as one clear line.
+get wrong (a bad schema, a missing model, bad wasm, bad arguments) ends as one clear line,
+checked before the model loads. Answers go to stdout (with ``--json``: one compact JSON
+object per line), everything for a human (status, warnings, stats) to stderr, so
+``wasmshare run ... --json > out.jsonl`` is a file a program can read.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 from rich.console import Console
 
@@ -32,7 +36,7 @@ class RunOptions:
         self.arg: list[str] = values.get("arg") or []
         self.model: str = values.get("model") or "smollm2-135m"
         self.device: str = values.get("device") or "auto"
-        self.max_tokens: int = values.get("max_tokens", 128)
+        self.max_tokens: int | None = values.get("max_tokens")
         self.temperature: float = values.get("temperature", 0.0)
         self.seed: int | None = values.get("seed")
         self.batch: Path | None = values.get("batch")
@@ -40,6 +44,16 @@ class RunOptions:
         self.raw: bool = values.get("raw", False)
         self.stop: list[str] = values.get("stop") or []
         self.grammar_backend: str = values.get("grammar_backend") or "llguidance"
+        self.flexible_whitespace: bool = values.get("flexible_whitespace", False)
+
+
+PLAIN_MAX_TOKENS = 128
+"""``--max-tokens`` when nothing constrains the answer."""
+CONSTRAINED_MAX_TOKENS = 512
+"""``--max-tokens`` under a constraint: a constrained answer must reach its end to be valid,
+and an ordinary schema needs more than a chat reply (an invoice with a dozen fields took 216
+tokens with compact separators); 512 fits such schemas twice over, while a model that
+wanders stops within seconds."""
 
 
 def parse_controller_arg(values: list[str]) -> bytes:
@@ -73,19 +87,37 @@ def _steer(opts: RunOptions) -> Any:
     chosen = [x for x in (opts.json_schema, opts.regex, opts.choice, opts.grammar, opts.controller) if x]
     if len(chosen) > 1:
         raise WasmshareError("choose at most one of --json-schema, --regex, --choice, --grammar, --controller")
-    if opts.json_schema is not None:
-        if not opts.json_schema.is_file():
-            raise WasmshareError(f"no JSON schema file at {opts.json_schema}")
-        return C.json_schema(opts.json_schema)
-    if opts.regex is not None:
-        return C.regex(opts.regex)
-    if opts.choice:
-        return C.choice(opts.choice)
-    if opts.grammar is not None:
-        try:
-            return C.grammar(opts.grammar.read_text())
-        except OSError as e:
-            raise WasmshareError(f"cannot read grammar {opts.grammar}: {e.strerror}") from e
+    if opts.flexible_whitespace and opts.json_schema is None:
+        raise WasmshareError("--flexible-whitespace applies to --json-schema only")
+    spec, flag = None, ""
+    try:
+        if opts.json_schema is not None:
+            flag = "--json-schema"
+            if not opts.json_schema.is_file():
+                raise WasmshareError(f"--json-schema: no file at {opts.json_schema}")
+            spec = C.json_schema(opts.json_schema, whitespace="flexible" if opts.flexible_whitespace else "compact")
+        elif opts.regex is not None:
+            flag = "--regex"
+            spec = C.regex(opts.regex)
+        elif opts.choice:
+            flag = "--choice"
+            spec = C.choice(opts.choice)
+        elif opts.grammar is not None:
+            flag = "--grammar"
+            try:
+                text = opts.grammar.read_text()
+            except (OSError, UnicodeDecodeError) as e:
+                raise WasmshareError(f"--grammar: cannot read {opts.grammar}: {getattr(e, 'strerror', None) or e}") from e
+            spec = C.grammar(text)
+        if spec is not None:
+            C.check_spec(spec)  # before the model loads: a bad spec is reported in a second
+    except C.ConstraintError as e:
+        message = str(e)
+        if spec is not None and message.startswith(spec.describe() + ": "):
+            message = message[len(spec.describe()) + 2 :]
+        raise WasmshareError(f"{flag}: {message}") from None
+    if spec is not None:
+        return spec
     if opts.controller is not None:
         if not opts.controller.is_file():
             raise WasmshareError(f"no controller module at {opts.controller}")
@@ -97,13 +129,15 @@ def build_requests(opts: RunOptions) -> list[Any]:
     """Turn the options (and ``--batch`` lines) into generation requests."""
     from .llm.engine import GenerationRequest
 
-    if opts.max_tokens <= 0:
+    if opts.max_tokens is not None and opts.max_tokens <= 0:
         raise WasmshareError("--max-tokens must be positive")
     if opts.grammar_backend not in ("llguidance", "xgrammar"):
         raise WasmshareError(f"--grammar-backend must be llguidance or xgrammar, not {opts.grammar_backend!r}")
     if opts.temperature < 0:
         raise WasmshareError("--temperature must be >= 0")
     steer = _steer(opts)
+    if opts.max_tokens is None:
+        opts.max_tokens = PLAIN_MAX_TOKENS if steer is None else CONSTRAINED_MAX_TOKENS
     prompts: list[str] = []
     if opts.batch is not None:
         try:
@@ -118,8 +152,8 @@ def build_requests(opts: RunOptions) -> list[Any]:
             except ValueError as e:
                 raise WasmshareError(f"{opts.batch}:{n}: not JSON ({e})") from e
             prompt = item.get("prompt") if isinstance(item, dict) else item
-            if not isinstance(prompt, str):
-                raise WasmshareError(f'{opts.batch}:{n}: expected a string or {{"prompt": "..."}}')
+            if not isinstance(prompt, str) or not prompt:
+                raise WasmshareError(f'{opts.batch}:{n}: expected a non-empty string or {{"prompt": "..."}}')
             prompts.append(prompt)
     if opts.prompt:
         prompts.insert(0, opts.prompt)
@@ -134,8 +168,12 @@ def build_requests(opts: RunOptions) -> list[Any]:
     ]
 
 
-def run_command(opts: RunOptions, console: Console) -> int:
-    """Load the model, generate (streaming a single request), print results and stats."""
+def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -> int:
+    """Load the model, generate, print the answers on ``out`` (stdout) and the rest on ``console``.
+
+    Returns the exit code: 0 when every answer completed, 1 when one failed with an error,
+    2 when a constrained answer was cut by ``--max-tokens`` (or, for a JSON Schema, does not
+    validate), so a script never takes a cut answer for a valid one."""
     import torch
 
     from .llm.engine import Engine
@@ -143,17 +181,18 @@ def run_command(opts: RunOptions, console: Console) -> int:
 
     from transformers.utils import logging as hf_logging
 
+    out = out or sys.stdout
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our status line says what happens
-    requests = build_requests(opts)
+    requests = build_requests(opts)  # every input checked before the model loads
     with console.status(f"loading {opts.model} ...") as status:
         loaded = load_model(opts.model, device=opts.device, progress=lambda message: status.update(message))
     single = len(requests) == 1 and not opts.json_output
     printed = [0]
 
     def stream(index: int, token: int, text: str) -> None:
-        if single:
-            console.print(text[printed[0]:], end="", highlight=False, markup=False, soft_wrap=True)
-            printed[0] = len(text)
+        out.write(text[printed[0]:])
+        out.flush()
+        printed[0] = len(text)
 
     started = time.perf_counter()
     with Engine(loaded, max_batch=min(8, len(requests)), grammar_backend=opts.grammar_backend) as engine:  # type: ignore[arg-type]
@@ -161,32 +200,91 @@ def run_command(opts: RunOptions, console: Console) -> int:
             if single:
                 results = engine.generate(requests, on_token=stream)
             else:
-                with console.status(f"generating {len(requests)} completions ..."):
-                    results = engine.generate(requests)
+                results = _generate_with_progress(engine, requests, console)
         stats = engine.stats
     elapsed = time.perf_counter() - started
-    failed = 0
-    if opts.json_output:
-        for r in results:
-            console.print_json(json.dumps({
-                "prompt": r.request.prompt, "text": r.text, "tokens": len(r.tokens),
-                "finish_reason": r.finish_reason, "error": r.error,
-            }))
-    else:
-        if single:
-            console.print()
-        for i, r in enumerate(results):
-            if not single:
-                console.rule(f"[{i}] {r.request.prompt[:60]}")
-                console.print(r.text, highlight=False, markup=False)
-            if r.error:
-                failed += 1
-                console.print(f"[red]error:[/] {r.error}", highlight=False)
-    console.print(
-        f"[dim]{stats.generated_tokens} tokens in {elapsed:.1f} s; decode {stats.tokens_per_s:.1f} tok/s; "
-        f"controllers {stats.work_us_per_step:.0f} µs/step "
-        f"({stats.critical_us_per_step:.0f} µs on the critical path); "
-        f"bytes copied between host and guests: {stats.bytes_copied}[/]",
-        highlight=False,
-    )
-    return 1 if failed else 0
+    if single:
+        out.write(results[0].text[printed[0]:] + "\n")
+    code = 0
+    for i, r in enumerate(results):
+        problem = _incomplete(r, opts)
+        if opts.json_output:
+            out.write(json.dumps({
+                "index": i, "prompt": r.request.prompt, "text": r.text, "tokens": len(r.tokens),
+                "finish_reason": r.finish_reason, "complete": problem is None and r.error is None, "error": r.error,
+            }, ensure_ascii=False) + "\n")
+        elif not single:
+            console.print(f"[bold][{i}][/] {r.request.prompt[:60]}", highlight=False)
+            out.write(r.text + "\n")
+        label = "" if len(results) == 1 else f"answer {i}: "
+        if r.error:
+            code = max(code, 1)
+            console.print(f"[red]error:[/] {label}{r.error}", highlight=False)
+        elif problem is not None:
+            constrained = r.request.steer is not None
+            if constrained:
+                code = max(code, 2)
+            console.print(f"[yellow]warning:[/] {label}{problem}", highlight=False)
+    out.flush()
+    if stats.generated_tokens:
+        console.print(
+            f"[dim]{_count(stats.generated_tokens, 'token')} in {elapsed:.1f} s; decode {stats.tokens_per_s:.1f} tok/s; "
+            f"controllers {stats.work_us_per_step:.0f} µs/step "
+            f"({stats.critical_us_per_step:.0f} µs on the critical path); "
+            f"bytes copied between host and guests: {stats.bytes_copied}[/]",
+            highlight=False,
+        )
+    return code
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def _incomplete(result: Any, opts: RunOptions) -> str | None:
+    """Why an answer without an error is not what was asked for, or None."""
+    if result.error:
+        return None
+    steer = result.request.steer
+    if result.finish_reason == "length":
+        what = "the answer" if steer is None else "the constrained answer"
+        tail = " before it was complete" if steer is not None else ""
+        return f"{what} was cut at --max-tokens {result.request.max_tokens}{tail}; raise --max-tokens"
+    if opts.json_schema is not None:
+        import jsonschema
+
+        try:
+            jsonschema.validate(json.loads(result.text), json.loads(opts.json_schema.read_text()))
+        except (ValueError, jsonschema.ValidationError, jsonschema.SchemaError) as e:
+            return f"the answer does not validate under {opts.json_schema}: {str(e).splitlines()[0]}"
+    return None
+
+
+def _generate_with_progress(engine: Any, requests: list[Any], console: Console) -> list[Any]:
+    """``engine.generate`` with a progress bar on the console (stderr) as answers finish."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from .llm.engine import RequestQueue
+
+    queue = RequestQueue()
+    keys = [queue.submit(r) for r in requests]
+    queue.close()
+    results: dict[int, Any] = {}
+    if not console.is_terminal:  # a log, not a live bar: one line per answer as it finishes
+        def log(key: int, result: Any) -> None:
+            results[key] = result
+            console.print(f"[dim]answer {keys.index(key)} done ({len(results)}/{len(keys)}): "
+                          f"{result.finish_reason}, {_count(len(result.tokens), 'token')}[/]", highlight=False)
+
+        engine.run(queue, on_finish=log)
+        return [results[k] for k in keys]
+    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                  console=console, transient=True) as progress:
+        task = progress.add_task("generating", total=len(requests))
+
+        def finish(key: int, result: Any) -> None:
+            results[key] = result
+            progress.advance(task)
+
+        engine.run(queue, on_finish=finish)
+    return [results[k] for k in keys]

@@ -25,9 +25,10 @@ app = typer.Typer(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # plain help: no <bool> / <str> column beside every option
 )
 
-BENCHMARKS = ("calls", "exchange", "controllers", "grammars", "generate", "serve", "plugins")
+BENCHMARKS = ("calls", "exchange", "controllers", "grammars", "generate", "serve", "plugins", "whitespace")
 
 
 @app.command()
@@ -99,8 +100,9 @@ def _describe_type(ty: Any) -> str:
 def check(
     schemas: Annotated[list[Path], typer.Argument(help="JSON Schema files to compile.")],
     tokenizer: Annotated[
-        str, typer.Option(help="'deepseek' (the packaged 129k tokenizer) or a tokenizer.json path.")
-    ] = "deepseek",
+        str, typer.Option(help="A model name or path as `run` takes (default: run's default model), "
+                               "'deepseek' (the packaged 129k tokenizer) or a tokenizer.json path.")
+    ] = "smollm2-135m",
     coerce_one_of: Annotated[bool, typer.Option(help="Approximate oneOf by anyOf instead of refusing it.")] = False,
 ) -> None:
     """Compile JSON Schemas for a tokenizer: supported or the exact unsupported feature, and compile time."""
@@ -108,15 +110,23 @@ def check(
     from .llm.tokens import TokenTable
 
     try:
-        table = TokenTable.deepseek() if tokenizer == "deepseek" else TokenTable.from_file(tokenizer)
+        if tokenizer == "deepseek":
+            table = TokenTable.deepseek()
+        elif tokenizer.endswith(".json") and Path(tokenizer).is_file():
+            table = TokenTable.from_file(tokenizer)
+        else:
+            from .llm.models import load_model
+
+            with errors.status(f"loading the tokenizer of {tokenizer} ..."):
+                table = load_model(tokenizer, device="cpu").token_table
     except WasmshareError as e:
-        raise _fail(str(e)) from None
+        raise _fail(f"--tokenizer: {e}") from None
     results = Table(title=f"{len(schemas)} schema(s), tokenizer {tokenizer} ({table.vocab_size:,} tokens)")
     results.add_column("schema")
     results.add_column("result")
     results.add_column("compile ms", justify="right")
     unsupported = invalid = 0
-    with console.status("compiling...") as status:
+    with errors.status("compiling...") as status:
         for path in schemas:
             status.update(f"compiling {path}")
             try:
@@ -151,7 +161,7 @@ def run(
     arg: Annotated[Optional[list[str]], typer.Option(help="Controller argument: text, ids:1,2,3 or file:PATH (repeat).")] = None,
     model: Annotated[str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")] = "smollm2-135m",
     device: Annotated[str, typer.Option(help="auto (a CUDA device when torch sees one, else the CPU), cpu, cuda or cuda:N.")] = "auto",
-    max_tokens: Annotated[int, typer.Option(help="Most tokens to generate per answer.")] = 128,
+    max_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to generate per answer (default 128; 512 under a constraint).")] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
     seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
     batch: Annotated[Optional[Path], typer.Option(help="A JSONL file of prompts, decoded as one batch.")] = None,
@@ -159,17 +169,22 @@ def run(
     raw: Annotated[bool, typer.Option(help="Do not apply the chat template.")] = False,
     stop: Annotated[Optional[list[str]], typer.Option(help="End the answer at this string (repeat).")] = None,
     grammar_backend: Annotated[str, typer.Option(help="llguidance (default) or xgrammar.")] = "llguidance",
+    flexible_whitespace: Annotated[bool, typer.Option("--flexible-whitespace", help="Allow any JSON whitespace under --json-schema (default: compact separators).")] = False,
 ) -> None:
-    """Generate with the embedded model, steered by a constraint or a wasm controller."""
+    """Generate with the embedded model, steered by a constraint or a wasm controller.
+
+    Answers go to stdout (--json: one JSON object per line); status, warnings and stats to
+    stderr. Exit 1 when an answer failed, 2 when a constrained answer was cut by --max-tokens."""
     from ._run import RunOptions, run_command
 
     options = RunOptions(
         prompt=prompt, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
         controller=controller, arg=arg, model=model, device=device, max_tokens=max_tokens, temperature=temperature,
         seed=seed, batch=batch, json_output=json_output, raw=raw, stop=stop, grammar_backend=grammar_backend,
+        flexible_whitespace=flexible_whitespace,
     )
     try:
-        code = run_command(options, console)
+        code = run_command(options, errors)
     except WasmshareError as e:
         raise _fail(str(e)) from None
     raise typer.Exit(code)

@@ -87,13 +87,27 @@ class ConstraintSpec:
         return f"{self.kind} {text}"
 
 
-def json_schema(schema: dict[str, Any] | str | Path | bool, *, coerce_one_of: bool = False) -> ConstraintSpec:
+Whitespace = Literal["compact", "flexible"]
+
+
+def json_schema(
+    schema: dict[str, Any] | str | Path | bool, *, coerce_one_of: bool = False, whitespace: Whitespace = "compact",
+) -> ConstraintSpec:
     """Output is JSON valid under ``schema`` (a dict, JSON text, or a path to a ``.json`` file).
 
     Every keyword llguidance implements is enforced; a schema using one it does not raises
     :class:`ConstraintError` at compile time naming it. ``coerce_one_of=True`` opts in to
     approximating ``oneOf`` by ``anyOf`` (the output may then match several branches).
+
+    ``whitespace="compact"`` (the default) allows exactly one separator form between items
+    and after keys (``{"a": 1, "b": 2}``); ``"flexible"`` allows any JSON whitespace there.
+    Flexible whitespace lets a small model wander (newlines between a value and its comma,
+    padding until the token limit); compact answers are shorter and complete more often (see
+    ``bench/results/json_whitespace.json``). A schema that sets
+    ``"x-guidance": {"whitespace_flexible": ...}`` itself keeps its own choice.
     """
+    if whitespace not in ("compact", "flexible"):
+        raise ConstraintError(f"whitespace must be 'compact' or 'flexible', got {whitespace!r}")
     if isinstance(schema, Path):
         try:
             schema = json.loads(schema.read_text())
@@ -110,8 +124,46 @@ def json_schema(schema: dict[str, Any] | str | Path | bool, *, coerce_one_of: bo
         if not isinstance(schema, dict):
             raise ConstraintError("coerce_one_of needs an object schema")
         schema = {**schema, "x-guidance": {**schema.get("x-guidance", {}), "coerce_one_of": True}}
+    if isinstance(schema, dict):
+        guidance = schema.get("x-guidance")
+        if not isinstance(guidance, dict) or "whitespace_flexible" not in guidance:
+            guidance = guidance if isinstance(guidance, dict) else {}
+            schema = {**schema, "x-guidance": {**guidance, "whitespace_flexible": whitespace == "flexible"}}
     # Key order is kept: properties are generated in the order the schema lists them.
     return ConstraintSpec("json_schema", json.dumps(schema, separators=(",", ":")))
+
+
+def check_spec(spec: ConstraintSpec) -> None:
+    """Raise :class:`ConstraintError` (one line) for a spec the grammar engine would refuse,
+    without a tokenizer: a malformed regex, grammar or schema, or an unsupported keyword.
+
+    For checking user input before loading a model; compiling for a tokenizer
+    (:func:`compile_constraint`) can still refuse what only the vocabulary reveals."""
+    import llguidance
+
+    text = _to_grammar(spec)
+    is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, None)
+    if is_error:
+        reason = _one_line(messages)
+        if spec.kind != "grammar":  # positions are in the grammar built from the spec, not in the spec
+            reason = re.sub(r"^at \d+\(\d+\): ", "", reason)
+        raise ConstraintError(f"{spec.describe()}: {reason}")
+
+
+def _one_line(messages: Sequence[str]) -> str:
+    """llguidance's multi-line diagnostics as one line: the ``error:`` line of a regex parse
+    error when there is one, else the first line of each message."""
+    parts = []
+    for message in messages:
+        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+        detail = next((line.removeprefix("error: ") for line in lines if line.startswith("error:")), None)
+        head = lines[0] if lines else ""
+        if detail is not None:
+            head = head.split(" (in ", 1)[0].split(": regex parse error", 1)[0]
+            parts.append(f"{head}: {detail}")
+        elif head:
+            parts.append(head)
+    return "; ".join(parts) or "refused"
 
 
 def any_json() -> ConstraintSpec:
@@ -293,7 +345,7 @@ def _compile_llguidance(spec: ConstraintSpec, table: TokenTable) -> CompiledCons
     text = _to_grammar(spec)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, engine)
     if is_error:
-        raise ConstraintError(f"{spec.describe()}: {' '.join(m.strip() for m in messages)}")
+        raise ConstraintError(f"{spec.describe()}: {_one_line(messages)}")
     matcher = llguidance.LLMatcher(engine, text, log_level=0)  # builds the lexer once
     if matcher.is_error():
         raise ConstraintError(f"{spec.describe()}: {matcher.get_error()}")
