@@ -361,3 +361,31 @@ def test_a_client_that_hangs_up_cancels_its_non_streaming_request(live: LiveServ
         time.sleep(0.05)
     assert live.service.running == 0
     assert live.service.metrics.cancelled._value.get() == cancelled + 1
+
+
+# -- every upload error path ----------------------------------------------------------------------------
+
+
+def test_every_upload_error_answers_a_clear_4xx(live: LiveServer, good_text: str) -> None:
+    no_exports = "(module (memory (export \"memory\") 1))"
+    cases = [
+        (b"", {}, 400, "the upload is empty"),
+        ((CONTROLLERS / "allow_list.wasm").read_bytes(), {"name": "bad name!"}, 400, "name: 1-64 characters"),
+        (b"\0asm\x01\0\0\0" + b"\0" * (live.config.max_controller_bytes + 1), {}, 413, "byte limit"),
+        ((CONTROLLERS / "old_abi.wasm").read_bytes(), {}, 400, "controller ABI"),
+        (no_exports.encode(), {}, 400, "does not export ws_ctrl_abi_version"),
+    ]
+
+    def attack(http: Any) -> list[Any]:
+        return [no_500(http.post("/v1/controllers", params=params, content=body)) for body, params, _, _ in cases]
+
+    for r, (_, _, status, message) in zip(beside_good(live, good_text, attack), cases):
+        assert r.status_code == status and message in r.json()["error"]["message"], r.text
+    limit = live.store.max_controllers
+    live.store.max_controllers = 0
+    try:
+        with live.http() as http:
+            r = upload_bytes(http, no_exports + " ")
+    finally:
+        live.store.max_controllers = limit
+    assert r.status_code == 400 and "delete some first" in r.json()["error"]["message"]

@@ -482,7 +482,7 @@ def _convert(source: _Source, dtype: torch.dtype, scratch: Path, out: Path, prog
     transformers = _import_transformers()
     _require_gguf_support()
     gguf = source.gguf(scratch)
-    progress(f"converting {source.label or gguf.name} to safetensors in {_dtype_tag(dtype)} (once; up to a minute)")
+    progress(f"converting {source.label or gguf.name} to safetensors in {_dtype_tag(dtype)} (once; about 40 s on 2 cores)")
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(gguf.parent),
@@ -635,7 +635,7 @@ def load_model(
 
     A GGUF model (named or a path) is converted once into the cache (``cache_dir``, else
     ``$WASMSHARE_CACHE_DIR``, ``$XDG_CACHE_HOME/wasmshare`` or ``~/.cache/wasmshare``; see the
-    module docstring): about 30 s the first time, a second or two afterwards. ``device="auto"``
+    module docstring): about 40 s the first time on 2 cores, a second or two afterwards. ``device="auto"``
     is the first CUDA device when torch sees one, else the CPU. ``dtype="auto"`` is bfloat16
     on CUDA devices and on CPUs that compute it natively, else float32. ``progress`` is called with a
     one-line message at each phase (locating, converting, saving, loading, token table), for a
