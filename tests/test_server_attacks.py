@@ -389,3 +389,37 @@ def test_every_upload_error_answers_a_clear_4xx(live: LiveServer, good_text: str
     finally:
         live.store.max_controllers = limit
     assert r.status_code == 400 and "delete some first" in r.json()["error"]["message"]
+
+
+def test_a_long_prompt_is_prefilled_beside_the_other_streams(live: LiveServer, good_text: str) -> None:
+    """A 3,000-token prompt joins in chunks while the good request decodes; both answer."""
+    r = beside_good(live, good_text, lambda http: no_500(http.post(
+        "/v1/completions", json={"prompt": [42, 1045] * 1500, "max_tokens": 2, "temperature": 0})))
+    assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3000
+
+
+def test_shutdown_cancels_what_runs_and_waits_promptly(live: LiveServer) -> None:
+    """Closing the service (what Ctrl-C does) ends a long request at once, not after its tokens."""
+    import asyncio
+
+    from wasmshare.llm.engine import GenerationRequest
+    from wasmshare.server.service import EngineService
+
+    service = EngineService(live.service.loaded, max_batch=2)
+
+    async def scenario() -> tuple[Any, Any, float]:
+        running = service.submit(GenerationRequest("Count to a thousand:", max_tokens=2000))
+        long_prompt = service.submit(GenerationRequest([42] * 3000, max_tokens=2000))
+        waiting = service.submit(GenerationRequest("Hello", max_tokens=2000))
+        async for event in running.stream():
+            break  # the first token: it is decoding
+        started = time.monotonic()
+        await asyncio.get_running_loop().run_in_executor(None, service.close)
+        closed_s = time.monotonic() - started
+        results = await asyncio.gather(running.wait(), long_prompt.wait(), waiting.wait())
+        return results, closed_s, started
+
+    results, closed_s, _ = asyncio.run(scenario())
+    assert closed_s < 15, f"close took {closed_s:.1f} s"
+    assert all(r.finish_reason == "cancelled" for r in results), [r.finish_reason for r in results]
+    assert len(results[0].tokens) < 2000
