@@ -465,3 +465,48 @@ def test_a_step_with_a_joining_sequence_is_not_a_sample_of_the_step_cost(table: 
         batch.add(ctrl("allow_list", u32s(9)), prompt=[1])
         batch.step()
         assert batch._run_cost == [0.0, 0.0]  # a new line-up starts afresh, and its join step is not a sample
+
+
+WRONG_STEP_SIGNATURE = """(module
+  (memory (export "memory") 1)
+  (func (export "ws_ctrl_abi_version") (result i32) i32.const 1)
+  (func (export "ws_ctrl_create") (param i32 i32) (result i32) i32.const 0)
+  (func (export "ws_ctrl_step") (param i32 i32)))"""
+
+WASI_IMPORT = """(module
+  (import "wasi_snapshot_preview1" "fd_write" (func (param i32 i32 i32 i32) (result i32)))
+  (memory (export "memory") 1)
+  (func (export "ws_ctrl_abi_version") (result i32) i32.const 1)
+  (func (export "ws_ctrl_create") (param i32 i32) (result i32) i32.const 0)
+  (func (export "ws_ctrl_step") (param i32 i32) (result i32) i32.const 0))"""
+
+
+@pytest.mark.parametrize("mode", ["threads", "workers"])
+def test_a_module_with_a_wrong_signature_or_wasi_never_joins_and_the_batch_goes_on(table: TokenTable, mode: str) -> None:
+    with ControllerBatch(table, capacity=3, mode=mode, workers=1) as batch:  # type: ignore[arg-type]
+        good = batch.add(ctrl("allow_list", struct.pack("<2I", 5, 6)))
+        with pytest.raises(AbiMismatch, match="exports ws_ctrl_step as \\(i32, i32\\) -> \\(\\)"):
+            batch.add(Controller(WRONG_STEP_SIGNATURE, name="wrong"))
+        with pytest.raises(GuestError, match="wasi_snapshot_preview1.fd_write"):
+            batch.add(Controller(WASI_IMPORT, name="wasi"))
+        step = batch.step()
+        assert step.results[good].action is Action.CONTINUE and step.results[good].output is Output.BITMASK
+        assert batch.sequences == (good,)
+
+
+def test_a_host_failure_inside_a_step_ends_only_that_sequence(table: TokenTable, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An exception out of a step that is not a guest fault (a host bug) is contained too."""
+    with ControllerBatch(table, capacity=2, mode="threads") as batch:
+        bad = batch.add(ctrl("allow_list", struct.pack("<2I", 5, 6)))
+        good = batch.add(ctrl("allow_list", struct.pack("<2I", 7, 8)))
+        batch.step()
+        instance = batch._sequences[bad].instance
+        assert instance is not None
+
+        def broken() -> None:
+            raise TypeError("'<' not supported between instances of 'NoneType' and 'int'")
+
+        monkeypatch.setattr(instance, "step", broken)
+        step = batch.step({bad: [5], good: [7]})
+        assert step.results[bad].action is Action.ERROR and "TypeError" in str(step.results[bad].error)
+        assert step.results[good].action is Action.CONTINUE
