@@ -423,3 +423,30 @@ def test_shutdown_cancels_what_runs_and_waits_promptly(live: LiveServer) -> None
     assert closed_s < 15, f"close took {closed_s:.1f} s"
     assert all(r.finish_reason == "cancelled" for r in results), [r.finish_reason for r in results]
     assert len(results[0].tokens) < 2000
+
+
+def test_a_grammar_that_would_overflow_the_native_stack_is_refused(live: LiveServer, good_text: str) -> None:
+    """A long chain of rules crashed llguidance's recursive check (SIGSEGV) at about 2,800 rules;
+    grammars are bounded before they reach it, from a request or from a controller."""
+    n = 1200
+    chain = "start: " + "|".join(f"r{i}" for i in range(n)) + "\n" + "\n".join(
+        f'r{i}: "x{i}" r{i + 1}?' for i in range(n)) + f'\nr{n}: "end"\n'
+    nested = "start: " + "(" * 100 + '"a"' + ")" * 100 + "\n"
+
+    def attack(http: Any) -> list[Any]:
+        return [no_500(http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "grammar": g}))
+                for g in (chain, nested)]
+
+    for r in beside_good(live, good_text, attack):
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_constraint", r.text
+
+
+def test_a_huge_table_is_refused_like_a_huge_memory(live: LiveServer, good_text: str) -> None:
+    module = """(module
+      (table 400000000 funcref)
+      (memory (export "memory") 1)
+      (func (export "ws_ctrl_abi_version") (result i32) i32.const 1)
+      (func (export "ws_ctrl_create") (param i32 i32) (result i32) i32.const 0)
+      (func (export "ws_ctrl_step") (param i32 i32) (result i32) i32.const 0))"""
+    r = beside_good(live, good_text, lambda http: upload_bytes(http, module))
+    assert r.status_code == 400 and "table limits" in r.json()["error"]["message"], r.text

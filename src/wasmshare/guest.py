@@ -214,7 +214,10 @@ class Guest:
         store = wasmtime.Store(self._engine)
         self._store = store
         if memory_limit_bytes is not None:
-            store.set_limits(memory_size=memory_limit_bytes)
+            # Tables are guest memory too (8 bytes an element here), and one table.fill over a
+            # huge table runs without an epoch check: bound them with the memory.
+            store.set_limits(memory_size=memory_limit_bytes, table_elements=MAX_TABLE_ELEMENTS, tables=16,
+                             instances=1)
         self._ticker: _engine.EpochTicker | None = None
         if self._options.epoch:
             self._ticker = _engine.ticker_for(self._engine, self._options.tick_ms)
@@ -673,6 +676,11 @@ class _Offer:
         self.region = region
         self.access = access
         self.loan: Loan | None = None
+
+
+MAX_TABLE_ELEMENTS = 1 << 20
+"""Elements a guest with a memory limit may have in each table (a C guest's function table
+holds a few hundred)."""
 
 
 def _release_ticker(ticker: _engine.EpochTicker | None) -> None:
