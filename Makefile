@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
 
-.PHONY: run test bench typecheck guests clean
+.PHONY: run test lint bench typecheck guests clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,8 +21,13 @@ $(STAMP): pyproject.toml
 run: $(STAMP)
 	$(BIN)/wasmshare demo
 
-test: $(STAMP)
+test: lint $(STAMP)
 	$(BIN)/python -m pytest -q
+
+# Style: ruff lint and format, before any test runs (mypy strict runs as a test).
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
 
 # What only the benchmarks use: the baselines they compare against (xgrammar, outlines-core)
 # and the second model (Gemma 3 270M, 262k vocabulary). xgrammar without its declared

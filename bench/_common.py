@@ -67,7 +67,7 @@ def machine_info() -> dict[str, Any]:
         "wasmtime": _version("wasmtime"),
         "numpy": _version("numpy"),
         "wasmshare": _version("wasmshare"),
-        "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
     }
 
 
@@ -129,7 +129,9 @@ def timeit_us(
     }
 
 
-def make_row(case: str, ours: dict[str, Any], baseline: str, base: dict[str, Any], **extra: Any) -> dict[str, Any]:
+def make_row(
+    case: str, ours: dict[str, Any], baseline: str, base: dict[str, Any], **extra: Any
+) -> dict[str, Any]:
     """A result row from two :func:`timeit_us` results (medians; mins kept as extra fields)."""
     ours_us = float(ours["median_us"])
     baseline_us = float(base["median_us"])

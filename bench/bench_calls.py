@@ -51,17 +51,22 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             if fast(*args) != expected or slow(*args) != expected:
                 raise AssertionError(f"{name}{args}: fast/slow paths disagree with the raw export")
             if args:
-                ours = _common.timeit_us(lambda: fast(*args), **timing)
-                base = _common.timeit_us(lambda: export(store, *args), **timing)
-                wrapped = _common.timeit_us(lambda: slow(*args), **timing)
+                ours = _common.timeit_us(lambda f=fast, a=args: f(*a), **timing)
+                base = _common.timeit_us(lambda e=export, a=args: e(store, *a), **timing)
+                wrapped = _common.timeit_us(lambda f=slow, a=args: f(*a), **timing)
             else:
-                ours = _common.timeit_us(lambda: fast(), **timing)
-                base = _common.timeit_us(lambda: export(store), **timing)
-                wrapped = _common.timeit_us(lambda: slow(), **timing)
+                ours = _common.timeit_us(lambda f=fast: f(), **timing)
+                base = _common.timeit_us(lambda e=export: e(store), **timing)
+                wrapped = _common.timeit_us(lambda f=slow: f(), **timing)
             rows.append(
                 _common.make_row(
-                    case, ours, BASELINE, base,
-                    export=name, nargs=len(args), fast_false_us=round(wrapped["median_us"], 4),
+                    case,
+                    ours,
+                    BASELINE,
+                    base,
+                    export=name,
+                    nargs=len(args),
+                    fast_false_us=round(wrapped["median_us"], 4),
                 )
             )
     return rows
@@ -70,10 +75,20 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for row in rows:
-        out.append({"target": f"{row['case']}: ours ≤ {MAX_US} µs", "met": row["ours_us"] <= MAX_US,
-                    "value": row["ours_us"]})
-        out.append({"target": f"{row['case']}: ≥ {MIN_RATIO:g}× faster than Func.__call__",
-                    "met": row["ratio"] >= MIN_RATIO, "value": row["ratio"]})
+        out.append(
+            {
+                "target": f"{row['case']}: ours ≤ {MAX_US} µs",
+                "met": row["ours_us"] <= MAX_US,
+                "value": row["ours_us"],
+            }
+        )
+        out.append(
+            {
+                "target": f"{row['case']}: ≥ {MIN_RATIO:g}× faster than Func.__call__",
+                "met": row["ratio"] >= MIN_RATIO,
+                "value": row["ratio"],
+            }
+        )
     return out
 
 

@@ -99,7 +99,9 @@ class _CopyDesign:
             record["arg"] = 0
             record["arg_len"] = 0
             record["n_tokens"] = 1
-            self.guests.append((g, g.func("ws_ctrl_step"), g._memory, g._store, step_at, result_at, row_at, record))
+            self.guests.append(
+                (g, g.func("ws_ctrl_step"), g._memory, g._store, step_at, result_at, row_at, record)
+            )
         self.step_no = 0
 
     def step(self) -> None:
@@ -122,7 +124,9 @@ class _CopyDesign:
             g.close()
 
 
-def _ours(table: Any, output: str, batch: int, mode: str, timing: dict[str, Any]) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
+def _ours(
+    table: Any, output: str, batch: int, mode: str, timing: dict[str, Any]
+) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
     from wasmshare.llm import Controller, ControllerBatch
 
     module, arg = _controller(output)
@@ -160,18 +164,28 @@ def _bench(v: int, timing: dict[str, Any], batch_sizes: tuple[int, ...]) -> list
                 finally:
                     base.close()
                 floats = np.zeros((b, v), np.float32)
-                t_memset = _common.timeit_us(lambda: floats.fill(0.5), **timing)
+                t_memset = _common.timeit_us(lambda f=floats: f.fill(0.5), **timing)
                 for mode in MODES:
                     t_ours, our_rows = _ours(table, output, b, mode, timing)
-                    if not np.array_equal(our_rows.view(np.uint8).reshape(b, -1)[:, : base_rows[0].nbytes],
-                                          base_rows.view(np.uint8).reshape(b, -1)):
+                    if not np.array_equal(
+                        our_rows.view(np.uint8).reshape(b, -1)[:, : base_rows[0].nbytes],
+                        base_rows.view(np.uint8).reshape(b, -1),
+                    ):
                         raise AssertionError(f"{output} B={b} V={v} {mode}: rows differ from the copy design")
-                    rows.append(_common.make_row(
-                        f"{output} B={b} V={v // 1024}k {mode}", t_ours, BASELINE, t_base,
-                        output=output, B=b, V=v, mode=mode,
-                        memset_us=round(float(t_memset["median_us"]), 3),
-                        memset_ratio=round(float(t_ours["median_us"]) / float(t_memset["median_us"]), 3),
-                    ))
+                    rows.append(
+                        _common.make_row(
+                            f"{output} B={b} V={v // 1024}k {mode}",
+                            t_ours,
+                            BASELINE,
+                            t_base,
+                            output=output,
+                            B=b,
+                            V=v,
+                            mode=mode,
+                            memset_us=round(float(t_memset["median_us"]), 3),
+                            memset_ratio=round(float(t_ours["median_us"]) / float(t_memset["median_us"]), 3),
+                        )
+                    )
     return rows
 
 
@@ -190,17 +204,40 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for r in rows:
         if r["output"] == "bitmask" and r["B"] == TARGET_B and r["V"] == TARGET_V:
-            out.append({"target": f"{r['case']}: under 1 ms a step", "met": r["ours_us"] < 1000, "value": r["ours_us"]})
-            out.append({"target": f"{r['case']}: ≥ 5× faster than the copy design", "met": r["ratio"] >= 5,
-                        "value": r["ratio"]})
+            out.append(
+                {
+                    "target": f"{r['case']}: under 1 ms a step",
+                    "met": r["ours_us"] < 1000,
+                    "value": r["ours_us"],
+                }
+            )
+            out.append(
+                {
+                    "target": f"{r['case']}: ≥ 5× faster than the copy design",
+                    "met": r["ratio"] >= 5,
+                    "value": r["ratio"],
+                }
+            )
         if r["output"] == "bias" and r["B"] == TARGET_B and r["V"] == TARGET_V:
-            out.append({"target": f"{r['case']}: within 2× of writing B×V floats", "met": r["memset_ratio"] <= 2,
-                        "value": r["memset_ratio"]})
+            out.append(
+                {
+                    "target": f"{r['case']}: within 2× of writing B×V floats",
+                    "met": r["memset_ratio"] <= 2,
+                    "value": r["memset_ratio"],
+                }
+            )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    return _common.bench_main(NAME, __doc__, argv, lambda quick: run(quick=quick), targets, quick_help="a fast smoke run (fewer sizes, shorter repeats)")
+    return _common.bench_main(
+        NAME,
+        __doc__,
+        argv,
+        lambda quick: run(quick=quick),
+        targets,
+        quick_help="a fast smoke run (fewer sizes, shorter repeats)",
+    )
 
 
 if __name__ == "__main__":

@@ -110,8 +110,6 @@ from __future__ import annotations
 
 import argparse
 import json
-
-import numpy as np
 import os
 import statistics
 import subprocess
@@ -119,6 +117,8 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
+
+import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
@@ -156,8 +156,10 @@ SUBJECTS = ("a famous person", "a city", "a book", "a movie", "a car", "a song",
 def prompts(chat: bool) -> list[str]:
     out = []
     for s in SUBJECTS:
-        text = (f"Describe {s} as a JSON object with the keys name, category, year and score "
-                "(an integer from 1 to 10). Answer with the JSON object only.")
+        text = (
+            f"Describe {s} as a JSON object with the keys name, category, year and score "
+            "(an integer from 1 to 10). Answer with the JSON object only."
+        )
         out.append(text if chat else text + "\nJSON: ")
     return out
 
@@ -346,28 +348,44 @@ class _Bench:
         constraints._engine_tokenizer(lm.token_table)  # what our first constraint builds lazily
         self.setup_ms["ours"] = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
-        self.ll_tok = llguidance.hf.from_tokenizer(lm.tokenizer, n_vocab=lm.vocab_size,
-                                                  eos_token=list(lm.eos_token_ids))
+        self.ll_tok = llguidance.hf.from_tokenizer(
+            lm.tokenizer, n_vocab=lm.vocab_size, eos_token=list(lm.eos_token_ids)
+        )
         self.setup_ms["llguidance"] = (time.perf_counter() - t0) * 1e3
         t0 = time.perf_counter()
-        info = xgr.TokenizerInfo.from_huggingface(lm.tokenizer, vocab_size=lm.vocab_size,
-                                                  stop_token_ids=list(lm.eos_token_ids))
+        info = xgr.TokenizerInfo.from_huggingface(
+            lm.tokenizer, vocab_size=lm.vocab_size, stop_token_ids=list(lm.eos_token_ids)
+        )
         self.xgr_compiler = xgr.GrammarCompiler(info)
         self.setup_ms["xgrammar"] = (time.perf_counter() - t0) * 1e3
         self.ll_grammar = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(SCHEMA))
         self.xgr_grammar = self.xgr_compiler.compile_json_schema(json.dumps(SCHEMA))
 
     # ours
-    def engine_run(self, batch: int, n_prompts: int, steer: Any, max_tokens: int | None = None,
-                   mask_apply: str = "auto", defer_masks: bool = True) -> dict[str, Any]:
+    def engine_run(
+        self,
+        batch: int,
+        n_prompts: int,
+        steer: Any,
+        max_tokens: int | None = None,
+        mask_apply: str = "auto",
+        defer_masks: bool = True,
+    ) -> dict[str, Any]:
         from wasmshare.llm.engine import Engine, GenerationRequest
 
         max_tokens = max_tokens or self.max_tokens
-        with Engine(self.loaded, max_batch=batch, overlap=True, mask_apply=mask_apply,  # type: ignore[arg-type]
-                    defer_masks=defer_masks) as engine:
+        with Engine(
+            self.loaded,
+            max_batch=batch,
+            overlap=True,
+            mask_apply=mask_apply,  # type: ignore[arg-type]
+            defer_masks=defer_masks,
+        ) as engine:
             engine.stats = stats = _step_stats()
-            reqs = [GenerationRequest(p, max_tokens=max_tokens, temperature=0.0, steer=steer)
-                    for p in self.prompt_ids[:n_prompts]]
+            reqs = [
+                GenerationRequest(p, max_tokens=max_tokens, temperature=0.0, steer=steer)
+                for p in self.prompt_ids[:n_prompts]
+            ]
             t0 = time.perf_counter()
             results = engine.generate(reqs)
             wall = time.perf_counter() - t0
@@ -395,7 +413,9 @@ class _Bench:
         }
 
     # transformers generate
-    def hf_run(self, batch: int, n_prompts: int, processor: Any, max_tokens: int | None = None) -> dict[str, Any]:
+    def hf_run(
+        self, batch: int, n_prompts: int, processor: Any, max_tokens: int | None = None
+    ) -> dict[str, Any]:
         """``n_prompts`` prompts in batches of ``batch``; ``processor``: a factory or None."""
         import torch
         from transformers import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
@@ -409,26 +429,35 @@ class _Bench:
         decode_s = 0.0
         wall = 0.0
         for start in range(0, n_prompts, batch):
-            ids_list = self.prompt_ids[start:start + batch]
+            ids_list = self.prompt_ids[start : start + batch]
             width = max(len(x) for x in ids_list)
             ids = torch.full((len(ids_list), width), self.pad, dtype=torch.long)
             attn = torch.zeros((len(ids_list), width), dtype=torch.long)
             for i, x in enumerate(ids_list):
-                ids[i, width - len(x):] = torch.tensor(x)
-                attn[i, width - len(x):] = 1
+                ids[i, width - len(x) :] = torch.tensor(x)
+                attn[i, width - len(x) :] = 1
             timer = _step_timer()
             procs = LogitsProcessorList()
             timed = None
             if processor is not None:
                 timed = _TimedProcessor(processor())
                 procs.append(timed)
-            config = GenerationConfig(max_new_tokens=max_tokens, do_sample=False, num_beams=1,
-                                      eos_token_id=list(lm.eos_token_ids), pad_token_id=self.pad)
+            config = GenerationConfig(
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                num_beams=1,
+                eos_token_id=list(lm.eos_token_ids),
+                pad_token_id=self.pad,
+            )
             t0 = time.perf_counter()
             with torch.inference_mode():
-                out = lm.model.generate(input_ids=ids.to(lm.device), attention_mask=attn.to(lm.device),
-                                        generation_config=config,
-                                        logits_processor=procs, stopping_criteria=StoppingCriteriaList([timer]))
+                out = lm.model.generate(
+                    input_ids=ids.to(lm.device),
+                    attention_mask=attn.to(lm.device),
+                    generation_config=config,
+                    logits_processor=procs,
+                    stopping_criteria=StoppingCriteriaList([timer]),
+                )
             wall += time.perf_counter() - t0
             stamps = timer.stamps
             steps.extend(b - a for a, b in zip(stamps, stamps[1:]))
@@ -443,7 +472,9 @@ class _Bench:
                         break
                 gen = row[:n]
                 tokens += max(0, n - 1)  # the first token comes from the prefill step
-                texts.append(lm.tokenizer.decode([t for t in gen if t not in self.eos], skip_special_tokens=True))
+                texts.append(
+                    lm.tokenizer.decode([t for t in gen if t not in self.eos], skip_special_tokens=True)
+                )
         return {
             "wall_s": wall,
             "step_us": statistics.median(steps) * 1e6 if steps else float("nan"),
@@ -458,7 +489,9 @@ class _Bench:
 
     def llg_factory(self, grammar: str | None = None) -> Any:
         g = grammar or self.ll_grammar
-        return lambda: LlguidanceLogitsProcessor(self.ll_tok, g, self.loaded.vocab_size, self.loaded.eos_token_ids)
+        return lambda: LlguidanceLogitsProcessor(
+            self.ll_tok, g, self.loaded.vocab_size, self.loaded.eos_token_ids
+        )
 
     def xgr_factory(self, compiled: Any = None) -> Any:
         import xgrammar.contrib.hf as xhf
@@ -486,8 +519,10 @@ class _Bench:
         warm = statistics.median(self.engine_run(1, 1, spec, n)["wall_s"] for _ in range(2))
         out["ours"] = (cold, warm)
         # each baseline: compile the schema, then generate (llguidance's first apply runs torch.compile)
-        baselines = (("llguidance", llguidance.LLMatcher.grammar_from_json_schema, self.llg_factory),
-                     ("xgrammar", self.xgr_compiler.compile_json_schema, self.xgr_factory))
+        baselines = (
+            ("llguidance", llguidance.LLMatcher.grammar_from_json_schema, self.llg_factory),
+            ("xgrammar", self.xgr_compiler.compile_json_schema, self.xgr_factory),
+        )
         for name, compile_schema, factory in baselines:
             t0 = time.perf_counter()
             compiled = compile_schema(text)
@@ -498,8 +533,18 @@ class _Bench:
         return {k: {"cold_s": c, "warm_s": w, "setup_ms": self.setup_ms[k]} for k, (c, w) in out.items()}
 
 
-CONFIGS = ("ours_unconstrained", "ours_json", "ours_json_eager", "ours_json_dense", "ours_controller", "ours_controller_dense",
-           "ours_controller_sparse", "hf_unconstrained", "hf_xgrammar", "hf_llguidance")
+CONFIGS = (
+    "ours_unconstrained",
+    "ours_json",
+    "ours_json_eager",
+    "ours_json_dense",
+    "ours_controller",
+    "ours_controller_dense",
+    "ours_controller_sparse",
+    "hf_unconstrained",
+    "hf_xgrammar",
+    "hf_llguidance",
+)
 
 
 def _run_config(b: _Bench, config: str, batch: int, n_prompts: int) -> dict[str, Any]:
@@ -529,8 +574,14 @@ def _first_request_subprocess(model: str, device: str) -> dict[str, Any]:
     if "wasmshare-bench-inductor-" in env.get("TORCHINDUCTOR_CACHE_DIR", ""):
         env["TORCHINDUCTOR_CACHE_DIR"] = _fresh_dir()
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "src"), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--first-request", model, "--device", device],
-                          capture_output=True, text=True, env=env, timeout=600, check=False)
+    proc = subprocess.run(
+        [sys.executable, str(Path(__file__).resolve()), "--first-request", model, "--device", device],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=False,
+    )
     if proc.returncode != 0:
         raise RuntimeError(f"first-request subprocess for {model} failed: {proc.stderr[-2000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -549,15 +600,18 @@ def _kept_pairs(b: _Bench, batch: int, n_pairs: int) -> tuple[dict[str, list[flo
     each baseline runner, ``n_pairs`` ratios of its JSON-constrained step ÷ ours, both from
     the same round of pairs (the runners' order rotates round by round, so none is always
     first)."""
-    runners = {"ours": ("ours_unconstrained", "ours_json"), "ours_eager": ("ours_unconstrained", "ours_json_eager"),
-               "llguidance": ("hf_unconstrained", "hf_llguidance"),
-               "xgrammar": ("hf_unconstrained", "hf_xgrammar")}
+    runners = {
+        "ours": ("ours_unconstrained", "ours_json"),
+        "ours_eager": ("ours_unconstrained", "ours_json_eager"),
+        "llguidance": ("hf_unconstrained", "hf_llguidance"),
+        "xgrammar": ("hf_unconstrained", "hf_xgrammar"),
+    }
     names = list(runners)
     ratios: dict[str, list[float]] = {name: [] for name in runners}
     versus: dict[str, list[float]] = {name: [] for name in runners if name != "ours"}
     for k in range(n_pairs):
         constrained_step: dict[str, float] = {}
-        for name in names[k % len(names):] + names[: k % len(names)]:
+        for name in names[k % len(names) :] + names[: k % len(names)]:
             plain, constrained = runners[name]
             print(f"{b.name}: kept pair {k + 1}/{n_pairs} B={batch} {name} ...", file=sys.stderr, flush=True)
             order = (plain, constrained) if k % 2 == 0 else (constrained, plain)
@@ -579,9 +633,19 @@ def _quartiles(values: list[float]) -> tuple[float, float]:
 def _summarise(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """Medians over repeats; texts of the first repeat (greedy: all repeats are equal)."""
     out: dict[str, Any] = {}
-    for key in ("step_us", "mean_step_us", "tokens_per_s", "critical_us", "mean_critical_us", "mask_total_us", "mask_work_us",
-                "wait_us", "apply_us",
-                "prefill_ms", "wall_s"):
+    for key in (
+        "step_us",
+        "mean_step_us",
+        "tokens_per_s",
+        "critical_us",
+        "mean_critical_us",
+        "mask_total_us",
+        "mask_work_us",
+        "wait_us",
+        "apply_us",
+        "prefill_ms",
+        "wall_s",
+    ):
         vals = [r[key] for r in runs if key in r]
         if vals:
             out[key] = statistics.median(vals)
@@ -621,7 +685,9 @@ def bench_model(
         for batch in batches:
             n_prompts = 2 if batch == 1 else batch
             for config in CONFIGS:
-                print(f"{model}: repeat {rep + 1}/{repeats} B={batch} {config} ...", file=sys.stderr, flush=True)
+                print(
+                    f"{model}: repeat {rep + 1}/{repeats} B={batch} {config} ...", file=sys.stderr, flush=True
+                )
                 raw.setdefault((batch, config), []).append(_run_config(b, config, batch, n_prompts))
     pairs, versus = _kept_pairs(b, batches[-1], 1 if quick else scope.kept_pairs)
     rows: list[dict[str, Any]] = []
@@ -646,108 +712,265 @@ def bench_model(
         if batch == batches[-1]:
             for runner, ratios in pairs.items():
                 kept[runner] = statistics.median(ratios)
-                spread[runner] = {"kept_quartiles": [round(q, 3) for q in _quartiles(ratios)],
-                                  "kept_pairs": len(ratios)}
+                spread[runner] = {
+                    "kept_quartiles": [round(q, 3) for q in _quartiles(ratios)],
+                    "kept_pairs": len(ratios),
+                }
             for runner, ratios in versus.items():
-                rounds[runner] = {"round_ratio": round(statistics.median(ratios), 3),
-                                  "round_ratio_quartiles": [round(q, 3) for q in _quartiles(ratios)]}
+                rounds[runner] = {
+                    "round_ratio": round(statistics.median(ratios), 3),
+                    "round_ratio_quartiles": [round(q, 3) for q in _quartiles(ratios)],
+                }
 
         def t(d: dict[str, Any], key: str = "step_us") -> dict[str, Any]:
             return {"median_us": d[key], "min_us": min(d[key + "_all"])}
 
         def detail(d: dict[str, Any], **kw: Any) -> dict[str, Any]:
-            e = {"decode_us_per_repeat": d["step_us_all"], "steps": d["steps"], "tokens": d["tokens"],
-                 "mean_step_us": round(d["mean_step_us"], 1), "mean_critical_us": round(d["mean_critical_us"], 1)}
+            e = {
+                "decode_us_per_repeat": d["step_us_all"],
+                "steps": d["steps"],
+                "tokens": d["tokens"],
+                "mean_step_us": round(d["mean_step_us"], 1),
+                "mean_critical_us": round(d["mean_critical_us"], 1),
+            }
             if d["all_valid"] is False and d["valid"] != f"0/{len(d['texts'])}":
                 e["invalid_texts"] = d["invalid_texts"]
-            for key in ("wait_us", "apply_us", "mask_total_us", "mask_work_us", "prefill_ms", "deferred_masks", "late_masks",
-                        "runner_up_draws"):
+            for key in (
+                "wait_us",
+                "apply_us",
+                "mask_total_us",
+                "mask_work_us",
+                "prefill_ms",
+                "deferred_masks",
+                "late_masks",
+                "runner_up_draws",
+            ):
                 if key in d:
                     e[key] = round(d[key], 1)
             e.update(kw)
             return e
 
         def extra(d: dict[str, Any], **kw: Any) -> dict[str, Any]:
-            e: dict[str, Any] = {"model": model, "B": batch, "tokens_per_s": round(d["tokens_per_s"], 1),
-                                 "critical_mask_us": round(d["critical_us"], 1), "valid": d["valid"]}
+            e: dict[str, Any] = {
+                "model": model,
+                "B": batch,  # noqa: B023 -- called within the iteration that defines it
+                "tokens_per_s": round(d["tokens_per_s"], 1),
+                "critical_mask_us": round(d["critical_us"], 1),
+                "valid": d["valid"],
+            }
             e.update(kw)
             return e
 
         p = f"{model} B={batch}"
-        rows.append(_common.make_row(
-            f"{p} unconstrained decode µs/step", t(ou), "transformers generate (unconstrained)", t(hu),
-            **extra(ou, steps_detail=detail(ou), steps_baseline_detail=detail(
-                hu, tokens_per_s=round(hu["tokens_per_s"], 1), valid=hu["valid"]))))
-        rows.append(_common.make_row(
-            f"{p} JSON-constrained decode µs/step", t(oj), "unconstrained (ours)", t(ou),
-            **extra(oj, kept=round(kept["ours"], 3), **spread.get("ours", {}), all_valid=oj["all_valid"],
-                    steps_detail=detail(oj))))
+        rows.append(
+            _common.make_row(
+                f"{p} unconstrained decode µs/step",
+                t(ou),
+                "transformers generate (unconstrained)",
+                t(hu),
+                **extra(
+                    ou,
+                    steps_detail=detail(ou),
+                    steps_baseline_detail=detail(
+                        hu, tokens_per_s=round(hu["tokens_per_s"], 1), valid=hu["valid"]
+                    ),
+                ),
+            )
+        )
+        rows.append(
+            _common.make_row(
+                f"{p} JSON-constrained decode µs/step",
+                t(oj),
+                "unconstrained (ours)",
+                t(ou),
+                **extra(
+                    oj,
+                    kept=round(kept["ours"], 3),
+                    **spread.get("ours", {}),
+                    all_valid=oj["all_valid"],
+                    steps_detail=detail(oj),
+                ),
+            )
+        )
         for base, d in (("xgrammar", hx), ("llguidance", hl)):
-            rows.append(_common.make_row(
-                f"{p} JSON-constrained decode µs/step", t(oj), f"{base} LogitsProcessor", t(d),
-                **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept[base], 3),
+            rows.append(
+                _common.make_row(
+                    f"{p} JSON-constrained decode µs/step",
+                    t(oj),
+                    f"{base} LogitsProcessor",
+                    t(d),
+                    **extra(
+                        oj,
+                        kept=round(kept["ours"], 3),
+                        baseline_kept=round(kept[base], 3),
                         **spread.get("ours", {}),
                         baseline_kept_quartiles=spread.get(base, {}).get("kept_quartiles"),
-                        paired_ratio=round(_paired(d, oj), 3), **rounds.get(base, {}),
-                        baseline_valid=d["valid"], baseline_all_valid=d["all_valid"], steps_detail=detail(oj),
-                        steps_baseline_detail=detail(d, tokens_per_s=round(d["tokens_per_s"], 1),
-                                                     critical_mask_us=round(d["critical_us"], 1)))))
-        rows.append(_common.make_row(
-            f"{p} JSON-constrained decode µs/step", t(oj), "ours, every mask computed beside the forward pass", t(oje),
-            **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept["ours_eager"], 3),
+                        paired_ratio=round(_paired(d, oj), 3),
+                        **rounds.get(base, {}),
+                        baseline_valid=d["valid"],
+                        baseline_all_valid=d["all_valid"],
+                        steps_detail=detail(oj),
+                        steps_baseline_detail=detail(
+                            d,
+                            tokens_per_s=round(d["tokens_per_s"], 1),
+                            critical_mask_us=round(d["critical_us"], 1),
+                        ),
+                    ),
+                )
+            )
+        rows.append(
+            _common.make_row(
+                f"{p} JSON-constrained decode µs/step",
+                t(oj),
+                "ours, every mask computed beside the forward pass",
+                t(oje),
+                **extra(
+                    oj,
+                    kept=round(kept["ours"], 3),
+                    baseline_kept=round(kept["ours_eager"], 3),
                     **spread.get("ours", {}),
                     baseline_kept_quartiles=spread.get("ours_eager", {}).get("kept_quartiles"),
-                    paired_ratio=round(_paired(oje, oj), 3), **rounds.get("ours_eager", {}),
-                    baseline_valid=oje["valid"], steps_detail=detail(oj), steps_baseline_detail=detail(oje))))
-        rows.append(_common.make_row(
-            f"{p} JSON mask work µs/step (controller phase + apply, hidden or not)", t(oj, "mask_work_us"),
-            "ours, every mask computed beside the forward pass", t(oje, "mask_work_us"), model=model, B=batch,
-            steps_detail=detail(oj), steps_baseline_detail=detail(oje)))
-        rows.append(_common.make_row(
-            f"{p} JSON-constrained decode µs/step", t(oj), "ours, dense mask application", t(ojd),
-            **extra(oj, kept=round(kept["ours"], 3), baseline_kept=round(kept["dense"], 3),
+                    paired_ratio=round(_paired(oje, oj), 3),
+                    **rounds.get("ours_eager", {}),
+                    baseline_valid=oje["valid"],
+                    steps_detail=detail(oj),
+                    steps_baseline_detail=detail(oje),
+                ),
+            )
+        )
+        rows.append(
+            _common.make_row(
+                f"{p} JSON mask work µs/step (controller phase + apply, hidden or not)",
+                t(oj, "mask_work_us"),
+                "ours, every mask computed beside the forward pass",
+                t(oje, "mask_work_us"),
+                model=model,
+                B=batch,
+                steps_detail=detail(oj),
+                steps_baseline_detail=detail(oje),
+            )
+        )
+        rows.append(
+            _common.make_row(
+                f"{p} JSON-constrained decode µs/step",
+                t(oj),
+                "ours, dense mask application",
+                t(ojd),
+                **extra(
+                    oj,
+                    kept=round(kept["ours"], 3),
+                    baseline_kept=round(kept["dense"], 3),
                     paired_ratio=round(_paired(ojd, oj), 3),
-                    baseline_valid=ojd["valid"], steps_detail=detail(oj), steps_baseline_detail=detail(ojd))))
-        rows.append(_common.make_row(
-            f"{p} wasm controller (boost_words) decode µs/step", t(oc), "unconstrained (ours)", t(ou),
-            **extra(oc, kept=round(kept["controller"], 3), steps_detail=detail(oc))))
-        rows.append(_common.make_row(
-            f"{p} wasm controller (boost_words) decode µs/step", t(oc), "ours, dense bias application", t(ocd),
-            **extra(oc, kept=round(kept["controller"], 3), baseline_kept=round(kept["controller_dense"], 3),
+                    baseline_valid=ojd["valid"],
+                    steps_detail=detail(oj),
+                    steps_baseline_detail=detail(ojd),
+                ),
+            )
+        )
+        rows.append(
+            _common.make_row(
+                f"{p} wasm controller (boost_words) decode µs/step",
+                t(oc),
+                "unconstrained (ours)",
+                t(ou),
+                **extra(oc, kept=round(kept["controller"], 3), steps_detail=detail(oc)),
+            )
+        )
+        rows.append(
+            _common.make_row(
+                f"{p} wasm controller (boost_words) decode µs/step",
+                t(oc),
+                "ours, dense bias application",
+                t(ocd),
+                **extra(
+                    oc,
+                    kept=round(kept["controller"], 3),
+                    baseline_kept=round(kept["controller_dense"], 3),
                     paired_ratio=round(_paired(ocd, oc), 3),
-                    steps_detail=detail(oc), steps_baseline_detail=detail(ocd))))
-        rows.append(_common.make_row(
-            f"{p} wasm controller, sparse bias (boost_words_sparse) decode µs/step", t(ocs), "unconstrained (ours)", t(ou),
-            **extra(ocs, kept=round(kept["controller_sparse"], 3), steps_detail=detail(ocs))))
-        rows.append(_common.make_row(
-            f"{p} JSON mask µs/step on the critical path", t(oj, "critical_us"),
-            "ours, dense mask application", t(ojd, "critical_us"), model=model, B=batch,
-            steps_detail=detail(oj), steps_baseline_detail=detail(ojd)))
-        rows.append(_common.make_row(
-            f"{p} controller bias µs/step on the critical path", t(oc, "critical_us"),
-            "ours, dense bias application", t(ocd, "critical_us"), model=model, B=batch,
-            steps_detail=detail(oc), steps_baseline_detail=detail(ocd)))
-        rows.append(_common.make_row(
-            f"{p} controller sparse bias µs/step on the critical path", t(ocs, "critical_us"),
-            "ours, the same bias as a whole row", t(oc, "critical_us"), model=model, B=batch,
-            same_texts=ocs["texts"] == oc["texts"], steps_detail=detail(ocs), steps_baseline_detail=detail(oc)))
+                    steps_detail=detail(oc),
+                    steps_baseline_detail=detail(ocd),
+                ),
+            )
+        )
+        rows.append(
+            _common.make_row(
+                f"{p} wasm controller, sparse bias (boost_words_sparse) decode µs/step",
+                t(ocs),
+                "unconstrained (ours)",
+                t(ou),
+                **extra(ocs, kept=round(kept["controller_sparse"], 3), steps_detail=detail(ocs)),
+            )
+        )
+        rows.append(
+            _common.make_row(
+                f"{p} JSON mask µs/step on the critical path",
+                t(oj, "critical_us"),
+                "ours, dense mask application",
+                t(ojd, "critical_us"),
+                model=model,
+                B=batch,
+                steps_detail=detail(oj),
+                steps_baseline_detail=detail(ojd),
+            )
+        )
+        rows.append(
+            _common.make_row(
+                f"{p} controller bias µs/step on the critical path",
+                t(oc, "critical_us"),
+                "ours, dense bias application",
+                t(ocd, "critical_us"),
+                model=model,
+                B=batch,
+                steps_detail=detail(oc),
+                steps_baseline_detail=detail(ocd),
+            )
+        )
+        rows.append(
+            _common.make_row(
+                f"{p} controller sparse bias µs/step on the critical path",
+                t(ocs, "critical_us"),
+                "ours, the same bias as a whole row",
+                t(oc, "critical_us"),
+                model=model,
+                B=batch,
+                same_texts=ocs["texts"] == oc["texts"],
+                steps_detail=detail(ocs),
+                steps_baseline_detail=detail(oc),
+            )
+        )
         for base, d in (("xgrammar", hx), ("llguidance", hl)):
-            rows.append(_common.make_row(
-                f"{p} JSON mask µs/step on the critical path", t(oj, "critical_us"),
-                f"{base} LogitsProcessor (µs/call)", t(d, "critical_us"), model=model, B=batch,
-                steps_detail=detail(oj), steps_baseline_detail=detail(d)))
+            rows.append(
+                _common.make_row(
+                    f"{p} JSON mask µs/step on the critical path",
+                    t(oj, "critical_us"),
+                    f"{base} LogitsProcessor (µs/call)",
+                    t(d, "critical_us"),
+                    model=model,
+                    B=batch,
+                    steps_detail=detail(oj),
+                    steps_baseline_detail=detail(d),
+                )
+            )
     for base in ("xgrammar", "llguidance"):
         o, bb = first["ours"], first[base]
-        rows.append(_common.make_row(
-            f"{model} first constrained request (new schema, B=1, {4 if quick else FIRST_TOKENS} tokens) wall µs",
-            {"median_us": o["cold_s"] * 1e6, "min_us": o["cold_s"] * 1e6}, f"{base} LogitsProcessor",
-            {"median_us": bb["cold_s"] * 1e6, "min_us": bb["cold_s"] * 1e6},
-            model=model, one_off_ms=round((o["cold_s"] - o["warm_s"]) * 1e3, 1),
-            baseline_one_off_ms=round((bb["cold_s"] - bb["warm_s"]) * 1e3, 1),
-            steps_detail={"warm_ms": round(o["warm_s"] * 1e3, 1), "baseline_warm_ms": round(bb["warm_s"] * 1e3, 1),
-                          "tokenizer_setup_ms": round(o["setup_ms"], 1),
-                          "baseline_tokenizer_setup_ms": round(bb["setup_ms"], 1),
-                          "fresh_inductor_cache": first.get("fresh_inductor_cache", False)}))
+        rows.append(
+            _common.make_row(
+                f"{model} first constrained request (new schema, B=1, {4 if quick else FIRST_TOKENS} tokens) wall µs",
+                {"median_us": o["cold_s"] * 1e6, "min_us": o["cold_s"] * 1e6},
+                f"{base} LogitsProcessor",
+                {"median_us": bb["cold_s"] * 1e6, "min_us": bb["cold_s"] * 1e6},
+                model=model,
+                one_off_ms=round((o["cold_s"] - o["warm_s"]) * 1e3, 1),
+                baseline_one_off_ms=round((bb["cold_s"] - bb["warm_s"]) * 1e3, 1),
+                steps_detail={
+                    "warm_ms": round(o["warm_s"] * 1e3, 1),
+                    "baseline_warm_ms": round(bb["warm_s"] * 1e3, 1),
+                    "tokenizer_setup_ms": round(o["setup_ms"], 1),
+                    "baseline_tokenizer_setup_ms": round(bb["setup_ms"], 1),
+                    "fresh_inductor_cache": first.get("fresh_inductor_cache", False),
+                },
+            )
+        )
     return rows
 
 
@@ -813,31 +1036,70 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for model in models:
         mine = [r for r in rows if r["model"] == model]
         big = max(r.get("B", 0) for r in mine)
-        vs_unc = next(r for r in mine if r.get("B") == big and r["baseline"] == "unconstrained (ours)"
-                      and "JSON" in r["case"])
-        vs_base = {r["baseline"].split()[0]: r for r in mine if r.get("B") == big and "JSON" in r["case"]
-                   and r["baseline"].endswith("LogitsProcessor")}
+        vs_unc = next(
+            r
+            for r in mine
+            if r.get("B") == big and r["baseline"] == "unconstrained (ours)" and "JSON" in r["case"]
+        )
+        vs_base = {
+            r["baseline"].split()[0]: r
+            for r in mine
+            if r.get("B") == big and "JSON" in r["case"] and r["baseline"].endswith("LogitsProcessor")
+        }
         crit = next(r for r in mine if r.get("B") == big and "critical path" in r["case"])
-        out.append({"target": f"{model} B={big}: ours JSON-constrained keeps ≥ 0.99 of unconstrained decode "
-                              "(unconstrained µs/step ÷ constrained µs/step)",
-                    "met": vs_unc["kept"] >= 0.99, "value": vs_unc["kept"]})
+        out.append(
+            {
+                "target": f"{model} B={big}: ours JSON-constrained keeps ≥ 0.99 of unconstrained decode "
+                "(unconstrained µs/step ÷ constrained µs/step)",
+                "met": vs_unc["kept"] >= 0.99,
+                "value": vs_unc["kept"],
+            }
+        )
         for base, r in vs_base.items():
-            out.append({"target": f"{model} B={big}: ours keeps more of unconstrained than {base} (kept, each vs "
-                                  "its own runner)", "met": r["kept"] > r["baseline_kept"],
-                        "value": {"ours": r["kept"], base: r["baseline_kept"]}})
+            out.append(
+                {
+                    "target": f"{model} B={big}: ours keeps more of unconstrained than {base} (kept, each vs "
+                    "its own runner)",
+                    "met": r["kept"] > r["baseline_kept"],
+                    "value": {"ours": r["kept"], base: r["baseline_kept"]},
+                }
+            )
             ratio = r.get("round_ratio", r["paired_ratio"])
             how = "round ratio over the kept pairs' rounds" if "round_ratio" in r else "paired ratio"
-            out.append({"target": f"{model} B={big}: ours JSON-constrained faster per decode step than {base} "
-                                  f"({how})", "met": ratio > 1,
-                        "value": {"round_ratio": r.get("round_ratio"), "quartiles": r.get("round_ratio_quartiles"),
-                                  "paired_ratio_over_repeats": r["paired_ratio"]}})
-        out.append({"target": f"{model} B={big}: ≤ 200 µs mask work per step on the critical path",
-                    "met": crit["ours_us"] <= 200, "value": crit["ours_us"]})
-        out.append({"target": f"{model}: all JSON-constrained outputs valid",
-                    "met": all(r.get("all_valid", True) for r in mine), "value": vs_unc["valid"]})
+            out.append(
+                {
+                    "target": f"{model} B={big}: ours JSON-constrained faster per decode step than {base} "
+                    f"({how})",
+                    "met": ratio > 1,
+                    "value": {
+                        "round_ratio": r.get("round_ratio"),
+                        "quartiles": r.get("round_ratio_quartiles"),
+                        "paired_ratio_over_repeats": r["paired_ratio"],
+                    },
+                }
+            )
+        out.append(
+            {
+                "target": f"{model} B={big}: ≤ 200 µs mask work per step on the critical path",
+                "met": crit["ours_us"] <= 200,
+                "value": crit["ours_us"],
+            }
+        )
+        out.append(
+            {
+                "target": f"{model}: all JSON-constrained outputs valid",
+                "met": all(r.get("all_valid", True) for r in mine),
+                "value": vs_unc["valid"],
+            }
+        )
         first = next(r for r in mine if "first constrained request" in r["case"])
-        out.append({"target": f"{model}: no first-request one-off cost ≥ 1 s (cold − warm)",
-                    "met": first["one_off_ms"] < 1000, "value": first["one_off_ms"]})
+        out.append(
+            {
+                "target": f"{model}: no first-request one-off cost ≥ 1 s (cold − warm)",
+                "met": first["one_off_ms"] < 1000,
+                "value": first["one_off_ms"],
+            }
+        )
     return out
 
 
@@ -845,7 +1107,9 @@ def _first_request_main(model: str, device: str) -> int:
     b = _Bench(model, False, device)
     b.setup_baselines()
     result = b.first_request(19)
-    result["fresh_inductor_cache"] = "wasmshare-bench-inductor-" in os.environ.get("TORCHINDUCTOR_CACHE_DIR", "")
+    result["fresh_inductor_cache"] = "wasmshare-bench-inductor-" in os.environ.get(
+        "TORCHINDUCTOR_CACHE_DIR", ""
+    )
     print(json.dumps(result))
     return 0
 
@@ -854,29 +1118,57 @@ def main(argv: list[str] | None = None) -> int:
     import importlib.util
 
     if importlib.util.find_spec("xgrammar") is None:
-        print("bench generate compares with xgrammar's transformers LogitsProcessor: "
-              "install it with `pip install --no-deps xgrammar apache-tvm-ffi`", file=sys.stderr)
+        print(
+            "bench generate compares with xgrammar's transformers LogitsProcessor: "
+            "install it with `pip install --no-deps xgrammar apache-tvm-ffi`",
+            file=sys.stderr,
+        )
         return 2
-    parser = argparse.ArgumentParser(prog="bench_generate", description=__doc__.splitlines()[0] if __doc__ else None)
-    parser.add_argument("--quick", action="store_true", help="a fast smoke run (SmolLM2, B=1 and 2, few tokens)")
+    parser = argparse.ArgumentParser(
+        prog="bench_generate", description=__doc__.splitlines()[0] if __doc__ else None
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="a fast smoke run (SmolLM2, B=1 and 2, few tokens)"
+    )
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
-    parser.add_argument("--models", type=_names, default=MODELS, help=f"comma-separated, of {', '.join(MODELS)}")
-    parser.add_argument("--batches", type=_batches, default=(1, 8), help="comma-separated batch sizes (default 1,8)")
-    parser.add_argument("--repeats", type=_positive, default=REPEATS, help=f"runs of each configuration (default {REPEATS})")
-    parser.add_argument("--kept-pairs", type=_positive, default=KEPT_PAIRS,
-                        help=f"back-to-back pairs for kept at the largest batch (default {KEPT_PAIRS})")
+    parser.add_argument(
+        "--models", type=_names, default=MODELS, help=f"comma-separated, of {', '.join(MODELS)}"
+    )
+    parser.add_argument(
+        "--batches", type=_batches, default=(1, 8), help="comma-separated batch sizes (default 1,8)"
+    )
+    parser.add_argument(
+        "--repeats", type=_positive, default=REPEATS, help=f"runs of each configuration (default {REPEATS})"
+    )
+    parser.add_argument(
+        "--kept-pairs",
+        type=_positive,
+        default=KEPT_PAIRS,
+        help=f"back-to-back pairs for kept at the largest batch (default {KEPT_PAIRS})",
+    )
     parser.add_argument("--device", default="auto", help="auto (default), cpu, cuda or cuda:N")
     parser.add_argument("--first-request", default=None, help=argparse.SUPPRESS)
     ns = parser.parse_args(argv)
     if ns.first_request:
         return _first_request_main(ns.first_request, ns.device)
-    scope = Scope(models=ns.models, batches=ns.batches, repeats=ns.repeats, kept_pairs=ns.kept_pairs, device=ns.device)
+    scope = Scope(
+        models=ns.models, batches=ns.batches, repeats=ns.repeats, kept_pairs=ns.kept_pairs, device=ns.device
+    )
     rows = run(quick=ns.quick, scope=scope)
-    _common.report(NAME, rows, out_dir=ns.out, extra={"quick": ns.quick, "targets": targets(rows),
-                                                      "schema": SCHEMA, "max_tokens": 12 if ns.quick else MAX_TOKENS,
-                                                      "repeats": 1 if ns.quick else scope.repeats,
-                                                      "kept_pairs": 1 if ns.quick else scope.kept_pairs,
-                                                      "device": _device_info()})
+    _common.report(
+        NAME,
+        rows,
+        out_dir=ns.out,
+        extra={
+            "quick": ns.quick,
+            "targets": targets(rows),
+            "schema": SCHEMA,
+            "max_tokens": 12 if ns.quick else MAX_TOKENS,
+            "repeats": 1 if ns.quick else scope.repeats,
+            "kept_pairs": 1 if ns.quick else scope.kept_pairs,
+            "device": _device_info(),
+        },
+    )
     return 0
 
 

@@ -91,8 +91,11 @@ import _common  # noqa: E402
 NAME = "grammars"
 ROOT = Path(__file__).resolve().parent.parent
 SPLIT = ROOT.parent / "shared" / "maskbench" / "maskbench-dev.jsonl.gz"
-SPLIT_CANDIDATES = (ROOT / "shared" / "maskbench" / "maskbench-dev.jsonl.gz", SPLIT,
-                    Path("/work/shared/maskbench/maskbench-dev.jsonl.gz"))
+SPLIT_CANDIDATES = (
+    ROOT / "shared" / "maskbench" / "maskbench-dev.jsonl.gz",
+    SPLIT,
+    Path("/work/shared/maskbench/maskbench-dev.jsonl.gz"),
+)
 QUICK_EVERY = 200
 DIRECT = "llguidance direct (numpy buffer)"
 PARALLEL_B = 64
@@ -103,12 +106,18 @@ PARALLEL_B = 64
 # takes seconds to minutes per schema. On a 2-core machine the whole split for them would
 # take hours, so they run on fixed subsets, said in the JSON and the printed table.
 SETTINGS = {
-    "full": {"xgrammar": {"every": 20, "timeout_s": 2.0, "budget_s": 200.0, "max": None},
-             "outlines-core": {"every": 200, "timeout_s": 5.0, "budget_s": 70.0, "max": None},
-             "parallel_steps": 48, "parallel_repeat": 5},
-    "quick": {"xgrammar": {"every": 200, "timeout_s": 2.0, "budget_s": 15.0, "max": None},
-              "outlines-core": {"every": 200, "timeout_s": 2.0, "budget_s": 8.0, "max": 3},
-              "parallel_steps": 16, "parallel_repeat": 2},
+    "full": {
+        "xgrammar": {"every": 20, "timeout_s": 2.0, "budget_s": 200.0, "max": None},
+        "outlines-core": {"every": 200, "timeout_s": 5.0, "budget_s": 70.0, "max": None},
+        "parallel_steps": 48,
+        "parallel_repeat": 5,
+    },
+    "quick": {
+        "xgrammar": {"every": 200, "timeout_s": 2.0, "budget_s": 15.0, "max": None},
+        "outlines-core": {"every": 200, "timeout_s": 2.0, "budget_s": 8.0, "max": 3},
+        "parallel_steps": 16,
+        "parallel_repeat": 2,
+    },
 }
 WALK_TIMEOUT_S = 120.0
 
@@ -135,8 +144,14 @@ def _load(quick: bool) -> list[dict[str, Any]]:
             if quick and i % QUICK_EVERY:
                 continue
             d = json.loads(line)
-            out.append({"index": i, "name": d.get("name", str(i)), "schema": d["schema"],
-                        "tests": [(bool(t["valid"]), t["data"]) for t in d.get("tests", [])]})
+            out.append(
+                {
+                    "index": i,
+                    "name": d.get("name", str(i)),
+                    "schema": d["schema"],
+                    "tests": [(bool(t["valid"]), t["data"]) for t in d.get("tests", [])],
+                }
+            )
     return out
 
 
@@ -158,8 +173,13 @@ def _stats(ns: np.ndarray[Any, Any]) -> dict[str, float]:
     us = ns.astype(np.float64) / 1e3
     if not us.size:
         return {"p50": None, "p99": None, "max": None, "mean": None, "n": 0}
-    return {"p50": float(np.percentile(us, 50)), "p99": float(np.percentile(us, 99)),
-            "max": float(us.max()), "mean": float(us.mean()), "n": int(us.size)}
+    return {
+        "p50": float(np.percentile(us, 50)),
+        "p99": float(np.percentile(us, 99)),
+        "max": float(us.max()),
+        "mean": float(us.mean()),
+        "n": int(us.size),
+    }
 
 
 def _bit(mask: np.ndarray[Any, Any], token: int) -> bool:
@@ -204,7 +224,9 @@ class _Llg:
         self.llguidance = llguidance
         self.table = table
         self.hf = tokenizers.Tokenizer.from_str(table.tokenizer_json)
-        self.tok = llguidance.LLTokenizer(table.tokenizer_json, n_vocab=table.vocab_size, eos_token=table.eos_token)
+        self.tok = llguidance.LLTokenizer(
+            table.tokenizer_json, n_vocab=table.vocab_size, eos_token=table.eos_token
+        )
         self.eos = table.eos_token
         self.batch = ControllerBatch(table, capacity=1, parallel=False)
         self.buf = np.zeros(L.mask_words(table.vocab_size), np.int32)
@@ -248,12 +270,13 @@ class _Llg:
             except Exception as e:  # noqa: BLE001 - llguidance raises ValueError and others
                 direct_err = str(e)[:200]
 
-        for fn in ((run_ours, run_direct) if order % 2 == 0 else (run_direct, run_ours)):
+        for fn in (run_ours, run_direct) if order % 2 == 0 else (run_direct, run_ours):
             fn()
         return ours, direct, ours_ms, direct_ms, ours_err, direct_err
 
-    def walk(self, spec: Any, grammar: Any, ids: list[int], valid: bool, order: int,
-             record: bool, label: str = "") -> dict[str, Any]:
+    def walk(
+        self, spec: Any, grammar: Any, ids: list[int], valid: bool, order: int, record: bool, label: str = ""
+    ) -> dict[str, Any]:
         """Walk one instance on both; returns per-step ns (ours instance, ours batch.step, direct)."""
         llg = self.llguidance
         batch = self.batch
@@ -282,7 +305,8 @@ class _Llg:
         feeds: list[list[int]] = []
         ours_error: list[str] = []
         while True:
-            def run_ours() -> tuple[int, list[int]]:
+
+            def run_ours(feed: list[int] = feed) -> tuple[int, list[int]]:
                 t0 = pc()
                 res = batch.step({sid: feed} if feed else None)
                 batch_ns.append(pc() - t0)
@@ -292,7 +316,7 @@ class _Llg:
                     ours_error.append(str(special.error)[:160])
                 return code, list(special.fast_forward) if special is not None else []
 
-            def run_direct() -> tuple[int, list[int]]:
+            def run_direct(feed: list[int] = feed) -> tuple[int, list[int]]:
                 t0 = pc()
                 r = _bare_step(m, feed, self.buf.ctypes.data, self.buf.nbytes)
                 direct_ns.append(pc() - t0)
@@ -308,7 +332,8 @@ class _Llg:
                 if len(self.disagreements) < 20:
                     self.disagreements.append(
                         f"{label} step {len(feeds)}: ours {o[0]} ff {o[1][:8]}, direct {d[0]} ff {d[1][:8]}"
-                        + (f" ({ours_error[-1]})" if ours_error else ""))
+                        + (f" ({ours_error[-1]})" if ours_error else "")
+                    )
                 else:
                     self.disagreements.append("...")
             code, ff = o
@@ -356,8 +381,19 @@ class _Llg:
 
 def _run_llg(table: Any, schemas: list[dict[str, Any]]) -> dict[str, Any]:
     eng = _Llg(table)
-    cov = {e: {"schemas": len(schemas), "compiled": 0, "errors": 0, "timeouts": 0, "valid_total": 0,
-               "valid_passed": 0, "invalid_total": 0, "invalid_rejected": 0} for e in ("ours", "llguidance")}
+    cov = {
+        e: {
+            "schemas": len(schemas),
+            "compiled": 0,
+            "errors": 0,
+            "timeouts": 0,
+            "valid_total": 0,
+            "valid_passed": 0,
+            "invalid_total": 0,
+            "invalid_rejected": 0,
+        }
+        for e in ("ours", "llguidance")
+    }
     compile_ms: dict[str, dict[int, float]] = {"ours": {}, "llguidance": {}}
     per_instance: dict[tuple[int, int], dict[str, np.ndarray[Any, Any]]] = {}
     feeds: dict[tuple[int, int], list[list[int]]] = {}
@@ -370,10 +406,16 @@ def _run_llg(table: Any, schemas: list[dict[str, Any]]) -> dict[str, Any]:
         for n, s in enumerate(schemas):
             if n and n % 500 == 0:
                 gc.collect()
-                print(f"  llguidance/ours: {n}/{len(schemas)} schemas, {time.perf_counter() - started:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  llguidance/ours: {n}/{len(schemas)} schemas, {time.perf_counter() - started:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             spec, grammar, ours_ms, direct_ms, ours_err, direct_err = eng.compile(s, n)
-            for e, ok, ms, err in (("ours", spec, ours_ms, ours_err), ("llguidance", grammar, direct_ms, direct_err)):
+            for e, ok, ms, err in (
+                ("ours", spec, ours_ms, ours_err),
+                ("llguidance", grammar, direct_ms, direct_err),
+            ):
                 if ok is not None:
                     cov[e]["compiled"] += 1
                     compile_ms[e][s["index"]] = ms
@@ -399,15 +441,26 @@ def _run_llg(table: Any, schemas: list[dict[str, Any]]) -> dict[str, Any]:
                     invalid_rejected_keys.append((s["index"], j))
                 if valid and ok:
                     key = (s["index"], j)
-                    per_instance[key] = {k: np.asarray(r[k], np.int64) for k in ("inst_ns", "batch_ns", "direct_ns")}
+                    per_instance[key] = {
+                        k: np.asarray(r[k], np.int64) for k in ("inst_ns", "batch_ns", "direct_ns")
+                    }
                     feeds[key] = r["feeds"]
     finally:
         if gc_was:
             gc.enable()
         eng.close()
-    return {"coverage": cov, "compile_ms": compile_ms, "per_instance": per_instance, "feeds": feeds,
-            "errors": errors, "invalid_rejected_keys": invalid_rejected_keys, "disagreements": eng.disagreements, "ff_retokenized": eng.ff_retokenized,
-            "ff_diverged": eng.ff_diverged, "seconds": time.perf_counter() - started}
+    return {
+        "coverage": cov,
+        "compile_ms": compile_ms,
+        "per_instance": per_instance,
+        "feeds": feeds,
+        "errors": errors,
+        "invalid_rejected_keys": invalid_rejected_keys,
+        "disagreements": eng.disagreements,
+        "ff_retokenized": eng.ff_retokenized,
+        "ff_diverged": eng.ff_diverged,
+        "seconds": time.perf_counter() - started,
+    }
 
 
 # -- xgrammar and outlines-core, in a worker process ----------------------------------------------------
@@ -537,7 +590,10 @@ class _WorkerProcess:
         env.setdefault("OMP_NUM_THREADS", "1")
         self.proc = subprocess.Popen(
             [sys.executable, str(Path(__file__).resolve()), *self.args],
-            stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, env=env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+            env=env,
         )
         self._buffer = b""
 
@@ -586,9 +642,21 @@ class _WorkerProcess:
             self.proc = None
 
 
-def _run_external(engine: str, schemas: list[dict[str, Any]], timeout_s: float, budget_s: float) -> dict[str, Any]:
-    cov = {"schemas": len(schemas), "run": 0, "not_run_budget": 0, "compiled": 0, "errors": 0, "timeouts": 0,
-           "valid_total": 0, "valid_passed": 0, "invalid_total": 0, "invalid_rejected": 0}
+def _run_external(
+    engine: str, schemas: list[dict[str, Any]], timeout_s: float, budget_s: float
+) -> dict[str, Any]:
+    cov = {
+        "schemas": len(schemas),
+        "run": 0,
+        "not_run_budget": 0,
+        "compiled": 0,
+        "errors": 0,
+        "timeouts": 0,
+        "valid_total": 0,
+        "valid_passed": 0,
+        "invalid_total": 0,
+        "invalid_rejected": 0,
+    }
     compile_ms: dict[int, float] = {}
     per_instance: dict[tuple[int, int], np.ndarray[Any, Any]] = {}
     errors: list[str] = []
@@ -606,8 +674,11 @@ def _run_external(engine: str, schemas: list[dict[str, Any]], timeout_s: float, 
                 cov["not_run_budget"] = len(schemas) - n
                 break
             if n and n % 500 == 0:
-                print(f"  {engine}: {n}/{len(schemas)} schemas, {time.perf_counter() - started:.0f} s",
-                      file=sys.stderr, flush=True)
+                print(
+                    f"  {engine}: {n}/{len(schemas)} schemas, {time.perf_counter() - started:.0f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             cov["run"] += 1
             run_indices.add(s["index"])
             for valid, _ in s["tests"]:
@@ -617,8 +688,12 @@ def _run_external(engine: str, schemas: list[dict[str, Any]], timeout_s: float, 
                 worker.wait_ready()
                 standby.spawn()
                 restarts += 1
-            worker.send({"schema": json.dumps(s["schema"], separators=(",", ":")),
-                         "tests": [[v, ids] for (v, _), ids in zip(s["tests"], s["token_ids"])]})
+            worker.send(
+                {
+                    "schema": json.dumps(s["schema"], separators=(",", ":")),
+                    "tests": [[v, ids] for (v, _), ids in zip(s["tests"], s["token_ids"])],
+                }
+            )
             head = worker.read(timeout_s)
             if head is None:
                 cov["timeouts"] += 1
@@ -644,16 +719,29 @@ def _run_external(engine: str, schemas: list[dict[str, Any]], timeout_s: float, 
     finally:
         worker.close()
         standby.kill()
-    return {"coverage": cov, "compile_ms": compile_ms, "per_instance": per_instance, "errors": errors,
-            "restarts": restarts, "run_indices": run_indices, "seconds": time.perf_counter() - started,
-            "timeout_s": timeout_s, "budget_s": budget_s}
+    return {
+        "coverage": cov,
+        "compile_ms": compile_ms,
+        "per_instance": per_instance,
+        "errors": errors,
+        "restarts": restarts,
+        "run_indices": run_indices,
+        "seconds": time.perf_counter() - started,
+        "timeout_s": timeout_s,
+        "budget_s": budget_s,
+    }
 
 
 # -- the parallel batch ------------------------------------------------------------------------------
 
 
-def _parallel(table: Any, schemas: list[dict[str, Any]], feeds: dict[tuple[int, int], list[list[int]]],
-              steps: int, repeat: int) -> dict[str, Any] | None:
+def _parallel(
+    table: Any,
+    schemas: list[dict[str, Any]],
+    feeds: dict[tuple[int, int], list[list[int]]],
+    steps: int,
+    repeat: int,
+) -> dict[str, Any] | None:
     from wasmshare.llm import ControllerBatch
     from wasmshare.llm.constraints import json_schema
 
@@ -676,7 +764,9 @@ def _parallel(table: Any, schemas: list[dict[str, Any]], feeds: dict[tuple[int, 
     plan = [[f[t] for _, f in chosen] for t in range(steps)]
     result: dict[str, Any] = {"sequences": PARALLEL_B, "distinct_schemas": len(seen), "steps": steps}
     configs: list[tuple[str, dict[str, Any]]] = [
-        ("one_thread", {"parallel": False}), ("parallel", {"parallel": True}), ("processes", {"mode": "workers"}),
+        ("one_thread", {"parallel": False}),
+        ("parallel", {"parallel": True}),
+        ("processes", {"mode": "workers"}),
     ]
     for name, options in configs:
         per_step: list[float] = []
@@ -687,8 +777,10 @@ def _parallel(table: Any, schemas: list[dict[str, Any]], feeds: dict[tuple[int, 
                 # the engine-loop form of step(): one token per sequence, aligned with batch.sequences
                 position = {sid: i for i, sid in enumerate(sids)}
                 order = [position[sid] for sid in batch.sequences]
-                tokens = [np.array([plan[t][i][0] if plan[t][i] else -1 for i in order], np.int64)
-                          for t in range(steps)]
+                tokens = [
+                    np.array([plan[t][i][0] if plan[t][i] else -1 for i in order], np.int64)
+                    for t in range(steps)
+                ]
                 t0 = time.perf_counter()
                 for t in range(steps):
                     res = batch.step(tokens[t] if t else None)
@@ -727,7 +819,7 @@ def _parallel(table: Any, schemas: list[dict[str, Any]], feeds: dict[tuple[int, 
         "gil_held_fraction_of_one_thread_step": round(held, 3),
         "amdahl_bound": round(1.0 / (held + (1.0 - held) / workers), 3),
         "note": "only unsafe_compute_mask_ptr releases the GIL in llguidance's Python binding; "
-                "the rest of a step cannot run in parallel on threads",
+        "the rest of a step cannot run in parallel on threads",
     }
     result["machine_thread_scaling"] = _machine_scaling(workers)
     sources = [json.dumps(by_index[k[0]]["schema"], separators=(",", ":")) for k, _ in chosen]
@@ -745,12 +837,15 @@ def _same_work_control(sources: list[str], feed: list[list[int]], lanes: int, re
     as the slowest lane. No shared memory, no synchronisation between steps: the best that
     independent processes get from this machine for this work.
     """
+
     def job(members: list[int]) -> dict[str, Any]:
         return {"schemas": [sources[i] for i in members], "feed": [[row[i] for i in members] for row in feed]}
 
     everyone = list(range(len(sources)))
-    groups = [[_WorkerProcess("same-work control", ("--same-work",))],
-              [_WorkerProcess("same-work control", ("--same-work",)) for _ in range(lanes)]]
+    groups = [
+        [_WorkerProcess("same-work control", ("--same-work",))],
+        [_WorkerProcess("same-work control", ("--same-work",)) for _ in range(lanes)],
+    ]
     jobs = [[job(everyone)], [job(everyone[k::lanes]) for k in range(lanes)]]
     try:
         for group, group_jobs in zip(groups, jobs):
@@ -772,8 +867,13 @@ def _same_work_control(sources: list[str], feed: list[list[int]], lanes: int, re
             for proc in group:
                 proc.close()
     ratios = [a / b for a, b in zip(one_us, many_us)]
-    return {"lanes": lanes, "one_process_us": float(np.median(one_us)), "processes_us": float(np.median(many_us)),
-            "scaling": round(float(np.median(ratios)), 3), "scaling_per_round": [round(r, 3) for r in ratios]}
+    return {
+        "lanes": lanes,
+        "one_process_us": float(np.median(one_us)),
+        "processes_us": float(np.median(many_us)),
+        "scaling": round(float(np.median(ratios)), 3),
+        "scaling_per_round": [round(r, 3) for r in ratios],
+    }
 
 
 def _same_work_round(group: list[_WorkerProcess]) -> list[float]:
@@ -798,8 +898,10 @@ def _same_work_main() -> int:
     tok = llguidance.LLTokenizer(table.tokenizer_json, n_vocab=table.vocab_size, eos_token=table.eos_token)
     # One template per schema, copied for each round, as the batch does: copies share the
     # template's lexer, so the lexer states built in one round serve the next.
-    templates = [llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_json_schema(src), log_level=0)
-                 for src in job["schemas"]]
+    templates = [
+        llguidance.LLMatcher(tok, llguidance.LLMatcher.grammar_from_json_schema(src), log_level=0)
+        for src in job["schemas"]
+    ]
     feed: list[list[int]] = job["feed"]
     buf = np.zeros((len(templates), L.mask_words(table.vocab_size)), np.int32)
     rows = [(int(buf[i].ctypes.data), int(buf[i].nbytes)) for i in range(len(templates))]
@@ -850,8 +952,14 @@ def _concat(per_instance: dict[Any, Any], keys: list[Any], field: str | None = N
 
 
 def _row(case: str, ours: float, baseline: str, base: float, **extra: Any) -> dict[str, Any]:
-    return {"case": case, "ours_us": round(ours, 3), "baseline": baseline, "baseline_us": round(base, 3),
-            "ratio": round(base / ours, 3) if ours > 0 else float("inf"), **extra}
+    return {
+        "case": case,
+        "ours_us": round(ours, 3),
+        "baseline": baseline,
+        "baseline_us": round(base, 3),
+        "ratio": round(base / ours, 3) if ours > 0 else float("inf"),
+        **extra,
+    }
 
 
 def run(quick: bool = False) -> dict[str, Any]:
@@ -864,8 +972,12 @@ def run(quick: bool = False) -> dict[str, Any]:
     table = TokenTable.deepseek()
     schemas = _load(quick)
     _tokenize(schemas, table.tokenizer_json)
-    print(f"{len(schemas)} schemas, {sum(len(s['tests']) for s in schemas)} instances loaded and tokenized "
-          f"({time.perf_counter() - t_start:.1f} s)", file=sys.stderr, flush=True)
+    print(
+        f"{len(schemas)} schemas, {sum(len(s['tests']) for s in schemas)} instances loaded and tokenized "
+        f"({time.perf_counter() - t_start:.1f} s)",
+        file=sys.stderr,
+        flush=True,
+    )
 
     llg = _run_llg(table, schemas)
     print(f"ours + llguidance direct: {llg['seconds']:.0f} s", file=sys.stderr, flush=True)
@@ -880,9 +992,11 @@ def run(quick: bool = False) -> dict[str, Any]:
         subset = [s for s in schemas if s["index"] % ec["every"] == 0]
         if ec["max"] is not None:
             subset = subset[: ec["max"]]
-        notes[engine] = (f"subset: every {ec['every']}th schema of the split ({len(subset)} schemas), compile "
-                         f"timeout {ec['timeout_s']:g} s, time budget {ec['budget_s']:g} s"
-                         + ("; max_threads=1, cache off" if engine == "xgrammar" else ""))
+        notes[engine] = (
+            f"subset: every {ec['every']}th schema of the split ({len(subset)} schemas), compile "
+            f"timeout {ec['timeout_s']:g} s, time budget {ec['budget_s']:g} s"
+            + ("; max_threads=1, cache off" if engine == "xgrammar" else "")
+        )
         r = _run_external(engine, subset, ec["timeout_s"], ec["budget_s"])
         r["subset_indices"] = r["run_indices"]  # the schemas it reached within its budget
         engines[engine] = r
@@ -898,8 +1012,17 @@ def run(quick: bool = False) -> dict[str, Any]:
     direct_ns = _concat(llg["per_instance"], keys, "direct_ns")
     so, sb, sd = _stats(ours_ns), _stats(batch_ns), _stats(direct_ns)
     for stat in ("p50", "p99", "max", "mean") if so["n"] else ():
-        rows.append(_row(f"per-token step {stat} (every valid instance passed)", so[stat], DIRECT, sd[stat],
-                         batch_step_us=round(sb[stat], 3), tokens=so["n"], schemas=len({k[0] for k in keys})))
+        rows.append(
+            _row(
+                f"per-token step {stat} (every valid instance passed)",
+                so[stat],
+                DIRECT,
+                sd[stat],
+                batch_step_us=round(sb[stat], 3),
+                tokens=so["n"],
+                schemas=len({k[0] for k in keys}),
+            )
+        )
     co, cd = llg["compile_ms"]["ours"], llg["compile_ms"]["llguidance"]
     common = sorted(set(co) & set(cd))
     if common:
@@ -910,48 +1033,96 @@ def run(quick: bool = False) -> dict[str, Any]:
     for engine, r in engines.items():
         both = sorted(set(keys) & set(r["per_instance"]))
         if both:
-            o, b = _stats(_concat(llg["per_instance"], both, "inst_ns")), _stats(_concat(r["per_instance"], both))
+            o, b = (
+                _stats(_concat(llg["per_instance"], both, "inst_ns")),
+                _stats(_concat(r["per_instance"], both)),
+            )
             for stat in ("p50", "p99", "max", "mean"):
-                rows.append(_row(f"per-token step {stat} vs {engine} (instances both pass)", o[stat], engine, b[stat],
-                                 tokens=o["n"], baseline_tokens=b["n"], schemas=len({k[0] for k in both})))
+                rows.append(
+                    _row(
+                        f"per-token step {stat} vs {engine} (instances both pass)",
+                        o[stat],
+                        engine,
+                        b[stat],
+                        tokens=o["n"],
+                        baseline_tokens=b["n"],
+                        schemas=len({k[0] for k in both}),
+                    )
+                )
         shared = sorted(set(co) & set(r["compile_ms"]))
         if shared:
             o = float(np.median([co[i] for i in shared])) * 1e3
             b = float(np.median([r["compile_ms"][i] for i in shared])) * 1e3
-            rows.append(_row(f"compile p50 (µs) vs {engine} (schemas both compile)", o, engine, b, schemas=len(shared)))
+            rows.append(
+                _row(
+                    f"compile p50 (µs) vs {engine} (schemas both compile)", o, engine, b, schemas=len(shared)
+                )
+            )
     if par is not None:
         one, two = par["one_thread"]["median_us"], par["parallel"]["median_us"]
-        rows.append(_row(f"batch of {PARALLEL_B} masked in parallel (µs per step)", two, "one thread (parallel=False)",
-                         one, workers=par["workers"], steps=par["steps"], distinct_schemas=par["distinct_schemas"],
-                         gil_held_fraction=par["gil"]["gil_held_fraction_of_one_thread_step"],
-                         amdahl_bound=par["gil"]["amdahl_bound"],
-                         machine_thread_scaling=par["machine_thread_scaling"]))
-        rows.append(_row(f"batch of {PARALLEL_B} masked in parallel in worker processes (µs per step)",
-                         par["processes"]["median_us"], "one thread (parallel=False)", one,
-                         workers=par["workers"], steps=par["steps"], distinct_schemas=par["distinct_schemas"]))
+        rows.append(
+            _row(
+                f"batch of {PARALLEL_B} masked in parallel (µs per step)",
+                two,
+                "one thread (parallel=False)",
+                one,
+                workers=par["workers"],
+                steps=par["steps"],
+                distinct_schemas=par["distinct_schemas"],
+                gil_held_fraction=par["gil"]["gil_held_fraction_of_one_thread_step"],
+                amdahl_bound=par["gil"]["amdahl_bound"],
+                machine_thread_scaling=par["machine_thread_scaling"],
+            )
+        )
+        rows.append(
+            _row(
+                f"batch of {PARALLEL_B} masked in parallel in worker processes (µs per step)",
+                par["processes"]["median_us"],
+                "one thread (parallel=False)",
+                one,
+                workers=par["workers"],
+                steps=par["steps"],
+                distinct_schemas=par["distinct_schemas"],
+            )
+        )
         control = par["same_work_control"]
-        rows.append(_row(f"control: the same llguidance steps in {control['lanes']} independent processes, "
-                         "no wasmshare (µs per step)", control["processes_us"], "the same in one process",
-                         control["one_process_us"], scaling_per_round=control["scaling_per_round"]))
+        rows.append(
+            _row(
+                f"control: the same llguidance steps in {control['lanes']} independent processes, "
+                "no wasmshare (µs per step)",
+                control["processes_us"],
+                "the same in one process",
+                control["one_process_us"],
+                scaling_per_round=control["scaling_per_round"],
+            )
+        )
 
     # ---- coverage and the rest
     coverage: dict[str, Any] = {}
     for e in ("ours", "llguidance"):
         c = llg["coverage"][e]
-        coverage[e] = {**c, "valid_passed/valid_total": f"{c['valid_passed']}/{c['valid_total']}",
-                       "invalid_rejected/invalid_total": f"{c['invalid_rejected']}/{c['invalid_total']}"}
+        coverage[e] = {
+            **c,
+            "valid_passed/valid_total": f"{c['valid_passed']}/{c['valid_total']}",
+            "invalid_rejected/invalid_total": f"{c['invalid_rejected']}/{c['invalid_total']}",
+        }
     for engine in ("xgrammar", "outlines-core"):
         if engine not in engines:
             coverage[engine] = {"status": notes[engine]}
             continue
         c = engines[engine]["coverage"]
-        coverage[engine] = {**c, "valid_passed/valid_total": f"{c['valid_passed']}/{c['valid_total']}",
-                            "invalid_rejected/invalid_total": f"{c['invalid_rejected']}/{c['invalid_total']}",
-                            "note": notes[engine], "worker_restarts": engines[engine]["restarts"],
-                            "seconds": round(engines[engine]["seconds"], 1)}
+        coverage[engine] = {
+            **c,
+            "valid_passed/valid_total": f"{c['valid_passed']}/{c['valid_total']}",
+            "invalid_rejected/invalid_total": f"{c['invalid_rejected']}/{c['invalid_total']}",
+            "note": notes[engine],
+            "worker_restarts": engines[engine]["restarts"],
+            "seconds": round(engines[engine]["seconds"], 1),
+        }
         sub = engines[engine]["subset_indices"]
         coverage[engine]["ours_on_the_same_subset"] = {
-            "schemas": len(sub), "compiled": len([i for i in co if i in sub]),
+            "schemas": len(sub),
+            "compiled": len([i for i in co if i in sub]),
             "valid_passed": len([k for k in keys if k[0] in sub]),
             "valid_total": sum(v for s in schemas if s["index"] in sub for v, _ in s["tests"]),
             "invalid_rejected": sum(1 for k in llg["invalid_rejected_keys"] if k[0] in sub),
@@ -959,41 +1130,77 @@ def run(quick: bool = False) -> dict[str, Any]:
         }
     p50_ratio = so["p50"] / sd["p50"] if sd["n"] else None
     target_list = [
-        {"target": "ours per-token p50 within 1.1× of llguidance direct (ours/direct)",
-         "met": p50_ratio is not None and p50_ratio <= 1.1,
-         "value": round(p50_ratio, 3) if p50_ratio is not None else "no valid instance passed"},
+        {
+            "target": "ours per-token p50 within 1.1× of llguidance direct (ours/direct)",
+            "met": p50_ratio is not None and p50_ratio <= 1.1,
+            "value": round(p50_ratio, 3) if p50_ratio is not None else "no valid instance passed",
+        },
     ]
     if par is not None:
-        gain = par["one_thread"]["median_us"] / min(par["parallel"]["median_us"], par["processes"]["median_us"])
-        target_list.append({"target": f"batch of {PARALLEL_B} masked in parallel on {par['workers']} cores "
-                                      "(threads or worker processes, the faster): ≥ 1.8× the throughput of one thread",
-                            "met": bool(gain >= 1.8), "value": round(gain, 3),
-                            "same_work_control": par["same_work_control"]["scaling"]})
+        gain = par["one_thread"]["median_us"] / min(
+            par["parallel"]["median_us"], par["processes"]["median_us"]
+        )
+        target_list.append(
+            {
+                "target": f"batch of {PARALLEL_B} masked in parallel on {par['workers']} cores "
+                "(threads or worker processes, the faster): ≥ 1.8× the throughput of one thread",
+                "met": bool(gain >= 1.8),
+                "value": round(gain, 3),
+                "same_work_control": par["same_work_control"]["scaling"],
+            }
+        )
     else:
-        target_list.append({"target": f"batch of {PARALLEL_B} masked in parallel: ≥ 1.8× one thread",
-                            "met": False, "value": "no instance long enough to run it"})
-    target_list.append({"target": "every mask, forced-token list and stop equal to llguidance direct's",
-                        "met": not llg["disagreements"], "value": len(llg["disagreements"])})
+        target_list.append(
+            {
+                "target": f"batch of {PARALLEL_B} masked in parallel: ≥ 1.8× one thread",
+                "met": False,
+                "value": "no instance long enough to run it",
+            }
+        )
+    target_list.append(
+        {
+            "target": "every mask, forced-token list and stop equal to llguidance direct's",
+            "met": not llg["disagreements"],
+            "value": len(llg["disagreements"]),
+        }
+    )
     extra = {
         "quick": quick,
-        "split": f"MaskBench dev ({_split_path().name}), {'every %dth schema' % QUICK_EVERY if quick else 'all schemas'}",
+        "split": f"MaskBench dev ({_split_path().name}), {f'every {QUICK_EVERY}th schema' if quick else 'all schemas'}",
         "schemas": len(schemas),
         "tokenizer": f"{table.name}, {table.vocab_size} tokens",
-        "versions": {d: _version(d) for d in ("llguidance", "xgrammar", "outlines-core", "transformers",
-                                              "apache-tvm-ffi", "tokenizers", "torch")},
-        "engine_notes": {"ours": "ControllerBatch(capacity=1, parallel=False); the ConstraintInstance step timed "
-                                 "inside batch.step; batch_step_us = the whole batch.step",
-                         "llguidance": "direct LLMatcher, same step work (consume, forced tokens, mask into numpy)",
-                         **notes},
+        "versions": {
+            d: _version(d)
+            for d in (
+                "llguidance",
+                "xgrammar",
+                "outlines-core",
+                "transformers",
+                "apache-tvm-ffi",
+                "tokenizers",
+                "torch",
+            )
+        },
+        "engine_notes": {
+            "ours": "ControllerBatch(capacity=1, parallel=False); the ConstraintInstance step timed "
+            "inside batch.step; batch_step_us = the whole batch.step",
+            "llguidance": "direct LLMatcher, same step work (consume, forced tokens, mask into numpy)",
+            **notes,
+        },
         "coverage": coverage,
-        "per_token_us": {"ours": so, "ours_batch_step": sb, "llguidance": sd,
-                         **{e: _stats(_concat(r["per_instance"], sorted(r["per_instance"])))
-                            for e, r in engines.items()}},
+        "per_token_us": {
+            "ours": so,
+            "ours_batch_step": sb,
+            "llguidance": sd,
+            **{e: _stats(_concat(r["per_instance"], sorted(r["per_instance"]))) for e, r in engines.items()},
+        },
         "compile_ms": {e: _stats(np.array(list(v.values())) * 1e3) for e, v in llg["compile_ms"].items()}
         | {e: _stats(np.array(list(r["compile_ms"].values())) * 1e3) for e, r in engines.items()},
         "compile_errors_sample": {**llg["errors"], **{e: r["errors"] for e, r in engines.items()}},
-        "fast_forward": {"retokenized_after_forced_tokens": llg["ff_retokenized"],
-                         "forced_text_differs_from_instance": llg["ff_diverged"]},
+        "fast_forward": {
+            "retokenized_after_forced_tokens": llg["ff_retokenized"],
+            "forced_text_differs_from_instance": llg["ff_diverged"],
+        },
         "disagreements_with_direct": llg["disagreements"][:20],
         "parallel": par,
         "seconds": round(time.perf_counter() - t_start, 1),
@@ -1008,17 +1215,30 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     for r in rows:
         if r["case"].startswith("per-token step p50 (every"):
             value = r["ours_us"] / r["baseline_us"]
-            out.append({"target": "ours per-token p50 within 1.1× of llguidance direct (ours/direct)",
-                        "met": value <= 1.1, "value": round(value, 3)})
+            out.append(
+                {
+                    "target": "ours per-token p50 within 1.1× of llguidance direct (ours/direct)",
+                    "met": value <= 1.1,
+                    "value": round(value, 3),
+                }
+            )
     parallel = [r["ratio"] for r in rows if r["case"].startswith(f"batch of {PARALLEL_B}")]
     if parallel:
-        out.append({"target": f"batch of {PARALLEL_B} masked in parallel (threads or worker processes, the faster): "
-                              "≥ 1.8× the throughput of one thread", "met": max(parallel) >= 1.8, "value": max(parallel)})
+        out.append(
+            {
+                "target": f"batch of {PARALLEL_B} masked in parallel (threads or worker processes, the faster): "
+                "≥ 1.8× the throughput of one thread",
+                "met": max(parallel) >= 1.8,
+                "value": max(parallel),
+            }
+        )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_grammars", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="bench_grammars", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--quick", action="store_true", help="a fast smoke run (every 200th schema)")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     parser.add_argument("--worker", choices=("xgrammar", "outlines-core"), help=argparse.SUPPRESS)
@@ -1040,15 +1260,31 @@ def _print_coverage(coverage: dict[str, Any]) -> None:
     from rich.table import Table
 
     table = Table(title="coverage (same split, same tokenizer)")
-    for col in ("engine", "schemas", "compiled", "errors", "timeouts", "valid passed", "invalid rejected", "note"):
+    for col in (
+        "engine",
+        "schemas",
+        "compiled",
+        "errors",
+        "timeouts",
+        "valid passed",
+        "invalid rejected",
+        "note",
+    ):
         table.add_column(col)
     for engine, c in coverage.items():
         if "status" in c:
             table.add_row(engine, "", "", "", "", "", "", c["status"])
             continue
-        table.add_row(engine, str(c.get("run", c["schemas"])), str(c["compiled"]), str(c["errors"]),
-                      str(c["timeouts"]), c["valid_passed/valid_total"], c["invalid_rejected/invalid_total"],
-                      c.get("note", ""))
+        table.add_row(
+            engine,
+            str(c.get("run", c["schemas"])),
+            str(c["compiled"]),
+            str(c["errors"]),
+            str(c["timeouts"]),
+            c["valid_passed/valid_total"],
+            c["invalid_rejected/invalid_total"],
+            c.get("note", ""),
+        )
     Console(file=sys.stdout, width=None if sys.stdout.isatty() else 200).print(table)
 
 

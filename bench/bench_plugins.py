@@ -108,8 +108,15 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
             p.touch_blob()
         usages = [memory_usage()] + [p.memory() for p in plugins]
         out["memory"] = [
-            {"pid": u.pid, "pss": u.pss_bytes, "rss": u.rss_bytes, "anon": u.pss_anon_bytes,
-             "file": u.pss_file_bytes, "shmem": u.pss_shmem_bytes} for u in usages
+            {
+                "pid": u.pid,
+                "pss": u.pss_bytes,
+                "rss": u.rss_bytes,
+                "anon": u.pss_anon_bytes,
+                "file": u.pss_file_bytes,
+                "shmem": u.pss_shmem_bytes,
+            }
+            for u in usages
         ]
         q = []
         for _ in range(QUERIES):
@@ -125,8 +132,16 @@ def _measure(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def _run_child(mode: str, blob: Path, artifact: Path | None, plugins: int) -> dict[str, Any]:
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--measure", mode, "--blob", str(blob),
-           "--plugins", str(plugins)]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--measure",
+        mode,
+        "--blob",
+        str(blob),
+        "--plugins",
+        str(plugins),
+    ]
     if artifact is not None:
         cmd += ["--artifact", str(artifact)]
     proc = subprocess.run(cmd, env=_env(), capture_output=True, text=True, check=False)
@@ -176,8 +191,10 @@ def run(quick: bool, size_bytes: int, n_plugins: int) -> tuple[list[dict[str, An
         embed_s = time.perf_counter() - t0
         del blob
         os.sync()
-        measured = {mode: _run_child(mode, blob_path, embedded.path if mode == "embedded" else None, n_plugins)
-                    for mode in ("none", "copy", "loan", "embedded")}
+        measured = {
+            mode: _run_child(mode, blob_path, embedded.path if mode == "embedded" else None, n_plugins)
+            for mode in ("none", "copy", "loan", "embedded")
+        }
         firsts = _first_answers(blob_path, embedded, repeat)
     for mode in ("copy", "loan", "embedded"):
         if measured[mode]["diagnostics"] != measured["loan"]["diagnostics"]:
@@ -204,37 +221,47 @@ def run(quick: bool, size_bytes: int, n_plugins: int) -> tuple[list[dict[str, An
         }
 
     rows: list[dict[str, Any]] = []
-    labels = {"copy": "copy through a pipe (baseline)", "loan": "read-only loan", "embedded": "embedded CoW data"}
+    labels = {
+        "copy": "copy through a pipe (baseline)",
+        "loan": "read-only loan",
+        "embedded": "embedded CoW data",
+    }
     for mode in ("copy", "loan", "embedded"):
         ours = measured[mode]["start_all_us"]
         baseline = measured["copy"]["start_all_us"]
-        rows.append({
-            "case": f"{n_plugins} plugins alive: {labels[mode]}",
-            "ours_us": round(ours, 1),
+        rows.append(
+            {
+                "case": f"{n_plugins} plugins alive: {labels[mode]}",
+                "ours_us": round(ours, 1),
+                "baseline": "copy through a pipe",
+                "baseline_us": round(baseline, 1),
+                "ratio": round(baseline / ours, 3),
+                **mem_fields(mode),
+            }
+        )
+    rows.append(
+        {
+            "case": f"{n_plugins} plugins alive: no schema (reference)",
+            "ours_us": round(measured["none"]["start_all_us"], 1),
             "baseline": "copy through a pipe",
-            "baseline_us": round(baseline, 1),
-            "ratio": round(baseline / ours, 3),
-            **mem_fields(mode),
-        })
-    rows.append({
-        "case": f"{n_plugins} plugins alive: no schema (reference)",
-        "ours_us": round(measured["none"]["start_all_us"], 1),
-        "baseline": "copy through a pipe",
-        "baseline_us": round(measured["copy"]["start_all_us"], 1),
-        "ratio": round(measured["copy"]["start_all_us"] / measured["none"]["start_all_us"], 3),
-        "pss_mib": round(none["pss"] / MIB, 1),
-        "rss_mib": round(none["rss"] / MIB, 1),
-        "copies": 0.0,
-    })
+            "baseline_us": round(measured["copy"]["start_all_us"], 1),
+            "ratio": round(measured["copy"]["start_all_us"] / measured["none"]["start_all_us"], 3),
+            "pss_mib": round(none["pss"] / MIB, 1),
+            "rss_mib": round(none["rss"] / MIB, 1),
+            "copies": 0.0,
+        }
+    )
     for mode in ("loan", "embedded", "copy"):
-        rows.append({
-            "case": f"first answer: {labels[mode]}",
-            "ours_us": round(first[mode], 1),
-            "baseline": "plugin with no schema",
-            "baseline_us": round(first["none"], 1),
-            "ratio": round(first["none"] / first[mode], 3),
-            "slowdown": round(first[mode] / first["none"], 3),
-        })
+        rows.append(
+            {
+                "case": f"first answer: {labels[mode]}",
+                "ours_us": round(first[mode], 1),
+                "baseline": "plugin with no schema",
+                "baseline_us": round(first["none"], 1),
+                "ratio": round(first["none"] / first[mode], 3),
+                "slowdown": round(first[mode] / first["none"], 3),
+            }
+        )
     extra = {
         "blob_bytes": blob_nbytes,
         "blob_mib": round(blob_nbytes / MIB, 2),
@@ -262,21 +289,41 @@ def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for label in ("read-only loan", "embedded CoW data"):
         c = by[label]["copies"]
-        out.append({"target": f"{label}: total PSS <= {MAX_COPIES} schema copies", "met": c <= MAX_COPIES, "value": c})
+        out.append(
+            {
+                "target": f"{label}: total PSS <= {MAX_COPIES} schema copies",
+                "met": c <= MAX_COPIES,
+                "value": c,
+            }
+        )
         s = first[label]["slowdown"]
-        out.append({"target": f"{label}: first answer within {MAX_FIRST_ANSWER_RATIO}x of no schema",
-                    "met": s <= MAX_FIRST_ANSWER_RATIO, "value": s})
-    out.append({"target": "baseline (copy): about one copy per plugin (informative)", "met": True,
-                "value": by["copy through a pipe (baseline)"]["copies"]})
+        out.append(
+            {
+                "target": f"{label}: first answer within {MAX_FIRST_ANSWER_RATIO}x of no schema",
+                "met": s <= MAX_FIRST_ANSWER_RATIO,
+                "value": s,
+            }
+        )
+    out.append(
+        {
+            "target": "baseline (copy): about one copy per plugin (informative)",
+            "met": True,
+            "value": by["copy through a pipe (baseline)"]["copies"],
+        }
+    )
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="bench_plugins", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="bench_plugins", description=__doc__.splitlines()[0] if __doc__ else None
+    )
     parser.add_argument("--quick", action="store_true", help="a smoke run: 8 MiB schema, 4 plugins, 2 starts")
     parser.add_argument("--out", type=Path, default=None, help="results folder (default bench/results)")
     parser.add_argument("--size", default=None, help="schema size (default 100MiB; 8MiB with --quick)")
-    parser.add_argument("--plugins", type=int, default=None, help="plugin processes (default 8; 4 with --quick)")
+    parser.add_argument(
+        "--plugins", type=int, default=None, help="plugin processes (default 8; 4 with --quick)"
+    )
     parser.add_argument("--measure", choices=("none", "copy", "loan", "embedded"), help=argparse.SUPPRESS)
     parser.add_argument("--blob", help=argparse.SUPPRESS)
     parser.add_argument("--artifact", help=argparse.SUPPRESS)

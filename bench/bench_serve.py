@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import os
 import re
 import socket
 import statistics
@@ -85,16 +84,31 @@ class _Server:
         self.base = f"http://127.0.0.1:{self.port}"
         code = "from wasmshare.cli import main; main()"
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", code, "serve", "--port", str(self.port), "--max-concurrent", str(MAX_CONCURRENT),
-             "--controllers-dir", str(controllers_dir), "--log-level", "warning"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+            [
+                sys.executable,
+                "-c",
+                code,
+                "serve",
+                "--port",
+                str(self.port),
+                "--max-concurrent",
+                str(MAX_CONCURRENT),
+                "--controllers-dir",
+                str(controllers_dir),
+                "--log-level",
+                "warning",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
         )
         import httpx2
 
         deadline = time.monotonic() + 300
         while True:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"the server exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}")
+                raise RuntimeError(
+                    f"the server exited: {self.proc.stderr.read().decode() if self.proc.stderr else ''}"
+                )
             try:
                 if httpx2.get(self.base + "/health", timeout=2).status_code == 200:
                     break
@@ -108,15 +122,22 @@ class _Server:
         import httpx2
 
         try:
-            return self.proc.poll() is None and httpx2.get(self.base + "/health", timeout=10).json()["status"] == "ok"
+            return (
+                self.proc.poll() is None
+                and httpx2.get(self.base + "/health", timeout=10).json()["status"] == "ok"
+            )
         except (httpx2.HTTPError, ValueError, KeyError):
             return False
 
     def upload(self, name: str) -> str:
         import httpx2
 
-        r = httpx2.post(self.base + "/v1/controllers", params={"name": name},
-                        content=(CONTROLLERS / f"{name}.wasm").read_bytes(), timeout=60)
+        r = httpx2.post(
+            self.base + "/v1/controllers",
+            params={"name": name},
+            content=(CONTROLLERS / f"{name}.wasm").read_bytes(),
+            timeout=60,
+        )
         r.raise_for_status()
         return str(r.json()["id"])
 
@@ -149,14 +170,22 @@ WASI_SLEEPER = """(module
 def _attacked(ids: dict[str, str], forced_text: str, forced_ids: list[int]) -> list[dict[str, Any]]:
     jobs = _workload(True, ids, forced_text, forced_ids)
     host_calls = ids["hostile_host_calls"]
-    jobs[ATTACKED[0]] = {"kind": "hostile:sleeper", "prompt": "Hello.",
-                         "extra": {"extra_body": {"controller": host_calls, "controller_arg": "slow_opens"}}}
-    jobs[ATTACKED[1]] = {"kind": "hostile:endless_backtrack", "prompt": "Hello.",
-                         "extra": {"extra_body": {"controller": host_calls, "controller_arg": "endless_backtrack"}}}
+    jobs[ATTACKED[0]] = {
+        "kind": "hostile:sleeper",
+        "prompt": "Hello.",
+        "extra": {"extra_body": {"controller": host_calls, "controller_arg": "slow_opens"}},
+    }
+    jobs[ATTACKED[1]] = {
+        "kind": "hostile:endless_backtrack",
+        "prompt": "Hello.",
+        "extra": {"extra_body": {"controller": host_calls, "controller_arg": "endless_backtrack"}},
+    }
     return jobs
 
 
-def _workload(mixed: bool, ids: dict[str, str], forced_text: str, forced_ids: list[int]) -> list[dict[str, Any]]:
+def _workload(
+    mixed: bool, ids: dict[str, str], forced_text: str, forced_ids: list[int]
+) -> list[dict[str, Any]]:
     """32 requests: (kind, extra request fields, a checker of the answer or the expected error)."""
     jobs: list[dict[str, Any]] = []
     for i in range(CONCURRENCY):
@@ -165,21 +194,49 @@ def _workload(mixed: bool, ids: dict[str, str], forced_text: str, forced_ids: li
     if not mixed:
         return jobs
     for i in range(8, 16):
-        jobs[i] = {"kind": "json_schema", "prompt": f"Invent a person who likes {TOPICS[i % 8]}. Reply in JSON.",
-                   "extra": {"response_format": {"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}}}}
+        jobs[i] = {
+            "kind": "json_schema",
+            "prompt": f"Invent a person who likes {TOPICS[i % 8]}. Reply in JSON.",
+            "extra": {
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "person", "schema": SCHEMA},
+                }
+            },
+        }
     for i in range(16, 22):
-        jobs[i] = {"kind": "regex", "prompt": "When did the first person walk on the moon? Give the date.",
-                   "extra": {"extra_body": {"regex": DATE}}}
+        jobs[i] = {
+            "kind": "regex",
+            "prompt": "When did the first person walk on the moon? Give the date.",
+            "extra": {"extra_body": {"regex": DATE}},
+        }
     for i in range(22, 28):
-        jobs[i] = {"kind": "choice", "prompt": f"Do you like {TOPICS[i % 8]}?", "extra": {"extra_body": {"choice": CHOICES}}}
-    jobs[28] = {"kind": "force_answer", "prompt": "What is the answer?",
-                "extra": {"extra_body": {"controller": ids["force_answer"], "controller_arg": forced_ids}}, "expect": forced_text}
-    jobs[29] = {"kind": "boost_words", "prompt": "Tell me about names and years.",
-                "extra": {"extra_body": {"controller": ids["boost_words"], "controller_arg": "name\t2\nyear\t1"}}}
-    jobs[30] = {"kind": "hostile:spin", "prompt": "Hello.",
-                "extra": {"extra_body": {"controller": ids["hostile_controller"], "controller_arg": "spin"}}}
-    jobs[31] = {"kind": "hostile:trap_mid_mask", "prompt": "Hello.",
-                "extra": {"extra_body": {"controller": ids["hostile_controller"], "controller_arg": "trap_mid_mask"}}}
+        jobs[i] = {
+            "kind": "choice",
+            "prompt": f"Do you like {TOPICS[i % 8]}?",
+            "extra": {"extra_body": {"choice": CHOICES}},
+        }
+    jobs[28] = {
+        "kind": "force_answer",
+        "prompt": "What is the answer?",
+        "extra": {"extra_body": {"controller": ids["force_answer"], "controller_arg": forced_ids}},
+        "expect": forced_text,
+    }
+    jobs[29] = {
+        "kind": "boost_words",
+        "prompt": "Tell me about names and years.",
+        "extra": {"extra_body": {"controller": ids["boost_words"], "controller_arg": "name\t2\nyear\t1"}},
+    }
+    jobs[30] = {
+        "kind": "hostile:spin",
+        "prompt": "Hello.",
+        "extra": {"extra_body": {"controller": ids["hostile_controller"], "controller_arg": "spin"}},
+    }
+    jobs[31] = {
+        "kind": "hostile:trap_mid_mask",
+        "prompt": "Hello.",
+        "extra": {"extra_body": {"controller": ids["hostile_controller"], "controller_arg": "trap_mid_mask"}},
+    }
     return jobs
 
 
@@ -210,8 +267,12 @@ async def _one(client: Any, job: dict[str, Any], started: float) -> dict[str, An
     error: str | None = None
     try:
         stream = await client.chat.completions.create(
-            model="smollm2-135m", messages=[{"role": "user", "content": job["prompt"]}], max_tokens=MAX_TOKENS,
-            temperature=0, stream=True, **job["extra"],
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": job["prompt"]}],
+            max_tokens=MAX_TOKENS,
+            temperature=0,
+            stream=True,
+            **job["extra"],
         )
         async for chunk in stream:
             for choice in chunk.choices:
@@ -223,16 +284,24 @@ async def _one(client: Any, job: dict[str, Any], started: float) -> dict[str, An
     text = "".join(pieces)
     hostile = job["kind"].startswith("hostile")
     ok = (error is not None) if hostile else (error is None and _check(job, text))
-    return {"kind": job["kind"], "ok": ok, "error": error, "text": text,
-            "ttft_s": (stamps[0] - started) if stamps else None,
-            "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])], "chunks": len(stamps),
-            "end_s": time.perf_counter() - started}
+    return {
+        "kind": job["kind"],
+        "ok": ok,
+        "error": error,
+        "text": text,
+        "ttft_s": (stamps[0] - started) if stamps else None,
+        "gaps_s": [b - a for a, b in zip(stamps, stamps[1:])],
+        "chunks": len(stamps),
+        "end_s": time.perf_counter() - started,
+    }
 
 
 async def _phase(base: str, jobs: list[dict[str, Any]]) -> dict[str, Any]:
     import openai
 
-    async with openai.AsyncOpenAI(base_url=base + "/v1", api_key="none", max_retries=0, timeout=600) as client:
+    async with openai.AsyncOpenAI(
+        base_url=base + "/v1", api_key="none", max_retries=0, timeout=600
+    ) as client:
         started = time.perf_counter()
         outcomes = await asyncio.gather(*(_one(client, job, started) for job in jobs))
         wall = time.perf_counter() - started
@@ -247,14 +316,18 @@ def _pct(values: list[float], q: float) -> float:
 
 
 def _summary(phase: dict[str, Any], tokens: int, skip: tuple[int, ...] = ()) -> dict[str, float]:
-    good = [o for i, o in enumerate(phase["outcomes"]) if not o["kind"].startswith("hostile") and i not in skip]
+    good = [
+        o for i, o in enumerate(phase["outcomes"]) if not o["kind"].startswith("hostile") and i not in skip
+    ]
     ttft = [o["ttft_s"] for o in good if o["ttft_s"] is not None]
     gaps = [g for o in good for g in o["gaps_s"]]
     return {
         "requests_per_s": len(phase["outcomes"]) / phase["wall_s"],
         "tokens_per_s": tokens / phase["wall_s"],
-        "ttft_p50_us": _pct(ttft, 0.5) * 1e6, "ttft_p99_us": _pct(ttft, 0.99) * 1e6,
-        "token_p50_us": _pct(gaps, 0.5) * 1e6, "token_p99_us": _pct(gaps, 0.99) * 1e6,
+        "ttft_p50_us": _pct(ttft, 0.5) * 1e6,
+        "ttft_p99_us": _pct(ttft, 0.99) * 1e6,
+        "token_p50_us": _pct(gaps, 0.5) * 1e6,
+        "token_p99_us": _pct(gaps, 0.99) * 1e6,
     }
 
 
@@ -278,26 +351,48 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
             tokenizer = load_model("smollm2-135m").tokenizer
             forced_text = " The answer is forty-two."
             forced_ids = tokenizer.encode(forced_text, add_special_tokens=False)
-            ids = {name: server.upload(name)
-                   for name in ("force_answer", "boost_words", "hostile_controller", "hostile_host_calls")}
+            ids = {
+                name: server.upload(name)
+                for name in ("force_answer", "boost_words", "hostile_controller", "hostile_host_calls")
+            }
             sleeper_upload = server.upload_status(WASI_SLEEPER.encode())
             warm = _workload(True, ids, forced_text, forced_ids)
-            asyncio.run(_phase(server.base, [warm[0], warm[8], warm[16], warm[22]]))  # compile the constraints once
-            summaries: dict[str, list[dict[str, float]]] = {"plain": [], "mixed": [], "mixed_30": [], "attacked": []}
+            asyncio.run(
+                _phase(server.base, [warm[0], warm[8], warm[16], warm[22]])
+            )  # compile the constraints once
+            summaries: dict[str, list[dict[str, float]]] = {
+                "plain": [],
+                "mixed": [],
+                "mixed_30": [],
+                "attacked": [],
+            }
             checks: list[dict[str, Any]] = []
             for _ in range(rounds):
                 for name in ("plain", "mixed", "attacked"):
-                    jobs = (_attacked(ids, forced_text, forced_ids) if name == "attacked"
-                            else _workload(name == "mixed", ids, forced_text, forced_ids))
+                    jobs = (
+                        _attacked(ids, forced_text, forced_ids)
+                        if name == "attacked"
+                        else _workload(name == "mixed", ids, forced_text, forced_ids)
+                    )
                     before = _server_tokens(server.base)
                     phase = asyncio.run(_phase(server.base, jobs))
                     tokens = int(_server_tokens(server.base) - before)
                     summaries[name].append(_summary(phase, tokens))
                     if name == "mixed":
                         summaries["mixed_30"].append(_summary(phase, tokens, skip=ATTACKED))
-                    checks.append({"phase": name, "failed": [
-                        {"kind": o["kind"], "text": o["text"][:80], "error": o["error"]} for o in phase["outcomes"] if not o["ok"]
-                    ], "hostile_errors": [o["error"] for o in phase["outcomes"] if o["kind"].startswith("hostile")]})
+                    checks.append(
+                        {
+                            "phase": name,
+                            "failed": [
+                                {"kind": o["kind"], "text": o["text"][:80], "error": o["error"]}
+                                for o in phase["outcomes"]
+                                if not o["ok"]
+                            ],
+                            "hostile_errors": [
+                                o["error"] for o in phase["outcomes"] if o["kind"].startswith("hostile")
+                            ],
+                        }
+                    )
             alive = server.healthy()
         finally:
             server.close()
@@ -306,46 +401,106 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         return statistics.median(s[key] for s in summaries[name])
 
     failed = sum(len(c["failed"]) for c in checks)
-    extra = {"requests": CONCURRENCY, "rounds": rounds, "max_tokens": MAX_TOKENS, "server_max_concurrent": MAX_CONCURRENT,
-             "server_alive_after": alive, "well_behaved_failures": failed}
+    extra = {
+        "requests": CONCURRENCY,
+        "rounds": rounds,
+        "max_tokens": MAX_TOKENS,
+        "server_max_concurrent": MAX_CONCURRENT,
+        "server_alive_after": alive,
+        "well_behaved_failures": failed,
+    }
     rows = []
-    for key, label in (("ttft_p50_us", "time to first token p50"), ("ttft_p99_us", "time to first token p99"),
-                       ("token_p50_us", "per-token latency p50"), ("token_p99_us", "per-token latency p99")):
+    for key, label in (
+        ("ttft_p50_us", "time to first token p50"),
+        ("ttft_p99_us", "time to first token p99"),
+        ("token_p50_us", "per-token latency p50"),
+        ("token_p99_us", "per-token latency p99"),
+    ):
         ours, base = med("mixed", key), med("plain", key)
-        rows.append({"case": f"32 streams, {label}", "ours_us": round(ours, 1), "baseline": "same load, unconstrained",
-                     "baseline_us": round(base, 1), "ratio": round(base / ours, 3) if ours else float("inf")})
+        rows.append(
+            {
+                "case": f"32 streams, {label}",
+                "ours_us": round(ours, 1),
+                "baseline": "same load, unconstrained",
+                "baseline_us": round(base, 1),
+                "ratio": round(base / ours, 3) if ours else float("inf"),
+            }
+        )
     rps_ours, rps_base = med("mixed", "requests_per_s"), med("plain", "requests_per_s")
-    rows.append({"case": "32 streams, wall time per request (1 / requests/s)", "ours_us": round(1e6 / rps_ours, 1),
-                 "baseline": "same load, unconstrained", "baseline_us": round(1e6 / rps_base, 1),
-                 "ratio": round(rps_ours / rps_base, 3), "requests_per_s_ours": round(rps_ours, 2),
-                 "requests_per_s_baseline": round(rps_base, 2), "tokens_per_s_ours": round(med("mixed", "tokens_per_s"), 1),
-                 "tokens_per_s_baseline": round(med("plain", "tokens_per_s"), 1), **extra})
+    rows.append(
+        {
+            "case": "32 streams, wall time per request (1 / requests/s)",
+            "ours_us": round(1e6 / rps_ours, 1),
+            "baseline": "same load, unconstrained",
+            "baseline_us": round(1e6 / rps_base, 1),
+            "ratio": round(rps_ours / rps_base, 3),
+            "requests_per_s_ours": round(rps_ours, 2),
+            "requests_per_s_baseline": round(rps_base, 2),
+            "tokens_per_s_ours": round(med("mixed", "tokens_per_s"), 1),
+            "tokens_per_s_baseline": round(med("plain", "tokens_per_s"), 1),
+            **extra,
+        }
+    )
     ours, base = med("attacked", "token_p50_us"), med("mixed_30", "token_p50_us")
-    rows.append({"case": "30 streams beside a sleeper and an endless backtracker, per-token latency p50",
-                 "ours_us": round(ours, 1), "baseline": "the same 30 streams in the mixed load",
-                 "baseline_us": round(base, 1), "ratio": round(base / ours, 3) if ours else float("inf"),
-                 "sleeper_upload_status": sleeper_upload[0], "sleeper_upload_error": sleeper_upload[1],
-                 "wall_per_request_us": round(1e6 / med("attacked", "requests_per_s"), 1)})
+    rows.append(
+        {
+            "case": "30 streams beside a sleeper and an endless backtracker, per-token latency p50",
+            "ours_us": round(ours, 1),
+            "baseline": "the same 30 streams in the mixed load",
+            "baseline_us": round(base, 1),
+            "ratio": round(base / ours, 3) if ours else float("inf"),
+            "sleeper_upload_status": sleeper_upload[0],
+            "sleeper_upload_error": sleeper_upload[1],
+            "wall_per_request_us": round(1e6 / med("attacked", "requests_per_s"), 1),
+        }
+    )
     rows[-2]["detail_checks"] = checks
     return rows
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     last, attacked = rows[-2], rows[-1]
-    hostile_ok = all(len(c["hostile_errors"]) == 2 and all(c["hostile_errors"]) for c in last["detail_checks"] if c["phase"] == "mixed")
+    hostile_ok = all(
+        len(c["hostile_errors"]) == 2 and all(c["hostile_errors"])
+        for c in last["detail_checks"]
+        if c["phase"] == "mixed"
+    )
     new_errors = [e for c in last["detail_checks"] if c["phase"] == "attacked" for e in c["hostile_errors"]]
-    new_ok = bool(new_errors) and all(e and ("deadline" in e or "limit is" in e or "trapped" in e) for e in new_errors)
+    new_ok = bool(new_errors) and all(
+        e and ("deadline" in e or "limit is" in e or "trapped" in e) for e in new_errors
+    )
     return [
-        {"target": "the WASI sleeper is refused at upload", "met": attacked["sleeper_upload_status"] == 400,
-         "value": attacked["sleeper_upload_status"]},
-        {"target": "the sleeper and the backtracker end their own requests (deadline, work bound)", "met": new_ok,
-         "value": new_errors[:4]},
-        {"target": "beside them, the other streams' per-token p50 within 1.1x", "met": attacked["ratio"] >= 1 / 1.1,
-         "value": attacked["ratio"], "timing": True},
-        {"target": "every well-behaved request completes with valid output", "met": last["well_behaved_failures"] == 0,
-         "value": last["well_behaved_failures"]},
-        {"target": "each hostile controller ends its own request with an error", "met": hostile_ok, "value": hostile_ok},
-        {"target": "the server stays up", "met": bool(last["server_alive_after"]), "value": last["server_alive_after"]},
+        {
+            "target": "the WASI sleeper is refused at upload",
+            "met": attacked["sleeper_upload_status"] == 400,
+            "value": attacked["sleeper_upload_status"],
+        },
+        {
+            "target": "the sleeper and the backtracker end their own requests (deadline, work bound)",
+            "met": new_ok,
+            "value": new_errors[:4],
+        },
+        {
+            "target": "beside them, the other streams' per-token p50 within 1.1x",
+            "met": attacked["ratio"] >= 1 / 1.1,
+            "value": attacked["ratio"],
+            "timing": True,
+        },
+        {
+            "target": "every well-behaved request completes with valid output",
+            "met": last["well_behaved_failures"] == 0,
+            "value": last["well_behaved_failures"],
+        },
+        {
+            "target": "each hostile controller ends its own request with an error",
+            "met": hostile_ok,
+            "value": hostile_ok,
+        },
+        {
+            "target": "the server stays up",
+            "met": bool(last["server_alive_after"]),
+            "value": last["server_alive_after"],
+        },
     ]
 
 

@@ -55,7 +55,10 @@ def schemas(count: int) -> list[dict[str, Any]]:
             props = schema.get("properties") if isinstance(schema, dict) else None
             if not isinstance(props, dict) or not 1 <= len(props) <= 3:
                 continue
-            if set(schema.get("required", [])) != set(props) or schema.get("additionalProperties") is not False:
+            if (
+                set(schema.get("required", [])) != set(props)
+                or schema.get("additionalProperties") is not False
+            ):
                 continue
             if not any(t["valid"] for t in row["tests"]) or not all(_bounded(p) for p in props.values()):
                 continue
@@ -65,13 +68,17 @@ def schemas(count: int) -> list[dict[str, Any]]:
     return picked
 
 
-def _measure(engine: Any, picked: list[dict[str, Any]], whitespace: str, prompts: list[str] | None = None) -> dict[str, Any]:
+def _measure(
+    engine: Any, picked: list[dict[str, Any]], whitespace: str, prompts: list[str] | None = None
+) -> dict[str, Any]:
     import jsonschema
 
     from wasmshare.llm import constraints as C
     from wasmshare.llm.engine import GenerationRequest
 
-    prompts = prompts or [f"Give one example of a JSON object for this schema: {json.dumps(s)}" for s in picked]
+    prompts = prompts or [
+        f"Give one example of a JSON object for this schema: {json.dumps(s)}" for s in picked
+    ]
     requests = [
         GenerationRequest(p, max_tokens=MAX_TOKENS, steer=C.json_schema(s, whitespace=whitespace))  # type: ignore[arg-type]
         for p, s in zip(prompts, picked)
@@ -86,8 +93,13 @@ def _measure(engine: Any, picked: list[dict[str, Any]], whitespace: str, prompts
             valid += r.finish_reason != "length"
         except (ValueError, jsonschema.ValidationError):
             pass
-    return {"valid": valid, "answers": len(results), "tokens": [len(r.tokens) for r in results],
-            "cut": sum(r.finish_reason == "length" for r in results), "wall_s": wall}
+    return {
+        "valid": valid,
+        "answers": len(results),
+        "tokens": [len(r.tokens) for r in results],
+        "cut": sum(r.finish_reason == "length" for r in results),
+        "wall_s": wall,
+    }
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
@@ -98,7 +110,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
 
     picked = schemas(8 if quick else COUNT)
     loaded = load_model("smollm2-135m")
-    lines = [json.loads(line) for line in (ROOT / "examples" / "prompts.jsonl").read_text().splitlines() if line.strip()]
+    lines = [
+        json.loads(line)
+        for line in (ROOT / "examples" / "prompts.jsonl").read_text().splitlines()
+        if line.strip()
+    ]
     questions = [x["prompt"] if isinstance(x, dict) else x for x in lines]
     answer = json.loads((ROOT / "examples" / "answer.json").read_text())
     out: dict[str, dict[str, Any]] = {}
@@ -106,9 +122,16 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
         for mode in ("compact", "flexible"):
             out[mode] = _measure(engine, picked, mode)
             out["examples-" + mode] = _measure(engine, [answer] * len(questions), mode, questions)
-    return [_row(f"{len(picked)} held-out MaskBench schemas, wall time per answer", out["compact"], out["flexible"]),
-            _row("examples/prompts.jsonl under examples/answer.json, wall time per answer",
-                 out["examples-compact"], out["examples-flexible"])]
+    return [
+        _row(
+            f"{len(picked)} held-out MaskBench schemas, wall time per answer", out["compact"], out["flexible"]
+        ),
+        _row(
+            "examples/prompts.jsonl under examples/answer.json, wall time per answer",
+            out["examples-compact"],
+            out["examples-flexible"],
+        ),
+    ]
 
 
 def _row(case: str, ours: dict[str, Any], base: dict[str, Any]) -> dict[str, Any]:
@@ -116,10 +139,15 @@ def _row(case: str, ours: dict[str, Any], base: dict[str, Any]) -> dict[str, Any
     base_us = base["wall_s"] / base["answers"] * 1e6
     return {
         "case": case,
-        "ours_us": round(ours_us, 1), "baseline": "flexible whitespace", "baseline_us": round(base_us, 1),
+        "ours_us": round(ours_us, 1),
+        "baseline": "flexible whitespace",
+        "baseline_us": round(base_us, 1),
         "ratio": round(base_us / ours_us, 3),
-        "valid_compact": ours["valid"], "valid_flexible": base["valid"], "answers": ours["answers"],
-        "cut_compact": ours["cut"], "cut_flexible": base["cut"],
+        "valid_compact": ours["valid"],
+        "valid_flexible": base["valid"],
+        "answers": ours["answers"],
+        "cut_compact": ours["cut"],
+        "cut_flexible": base["cut"],
         "tokens_per_answer_compact": round(statistics.mean(ours["tokens"]), 1),
         "tokens_per_answer_flexible": round(statistics.mean(base["tokens"]), 1),
         "max_tokens": MAX_TOKENS,
@@ -127,9 +155,14 @@ def _row(case: str, ours: dict[str, Any], base: dict[str, Any]) -> dict[str, Any
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{"target": f"compact whitespace gives at least as many valid answers as flexible ({row['case'].split(',')[0]})",
-             "met": row["valid_compact"] >= row["valid_flexible"],
-             "value": f"{row['valid_compact']} vs {row['valid_flexible']} of {row['answers']}"} for row in rows]
+    return [
+        {
+            "target": f"compact whitespace gives at least as many valid answers as flexible ({row['case'].split(',')[0]})",
+            "met": row["valid_compact"] >= row["valid_flexible"],
+            "value": f"{row['valid_compact']} vs {row['valid_flexible']} of {row['answers']}",
+        }
+        for row in rows
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:

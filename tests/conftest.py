@@ -12,7 +12,9 @@ GUESTS = ROOT / "guests"
 
 
 @pytest.fixture(autouse=True)
-def _isolated_cache(tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated_cache(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[None]:
     """Keep compiled-module caches out of the user's home directory."""
     monkeypatch.setenv("WASMSHARE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
     yield

@@ -189,7 +189,9 @@ def test_row_outputs_and_the_dense_tensor_allow_the_same_tokens(table: TokenTabl
                 if out is None:  # untouched
                     assert finite == list(range(width))
                 elif out.bias is not None:
-                    assert finite == list(range(width)) and torch.equal(logits[i, : table.vocab_size], torch.from_numpy(out.bias))
+                    assert finite == list(range(width)) and torch.equal(
+                        logits[i, : table.vocab_size], torch.from_numpy(out.bias)
+                    )
                 elif out.allowed is not None:
                     assert finite == out.allowed.tolist()
                 else:
@@ -219,9 +221,18 @@ def _scenario(table: TokenTable, mode: str) -> list[tuple[object, ...]]:
             step = batch.step(sampled)
             for sid in step.sequences:
                 r = step.results[sid]
-                seen.append((i, sid, r.action, r.output, r.fast_forward, r.backtrack,
-                             tuple(allowed_ids(batch, batch.slot(sid))) if r.output is Output.BITMASK else (),
-                             float(batch.bias[batch.slot(sid)].sum()) if r.output is Output.BIAS else 0.0))
+                seen.append(
+                    (
+                        i,
+                        sid,
+                        r.action,
+                        r.output,
+                        r.fast_forward,
+                        r.backtrack,
+                        tuple(allowed_ids(batch, batch.slot(sid))) if r.output is Output.BITMASK else (),
+                        float(batch.bias[batch.slot(sid)].sum()) if r.output is Output.BIAS else 0.0,
+                    )
+                )
             if i == 1:
                 batch.add(ctrl("max_tokens", "2"))
                 with pytest.raises(BatchFull):
@@ -258,7 +269,9 @@ HOSTILE = [
 
 @pytest.mark.parametrize("behaviour, cause", HOSTILE)
 def test_hostile_controller_fails_alone(table: TokenTable, mode: str, behaviour: str, cause: str) -> None:
-    with ControllerBatch(table, capacity=4, mode=mode, workers=2, deadline_ms=30, memory_limit_bytes=32 << 20) as batch:
+    with ControllerBatch(
+        table, capacity=4, mode=mode, workers=2, deadline_ms=30, memory_limit_bytes=32 << 20
+    ) as batch:
         good = batch.add(ctrl("allow_list", u32s(7)))
         bad = batch.add(ctrl("hostile_controller", behaviour), sequence_id=66)
         other = batch.add(ctrl("boost_words", "good\t1"))
@@ -282,14 +295,21 @@ def test_hostile_controller_fails_alone(table: TokenTable, mode: str, behaviour:
         assert all(r.action is Action.CONTINUE for r in later.results.values())
 
 
-def test_small_and_large_batches_find_the_same_unusual_results(table: TokenTable, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_small_and_large_batches_find_the_same_unusual_results(
+    table: TokenTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Per-step checks run on Python lists for small batches, vectorised for large ones: same outcome."""
     from wasmshare.llm import _layout as L
     from wasmshare.llm import batch as batch_module
 
     answer = u32s(tid(b" hello"), table.eos_token or 0)
-    kinds = [ctrl("allow_list", u32s(7)), ctrl("force_answer", answer), ctrl("hostile_controller", "error"),
-             ctrl("hostile_controller", "bad_result"), ctrl("boost_words", "good\t1")]
+    kinds = [
+        ctrl("allow_list", u32s(7)),
+        ctrl("force_answer", answer),
+        ctrl("hostile_controller", "error"),
+        ctrl("hostile_controller", "bad_result"),
+        ctrl("boost_words", "good\t1"),
+    ]
     outcomes = []
     for small in (0, 1000):
         monkeypatch.setattr(batch_module, "_SMALL_BATCH", small)
@@ -297,8 +317,15 @@ def test_small_and_large_batches_find_the_same_unusual_results(table: TokenTable
             for i in range(40):
                 batch.add(kinds[i % len(kinds)], sequence_id=i)
             step = batch.step()
-            outcomes.append(([(sid, r.action, r.output, r.fast_forward, r.error.cause if r.error else None)
-                              for sid, r in sorted(step.results.items())], batch.sequences))
+            outcomes.append(
+                (
+                    [
+                        (sid, r.action, r.output, r.fast_forward, r.error.cause if r.error else None)
+                        for sid, r in sorted(step.results.items())
+                    ],
+                    batch.sequences,
+                )
+            )
             # one token per sequence, some with none (-1: fast-forwarded rows sample nothing)
             live = [sid for sid in batch.sequences if step.results[sid].action is Action.CONTINUE]
             for sid in set(batch.sequences) - set(live):
@@ -307,8 +334,12 @@ def test_small_and_large_batches_find_the_same_unusual_results(table: TokenTable
             batch.step(tokens)
             rows = [batch.slot(sid) for sid in batch.sequences]
             words = batch._step_words
-            outcomes.append([(int(words[r, L.W_N_TOKENS]), int(words[r, L.W_TOKENS]), int(batch._lengths[r]))
-                             for r in rows])
+            outcomes.append(
+                [
+                    (int(words[r, L.W_N_TOKENS]), int(words[r, L.W_TOKENS]), int(batch._lengths[r]))
+                    for r in rows
+                ]
+            )
     assert outcomes[0] == outcomes[2] and outcomes[1] == outcomes[3]
     results, left = outcomes[0]
     assert {r[1] for r in results} == {Action.CONTINUE, Action.STOP, Action.ERROR} and len(left) == 24
@@ -380,7 +411,9 @@ def test_a_sparse_bias_is_applied_as_validated(table: TokenTable) -> None:
         logits = torch.zeros(1, table.vocab_size)
         batch.apply(logits, step)
         assert sorted(torch.nonzero(logits[0]).flatten().tolist()) == sorted([tid(b"world"), tid(b" world")])
-        assert batch._take_sparse_bias(slot, 0) is None and batch._sparse_bias(slot)[0].size == 0  # an empty bias
+        assert (
+            batch._take_sparse_bias(slot, 0) is None and batch._sparse_bias(slot)[0].size == 0
+        )  # an empty bias
         ids = batch.bias[slot].view(np.uint32)
         ids[0], ids[1] = 5, 5
         batch.bias[slot][half : half + 2] = [1.5, 2.0]
@@ -482,7 +515,9 @@ WASI_IMPORT = """(module
 
 
 @pytest.mark.parametrize("mode", ["threads", "workers"])
-def test_a_module_with_a_wrong_signature_or_wasi_never_joins_and_the_batch_goes_on(table: TokenTable, mode: str) -> None:
+def test_a_module_with_a_wrong_signature_or_wasi_never_joins_and_the_batch_goes_on(
+    table: TokenTable, mode: str
+) -> None:
     with ControllerBatch(table, capacity=3, mode=mode, workers=1) as batch:  # type: ignore[arg-type]
         good = batch.add(ctrl("allow_list", struct.pack("<2I", 5, 6)))
         with pytest.raises(AbiMismatch, match="exports ws_ctrl_step as \\(i32, i32\\) -> \\(\\)"):
@@ -494,7 +529,9 @@ def test_a_module_with_a_wrong_signature_or_wasi_never_joins_and_the_batch_goes_
         assert batch.sequences == (good,)
 
 
-def test_a_host_failure_inside_a_step_ends_only_that_sequence(table: TokenTable, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_host_failure_inside_a_step_ends_only_that_sequence(
+    table: TokenTable, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """An exception out of a step that is not a guest fault (a host bug) is contained too."""
     with ControllerBatch(table, capacity=2, mode="threads") as batch:
         bad = batch.add(ctrl("allow_list", struct.pack("<2I", 5, 6)))

@@ -15,7 +15,9 @@ from wasmshare.cli import app
 @pytest.mark.parametrize("name", ["calls", "exchange", "controllers", "grammars", "generate", "serve"])
 def test_benchmark_writes_rows_in_the_result_format(name: str, tmp_path: Path) -> None:
     if name == "generate" and importlib.util.find_spec("xgrammar") is None:
-        pytest.skip("the generate benchmark compares with xgrammar's LogitsProcessor (pip install --no-deps xgrammar)")
+        pytest.skip(
+            "the generate benchmark compares with xgrammar's LogitsProcessor (pip install --no-deps xgrammar)"
+        )
     result = CliRunner().invoke(app, ["bench", name, "--quick", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / f"{name}.json").read_text())

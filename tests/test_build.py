@@ -115,7 +115,9 @@ class HostStub:
 class Instance:
     """A guest instantiated with plain wasmtime and the stub host."""
 
-    def __init__(self, path: pathlib.Path, host: HostStub | None = None, *, memory_limit: int | None = None) -> None:
+    def __init__(
+        self, path: pathlib.Path, host: HostStub | None = None, *, memory_limit: int | None = None
+    ) -> None:
         self.engine = wasmtime.Engine()
         self.store = wasmtime.Store(self.engine)
         if memory_limit is not None:
@@ -207,7 +209,9 @@ def test_prebuilt_is_up_to_date(source: pathlib.Path, tmp_path: pathlib.Path) ->
         wasmtime.Module(engine, checked_in.read_bytes())
     ), f"{checked_in.name} is stale: run guests/build.sh"
     if importlib.metadata.version("ziglang") == PINNED_ZIGLANG:
-        assert fresh.read_bytes() == checked_in.read_bytes(), f"{checked_in.name} is stale: run guests/build.sh"
+        assert fresh.read_bytes() == checked_in.read_bytes(), (
+            f"{checked_in.name} is stale: run guests/build.sh"
+        )
 
 
 @pytest.mark.parametrize("path", PREBUILT, ids=lambda p: p.name)
@@ -276,7 +280,9 @@ def test_borrow_sum_guest_uses_host_imports() -> None:
     assert guest.call("borrow_sum", 7) == pytest.approx(float(values.sum()))
     assert math.isnan(guest.call("borrow_sum", 8))
     assert guest.call("borrow_fill", 7, 1.5) == 1000
-    np.testing.assert_array_equal(np.frombuffer(host.regions[7], dtype=np.float32), np.full(1000, 1.5, np.float32))
+    np.testing.assert_array_equal(
+        np.frombuffer(host.regions[7], dtype=np.float32), np.full(1000, 1.5, np.float32)
+    )
     assert guest.call("borrow_fill", 8, 1.0) == abi.ERR_BAD_HANDLE
     assert host.borrowed == {}
 
@@ -337,7 +343,9 @@ def test_missing_ziglang_raises(
 
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        build_mod.importlib.util, "find_spec", lambda name, *a: None if name == "ziglang" else real_find_spec(name, *a)
+        build_mod.importlib.util,
+        "find_spec",
+        lambda name, *a: None if name == "ziglang" else real_find_spec(name, *a),
     )
     src = tmp_c("ok.c", "int x;\n")
     with pytest.raises(BuildError, match=r"pip install 'wasmshare\[sdk\]'"):
@@ -380,7 +388,9 @@ def test_syntax_error_raises_with_compiler_message(
 
 
 @needs_zig
-def test_header_in_two_translation_units(tmp_path: pathlib.Path, tmp_c: Callable[[str, str], pathlib.Path]) -> None:
+def test_header_in_two_translation_units(
+    tmp_path: pathlib.Path, tmp_c: Callable[[str, str], pathlib.Path]
+) -> None:
     a = tmp_c("a.c", '#include "wasmshare.h"\nWS_EXPORT("one") int32_t one(void) { return 1; }\n')
     b = tmp_c(
         "b.c",
@@ -405,7 +415,7 @@ def test_wasi_build_links_libc(tmp_path: pathlib.Path, tmp_c: Callable[[str, str
         "#include <stdio.h>\n#include <stdlib.h>\n#include <string.h>\n"
         '#include "wasmshare.h"\n'
         'WS_EXPORT("fmt_len") int32_t fmt_len(int32_t v) {\n'
-        "    char *buf = malloc(64); snprintf(buf, 64, \"v=%d\", (int)v);\n"
+        '    char *buf = malloc(64); snprintf(buf, 64, "v=%d", (int)v);\n'
         "    int32_t n = (int32_t)strlen(buf); free(buf); return n; }\n",
     )
     out = build_guest([src], tmp_path / "w.wasm", wasi=True)

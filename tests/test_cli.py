@@ -83,12 +83,20 @@ def test_check_reports_supported_unsupported_and_invalid_schemas(tmp_path: Path)
 def test_run_generates_a_schema_constrained_answer(tmp_path: Path) -> None:
     pytest.importorskip("transformers", reason="generation needs transformers")
     schema = tmp_path / "answer.json"
-    schema.write_text(json.dumps({
-        "type": "object", "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 10}},
-        "required": ["answer"], "additionalProperties": False,
-    }))
-    result = runner.invoke(app, ["run", "What is 2+2? Reply in JSON.", "--json-schema", str(schema),
-                                 "--max-tokens", "30", "--json"])
+    schema.write_text(
+        json.dumps(
+            {
+                "type": "object",
+                "properties": {"answer": {"type": "integer", "minimum": 0, "maximum": 10}},
+                "required": ["answer"],
+                "additionalProperties": False,
+            }
+        )
+    )
+    result = runner.invoke(
+        app,
+        ["run", "What is 2+2? Reply in JSON.", "--json-schema", str(schema), "--max-tokens", "30", "--json"],
+    )
     assert result.exit_code == 0, result.output
     [line] = result.stdout.splitlines()  # one compact JSON object per answer, nothing else on stdout
     text = json.loads(line)["text"]
@@ -140,8 +148,19 @@ def test_run_json_is_one_object_per_line_on_stdout_and_stats_on_stderr(tmp_path:
     [record] = [json.loads(line) for line in one.stdout.splitlines()]
     assert record["text"] in ("red", "green") and record["finish_reason"] == "stop" and record["complete"]
     assert "tok/s" in one.stderr and "tok/s" not in one.stdout
-    batch = runner.invoke(app, ["run", "--batch", str(EXAMPLES / "prompts.jsonl"), "--json-schema",
-                                str(EXAMPLES / "answer.json"), "--json", "--max-tokens", "40"])
+    batch = runner.invoke(
+        app,
+        [
+            "run",
+            "--batch",
+            str(EXAMPLES / "prompts.jsonl"),
+            "--json-schema",
+            str(EXAMPLES / "answer.json"),
+            "--json",
+            "--max-tokens",
+            "40",
+        ],
+    )
     assert batch.exit_code in (0, 2), batch.output
     records = [json.loads(line) for line in batch.stdout.splitlines()]
     assert [r["index"] for r in records] == [0, 1, 2, 3]
@@ -151,8 +170,18 @@ def test_run_json_is_one_object_per_line_on_stdout_and_stats_on_stderr(tmp_path:
 
 def test_run_flags_a_constrained_answer_cut_by_max_tokens() -> None:
     _needs_model()
-    cut = runner.invoke(app, ["run", "Write an invoice for 3 apples as JSON.", "--json-schema",
-                              str(EXAMPLES / "invoice.json"), "--max-tokens", "12", "--json"])
+    cut = runner.invoke(
+        app,
+        [
+            "run",
+            "Write an invoice for 3 apples as JSON.",
+            "--json-schema",
+            str(EXAMPLES / "invoice.json"),
+            "--max-tokens",
+            "12",
+            "--json",
+        ],
+    )
     assert cut.exit_code == 2, cut.output
     [record] = [json.loads(line) for line in cut.stdout.splitlines()]
     assert record["finish_reason"] == "length" and record["complete"] is False
@@ -168,12 +197,18 @@ def test_run_defaults_to_compact_json_and_says_1_token() -> None:
     from wasmshare._run import CONSTRAINED_MAX_TOKENS, PLAIN_MAX_TOKENS, RunOptions, build_requests
 
     [compact] = build_requests(RunOptions(prompt="x", json_schema=EXAMPLES / "person.json"))
-    assert '"whitespace_flexible":false' in compact.steer.source and compact.max_tokens == CONSTRAINED_MAX_TOKENS
-    [flexible] = build_requests(RunOptions(prompt="x", json_schema=EXAMPLES / "person.json", flexible_whitespace=True))
+    assert (
+        '"whitespace_flexible":false' in compact.steer.source and compact.max_tokens == CONSTRAINED_MAX_TOKENS
+    )
+    [flexible] = build_requests(
+        RunOptions(prompt="x", json_schema=EXAMPLES / "person.json", flexible_whitespace=True)
+    )
     assert '"whitespace_flexible":true' in flexible.steer.source
     [plain] = build_requests(RunOptions(prompt="x"))
     assert plain.max_tokens == PLAIN_MAX_TOKENS
-    result = runner.invoke(app, ["run", "Describe Paris as JSON", "--json-schema", str(EXAMPLES / "person.json")])
+    result = runner.invoke(
+        app, ["run", "Describe Paris as JSON", "--json-schema", str(EXAMPLES / "person.json")]
+    )
     assert result.exit_code == 0, result.output
     answer = result.stdout.strip()
     assert "\n" not in answer and ": " not in answer and json.loads(answer)["city"]
@@ -181,12 +216,15 @@ def test_run_defaults_to_compact_json_and_says_1_token() -> None:
     assert "1 token in" in one.stderr
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--regex", "(ab"], "--regex: invalid regex \"(ab\": unclosed group"),
-    (["--json-schema", str(EXAMPLES / "arithmetic.lark")], "--json-schema: cannot read JSON schema"),
-    (["--grammar", str(EXAMPLES / "person.json")], "--grammar:"),
-    (["--flexible-whitespace"], "--flexible-whitespace applies to --json-schema only"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--regex", "(ab"], '--regex: invalid regex "(ab": unclosed group'),
+        (["--json-schema", str(EXAMPLES / "arithmetic.lark")], "--json-schema: cannot read JSON schema"),
+        (["--grammar", str(EXAMPLES / "person.json")], "--grammar:"),
+        (["--flexible-whitespace"], "--flexible-whitespace applies to --json-schema only"),
+    ],
+)
 def test_bad_steering_is_one_line_before_the_model_loads(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path, args: list[str], message: str
 ) -> None:

@@ -6,7 +6,6 @@ import gzip
 import json
 import re
 import struct
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -85,7 +84,9 @@ def maskbench_sample() -> list[dict[str, Any]]:
     return rows[::26]  # a fixed sample of 305 schemas
 
 
-def test_maskbench_sample_every_valid_instance_passes_every_invalid_one_is_cut(table: TokenTable, hf: Any) -> None:
+def test_maskbench_sample_every_valid_instance_passes_every_invalid_one_is_cut(
+    table: TokenTable, hf: Any
+) -> None:
     sample = maskbench_sample()
     assert len(sample) >= 300
     compiled = failed_compile = 0
@@ -117,14 +118,18 @@ def test_maskbench_sample_every_valid_instance_passes_every_invalid_one_is_cut(t
     assert counts["invalid"] > 500 and counts["valid"] > 300
 
 
-def _generate(batch: ControllerBatch, table: TokenTable, sids: list[int], max_steps: int = 64) -> dict[int, bytes]:
+def _generate(
+    batch: ControllerBatch, table: TokenTable, sids: list[int], max_steps: int = 64
+) -> dict[int, bytes]:
     """Greedy decoding on random logits under the constraints; returns each output."""
     rng = np.random.default_rng(7)
     out: dict[int, list[int]] = {sid: [] for sid in sids}
     step = batch.step()
     for _ in range(max_steps):
         sampled: dict[int, list[int]] = {}
-        logits = torch.from_numpy(rng.standard_normal((len(step.sequence_ids), table.vocab_size)).astype(np.float32))
+        logits = torch.from_numpy(
+            rng.standard_normal((len(step.sequence_ids), table.vocab_size)).astype(np.float32)
+        )
         batch.apply(logits, step)
         for row, sid in enumerate(step.sequence_ids.tolist()):
             result = step.results[sid]
@@ -147,7 +152,10 @@ def _generate(batch: ControllerBatch, table: TokenTable, sids: list[int], max_st
 def test_every_constraint_kind_generates_matching_output(table: TokenTable) -> None:
     schema = {
         "type": "object",
-        "properties": {"name": {"type": "string", "maxLength": 8}, "age": {"type": "integer", "minimum": 0, "maximum": 120}},
+        "properties": {
+            "name": {"type": "string", "maxLength": 8},
+            "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        },
         "required": ["name", "age"],
         "additionalProperties": False,
     }
@@ -173,7 +181,12 @@ def _deferred_cases(hf: Any) -> list[tuple[C.ConstraintSpec, list[int]]]:
     for row in maskbench_sample()[::30]:
         for test in row["tests"][:2]:
             text = json.dumps(test["data"], ensure_ascii=False)
-            cases.append((C.json_schema(row["schema"], whitespace="flexible"), hf.encode(text, add_special_tokens=False).ids[:150]))
+            cases.append(
+                (
+                    C.json_schema(row["schema"], whitespace="flexible"),
+                    hf.encode(text, add_special_tokens=False).ids[:150],
+                )
+            )
     others = [
         (C.regex(r"[a-z]{3}-[0-9]{2}"), "abc-12"),
         (C.regex(r"[0-9]+( [0-9]+)*"), "12 345 6"),  # accepting, yet it may go on: the end-of-text token
@@ -274,7 +287,9 @@ def test_deferred_masks_across_partial_and_plain_steps(table: TokenTable) -> Non
 
 
 def test_forced_tokens_are_reported_as_fast_forward(table: TokenTable) -> None:
-    spec = C.json_schema({"type": "object", "properties": {"tool": {"const": "wasmshare_search"}}, "required": ["tool"]})
+    spec = C.json_schema(
+        {"type": "object", "properties": {"tool": {"const": "wasmshare_search"}}, "required": ["tool"]}
+    )
     with ControllerBatch(table, capacity=2) as batch:
         sid = batch.add(spec)
         forced = text = b""
@@ -299,8 +314,12 @@ def test_constraints_run_in_worker_processes_with_the_same_outputs(table: TokenT
     import os
     import signal
 
-    specs = [C.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}),
-             C.regex(r"[a-z]{2}-[0-9]{3}"), C.choice(["alpha", "beta"]), C.stop(["."])]
+    specs = [
+        C.json_schema({"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}),
+        C.regex(r"[a-z]{2}-[0-9]{3}"),
+        C.choice(["alpha", "beta"]),
+        C.stop(["."]),
+    ]
     outputs = {}
     for mode in ("threads", "workers"):
         with ControllerBatch(table, capacity=4, mode=mode, workers=2) as batch:
@@ -352,8 +371,10 @@ def test_a_lexer_that_reached_its_size_cap_is_rebuilt_and_the_sequence_goes_on(
 ) -> None:
     """Copies of a compiled template share its lexer, which llguidance caps: a sequence that hits
     the cap gets a rebuilt lexer with its history replayed, and no error."""
-    spec = C.json_schema({"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
-                         whitespace="flexible")
+    spec = C.json_schema(
+        {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]},
+        whitespace="flexible",
+    )
     compiled = C.compile_constraint(spec, table)
 
     class CappedOnce:
@@ -372,7 +393,11 @@ def test_a_lexer_that_reached_its_size_cap_is_rebuilt_and_the_sequence_goes_on(
             return self.capped or bool(self.inner.is_error())
 
         def get_error(self) -> str:
-            return "lexer error: too many expressions constructed" if self.capped else str(self.inner.get_error())
+            return (
+                "lexer error: too many expressions constructed"
+                if self.capped
+                else str(self.inner.get_error())
+            )
 
     renewals: list[int] = []
     real_renew = C.CompiledConstraint.renewed_matcher
@@ -414,7 +439,9 @@ def test_a_lexer_that_reached_its_size_cap_is_rebuilt_and_the_sequence_goes_on(
 
 def test_compile_errors_are_clear(table: TokenTable) -> None:
     with pytest.raises(C.ConstraintError, match="oneOf"):
-        C.compile_constraint(C.json_schema({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}), table)
+        C.compile_constraint(
+            C.json_schema({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 3}]}), table
+        )
     C.compile_constraint(
         C.json_schema({"oneOf": [{"type": "string"}, {"type": "integer"}]}, coerce_one_of=True), table
     )
@@ -515,9 +542,18 @@ def test_xgrammar_backend_gives_the_same_constraint(table: TokenTable, hf: Any) 
     # which wasmtime needs for guest traps; wasmshare imports it with the handlers preserved.
     if importlib.util.find_spec("xgrammar") is None:
         pytest.skip("the xgrammar backend is optional (pip install --no-deps xgrammar)")
-    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"n": {"type": "integer"}},
+        "required": ["n"],
+        "additionalProperties": False,
+    }
     with ControllerBatch(table, capacity=4, grammar_backend="xgrammar") as batch:
-        sids = [batch.add(C.json_schema(schema)), batch.add(C.choice(["yes", "no"])), batch.add(C.regex(r"[0-9]{2}"))]
+        sids = [
+            batch.add(C.json_schema(schema)),
+            batch.add(C.choice(["yes", "no"])),
+            batch.add(C.regex(r"[0-9]{2}")),
+        ]
         for sid, text in zip(sids, ['{"n": 42}', "no", "17"]):
             ids = hf.encode(text, add_special_tokens=False).ids
             assert follow(batch, table, sid, ids), text

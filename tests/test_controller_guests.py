@@ -80,14 +80,16 @@ def test_layouts_match_header(tmp_path: pathlib.Path) -> None:
     """The dtypes above (and docs/controller-abi.md) agree with the header's structs."""
     lines = ['#include "wasmshare_controller.h"', "#include <stddef.h>"]
     for struct_name, dtype in LAYOUTS.items():
-        lines.append(f"_Static_assert(sizeof({struct_name}) == {dtype.itemsize}, \"sizeof {struct_name}\");")
+        lines.append(f'_Static_assert(sizeof({struct_name}) == {dtype.itemsize}, "sizeof {struct_name}");')
         for field, offset in field_offsets(dtype).items():
-            lines.append(f'_Static_assert(offsetof({struct_name}, {field}) == {offset}, "{struct_name}.{field}");')
+            lines.append(
+                f'_Static_assert(offsetof({struct_name}, {field}) == {offset}, "{struct_name}.{field}");'
+            )
     # old_abi.c declares the structs itself: check them too, through the same names.
     lines += [
-        "WS_EXPORT(\"ws_ctrl_create\") int32_t ws_ctrl_create(const ws_step_input *in, ws_step_result *out)"
+        'WS_EXPORT("ws_ctrl_create") int32_t ws_ctrl_create(const ws_step_input *in, ws_step_result *out)'
         " { (void)in; (void)out; return 0; }",
-        "WS_EXPORT(\"ws_ctrl_step\") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_result *out)"
+        'WS_EXPORT("ws_ctrl_step") int32_t ws_ctrl_step(const ws_step_input *in, ws_step_result *out)'
         " { (void)in; (void)out; return 0; }",
     ]
     src = tmp_path / "layout.c"
@@ -99,7 +101,7 @@ def test_layouts_match_header(tmp_path: pathlib.Path) -> None:
     checks = [head]
     for struct_name in ("ws_step_input", "ws_step_result"):
         dtype = LAYOUTS[struct_name]
-        checks.append(f"_Static_assert(sizeof({struct_name}) == {dtype.itemsize}, \"sizeof\");")
+        checks.append(f'_Static_assert(sizeof({struct_name}) == {dtype.itemsize}, "sizeof");')
         for field, offset in field_offsets(dtype).items():
             checks.append(f'_Static_assert(offsetof({struct_name}, {field}) == {offset}, "{field}");')
     src_old = tmp_path / "old_layout.c"
@@ -338,7 +340,12 @@ def created(name: str | pathlib.Path, arg: bytes = b"", **kwargs: Any) -> Contro
     ctrl = Controller(name, arg, **kwargs)
     result = ctrl.create()
     assert result.rc == WS_OK, f"{name} create failed: {result}"
-    assert (result.action, result.output, result.backtrack, result.n_ff) == (WS_CONTINUE, WS_OUTPUT_NONE, 0, 0)
+    assert (result.action, result.output, result.backtrack, result.n_ff) == (
+        WS_CONTINUE,
+        WS_OUTPUT_NONE,
+        0,
+        0,
+    )
     return ctrl
 
 
@@ -397,7 +404,9 @@ def test_prebuilt_is_up_to_date(source: pathlib.Path, tmp_path: pathlib.Path) ->
         wasmtime.Module(engine, checked_in.read_bytes())
     ), f"{checked_in.name} is stale: run guests/build.sh"
     if importlib.metadata.version("ziglang") == PINNED_ZIGLANG:
-        assert fresh.read_bytes() == checked_in.read_bytes(), f"{checked_in.name} is stale: run guests/build.sh"
+        assert fresh.read_bytes() == checked_in.read_bytes(), (
+            f"{checked_in.name} is stale: run guests/build.sh"
+        )
 
 
 @pytest.mark.parametrize("path", PREBUILT, ids=lambda p: p.stem)
@@ -408,7 +417,11 @@ def test_exports_and_versions(path: pathlib.Path) -> None:
     if path.stem in HOST_ENGINE_USERS:
         # It imports the host's grammar engine; tests/test_constraints.py runs it with one.
         assert imports and all(m == "wasmshare" and n.startswith("ws_constraint_") for m, n in imports)
-        assert sig["ws_ctrl_step"] == ("func", (str(wasmtime.ValType.i32()),) * 2, (str(wasmtime.ValType.i32()),))
+        assert sig["ws_ctrl_step"] == (
+            "func",
+            (str(wasmtime.ValType.i32()),) * 2,
+            (str(wasmtime.ValType.i32()),),
+        )
         return
     assert imports == set()
     i32 = str(wasmtime.ValType.i32())
@@ -441,7 +454,7 @@ GOOD_ARGS: dict[str, bytes] = {
 
 @pytest.mark.parametrize("name", sorted(GOOD_ARGS))
 def test_step_never_grows_memory(name: str) -> None:
-    """"Never allocate in step": memory stays the same size over many steps."""
+    """ "Never allocate in step": memory stays the same size over many steps."""
     ctrl = created(name, GOOD_ARGS[name])
     before = ctrl.memory_nbytes
     for i in range(50):
@@ -678,8 +691,18 @@ def test_boost_words_sets_bias_of_whole_words() -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [(b"1", 1.0), (b"-1", -1.0), (b"+3.75", 3.75), (b"0.5", 0.5), (b".5", 0.5), (b"5.", 5.0), (b"1e2", 100.0),
-     (b"-2.5E-1", -0.25), (b"0", 0.0), (b"1e-50", 0.0)],
+    [
+        (b"1", 1.0),
+        (b"-1", -1.0),
+        (b"+3.75", 3.75),
+        (b"0.5", 0.5),
+        (b".5", 0.5),
+        (b"5.", 5.0),
+        (b"1e2", 100.0),
+        (b"-2.5E-1", -0.25),
+        (b"0", 0.0),
+        (b"1e-50", 0.0),
+    ],
 )
 def test_boost_words_parses_floats(text: bytes, value: float) -> None:
     ctrl = created("boost_words", b"hello\t" + text)
@@ -688,8 +711,20 @@ def test_boost_words_parses_floats(text: bytes, value: float) -> None:
 
 @pytest.mark.parametrize(
     "arg",
-    [b"", b"hello", b"hello 2", b"\t1", b"hello\t", b"hello\tx", b"hello\t1.2.3", b"hello\t1e", b"hello\t1e99",
-     b"hello\t-", b"hello\t.", b"a" * 256 + b"\t1"],
+    [
+        b"",
+        b"hello",
+        b"hello 2",
+        b"\t1",
+        b"hello\t",
+        b"hello\tx",
+        b"hello\t1.2.3",
+        b"hello\t1e",
+        b"hello\t1e99",
+        b"hello\t-",
+        b"hello\t.",
+        b"a" * 256 + b"\t1",
+    ],
 )
 def test_boost_words_rejects_bad_arguments(arg: bytes) -> None:
     assert Controller("boost_words", arg).create().rc == WS_ERR_FAILED
@@ -698,11 +733,22 @@ def test_boost_words_rejects_bad_arguments(arg: bytes) -> None:
 def test_boost_words_sparse_writes_pairs_once_and_answers_their_count() -> None:
     ctrl = Controller("boost_words_sparse", b"hello\t2.5\nworld\t-1\n\nbad\t.25e1\nworld\t3\r\n")
     assert ctrl.create().rc == WS_OK
-    expected = {tok(b"hello"): 2.5, tok(b" hello"): 2.5, tok(b"world"): 3.0, tok(b" world"): 3.0,
-                tok(b"bad"): 2.5, tok(b" bad"): 2.5}
+    expected = {
+        tok(b"hello"): 2.5,
+        tok(b" hello"): 2.5,
+        tok(b"world"): 3.0,
+        tok(b" world"): 3.0,
+        tok(b"bad"): 2.5,
+        tok(b" bad"): 2.5,
+    }
     for tokens in ([], [1], [2, 3]):
         result = ctrl.step(tokens)
-        assert (result.rc, result.action, result.output, result.n_bias) == (WS_OK, WS_CONTINUE, WS_OUTPUT_SPARSE_BIAS, 6)
+        assert (result.rc, result.action, result.output, result.n_bias) == (
+            WS_OK,
+            WS_CONTINUE,
+            WS_OUTPUT_SPARSE_BIAS,
+            6,
+        )
         slot = ctrl.bias()
         ids = slot.view(np.uint32)[: result.n_bias].tolist()
         values = slot[V // 2 : V // 2 + result.n_bias].tolist()
@@ -723,7 +769,12 @@ def test_backtrack_replaces_the_kth_token_once() -> None:
     expect_plain(ctrl.step([1]), WS_OUTPUT_NONE)
     result = ctrl.step([2, 3])  # 3 sampled
     assert result.rc == WS_OK
-    assert (result.action, result.output, result.backtrack, result.ff_tokens) == (WS_CONTINUE, WS_OUTPUT_NONE, 1, [42])
+    assert (result.action, result.output, result.backtrack, result.ff_tokens) == (
+        WS_CONTINUE,
+        WS_OUTPUT_NONE,
+        1,
+        [42],
+    )
     for i in range(5):
         expect_plain(ctrl.step([42] if i == 0 else [i]), WS_OUTPUT_NONE)
 
@@ -780,7 +831,11 @@ def test_hostile_bomb_fills_memory_then_traps() -> None:
 
 @pytest.mark.parametrize(
     ("arg", "field", "value"),
-    [(b"bad_result", "n_ff", 1_000_000), (b"bad_output", "output", 99), (b"bad_backtrack", "backtrack", 0xFFFFFFFF)],
+    [
+        (b"bad_result", "n_ff", 1_000_000),
+        (b"bad_output", "output", 99),
+        (b"bad_backtrack", "backtrack", 0xFFFFFFFF),
+    ],
 )
 def test_hostile_bad_results(arg: bytes, field: str, value: int) -> None:
     result = created("hostile_controller", arg).step()

@@ -58,7 +58,10 @@ def small_schemas(count: int) -> list[dict[str, Any]]:
             props = schema.get("properties") if isinstance(schema, dict) else None
             if not isinstance(props, dict) or not 1 <= len(props) <= 3:
                 continue
-            if set(schema.get("required", [])) != set(props) or schema.get("additionalProperties") is not False:
+            if (
+                set(schema.get("required", [])) != set(props)
+                or schema.get("additionalProperties") is not False
+            ):
                 continue
             if not any(t["valid"] for t in row["tests"]):
                 continue
@@ -80,7 +83,8 @@ def test_json_schema_outputs_validate_for_real_schemas(loaded: Any) -> None:
     requests = [
         GenerationRequest(
             f"Reply with one JSON object of the same shape as this example: {json.dumps(_example(row))}",
-            max_tokens=120, steer=C.json_schema(row["schema"]),
+            max_tokens=120,
+            steer=C.json_schema(row["schema"]),
         )
         for row in rows
     ]
@@ -94,21 +98,34 @@ def test_json_schema_outputs_validate_for_real_schemas(loaded: Any) -> None:
 
 
 def test_hf_adapter_and_engine_agree_under_greedy(loaded: Any) -> None:
-    schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12}}, "required": ["city"]}
+    schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 12}},
+        "required": ["city"],
+    }
     prompt = "Name a city in Norway as JSON."
     # Flexible whitespace: with compact separators this prompt reaches a near-tie of two tokens
     # that the engine's batched attention and generate's round differently in bfloat16.
     with Engine(loaded, max_batch=1) as engine:
-        ours = engine.generate([GenerationRequest(prompt, max_tokens=24, steer=C.json_schema(schema, whitespace="flexible"))])[0]
+        ours = engine.generate(
+            [GenerationRequest(prompt, max_tokens=24, steer=C.json_schema(schema, whitespace="flexible"))]
+        )[0]
     ids = torch.tensor([loaded.encode_prompt(prompt)])
-    processor = WasmshareLogitsProcessor(loaded.token_table, C.json_schema(schema, whitespace="flexible"), eos_token_id=loaded.eos_token_ids[0])
+    processor = WasmshareLogitsProcessor(
+        loaded.token_table, C.json_schema(schema, whitespace="flexible"), eos_token_id=loaded.eos_token_ids[0]
+    )
     with torch.inference_mode():
         out = loaded.model.generate(
-            ids, attention_mask=torch.ones_like(ids), logits_processor=[processor], max_new_tokens=24,
-            do_sample=False, eos_token_id=list(loaded.eos_token_ids), pad_token_id=loaded.eos_token_ids[0],
+            ids,
+            attention_mask=torch.ones_like(ids),
+            logits_processor=[processor],
+            max_new_tokens=24,
+            do_sample=False,
+            eos_token_id=list(loaded.eos_token_ids),
+            pad_token_id=loaded.eos_token_ids[0],
         )
     processor.close()
-    theirs = [t for t in out[0, ids.shape[1]:].tolist() if t not in loaded.eos_token_ids]
+    theirs = [t for t in out[0, ids.shape[1] :].tolist() if t not in loaded.eos_token_ids]
     assert ours.tokens == theirs
     jsonschema.validate(json.loads(ours.text), schema)
 
@@ -120,27 +137,45 @@ def test_hf_adapter_applies_a_sparse_bias_like_the_whole_row(loaded: Any) -> Non
     ids = torch.tensor([loaded.encode_prompt(prompt)])
     tokens = {}
     for name in ("boost_words", "boost_words_sparse"):
-        processor = WasmshareLogitsProcessor(loaded.token_table, Controller(CONTROLLERS / f"{name}.wasm", "seven\t30"),
-                                             eos_token_id=loaded.eos_token_ids[0])
+        processor = WasmshareLogitsProcessor(
+            loaded.token_table,
+            Controller(CONTROLLERS / f"{name}.wasm", "seven\t30"),
+            eos_token_id=loaded.eos_token_ids[0],
+        )
         with torch.inference_mode():
             out = loaded.model.generate(
-                ids, attention_mask=torch.ones_like(ids), logits_processor=[processor], max_new_tokens=6,
-                do_sample=False, eos_token_id=list(loaded.eos_token_ids), pad_token_id=loaded.eos_token_ids[0],
+                ids,
+                attention_mask=torch.ones_like(ids),
+                logits_processor=[processor],
+                max_new_tokens=6,
+                do_sample=False,
+                eos_token_id=list(loaded.eos_token_ids),
+                pad_token_id=loaded.eos_token_ids[0],
             )
         processor.close()
-        tokens[name] = out[0, ids.shape[1]:].tolist()
+        tokens[name] = out[0, ids.shape[1] :].tolist()
     assert tokens["boost_words"] == tokens["boost_words_sparse"]
     assert "seven" in loaded.tokenizer.decode(tokens["boost_words_sparse"]).lower()
     with Engine(loaded, max_batch=1) as engine:
-        ours = engine.generate([GenerationRequest(prompt, max_tokens=6, steer=Controller(
-            CONTROLLERS / "boost_words_sparse.wasm", "seven\t30"))])[0]
+        ours = engine.generate(
+            [
+                GenerationRequest(
+                    prompt,
+                    max_tokens=6,
+                    steer=Controller(CONTROLLERS / "boost_words_sparse.wasm", "seven\t30"),
+                )
+            ]
+        )[0]
     assert ours.tokens == [t for t in tokens["boost_words_sparse"] if t not in loaded.eos_token_ids]
 
 
 def test_hf_adapter_ends_a_row_whose_output_leaves_nothing_to_draw(loaded: Any) -> None:
     prompts = ["Misbehave.", "Say hi.", "Misbehave with NaN."]
-    steer = [Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask"), C.regex(r"[a-z]{2,6}"),
-             Controller(CONTROLLERS / "hostile_controller.wasm", "nan_bias")]
+    steer = [
+        Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask"),
+        C.regex(r"[a-z]{2,6}"),
+        Controller(CONTROLLERS / "hostile_controller.wasm", "nan_bias"),
+    ]
     tokenizer = loaded.tokenizer
     encoded = [loaded.encode_prompt(p) for p in prompts]
     width = max(map(len, encoded))
@@ -150,13 +185,21 @@ def test_hf_adapter_ends_a_row_whose_output_leaves_nothing_to_draw(loaded: Any) 
     processor = WasmshareLogitsProcessor(loaded.token_table, steer, eos_token_id=pad)
     with torch.inference_mode():
         out = loaded.model.generate(
-            ids.to(loaded.device), attention_mask=attention.to(loaded.device), logits_processor=[processor],
-            max_new_tokens=8, do_sample=True, temperature=0.8, eos_token_id=list(loaded.eos_token_ids),
+            ids.to(loaded.device),
+            attention_mask=attention.to(loaded.device),
+            logits_processor=[processor],
+            max_new_tokens=8,
+            do_sample=True,
+            temperature=0.8,
+            eos_token_id=list(loaded.eos_token_ids),
             pad_token_id=pad,
         )
     processor.close()
     assert set(processor.errors) == {0, 2}
-    assert "allows no token" in processor.errors[0] and "holds NaN, +inf or values too large" in processor.errors[2]
+    assert (
+        "allows no token" in processor.errors[0]
+        and "holds NaN, +inf or values too large" in processor.errors[2]
+    )
     assert out[0, width] == pad and out[2, width] == pad  # both rows ended at once
     text = tokenizer.decode([t for t in out[1, width:].tolist() if t not in loaded.eos_token_ids])
     assert re.fullmatch(r"[a-z]{2,6}", text), text
@@ -167,41 +210,75 @@ def test_fast_forward_and_backtrack_produce_what_the_controller_asked(loaded: An
     answer = loaded.tokenizer.encode(" The answer is 42.", add_special_tokens=False)
     replacement = loaded.tokenizer.encode(" banana", add_special_tokens=False)[0]
     with Engine(loaded, max_batch=2) as engine:
-        forced, backtracked = engine.generate([
-            GenerationRequest("Say anything.", max_tokens=40,
-                              steer=Controller(CONTROLLERS / "force_answer.wasm", struct.pack(f"<{len(answer)}I", *answer))),
-            GenerationRequest("Count: one two three", max_tokens=6,
-                              steer=Controller(CONTROLLERS / "backtrack.wasm", struct.pack("<2I", 3, replacement))),
-        ])
-    assert forced.tokens == answer and forced.text == " The answer is 42." and forced.finish_reason == "controller"
+        forced, backtracked = engine.generate(
+            [
+                GenerationRequest(
+                    "Say anything.",
+                    max_tokens=40,
+                    steer=Controller(
+                        CONTROLLERS / "force_answer.wasm", struct.pack(f"<{len(answer)}I", *answer)
+                    ),
+                ),
+                GenerationRequest(
+                    "Count: one two three",
+                    max_tokens=6,
+                    steer=Controller(CONTROLLERS / "backtrack.wasm", struct.pack("<2I", 3, replacement)),
+                ),
+            ]
+        )
+    assert (
+        forced.tokens == answer
+        and forced.text == " The answer is 42."
+        and forced.finish_reason == "controller"
+    )
     # After three sampled tokens the controller replaced the third with " banana".
     assert backtracked.tokens[2] == replacement and table.decode([backtracked.tokens[2]]) == b" banana"
     assert engine.stats.fast_forward_tokens >= len(answer) + 1
     # A backtrack with nothing spliced in: the token is sampled again from the trimmed state,
     # which under greedy decoding is the same token, so the output is the plain one.
     with Engine(loaded, max_batch=2) as engine:
-        plain, again = engine.generate([
-            GenerationRequest("Count: one two three", max_tokens=8),
-            GenerationRequest("Count: one two three", max_tokens=8,
-                              steer=Controller(CONTROLLERS / "backtrack.wasm", struct.pack("<2I", 3, 0xFFFFFFFF))),
-        ])
+        plain, again = engine.generate(
+            [
+                GenerationRequest("Count: one two three", max_tokens=8),
+                GenerationRequest(
+                    "Count: one two three",
+                    max_tokens=8,
+                    steer=Controller(CONTROLLERS / "backtrack.wasm", struct.pack("<2I", 3, 0xFFFFFFFF)),
+                ),
+            ]
+        )
     assert again.tokens == plain.tokens and again.error is None
 
 
 def test_a_mixed_batch_of_eight_finishes_each_with_its_own_result(loaded: Any) -> None:
-    schema = {"type": "object", "properties": {"ok": {"type": "boolean"}}, "required": ["ok"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"ok": {"type": "boolean"}},
+        "required": ["ok"],
+        "additionalProperties": False,
+    }
     yes = loaded.tokenizer.encode("yes", add_special_tokens=False)
     requests = [
         GenerationRequest("Is water wet? Answer in JSON.", max_tokens=30, steer=C.json_schema(schema)),
         GenerationRequest("Pick a colour.", max_tokens=10, steer=C.choice(["red", "green", "blue"])),
         GenerationRequest("Give a code.", max_tokens=12, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")),
         GenerationRequest("Say hi.", max_tokens=8),
-        GenerationRequest("Say yes.", max_tokens=10,
-                          steer=Controller(CONTROLLERS / "force_answer.wasm", struct.pack(f"<{len(yes)}I", *yes))),
-        GenerationRequest("Tell a story.", max_tokens=30, steer=Controller(CONTROLLERS / "max_tokens.wasm", "5")),
-        GenerationRequest("List numbers.", max_tokens=10,
-                          steer=Controller(CONTROLLERS / "boost_words.wasm", "seven\t30")),
-        GenerationRequest("Misbehave.", max_tokens=10, steer=Controller(CONTROLLERS / "hostile_controller.wasm", "trap_mid_mask")),
+        GenerationRequest(
+            "Say yes.",
+            max_tokens=10,
+            steer=Controller(CONTROLLERS / "force_answer.wasm", struct.pack(f"<{len(yes)}I", *yes)),
+        ),
+        GenerationRequest(
+            "Tell a story.", max_tokens=30, steer=Controller(CONTROLLERS / "max_tokens.wasm", "5")
+        ),
+        GenerationRequest(
+            "List numbers.", max_tokens=10, steer=Controller(CONTROLLERS / "boost_words.wasm", "seven\t30")
+        ),
+        GenerationRequest(
+            "Misbehave.",
+            max_tokens=10,
+            steer=Controller(CONTROLLERS / "hostile_controller.wasm", "trap_mid_mask"),
+        ),
     ]
     with Engine(loaded, max_batch=8) as engine:
         results = engine.generate(requests)
@@ -215,7 +292,11 @@ def test_a_mixed_batch_of_eight_finishes_each_with_its_own_result(loaded: Any) -
     assert by[4].text == "yes"
     assert len(by[5].tokens) == 5 and by[5].finish_reason == "controller"
     assert "seven" in by[6].text.lower()
-    assert by[7].finish_reason == "error" and "hostile_controller" in (by[7].error or "") and "trap" in (by[7].error or "")
+    assert (
+        by[7].finish_reason == "error"
+        and "hostile_controller" in (by[7].error or "")
+        and "trap" in (by[7].error or "")
+    )
     assert [r.error is not None for r in results].count(True) == 1
 
 
@@ -225,7 +306,14 @@ def test_engine_input_errors(loaded: Any) -> None:
     with Engine(loaded, max_batch=1) as engine:
         with pytest.raises(WasmshareError, match="max_tokens must be positive"):
             engine.generate([GenerationRequest("x", max_tokens=0)])
-        bad = engine.generate([GenerationRequest("x", steer=C.json_schema({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 2}]}))])
+        bad = engine.generate(
+            [
+                GenerationRequest(
+                    "x",
+                    steer=C.json_schema({"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 2}]}),
+                )
+            ]
+        )
         assert bad[0].finish_reason == "error" and "oneOf" in (bad[0].error or "")
         with pytest.raises(WasmshareError, match="must hold integers"):
             engine.generate([GenerationRequest([1, 2.5], max_tokens=2)])  # type: ignore[list-item]
@@ -251,7 +339,9 @@ def test_run_ends_a_request_that_cannot_start_alone(loaded: Any) -> None:
     assert results[after].error is None and results[after].text in ("bye", "goodbye")
 
 
-def test_a_result_is_handed_over_once_even_when_the_step_after_it_fails(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_result_is_handed_over_once_even_when_the_step_after_it_fails(
+    loaded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A row that finished just before a step failed keeps its own result: the failure
     handler does not report it a second time as an engine failure."""
     from wasmshare.llm.engine import RequestQueue
@@ -272,7 +362,9 @@ def test_a_result_is_handed_over_once_even_when_the_step_after_it_fails(loaded: 
         short = queue.submit(GenerationRequest("Say hi.", max_tokens=1))
         long = queue.submit(GenerationRequest("Say hi.", max_tokens=8))
         queue.close()
-        engine.run(queue, on_finish=lambda key, result: delivered.append((key, result)), contain_failures=True)
+        engine.run(
+            queue, on_finish=lambda key, result: delivered.append((key, result)), contain_failures=True
+        )
     keys = [key for key, _ in delivered]
     assert sorted(keys) == [short, long]  # each once
     result = dict(delivered)
@@ -309,7 +401,9 @@ def test_continuous_batching_joins_running_batch_and_cancel_frees_the_slot(loade
                 queue.close()
 
         key_box["long"] = queue.submit(GenerationRequest(prompt, max_tokens=60))
-        runner = threading.Thread(target=engine.run, args=(queue,), kwargs={"on_token": on_token, "on_finish": results.__setitem__})
+        runner = threading.Thread(
+            target=engine.run, args=(queue,), kwargs={"on_token": on_token, "on_finish": results.__setitem__}
+        )
         runner.start()
         runner.join(timeout=300)
         assert not runner.is_alive()
@@ -380,23 +474,39 @@ def test_incremental_text_matches_a_full_decode(loaded: Any) -> None:
 
 def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
     """Sparse application (few allowed ids, or a draw checked against the mask) gives the dense tokens."""
-    schema = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
-              "required": ["name", "age"], "additionalProperties": False}
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}},
+        "required": ["name", "age"],
+        "additionalProperties": False,
+    }
     requests = [
         GenerationRequest("Describe a person as JSON.", max_tokens=30, steer=C.json_schema(schema)),
         GenerationRequest("Give a code.", max_tokens=12, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")),
         GenerationRequest("Pick a colour.", max_tokens=6, steer=C.choice(["red", "green", "blue"])),
-        GenerationRequest("Write a sentence about dogs.", max_tokens=16,
-                          steer=Controller(CONTROLLERS / "ban_strings.wasm", "the\nThe\nTHE\ntHe\nthE\nTHe\ntHE\nThE")),
-        GenerationRequest("List numbers.", max_tokens=10, steer=Controller(CONTROLLERS / "boost_words.wasm", "seven\t30")),
+        GenerationRequest(
+            "Write a sentence about dogs.",
+            max_tokens=16,
+            steer=Controller(CONTROLLERS / "ban_strings.wasm", "the\nThe\nTHE\ntHe\nthE\nTHe\ntHE\nThE"),
+        ),
+        GenerationRequest(
+            "List numbers.", max_tokens=10, steer=Controller(CONTROLLERS / "boost_words.wasm", "seven\t30")
+        ),
         GenerationRequest("Say hi.", max_tokens=8),
-        GenerationRequest("List numbers.", max_tokens=10,
-                          steer=Controller(CONTROLLERS / "boost_words_sparse.wasm", "seven\t30")),
+        GenerationRequest(
+            "List numbers.",
+            max_tokens=10,
+            steer=Controller(CONTROLLERS / "boost_words_sparse.wasm", "seven\t30"),
+        ),
     ]
     from wasmshare.llm.batch import ControllerBatch, RowOutput
 
     fallbacks = {"n": 0, "masks": 0, "analysed": 0}
-    real_forbidden, real_allowed, real_row_outputs = RowOutput.forbidden, RowOutput.allowed, ControllerBatch.row_outputs
+    real_forbidden, real_allowed, real_row_outputs = (
+        RowOutput.forbidden,
+        RowOutput.allowed,
+        ControllerBatch.row_outputs,
+    )
 
     def counted(self: RowOutput) -> Any:
         fallbacks["n"] += 1
@@ -423,7 +533,9 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
             outcomes[how] = [(r.tokens, r.error) for r in engine.generate(requests)]
             stats[how] = engine.stats
     assert outcomes["sparse"] == outcomes["sparse-eager"] == outcomes["dense"]
-    assert outcomes["sparse"][6] == outcomes["sparse"][4]  # the same boost as (id, value) pairs or a whole row
+    assert (
+        outcomes["sparse"][6] == outcomes["sparse"][4]
+    )  # the same boost as (id, value) pairs or a whole row
     assert all(error is None for _, error in outcomes["sparse"])
     # Deferred constraint masks: most greedy draws are allowed, so most masks are never computed.
     deferred, late = stats["sparse"].deferred_masks, stats["sparse"].late_masks
@@ -435,8 +547,14 @@ def test_sparse_and_dense_mask_application_agree(loaded: Any, monkeypatch: pytes
     # Greedy rows look at a mask as a whole only after a forbidden draw: most never do.
     assert 0 < fallbacks["analysed"] < fallbacks["masks"] / 2, fallbacks
     with Engine(loaded, max_batch=2) as engine:
-        sampled = engine.generate([GenerationRequest(requests[3].prompt, max_tokens=24, temperature=1.0, seed=s,
-                                                     steer=requests[3].steer) for s in (1, 2)])
+        sampled = engine.generate(
+            [
+                GenerationRequest(
+                    requests[3].prompt, max_tokens=24, temperature=1.0, seed=s, steer=requests[3].steer
+                )
+                for s in (1, 2)
+            ]
+        )
     assert all(r.error is None and "the" not in r.text.lower() for r in sampled)
 
 
@@ -446,17 +564,31 @@ def test_a_mask_that_allows_no_token_ends_only_its_sequence(loaded: Any, mask_ap
     before any draw, since sampling from an all ``-inf`` row fails (on CUDA, for the whole
     process)."""
     requests = [
-        GenerationRequest("Misbehave.", max_tokens=10, temperature=0.8, seed=1,
-                          steer=Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask")),
+        GenerationRequest(
+            "Misbehave.",
+            max_tokens=10,
+            temperature=0.8,
+            seed=1,
+            steer=Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask"),
+        ),
         GenerationRequest("Say hi.", max_tokens=8, temperature=0.8, seed=2),
-        GenerationRequest("Give a code.", max_tokens=12, temperature=0.8, seed=3, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")),
-        GenerationRequest("Misbehave greedily.", max_tokens=10,
-                          steer=Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask")),
+        GenerationRequest(
+            "Give a code.", max_tokens=12, temperature=0.8, seed=3, steer=C.regex(r"[A-Z]{3}-[0-9]{3}")
+        ),
+        GenerationRequest(
+            "Misbehave greedily.",
+            max_tokens=10,
+            steer=Controller(CONTROLLERS / "hostile_controller.wasm", "empty_mask"),
+        ),
     ]
     with Engine(loaded, max_batch=4, mask_apply=mask_apply) as engine:  # type: ignore[arg-type]
         bad, free, code, bad_greedy = engine.generate(requests)
     for result in (bad, bad_greedy):
-        assert result.finish_reason == "error" and "allows no token" in (result.error or "") and not result.tokens
+        assert (
+            result.finish_reason == "error"
+            and "allows no token" in (result.error or "")
+            and not result.tokens
+        )
     assert free.error is None and free.tokens
     import re
 
@@ -469,6 +601,7 @@ def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: A
     everywhere ends that sequence with an error before any draw; a huge finite value
     (3e38) is simply the largest logit, greedy or sampled (sampling subtracts the peak
     before dividing by the temperature, so nothing overflows)."""
+
     def hostile(mode: str) -> Controller:
         return Controller(CONTROLLERS / "hostile_controller.wasm", mode)
 
@@ -489,8 +622,9 @@ def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: A
     huge_sampled = bad.pop(5)
     assert huge_sampled.error is None and huge_sampled.tokens == [loaded.vocab_size // 2] * 6
     for result in bad[:4] + bad[5:]:
-        assert result.finish_reason == "error" and "bias holds NaN, +inf or values too large" in (result.error or ""), \
-            result.error
+        assert result.finish_reason == "error" and "bias holds NaN, +inf or values too large" in (
+            result.error or ""
+        ), result.error
         assert not result.tokens
     assert bad[4].finish_reason == "error" and "bias allows no token" in (bad[4].error or ""), bad[4].error
     assert huge_greedy.error is None and huge_greedy.tokens == [loaded.vocab_size // 2] * 3
@@ -498,7 +632,9 @@ def test_a_bias_with_nan_inf_or_nothing_allowed_ends_only_its_sequence(loaded: A
     assert code.error is None and re.fullmatch(r"[A-Z]{3}-[0-9]{3}", code.text)
 
 
-def test_run_contains_a_failing_prefill_to_the_rows_it_was_admitting(loaded: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_run_contains_a_failing_prefill_to_the_rows_it_was_admitting(
+    loaded: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A request that fails while joining a running batch (its prefill raises) still gets its
     result, an error, like the rows already decoding; its controller slot is freed."""
     from wasmshare.llm.engine import RequestQueue
@@ -522,7 +658,9 @@ def test_run_contains_a_failing_prefill_to_the_rows_it_was_admitting(loaded: Any
         def on_token(key: int, token: int, text: str) -> None:
             if not joined["done"]:
                 joined["done"] = True
-                joined["key"] = queue.submit(GenerationRequest("Say bye.", max_tokens=4, steer=C.choice(["bye"])))
+                joined["key"] = queue.submit(
+                    GenerationRequest("Say bye.", max_tokens=4, steer=C.choice(["bye"]))
+                )
                 queue.close()
 
         engine.run(queue, on_token=on_token, on_finish=results.__setitem__, contain_failures=True)
@@ -569,7 +707,9 @@ def test_a_forbidden_greedy_draw_takes_the_best_allowed_token(loaded: Any, allow
         assert engine._sample_steered(row, line.clone(), out) == ranked[allowed_rank]
     within_budget = allowed_rank <= max(1, 1_048_576 // width)
     assert loads["n"] == (0 if within_budget else 1)
-    assert engine.stats.runner_up_draws == int(within_budget) and engine.stats.late_masks == int(not within_budget)
+    assert engine.stats.runner_up_draws == int(within_budget) and engine.stats.late_masks == int(
+        not within_budget
+    )
 
 
 # -- bounds on what one request costs ----------------------------------------------------------------
@@ -591,7 +731,9 @@ def test_a_long_prompt_is_prefilled_in_chunks_and_answers_the_same(loaded: Any) 
         results = engine.generate([long_request, steered, short], on_token=lambda i, t, s: order.append(i))
     assert [r.tokens for r in results[:2]] == [r.tokens for r in expected]
     assert all(r.error is None and r.tokens for r in results)
-    assert order.index(2) < min(order.index(0), order.index(1))  # the short one decoded while the long ones prefilled
+    assert order.index(2) < min(
+        order.index(0), order.index(1)
+    )  # the short one decoded while the long ones prefilled
 
 
 def test_an_endless_backtracker_ends_at_its_work_bound_and_its_cache_stays_small(loaded: Any) -> None:
@@ -607,12 +749,20 @@ def test_an_endless_backtracker_ends_at_its_work_bound_and_its_cache_stays_small
             return real_forward(feeds, rows)
 
         engine._forward = watch  # type: ignore[method-assign]
-        hostile, plain = engine.generate([
-            GenerationRequest("Hi", max_tokens=5, max_work=300,
-                              steer=Controller(CONTROLLERS / "hostile_host_calls.wasm", "endless_backtrack")),
-            GenerationRequest("Count: one, two,", max_tokens=40),
-        ])
-    assert hostile.finish_reason == "error" and "the limit is 300 tokens" in (hostile.error or ""), hostile.error
+        hostile, plain = engine.generate(
+            [
+                GenerationRequest(
+                    "Hi",
+                    max_tokens=5,
+                    max_work=300,
+                    steer=Controller(CONTROLLERS / "hostile_host_calls.wasm", "endless_backtrack"),
+                ),
+                GenerationRequest("Count: one, two,", max_tokens=40),
+            ]
+        )
+    assert hostile.finish_reason == "error" and "the limit is 300 tokens" in (hostile.error or ""), (
+        hostile.error
+    )
     assert plain.error is None and len(plain.tokens) == 40
     assert max(widths) < 40 + 64 + 40  # without compaction the width passes 300
 

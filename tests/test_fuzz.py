@@ -17,14 +17,18 @@ from hypothesis import HealthCheck, given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from test_server import CONTROLLERS, LiveServer  # noqa: E402
-
 from wasmshare.llm import Controller  # noqa: E402
 from wasmshare.llm import constraints as C  # noqa: E402
 from wasmshare.llm.batch import Action, ControllerBatch  # noqa: E402
 from wasmshare.llm.tokens import TokenTable  # noqa: E402
 
-FUZZ = settings(max_examples=60, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=60,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 
 @pytest.fixture(scope="module")
@@ -35,7 +39,9 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LiveServer]:
 
 
 # Text with the characters that break things: lone surrogates, NUL, controls, long runs.
-texts = st.one_of(st.text(max_size=40), st.sampled_from(["\ud800", "a\udfffb", "\x00", "", " " * 300, "{", "(?"]))
+texts = st.one_of(
+    st.text(max_size=40), st.sampled_from(["\ud800", "a\udfffb", "\x00", "", " " * 300, "{", "(?"])
+)
 numbers = st.one_of(
     st.integers(min_value=-(2**70), max_value=2**70),
     st.floats(allow_nan=True, allow_infinity=True),
@@ -48,7 +54,9 @@ junk = st.recursive(
 )
 small_ints = st.one_of(st.integers(min_value=-3, max_value=4), junk)
 fields = {
-    "prompt": st.one_of(texts, st.lists(st.integers(-5, 60000), max_size=8), st.lists(texts, max_size=3), junk),
+    "prompt": st.one_of(
+        texts, st.lists(st.integers(-5, 60000), max_size=8), st.lists(texts, max_size=3), junk
+    ),
     "max_tokens": small_ints,
     "temperature": st.one_of(numbers, junk),
     "top_p": st.one_of(numbers, junk),
@@ -59,14 +67,30 @@ fields = {
     "regex": st.one_of(texts, st.sampled_from(["[a-z]+", "(a|b", "a{99999}", "\\p{L}+"])),
     "choice": st.one_of(st.lists(texts, max_size=3), junk),
     "grammar": st.one_of(texts, st.just("start: /[0-9]+/")),
-    "response_format": st.one_of(junk, st.fixed_dictionaries(
-        {"type": st.sampled_from(["text", "json_object", "json_schema", "xml"]),
-         "json_schema": st.one_of(junk, st.fixed_dictionaries({"schema": junk}))})),
+    "response_format": st.one_of(
+        junk,
+        st.fixed_dictionaries(
+            {
+                "type": st.sampled_from(["text", "json_object", "json_schema", "xml"]),
+                "json_schema": st.one_of(junk, st.fixed_dictionaries({"schema": junk})),
+            }
+        ),
+    ),
     "controller": st.one_of(texts, st.just("0" * 64)),
     "controller_arg": st.one_of(texts, st.lists(st.integers(-1, 2**33), max_size=4)),
     "logprobs": junk,
-    "messages": st.one_of(junk, st.lists(st.fixed_dictionaries({"role": st.one_of(texts, st.sampled_from(
-        ["user", "system", "assistant"])), "content": st.one_of(texts, junk)}), max_size=3)),
+    "messages": st.one_of(
+        junk,
+        st.lists(
+            st.fixed_dictionaries(
+                {
+                    "role": st.one_of(texts, st.sampled_from(["user", "system", "assistant"])),
+                    "content": st.one_of(texts, junk),
+                }
+            ),
+            max_size=3,
+        ),
+    ),
 }
 bodies = st.one_of(
     st.fixed_dictionaries({}, optional=fields),
@@ -85,11 +109,17 @@ def check_answer(r: Any) -> None:
 @given(body=bodies, chat=st.booleans())
 def test_no_request_body_makes_the_server_fail(live: LiveServer, body: Any, chat: bool) -> None:
     if isinstance(body, dict) and isinstance(body.get("max_tokens"), int) and body.get("stream") is not True:
-        body["max_tokens"] = max(-1, min(body["max_tokens"], 3))  # keep generation short; invalid stays invalid
+        body["max_tokens"] = max(
+            -1, min(body["max_tokens"], 3)
+        )  # keep generation short; invalid stays invalid
     raw = json.dumps(body, allow_nan=True).encode()
     with live.http() as http:
-        r = http.post("/v1/chat/completions" if chat else "/v1/completions", content=raw,
-                      headers={"content-type": "application/json"}, timeout=60)
+        r = http.post(
+            "/v1/chat/completions" if chat else "/v1/completions",
+            content=raw,
+            headers={"content-type": "application/json"},
+            timeout=60,
+        )
         if r.headers.get("content-type", "").startswith("text/event-stream"):
             assert r.status_code == 200 and r.text.rstrip().endswith("data: [DONE]"), r.text[-200:]
         else:
@@ -106,17 +136,23 @@ def table() -> TokenTable:
 
 
 u32 = st.one_of(st.integers(0, 2**32 - 1), st.sampled_from([0, 1, 2, 3, 4, 2**31, 2**32 - 1, 64, 65]))
-records = st.fixed_dictionaries({
-    "action": st.integers(-(2**31), 2**31 - 1) | st.sampled_from([0, 1, 2, -1]),
-    "output": st.integers(-(2**31), 2**31 - 1) | st.sampled_from([0, 1, 2, 3, 4, -1]),
-    "backtrack": u32, "n_ff": u32, "n_bias": u32,
-    "ff_tokens": st.lists(u32, min_size=0, max_size=16),
-})
+records = st.fixed_dictionaries(
+    {
+        "action": st.integers(-(2**31), 2**31 - 1) | st.sampled_from([0, 1, 2, -1]),
+        "output": st.integers(-(2**31), 2**31 - 1) | st.sampled_from([0, 1, 2, 3, 4, -1]),
+        "backtrack": u32,
+        "n_ff": u32,
+        "n_bias": u32,
+        "ff_tokens": st.lists(u32, min_size=0, max_size=16),
+    }
+)
 
 
 @FUZZ
 @given(record=records, tokens=st.lists(st.integers(0, 1000), max_size=3))
-def test_no_result_record_makes_the_batch_fail(table: TokenTable, record: dict[str, Any], tokens: list[int]) -> None:
+def test_no_result_record_makes_the_batch_fail(
+    table: TokenTable, record: dict[str, Any], tokens: list[int]
+) -> None:
     """Whatever a controller writes into its result record, the step returns; the sequence
     either goes on with a valid result or ends alone with an error, and the constraint beside
     it goes on."""
@@ -142,4 +178,6 @@ def test_no_result_record_makes_the_batch_fail(table: TokenTable, record: dict[s
         if mine.action is Action.ERROR:
             assert "invalid step result" in str(mine.error) and sid not in batch.sequences
         else:
-            assert mine.backtrack <= 3 + len(tokens) and all(0 <= t < table.vocab_size for t in mine.fast_forward)
+            assert mine.backtrack <= 3 + len(tokens) and all(
+                0 <= t < table.vocab_size for t in mine.fast_forward
+            )

@@ -72,9 +72,9 @@ def test_malformed_modules() -> None:
     with pytest.raises(GuestError, match="invalid wasm module"):
         Guest(b"\0asm\x01\0\0\0\x01\xff\xff")  # truncated section
     with pytest.raises(GuestError, match="invalid wasm module: .*type mismatch"):
-        Guest("(module (func (export \"f\") (result i32) i64.const 1))")
+        Guest('(module (func (export "f") (result i32) i64.const 1))')
     with pytest.raises(GuestError, match="invalid WAT"):
-        Guest("(module (func (export \"f\") (result i32) i32.konst 1))")
+        Guest('(module (func (export "f") (result i32) i32.konst 1))')
     with pytest.raises(GuestError, match="no module at"):
         Guest("/nonexistent/guest.wasm")
 
@@ -131,7 +131,9 @@ def test_out_of_bounds_access_traps_and_guest_recovers() -> None:
 def test_infinite_loop_hits_deadline_and_guest_stays_usable() -> None:
     g = Guest(GUESTS / "hostile.wasm", name="spinner", deadline_ms=20, sequence=17)
     started = time.perf_counter()
-    with pytest.raises(GuestLimitExceeded, match="guest 'spinner' seq 17: deadline 20 ms exceeded in spin") as info:
+    with pytest.raises(
+        GuestLimitExceeded, match="guest 'spinner' seq 17: deadline 20 ms exceeded in spin"
+    ) as info:
         g.call("spin")
     assert time.perf_counter() - started < 5  # stopped, not hung (generous: machines are shared)
     assert info.value.limit == "deadline" and info.value.sequence == 17
@@ -203,7 +205,7 @@ def test_separate_guests_run_in_parallel_threads() -> None:
     def work(g: Guest) -> None:
         add = g.func("add")
         total = 0
-        for i in range(2000):
+        for _ in range(2000):
             total = add(total, 1)
         results.append(total)
 
@@ -263,9 +265,18 @@ def test_guest_traps_survive_a_library_that_takes_over_sigsegv() -> None:
         g.call("read_at", 1 << 30)
 
 
-@pytest.mark.parametrize(("deadline_ms", "tick_ms", "ticks"), [
-    (5, 1, 6), (19.5, 1, 21), (20, 2, 11), (49, 2, 26), (50, 5, 11), (100, 10, 11), (60_000, 10, 6001),
-])
+@pytest.mark.parametrize(
+    ("deadline_ms", "tick_ms", "ticks"),
+    [
+        (5, 1, 6),
+        (19.5, 1, 21),
+        (20, 2, 11),
+        (49, 2, 26),
+        (50, 5, 11),
+        (100, 10, 11),
+        (60_000, 10, 6001),
+    ],
+)
 def test_epoch_tick_follows_the_deadline(deadline_ms: float, tick_ms: int, ticks: int) -> None:
     """A tenth of the deadline in steps of 1/2/5/10 ms; enough ticks that the whole deadline passes first."""
     from wasmshare import _engine

@@ -103,7 +103,7 @@ def test_second_process_by_name_sees_guest_writes_and_its_writes_reach_the_guest
             a = r.array(np.float32)
             print(float(a.sum()))
             a[:] = 0.25          # written by this process straight into the pages
-            g = Guest({str(GUESTS / 'bias.wasm')!r})
+            g = Guest({str(GUESTS / "bias.wasm")!r})
             loan = g.lend(r, 'ro', dtype=np.float32)   # and lent to a guest here as well
             print(g.call('sum_f32', loan))
             """
@@ -368,11 +368,11 @@ def test_hostile_guests_leave_the_shared_region_intact() -> None:
     attacker = Guest(GUESTS / "hostile.wasm", name="attacker", deadline_ms=20, memory_limit_bytes=8 << 20)
     loan = attacker.lend(region, "ro", dtype=np.float32)
     attacks = [
-        (("write_at", loan.ptr + 40, -1), GuestTrap),           # write to a read-only loan
-        (("read_at", 0x7FFF0000), GuestTrap),                   # out of bounds
-        (("fill_then_trap", loan, 10), GuestTrap),              # writes into read-only pages
-        (("spin",), GuestTrap),                                 # deadline
-        (("grow_forever",), GuestTrap),                         # memory bomb
+        (("write_at", loan.ptr + 40, -1), GuestTrap),  # write to a read-only loan
+        (("read_at", 0x7FFF0000), GuestTrap),  # out of bounds
+        (("fill_then_trap", loan, 10), GuestTrap),  # writes into read-only pages
+        (("spin",), GuestTrap),  # deadline
+        (("grow_forever",), GuestTrap),  # memory bomb
     ]
     for call, error in attacks:
         with pytest.raises(error):

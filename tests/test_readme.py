@@ -29,8 +29,12 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
 
 
 @pytest.mark.parametrize("index", range(len(SNIPPETS)))
-def test_readme_snippet_runs(index: int, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-                             request: pytest.FixtureRequest) -> None:
+def test_readme_snippet_runs(
+    index: int,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    request: pytest.FixtureRequest,
+) -> None:
     code = SNIPPETS[index]
     if "torch" in code or "wasmshare.llm" in code:
         pytest.importorskip("torch", reason="the LLM snippets need torch")

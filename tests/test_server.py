@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import struct
 import threading
 import time
 from collections.abc import Iterator
@@ -30,7 +29,10 @@ KEY = "test-key"
 
 SCHEMA = {
     "type": "object",
-    "properties": {"city": {"type": "string", "enum": ["Paris", "Rome", "Berlin"]}, "population_millions": {"type": "integer", "minimum": 0, "maximum": 99}},
+    "properties": {
+        "city": {"type": "string", "enum": ["Paris", "Rome", "Berlin"]},
+        "population_millions": {"type": "integer", "minimum": 0, "maximum": 99},
+    },
     "required": ["city", "population_millions"],
     "additionalProperties": False,
 }
@@ -46,8 +48,14 @@ class LiveServer:
         except ModelError as e:
             pytest.skip(f"embedded model not installed: {e}")
         self.config = ServerConfig(
-            api_key=KEY, max_concurrent=3, max_waiting=16, max_tokens=200, default_max_tokens=32,
-            max_body_bytes=64 << 10, max_controller_bytes=256 << 10, controller_deadline_ms=50.0,
+            api_key=KEY,
+            max_concurrent=3,
+            max_waiting=16,
+            max_tokens=200,
+            default_max_tokens=32,
+            max_body_bytes=64 << 10,
+            max_controller_bytes=256 << 10,
+            controller_deadline_ms=50.0,
             controllers_dir=tmp / "controllers",
         )
         self.app, self.service, self.store = build_server("smollm2-135m", self.config)
@@ -89,7 +97,9 @@ def client(live: LiveServer) -> Any:
 
 def upload(live: LiveServer, name: str) -> str:
     with live.http() as http:
-        r = http.post("/v1/controllers", params={"name": name}, content=(CONTROLLERS / f"{name}.wasm").read_bytes())
+        r = http.post(
+            "/v1/controllers", params={"name": name}, content=(CONTROLLERS / f"{name}.wasm").read_bytes()
+        )
     assert r.status_code == 200, r.text
     return str(r.json()["id"])
 
@@ -104,9 +114,14 @@ def test_models_health_and_metrics(live: LiveServer, client: Any) -> None:
         assert health["status"] == "ok" and health["model"] == "smollm2-135m"
         client.completions.create(model="smollm2-135m", prompt="Hello", max_tokens=2, temperature=0)
         text = http.get("/metrics").text
-    for metric in ("wasmshare_requests_total", "wasmshare_generated_tokens_total", "wasmshare_queue_depth",
-                   "wasmshare_controller_seconds_total", "wasmshare_controller_faults_total",
-                   "wasmshare_time_to_first_token_seconds_bucket"):
+    for metric in (
+        "wasmshare_requests_total",
+        "wasmshare_generated_tokens_total",
+        "wasmshare_queue_depth",
+        "wasmshare_controller_seconds_total",
+        "wasmshare_controller_faults_total",
+        "wasmshare_time_to_first_token_seconds_bucket",
+    ):
         assert metric in text, metric
     assert 'endpoint="/v1/completions",status="200"' in text
 
@@ -114,7 +129,9 @@ def test_models_health_and_metrics(live: LiveServer, client: Any) -> None:
 def test_completion_matches_the_engine(live: LiveServer, client: Any) -> None:
     from wasmshare.llm.engine import GenerationRequest
 
-    r = client.completions.create(model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0)
+    r = client.completions.create(
+        model="smollm2-135m", prompt="The capital of France is", max_tokens=8, temperature=0
+    )
     from wasmshare.errors import WasmshareError
     from wasmshare.llm.engine import Engine
 
@@ -130,13 +147,19 @@ def test_completion_matches_the_engine(live: LiveServer, client: Any) -> None:
 
 def test_chat_streaming_and_stop(client: Any) -> None:
     messages = [{"role": "user", "content": "List three colors, separated by commas."}]
-    whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, temperature=0)
+    whole = client.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=24, temperature=0
+    )
     text = whole.choices[0].message.content
     assert whole.choices[0].message.role == "assistant" and text
     pieces = []
     finish = None
     stream = client.chat.completions.create(
-        model="smollm2-135m", messages=messages, max_tokens=24, temperature=0, stream=True,
+        model="smollm2-135m",
+        messages=messages,
+        max_tokens=24,
+        temperature=0,
+        stream=True,
         stream_options={"include_usage": True},
     )
     usage = None
@@ -150,20 +173,41 @@ def test_chat_streaming_and_stop(client: Any) -> None:
     assert usage is not None and usage.completion_tokens == whole.usage.completion_tokens
     # A stop string ends the answer and is not included, streamed or not.
     stop = text.strip()[3:6]
-    cut = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=24, temperature=0, stop=[stop])
+    cut = client.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=24, temperature=0, stop=[stop]
+    )
     assert cut.choices[0].message.content == text[: text.find(stop)]
     streamed = "".join(
-        c.choices[0].text for c in client.completions.create(
-            model="smollm2-135m", prompt="One, two, three, four,", max_tokens=12, temperature=0, stop=[" six"], stream=True,
-        ) if c.choices
+        c.choices[0].text
+        for c in client.completions.create(
+            model="smollm2-135m",
+            prompt="One, two, three, four,",
+            max_tokens=12,
+            temperature=0,
+            stop=[" six"],
+            stream=True,
+        )
+        if c.choices
     )
-    assert " six" not in streamed and streamed == client.completions.create(
-        model="smollm2-135m", prompt="One, two, three, four,", max_tokens=12, temperature=0, stop=[" six"],
-    ).choices[0].text
+    assert (
+        " six" not in streamed
+        and streamed
+        == client.completions.create(
+            model="smollm2-135m",
+            prompt="One, two, three, four,",
+            max_tokens=12,
+            temperature=0,
+            stop=[" six"],
+        )
+        .choices[0]
+        .text
+    )
 
 
 def test_sampling_with_seed_and_n(client: Any) -> None:
-    kwargs: dict[str, Any] = dict(model="smollm2-135m", prompt="Once upon a time", max_tokens=10, temperature=1.0, top_p=0.9, seed=7)
+    kwargs: dict[str, Any] = dict(
+        model="smollm2-135m", prompt="Once upon a time", max_tokens=10, temperature=1.0, top_p=0.9, seed=7
+    )
     first = client.completions.create(n=2, **kwargs)
     again = client.completions.create(n=2, **kwargs)
     assert [c.text for c in first.choices] == [c.text for c in again.choices]
@@ -175,42 +219,72 @@ def test_sampling_with_seed_and_n(client: Any) -> None:
 
 def test_response_format_json_schema_validates(client: Any) -> None:
     r = client.chat.completions.create(
-        model="smollm2-135m", messages=[{"role": "user", "content": "Which city is the capital of Italy? Answer in JSON."}],
-        max_tokens=60, temperature=0,
-        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA, "strict": True}},
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Which city is the capital of Italy? Answer in JSON."}],
+        max_tokens=60,
+        temperature=0,
+        response_format={
+            "type": "json_schema",
+            "json_schema": {"name": "city", "schema": SCHEMA, "strict": True},
+        },
     )
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
 
 
 def test_json_object_regex_and_choice(client: Any) -> None:
     obj = client.chat.completions.create(
-        model="smollm2-135m", messages=[{"role": "user", "content": 'Reply with the JSON object {"ok": true} and nothing else.'}], max_tokens=80,
-        temperature=0, response_format={"type": "json_object"},
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": 'Reply with the JSON object {"ok": true} and nothing else.'}],
+        max_tokens=80,
+        temperature=0,
+        response_format={"type": "json_object"},
     )
     assert obj.choices[0].finish_reason == "stop"
     assert isinstance(json.loads(obj.choices[0].message.content), dict)
-    date = client.completions.create(model="smollm2-135m", prompt="Today's date is", max_tokens=20, temperature=0,
-                                     extra_body={"regex": r" \d{4}-\d{2}-\d{2}"})
+    date = client.completions.create(
+        model="smollm2-135m",
+        prompt="Today's date is",
+        max_tokens=20,
+        temperature=0,
+        extra_body={"regex": r" \d{4}-\d{2}-\d{2}"},
+    )
     assert len(date.choices[0].text) == 11 and date.choices[0].text[5] == "-"
     pick = client.chat.completions.create(
-        model="smollm2-135m", messages=[{"role": "user", "content": "Is the sky blue?"}], max_tokens=5, temperature=0,
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "Is the sky blue?"}],
+        max_tokens=5,
+        temperature=0,
         extra_body={"choice": ["yes", "no"]},
     )
     assert pick.choices[0].message.content in ("yes", "no")
-    lark = client.completions.create(model="smollm2-135m", prompt="My favourite colour is", max_tokens=8, temperature=0,
-                                     extra_body={"grammar": 'start: " " COLOUR "."\nCOLOUR: "red" | "green" | "blue"'})
+    lark = client.completions.create(
+        model="smollm2-135m",
+        prompt="My favourite colour is",
+        max_tokens=8,
+        temperature=0,
+        extra_body={"grammar": 'start: " " COLOUR "."\nCOLOUR: "red" | "green" | "blue"'},
+    )
     assert lark.choices[0].text in (" red.", " green.", " blue.")
 
 
 def test_bad_schema_and_conflicting_constraints_are_clear_errors(client: Any) -> None:
     with pytest.raises(openai.BadRequestError) as bad:
         client.chat.completions.create(
-            model="smollm2-135m", messages=[{"role": "user", "content": "x"}],
-            response_format={"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}}}},
+            model="smollm2-135m",
+            messages=[{"role": "user", "content": "x"}],
+            response_format={
+                "type": "json_schema",
+                "json_schema": {
+                    "name": "x",
+                    "schema": {"type": "object", "properties": {"a": {"type": "nonsense"}}},
+                },
+            },
         )
     assert "nonsense" in bad.value.message or "type" in bad.value.message
     with pytest.raises(openai.BadRequestError, match="use one of"):
-        client.completions.create(model="smollm2-135m", prompt="x", extra_body={"regex": "a", "choice": ["b"]})
+        client.completions.create(
+            model="smollm2-135m", prompt="x", extra_body={"regex": "a", "choice": ["b"]}
+        )
     with pytest.raises(openai.NotFoundError):
         client.completions.create(model="gpt-4", prompt="x")
     with pytest.raises(openai.BadRequestError, match="max_tokens"):
@@ -228,8 +302,11 @@ def test_uploaded_controller_steers_the_answer(live: LiveServer, client: Any) ->
     ident = upload(live, "force_answer")
     assert upload(live, "force_answer") == ident  # same bytes, same id
     r = client.chat.completions.create(
-        model="smollm2-135m", messages=[{"role": "user", "content": "What is the answer?"}], max_tokens=20,
-        temperature=0, extra_body={"controller": ident, "controller_arg": answer},
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": "What is the answer?"}],
+        max_tokens=20,
+        temperature=0,
+        extra_body={"controller": ident, "controller_arg": answer},
     )
     assert r.choices[0].message.content == " forty-two"
     with live.http() as http:
@@ -259,16 +336,28 @@ def test_hostile_controller_fails_only_its_own_request(live: LiveServer, client:
     outcome: dict[str, Any] = {}
 
     def good() -> None:
-        outcome["good"] = client.completions.create(model="smollm2-135m", prompt="The sky is", max_tokens=16, temperature=0)
+        outcome["good"] = client.completions.create(
+            model="smollm2-135m", prompt="The sky is", max_tokens=16, temperature=0
+        )
 
     worker = threading.Thread(target=good)
     worker.start()
     with pytest.raises(openai.UnprocessableEntityError) as spin:
-        client.completions.create(model="smollm2-135m", prompt="x", max_tokens=8, extra_body={"controller": ident, "controller_arg": "spin"})
+        client.completions.create(
+            model="smollm2-135m",
+            prompt="x",
+            max_tokens=8,
+            extra_body={"controller": ident, "controller_arg": "spin"},
+        )
     assert "deadline" in spin.value.message or "interrupt" in spin.value.message.lower()
     with pytest.raises(openai.APIError, match="trap"):  # streamed: the error arrives as an event
-        for _ in client.completions.create(model="smollm2-135m", prompt="x", max_tokens=8, stream=True,
-                                           extra_body={"controller": ident, "controller_arg": "trap_mid_mask"}):
+        for _ in client.completions.create(
+            model="smollm2-135m",
+            prompt="x",
+            max_tokens=8,
+            stream=True,
+            extra_body={"controller": ident, "controller_arg": "trap_mid_mask"},
+        ):
             pass
     worker.join(timeout=120)
     assert outcome["good"].choices[0].finish_reason == "length"
@@ -297,7 +386,9 @@ def test_more_requests_than_slots_queue_and_all_finish(live: LiveServer, client:
     results: list[Any] = [None] * 7
 
     def ask(i: int) -> None:
-        results[i] = client.completions.create(model="smollm2-135m", prompt=f"Number {i} is", max_tokens=6, temperature=0)
+        results[i] = client.completions.create(
+            model="smollm2-135m", prompt=f"Number {i} is", max_tokens=6, temperature=0
+        )
 
     threads = [threading.Thread(target=ask, args=(i,)) for i in range(7)]
     for t in threads:
@@ -310,8 +401,11 @@ def test_more_requests_than_slots_queue_and_all_finish(live: LiveServer, client:
 def test_client_disconnect_frees_the_slot(live: LiveServer) -> None:
     before = live.service.engine.stats.generated_tokens
     with live.http() as http:
-        with http.stream("POST", "/v1/completions", json={"prompt": "Tell a long story.", "max_tokens": 200,
-                                                          "temperature": 0, "stream": True}) as response:
+        with http.stream(
+            "POST",
+            "/v1/completions",
+            json={"prompt": "Tell a long story.", "max_tokens": 200, "temperature": 0, "stream": True},
+        ) as response:
             lines = response.iter_lines()
             seen = 0
             for line in lines:
@@ -331,16 +425,22 @@ def test_client_disconnect_frees_the_slot(live: LiveServer) -> None:
 def test_a_constrained_answer_cut_by_max_tokens_says_length_and_json_is_compact(client: Any) -> None:
     fmt = {"type": "json_schema", "json_schema": {"name": "city", "schema": SCHEMA}}
     messages = [{"role": "user", "content": "Name a European capital as JSON."}]
-    cut = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=3, temperature=0,
-                                         response_format=fmt)
+    cut = client.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=3, temperature=0, response_format=fmt
+    )
     assert cut.choices[0].finish_reason == "length"
-    whole = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=60, temperature=0,
-                                           response_format=fmt)
+    whole = client.chat.completions.create(
+        model="smollm2-135m", messages=messages, max_tokens=60, temperature=0, response_format=fmt
+    )
     text = whole.choices[0].message.content
     assert whole.choices[0].finish_reason == "stop" and "\n" not in text and ", " not in text
     jsonschema.validate(json.loads(text), SCHEMA)
     flexible = {**SCHEMA, "x-guidance": {"whitespace_flexible": True}}  # a client may opt back in
-    again = client.chat.completions.create(model="smollm2-135m", messages=messages, max_tokens=60, temperature=0,
-                                           response_format={"type": "json_schema",
-                                                            "json_schema": {"name": "city", "schema": flexible}})
+    again = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=messages,
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "city", "schema": flexible}},
+    )
     jsonschema.validate(json.loads(again.choices[0].message.content), SCHEMA)

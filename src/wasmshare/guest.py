@@ -69,7 +69,9 @@ class _State(enum.Enum):
 
 def _compiled_artifact(source: ModuleSource) -> Path | None:
     """The path of a precompiled ``.cwasm`` artifact, or None for any other module source."""
-    if isinstance(source, (bytes, bytearray)) or (isinstance(source, str) and source.lstrip().startswith("(module")):
+    if isinstance(source, (bytes, bytearray)) or (
+        isinstance(source, str) and source.lstrip().startswith("(module")
+    ):
         return None
     path = Path(source)
     if path.suffix != ".cwasm":
@@ -187,9 +189,13 @@ class Guest:
             if artifact is not None:
                 self._module = _engine.load_compiled(artifact, self._options)
             else:
-                self._module, self._module_sha256 = _engine.compile_module(wasm, self._options, cache_dir=cache)
+                self._module, self._module_sha256 = _engine.compile_module(
+                    wasm, self._options, cache_dir=cache
+                )
         except wasmtime.WasmtimeError as e:
-            what = f"cannot load compiled module {artifact}" if artifact is not None else "invalid wasm module"
+            what = (
+                f"cannot load compiled module {artifact}" if artifact is not None else "invalid wasm module"
+            )
             raise GuestError(f"guest '{self.name}': {what}: {_first_line(e)}", guest=self.name) from e
 
         # The guest's single run token. list.pop() and list.append() are atomic under the
@@ -216,8 +222,9 @@ class Guest:
         if memory_limit_bytes is not None:
             # Tables are guest memory too (8 bytes an element here), and one table.fill over a
             # huge table runs without an epoch check: bound them with the memory.
-            store.set_limits(memory_size=memory_limit_bytes, table_elements=MAX_TABLE_ELEMENTS, tables=16,
-                             instances=1)
+            store.set_limits(
+                memory_size=memory_limit_bytes, table_elements=MAX_TABLE_ELEMENTS, tables=16, instances=1
+            )
         self._ticker: _engine.EpochTicker | None = None
         if self._options.epoch:
             self._ticker = _engine.ticker_for(self._engine, self._options.tick_ms)
@@ -250,14 +257,18 @@ class Guest:
 
     @staticmethod
     def _check_limits(memory_limit_bytes: int | None, fuel: int | None, deadline_ms: float | None) -> None:
-        if memory_limit_bytes is not None and (not isinstance(memory_limit_bytes, int) or memory_limit_bytes <= 0):
+        if memory_limit_bytes is not None and (
+            not isinstance(memory_limit_bytes, int) or memory_limit_bytes <= 0
+        ):
             raise GuestError(f"memory_limit_bytes must be a positive int, got {memory_limit_bytes!r}")
         if fuel is not None and (not isinstance(fuel, int) or fuel <= 0):
             raise GuestError(f"fuel must be a positive int, got {fuel!r}")
         if deadline_ms is not None and (not isinstance(deadline_ms, (int, float)) or deadline_ms <= 0):
             raise GuestError(f"deadline_ms must be a positive number, got {deadline_ms!r}")
 
-    def _make_linker(self, imports: Mapping[tuple[str, str], HostFunction], wasi: bool | None) -> wasmtime.Linker:
+    def _make_linker(
+        self, imports: Mapping[tuple[str, str], HostFunction], wasi: bool | None
+    ) -> wasmtime.Linker:
         linker = wasmtime.Linker(self._engine)
         declared = {(imp.module, imp.name): imp.type for imp in self._module.imports}
         uses_wasi = any(mod.startswith("wasi_") for mod, _ in declared)
@@ -278,19 +289,27 @@ class Guest:
                         guest=self.name,
                     )
                 impl = _WASMSHARE_IMPORTS[field]
-                linker.define_func(mod, field, ty, _host_call(self_ref, field, impl, pass_guest=True), access_caller=True)
+                linker.define_func(
+                    mod, field, ty, _host_call(self_ref, field, impl, pass_guest=True), access_caller=True
+                )
                 provided.add((mod, field))
         for key, func in imports.items():
             if key not in declared:
                 continue  # the module does not import it; harmless
             ty = declared[key]
             if not isinstance(ty, wasmtime.FuncType):
-                raise GuestError(f"guest '{self.name}': import {key[0]}.{key[1]} is not a function", guest=self.name)
-            linker.define_func(key[0], key[1], ty, _host_call(self_ref, f"{key[0]}.{key[1]}", func), access_caller=True)
+                raise GuestError(
+                    f"guest '{self.name}': import {key[0]}.{key[1]} is not a function", guest=self.name
+                )
+            linker.define_func(
+                key[0], key[1], ty, _host_call(self_ref, f"{key[0]}.{key[1]}", func), access_caller=True
+            )
             provided.add(key)
         linked_wasi = bool(wasi or (wasi is None and uses_wasi))
         missing = [
-            f"{m}.{n}" for (m, n) in declared if (m, n) not in provided and not (linked_wasi and m.startswith("wasi_"))
+            f"{m}.{n}"
+            for (m, n) in declared
+            if (m, n) not in provided and not (linked_wasi and m.startswith("wasi_"))
         ]
         if missing:
             raise GuestError(
@@ -311,7 +330,9 @@ class Guest:
             )
         if self._host_error is not None:
             error, self._host_error = self._host_error, None
-            return GuestError(f"guest '{self.name}': a host function failed during instantiation: {error}", guest=self.name)
+            return GuestError(
+                f"guest '{self.name}': a host function failed during instantiation: {error}", guest=self.name
+            )
         return GuestError(f"guest '{self.name}': instantiation failed: {_first_line(e)}", guest=self.name)
 
     def _check_abi(self) -> None:
@@ -399,7 +420,9 @@ class Guest:
     def _require_memory(self) -> wasmtime.Memory:
         self._require_open()
         if self._memory is None:
-            raise LoanError(f"guest '{self.name}' exports no memory named 'memory'; nothing can be lent into it")
+            raise LoanError(
+                f"guest '{self.name}' exports no memory named 'memory'; nothing can be lent into it"
+            )
         return self._memory
 
     @property
@@ -450,7 +473,8 @@ class Guest:
             raise GuestError(
                 f"guest '{self.name}': {'write' if write else 'read'} of {nbytes} bytes at {address:#x} is outside "
                 f"its memory ({self.memory_nbytes} bytes)",
-                guest=self.name, sequence=self.sequence,
+                guest=self.name,
+                sequence=self.sequence,
             )
         if nbytes == 0:
             return
@@ -464,14 +488,16 @@ class Guest:
                 raise GuestError(
                     f"guest '{self.name}': host {'write' if write else 'read'} of {nbytes} bytes at {address:#x} "
                     f"overlaps {loan.describe()}, which the guest may not {'write' if write else 'read'} through the host",
-                    guest=self.name, sequence=self.sequence,
+                    guest=self.name,
+                    sequence=self.sequence,
                 )
         for start, size in self._retired_windows:
             if address < start + size and end > start:
                 raise GuestError(
                     f"guest '{self.name}': host access of {nbytes} bytes at {address:#x} overlaps a returned loan's "
                     "window",
-                    guest=self.name, sequence=self.sequence,
+                    guest=self.name,
+                    sequence=self.sequence,
                 )
 
     def read_memory(self, address: int, nbytes: int) -> bytes:
@@ -569,16 +595,26 @@ class Guest:
         if host_error is not None:
             if isinstance(host_error, GuestError):
                 return host_error
-            return GuestError(f"{who}: host function failed in {where}: {host_error!r}", guest=self.name, sequence=self.sequence)
+            return GuestError(
+                f"{who}: host function failed in {where}: {host_error!r}",
+                guest=self.name,
+                sequence=self.sequence,
+            )
         if code == wasmtime.TrapCode.INTERRUPT:
             return GuestLimitExceeded(
                 f"{who}: deadline {self.deadline_ms:g} ms exceeded in {where}",
-                limit="deadline", guest=self.name, sequence=self.sequence, trap_code=code,
+                limit="deadline",
+                guest=self.name,
+                sequence=self.sequence,
+                trap_code=code,
             )
         if code == wasmtime.TrapCode.OUT_OF_FUEL:
             return GuestLimitExceeded(
                 f"{who}: fuel limit {self.fuel} exhausted in {where}",
-                limit="fuel", guest=self.name, sequence=self.sequence, trap_code=code,
+                limit="fuel",
+                guest=self.name,
+                sequence=self.sequence,
+                trap_code=code,
             )
         detail = _first_line(trap)
         if (
@@ -590,7 +626,10 @@ class Guest:
             return GuestLimitExceeded(
                 f"{who}: memory limit {self.memory_limit_bytes} bytes reached (memory.grow refused) "
                 f"and the guest then trapped in {where}: {detail}",
-                limit="memory", guest=self.name, sequence=self.sequence, trap_code=code,
+                limit="memory",
+                guest=self.name,
+                sequence=self.sequence,
+                trap_code=code,
             )
         fault = _fault_address(trap)
         if code == wasmtime.TrapCode.MEMORY_OUT_OF_BOUNDS and fault is not None:
@@ -599,7 +638,9 @@ class Guest:
                     what = "access to" if loan.access == "none" else "write to"
                     detail = f"{what} {loan.describe()} at {fault:#x} ({detail})"
                     break
-        return GuestTrap(f"{who} trapped in {where}: {detail}", guest=self.name, sequence=self.sequence, trap_code=code)
+        return GuestTrap(
+            f"{who} trapped in {where}: {detail}", guest=self.name, sequence=self.sequence, trap_code=code
+        )
 
     # -- loans -----------------------------------------------------------------------
 
@@ -871,7 +912,9 @@ class GuestFunc:
         if self._fast_call is not None:
             # The generated function becomes this object's own __call__ (special methods are
             # looked up on the type): one Python frame per call instead of two.
-            self.__class__ = type("GuestFunc", (GuestFunc,), {"__call__": self._fast_call, "__doc__": GuestFunc.__doc__})
+            self.__class__ = type(
+                "GuestFunc", (GuestFunc,), {"__call__": self._fast_call, "__doc__": GuestFunc.__doc__}
+            )
 
     def _compile_fast_call(self, nslots: int) -> Callable[..., Any]:
         guest = self.guest
@@ -882,7 +925,9 @@ class GuestFunc:
             if kind == "i32":  # ctypes would wrap silently; out-of-range ints take the checked path
                 set_lines.append(f"            if not -2147483648 <= a{i} <= 4294967295: raise TypeError")
             elif kind == "i64":
-                set_lines.append(f"            if not -9223372036854775808 <= a{i} <= 18446744073709551615: raise TypeError")
+                set_lines.append(
+                    f"            if not -9223372036854775808 <= a{i} <= 18446744073709551615: raise TypeError"
+                )
             set_lines.append(f"            s{i}.{kind} = a{i}")
         sets = "\n".join(set_lines) or "            pass"
         limits = []
@@ -897,7 +942,11 @@ class GuestFunc:
         else:
             result = "(" + ", ".join(f"s{i}.{k}" for i, k in enumerate(self.result_kinds)) + ",)"
         source = _FAST_CALL_TEMPLATE.format(
-            nparams=self._nparams, unpack=unpack, sets=sets, limits="\n".join(limits) or "        pass", result=result
+            nparams=self._nparams,
+            unpack=unpack,
+            sets=sets,
+            limits="\n".join(limits) or "        pass",
+            result=result,
         )
         namespace: dict[str, Any] = {
             "guest": guest,
@@ -957,12 +1006,16 @@ class GuestFunc:
         for i, (a, kind) in enumerate(zip(args, self.param_kinds)):
             if kind in ("i32", "i64"):
                 if not isinstance(a, int) or isinstance(a, bool):
-                    raise GuestError(f"{who} argument {i} must be an int ({kind}), got {a!r}", guest=self.guest.name)
+                    raise GuestError(
+                        f"{who} argument {i} must be an int ({kind}), got {a!r}", guest=self.guest.name
+                    )
                 bits = 32 if kind == "i32" else 64
                 if not -(1 << (bits - 1)) <= a < (1 << bits):  # signed or unsigned spelling
                     raise GuestError(f"{who} argument {i} = {a} does not fit {kind}", guest=self.guest.name)
             elif not isinstance(a, (int, float)) or isinstance(a, bool):
-                raise GuestError(f"{who} argument {i} must be a number ({kind}), got {a!r}", guest=self.guest.name)
+                raise GuestError(
+                    f"{who} argument {i} must be a number ({kind}), got {a!r}", guest=self.guest.name
+                )
         return args
 
     def _call_general(self, args: tuple[Any, ...]) -> Any:
@@ -990,8 +1043,11 @@ class GuestFunc:
             setattr(slot, kind, value)
         guest._prime_limits()
         error = _raw_call_unchecked(
-            guest._store._context(), ctypes.byref(self._func._func), self._raw,
-            ctypes.c_size_t(len(slots)), ctypes.byref(self._trap),
+            guest._store._context(),
+            ctypes.byref(self._func._func),
+            self._raw,
+            ctypes.c_size_t(len(slots)),
+            ctypes.byref(self._trap),
         )
         if error or self._trap:
             self._raise_failure(error)
@@ -1006,17 +1062,30 @@ class GuestFunc:
         if self._trap:
             address = ctypes.cast(self._trap, ctypes.c_void_p).value
             ctypes.memset(ctypes.addressof(self._trap), 0, ctypes.sizeof(self._trap))
-            trap = wasmtime.Trap._from_ptr(ctypes.cast(ctypes.c_void_p(address), ctypes.POINTER(_ffi.wasm_trap_t)))
+            trap = wasmtime.Trap._from_ptr(
+                ctypes.cast(ctypes.c_void_p(address), ctypes.POINTER(_ffi.wasm_trap_t))
+            )
             _clear_wasmtime_last_exception()
             raise guest._translate_trap(trap, self.name) from trap
-        err = wasmtime.WasmtimeError._from_ptr(ctypes.cast(ctypes.c_void_p(int(error) if isinstance(error, int) else ctypes.cast(error, ctypes.c_void_p).value), ctypes.POINTER(_ffi.wasmtime_error_t)))
+        err = wasmtime.WasmtimeError._from_ptr(
+            ctypes.cast(
+                ctypes.c_void_p(
+                    int(error) if isinstance(error, int) else ctypes.cast(error, ctypes.c_void_p).value
+                ),
+                ctypes.POINTER(_ffi.wasmtime_error_t),
+            )
+        )
         _clear_wasmtime_last_exception()
         host_error, guest._host_error = guest._host_error, None
         if isinstance(host_error, GuestError):
             raise host_error  # a host function's verdict on the guest (a deadline, a refused pointer)
         if host_error is not None:
-            raise GuestError(f"guest '{guest.name}': host function failed in {self.name}: {host_error!r}", guest=guest.name) from host_error
-        raise GuestError(f"guest '{guest.name}': call to {self.name} failed: {_first_line(err)}", guest=guest.name) from err
+            raise GuestError(
+                f"guest '{guest.name}': host function failed in {self.name}: {host_error!r}", guest=guest.name
+            ) from host_error
+        raise GuestError(
+            f"guest '{guest.name}': call to {self.name} failed: {_first_line(err)}", guest=guest.name
+        ) from err
 
     def _call_slow(self, args: tuple[Any, ...]) -> Any:
         guest = self.guest
@@ -1032,8 +1101,13 @@ class GuestFunc:
             if isinstance(host_error, GuestError):
                 raise host_error from err
             if host_error is not None:
-                raise GuestError(f"guest '{guest.name}': host function failed in {self.name}: {host_error!r}", guest=guest.name) from host_error
-            raise GuestError(f"guest '{guest.name}': call to {self.name} failed: {_first_line(err)}", guest=guest.name) from err
+                raise GuestError(
+                    f"guest '{guest.name}': host function failed in {self.name}: {host_error!r}",
+                    guest=guest.name,
+                ) from host_error
+            raise GuestError(
+                f"guest '{guest.name}': call to {self.name} failed: {_first_line(err)}", guest=guest.name
+            ) from err
         if self._nresults > 1:
             return tuple(result)
         return result

@@ -135,7 +135,9 @@ class Loan:
         if access == "rw" and not region.writable:
             raise LoanError(f"cannot lend read-only region {region!r} read-write; lend it with access='ro'")
         if not isinstance(offset, int) or offset < 0 or offset % PAGE_SIZE:
-            raise LoanError(f"offset must be a non-negative multiple of the page size ({PAGE_SIZE}), got {offset!r}")
+            raise LoanError(
+                f"offset must be a non-negative multiple of the page size ({PAGE_SIZE}), got {offset!r}"
+            )
         if nbytes is None:
             nbytes = region.nbytes - offset
         if not isinstance(nbytes, int) or nbytes <= 0 or offset + nbytes > region.nbytes:
@@ -194,9 +196,7 @@ class Loan:
             try:
                 old_pages = guest.grow_memory(pages)
             except GuestLimitExceeded as e:
-                raise LoanError(
-                    f"guest '{guest.name}': no room for a {self.nbytes}-byte loan: {e}"
-                ) from e
+                raise LoanError(f"guest '{guest.name}': no room for a {self.nbytes}-byte loan: {e}") from e
             start = old_pages * WASM_PAGE_SIZE
             if start == 0:
                 start = WASM_PAGE_SIZE
@@ -284,7 +284,9 @@ class Loan:
             shape = (self.nbytes - offset) // dt.itemsize
         count = shape if isinstance(shape, int) else math.prod(shape)
         if offset + count * dt.itemsize > self.nbytes:
-            raise LoanError(f"a view of {shape} {dt} at offset {offset} exceeds the loan ({self.nbytes} bytes)")
+            raise LoanError(
+                f"a view of {shape} {dt} at offset {offset} exceeds the loan ({self.nbytes} bytes)"
+            )
         view: np.ndarray[Any, Any] = self.region.array(dt, shape, offset=self.offset + offset)
         return view
 
@@ -294,7 +296,9 @@ class Loan:
         tensor: torch.Tensor = self.region.tensor(dtype, shape, offset=self.offset + offset)
         return tensor
 
-    def slice(self, dtype: npt.DTypeLike | None = None, start: int = 0, count: int | None = None) -> LoanSlice:
+    def slice(
+        self, dtype: npt.DTypeLike | None = None, start: int = 0, count: int | None = None
+    ) -> LoanSlice:
         """A typed sub-range to pass to a guest function as ``(ptr, len)``; units are elements."""
         return LoanSlice(self, np.dtype(dtype) if dtype is not None else self.dtype, start, count)
 
@@ -408,7 +412,9 @@ class LoanSlice:
         if count is None:
             count = total - start
         if start < 0 or count < 0 or start + count > total:
-            raise LoanError(f"slice [{start}, {start + count}) of {dtype} is outside {loan.describe()} ({total} elements)")
+            raise LoanError(
+                f"slice [{start}, {start + count}) of {dtype} is outside {loan.describe()} ({total} elements)"
+            )
         if loan.ptr % dtype.itemsize:
             raise LoanError(f"{loan.describe()} is not aligned for {dtype}")
         self.loan = loan

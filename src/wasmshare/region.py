@@ -384,7 +384,9 @@ class Region:
             os.ftruncate(fd, size)
         except OSError as e:
             res.release()
-            raise RegionError(f"cannot size shared memory object {path!r} to {size} bytes: {_os_reason(e)}") from e
+            raise RegionError(
+                f"cannot size shared memory object {path!r} to {size} bytes: {_os_reason(e)}"
+            ) from e
         return cls._setup(fd, nbytes=n, access="rw", kind="shm", name=bare, unlink_name=path)
 
     @classmethod
@@ -498,7 +500,9 @@ class Region:
             except BaseException:
                 res.release()
                 raise
-            return cls._setup(fd, nbytes=n, access="ro" if seal else "rw", kind=kind, name=None, unlink_name=None)
+            return cls._setup(
+                fd, nbytes=n, access="ro" if seal else "rw", kind=kind, name=None, unlink_name=None
+            )
         # Portable fallback: fill a named shm object, keep only a read-only fd of it.
         path = f"/wasmshare-{os.getpid()}-{secrets.token_hex(8)}"
         wfd = _create_shm_fd(path, unlink_now=False)
@@ -511,7 +515,9 @@ class Region:
             res.release()
             raise RegionError(f"cannot fill shm region with {n} bytes: {_os_reason(e)}") from e
         res.release()
-        return cls._setup(fd, nbytes=n, access="ro" if seal else "rw", kind="shm", name=None, unlink_name=None)
+        return cls._setup(
+            fd, nbytes=n, access="ro" if seal else "rw", kind="shm", name=None, unlink_name=None
+        )
 
     @classmethod
     def from_fd(
@@ -557,7 +563,9 @@ class Region:
         if mode == os.O_WRONLY:
             raise RegionError(f"fd {fd} is write-only; a region needs a readable fd")
         if acc == "rw" and mode != os.O_RDWR:
-            raise RegionError(f"fd {fd} is open read-only; cannot make an 'rw' region of it (use access='ro')")
+            raise RegionError(
+                f"fd {fd} is open read-only; cannot make an 'rw' region of it (use access='ro')"
+            )
         if acc == "rw" and _fd_seals(fd) & _F_SEAL_WRITE:
             raise RegionError(f"fd {fd} is sealed read-only (F_SEAL_WRITE); use access='ro'")
         bare = _normalize_name(name) if (name is not None and kind == "shm") else name
@@ -910,9 +918,7 @@ class Region:
     def __repr__(self) -> str:
         label = f" {self._name!r}" if self._name is not None else ""
         extra = " sealed" if self._sealed else ""
-        return (
-            f"<Region {self._kind}{label} nbytes={self._nbytes} {self._access}{extra} {self._state.value}>"
-        )
+        return f"<Region {self._kind}{label} nbytes={self._nbytes} {self._access}{extra} {self._state.value}>"
 
     # --- for loan.py ------------------------------------------------------------
 

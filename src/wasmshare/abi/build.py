@@ -47,7 +47,9 @@ def _check_memory(name: str, value: int | None) -> None:
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int number of bytes or None, not {type(value).__name__}")
     if value <= 0 or value % _PAGE_SIZE != 0 or value > 2**32:
-        raise ValueError(f"{name}={value} must be a positive multiple of 65536 bytes (one wasm page), at most 4 GiB")
+        raise ValueError(
+            f"{name}={value} must be a positive multiple of 65536 bytes (one wasm page), at most 4 GiB"
+        )
 
 
 def compiler_command(

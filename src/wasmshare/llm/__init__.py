@@ -16,7 +16,16 @@ only by :meth:`TokenTable.from_tokenizer` / :meth:`TokenTable.from_file`.
 from __future__ import annotations
 
 from . import constraints
-from .batch import Action, BatchFull, BatchStep, ControllerBatch, Output, RowOutput, SequenceFailed, StepResult
+from .batch import (
+    Action,
+    BatchFull,
+    BatchStep,
+    ControllerBatch,
+    Output,
+    RowOutput,
+    SequenceFailed,
+    StepResult,
+)
 from .constraints import ConstraintError, ConstraintSpec
 from .controller import Controller
 from .models import MODEL_NAMES, LoadedModel, ModelError, load_model

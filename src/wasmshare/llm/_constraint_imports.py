@@ -46,7 +46,9 @@ class TokenizerSource(Protocol):
 class TokenizerInfo:
     """A :class:`TokenizerSource` rebuilt from its parts (in a worker process)."""
 
-    def __init__(self, sha256: str, tokenizer_json: str | None, vocab_size: int, eos_token: int | None, name: str):
+    def __init__(
+        self, sha256: str, tokenizer_json: str | None, vocab_size: int, eos_token: int | None, name: str
+    ):
         self.sha256 = sha256
         self.tokenizer_json = tokenizer_json
         self.vocab_size = vocab_size
@@ -74,7 +76,9 @@ def prepare_tokenizer(tokenizer: TokenizerSource) -> None:
 
 
 def constraint_imports(
-    guest_of: Callable[[], Any], tokenizer: TokenizerSource, check_budget: Callable[[str], None] | None = None,
+    guest_of: Callable[[], Any],
+    tokenizer: TokenizerSource,
+    check_budget: Callable[[str], None] | None = None,
 ) -> dict[tuple[str, str], Callable[..., int]]:
     """The ``ws_constraint_*`` host functions for one controller guest.
 
@@ -86,7 +90,9 @@ def constraint_imports(
     (:meth:`~wasmshare.guest.Guest.check_host_access`) before the host touches it.
     """
     matchers: dict[int, Any] = {}
-    opened: dict[int, tuple[C.CompiledConstraint, list[int]]] = {}  # what each handle was built from, and its tokens
+    opened: dict[
+        int, tuple[C.CompiledConstraint, list[int]]
+    ] = {}  # what each handle was built from, and its tokens
     words = (tokenizer.vocab_size + 31) // 32
 
     def read_spec(kind: int, ptr: int, length: int) -> C.ConstraintSpec:

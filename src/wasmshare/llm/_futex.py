@@ -40,8 +40,13 @@ def wait(address: int, expected: int, timeout_s: float | None) -> bool:
         sec = int(timeout_s)
         ts = ctypes.byref(_Timespec(sec, int((timeout_s - sec) * 1e9)))
     result = _syscall(
-        ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(_FUTEX_WAIT),
-        ctypes.c_uint32(expected & 0xFFFFFFFF), ts, None, ctypes.c_int(0),
+        ctypes.c_long(_SYS_FUTEX),
+        ctypes.c_void_p(address),
+        ctypes.c_int(_FUTEX_WAIT),
+        ctypes.c_uint32(expected & 0xFFFFFFFF),
+        ts,
+        None,
+        ctypes.c_int(0),
     )
     if result == 0:
         return True
@@ -58,6 +63,11 @@ def wake(address: int, count: int = 1) -> None:
     if _SYS_FUTEX is None:  # pragma: no cover - non-Linux
         raise OSError(errno.ENOSYS, "futex needs Linux")
     _syscall(
-        ctypes.c_long(_SYS_FUTEX), ctypes.c_void_p(address), ctypes.c_int(_FUTEX_WAKE),
-        ctypes.c_int(count), None, None, ctypes.c_int(0),
+        ctypes.c_long(_SYS_FUTEX),
+        ctypes.c_void_p(address),
+        ctypes.c_int(_FUTEX_WAKE),
+        ctypes.c_int(count),
+        None,
+        None,
+        ctypes.c_int(0),
     )

@@ -36,5 +36,3 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
     message = json.loads(_recv_exact(sock, json_len))
     payload = _recv_exact(sock, payload_len) if payload_len else b""
     return message, payload
-
-

@@ -20,7 +20,6 @@ import time
 from . import _futex
 from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
 
-
 SPIN_S = 200e-6
 """How long an idle worker polls its go word before sleeping in the kernel."""
 

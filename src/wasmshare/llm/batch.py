@@ -25,11 +25,10 @@ import os
 import socket
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
@@ -39,14 +38,37 @@ from ..errors import GuestError, WasmshareError
 from . import _futex
 from . import _layout as L
 from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
-from .constraints import BACKENDS, Backend, ConstraintError, ConstraintInstance, ConstraintSpec, compile_constraint
-from .controller import BatchRegions, Controller, ControllerInstance, Limits, fail_instance, module_path_or_bytes
+from .constraints import (
+    BACKENDS,
+    Backend,
+    ConstraintError,
+    ConstraintInstance,
+    ConstraintSpec,
+    compile_constraint,
+)
+from .controller import (
+    BatchRegions,
+    Controller,
+    ControllerInstance,
+    Limits,
+    fail_instance,
+    module_path_or_bytes,
+)
 from .tokens import TokenTable
 
 if TYPE_CHECKING:
     import torch
 
-__all__ = ["ControllerBatch", "StepResult", "BatchStep", "SequenceFailed", "BatchFull", "Action", "Output", "RowOutput"]
+__all__ = [
+    "ControllerBatch",
+    "StepResult",
+    "BatchStep",
+    "SequenceFailed",
+    "BatchFull",
+    "Action",
+    "Output",
+    "RowOutput",
+]
 
 Mode = Literal["threads", "workers"]
 
@@ -80,7 +102,9 @@ class Output(str, enum.Enum):
 
 
 _OUTPUTS = {
-    L.OUTPUT_NONE: Output.NONE, L.OUTPUT_BITMASK: Output.BITMASK, L.OUTPUT_BIAS: Output.BIAS,
+    L.OUTPUT_NONE: Output.NONE,
+    L.OUTPUT_BITMASK: Output.BITMASK,
+    L.OUTPUT_BIAS: Output.BIAS,
     L.OUTPUT_SPARSE_BIAS: Output.SPARSE_BIAS,
 }
 _ACTIONS = {L.ACTION_CONTINUE: Action.CONTINUE, L.ACTION_STOP: Action.STOP}
@@ -169,8 +193,10 @@ class BatchStep:
                 self.sequence_ids.tolist(), self.action_codes.tolist(), self.output_codes.tolist()
             ):
                 special = self.special.get(sid)
-                results[sid] = special if special is not None else StepResult(
-                    sid, _ACTION_BY_CODE[action], _OUTPUT_BY_CODE[output]
+                results[sid] = (
+                    special
+                    if special is not None
+                    else StepResult(sid, _ACTION_BY_CODE[action], _OUTPUT_BY_CODE[output])
                 )
             self._results = results
         return self._results
@@ -368,13 +394,17 @@ class ControllerBatch:
         self._lengths = np.zeros(capacity, dtype=np.int64)  # per slot: tokens in the sequence
         self._sequence_ids = np.full(capacity, -1, dtype=np.int64)
         self._ones = np.ones(capacity, dtype=np.int64)
-        self._order_cache: tuple[list[_Sequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]] | None = None
+        self._order_cache: (
+            tuple[list[_Sequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]] | None
+        ) = None
         self._calls_cache: list[list[ControllerInstance | ConstraintInstance]] | None = None
         self._run_cost = [0.0, 0.0]
         self._runs = 0
         self._force_parallel = parallel
         if grammar_backend not in BACKENDS:
-            raise WasmshareError(f"grammar_backend must be one of {', '.join(BACKENDS)}, got {grammar_backend!r}")
+            raise WasmshareError(
+                f"grammar_backend must be one of {', '.join(BACKENDS)}, got {grammar_backend!r}"
+            )
         self.grammar_backend: Backend = grammar_backend
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
@@ -450,7 +480,11 @@ class ControllerBatch:
     # -- joining and leaving ---------------------------------------------------------------------
 
     def add(
-        self, controller: Controller | ConstraintSpec, prompt: Sequence[int] = (), *, sequence_id: int | None = None
+        self,
+        controller: Controller | ConstraintSpec,
+        prompt: Sequence[int] = (),
+        *,
+        sequence_id: int | None = None,
     ) -> int:
         """Start a sequence in a free slot, driven by a wasm controller or a constraint.
 
@@ -535,7 +569,9 @@ class ControllerBatch:
         """
         if self.mode != "workers" or self.grammar_backend != "llguidance" or self.n_workers < 2:
             return -1
-        local = sum(1 for q in self._sequences.values() if q.worker < 0 and isinstance(q.instance, ConstraintInstance))
+        local = sum(
+            1 for q in self._sequences.values() if q.worker < 0 and isinstance(q.instance, ConstraintInstance)
+        )
         best = min(range(self.n_workers - 1), key=lambda w: len(self._workers[w].slots))
         return best if len(self._workers[best].slots) < local else -1
 
@@ -670,7 +706,11 @@ class ControllerBatch:
             return
         for seq in order:
             instance = seq.instance
-            if isinstance(instance, ConstraintInstance) and instance.can_defer and seq.sequence_id in defer_masks:
+            if (
+                isinstance(instance, ConstraintInstance)
+                and instance.can_defer
+                and seq.sequence_id in defer_masks
+            ):
                 instance.defer_mask = True
                 self._flagged.append(instance)
 
@@ -739,7 +779,11 @@ class ControllerBatch:
         self._calls_cache = None
 
     def _write_sampled(
-        self, sampled: Any, order: list[_Sequence], slots: np.ndarray[Any, Any], index: slice | np.ndarray[Any, Any]
+        self,
+        sampled: Any,
+        order: list[_Sequence],
+        slots: np.ndarray[Any, Any],
+        index: slice | np.ndarray[Any, Any],
     ) -> np.ndarray[Any, Any]:
         if sampled is None:
             return np.zeros(len(order), dtype=np.int64)
@@ -749,7 +793,9 @@ class ControllerBatch:
             for sid, new in sampled.items():
                 i = position.get(sid)
                 if i is None:
-                    raise WasmshareError(f"sampled tokens for a sequence not in the batch (or not stepped): {sid}")
+                    raise WasmshareError(
+                        f"sampled tokens for a sequence not in the batch (or not stepped): {sid}"
+                    )
                 self._write_tokens(order[i], new)
                 counts[i] = len(new)
             return counts
@@ -804,7 +850,8 @@ class ControllerBatch:
         status = self._status_words[index, 0]
         if len(order) <= _SMALL_BATCH:  # a few list operations beat a chain of numpy calls
             candidates = [
-                i for i, ((a, o, b, f), st) in enumerate(zip(header.tolist(), status.tolist()))
+                i
+                for i, ((a, o, b, f), st) in enumerate(zip(header.tolist(), status.tolist()))
                 if a > L.ACTION_STOP or o > L.OUTPUT_BIAS or b or f or st != L.STATUS_OK
             ]
         else:
@@ -829,8 +876,13 @@ class ControllerBatch:
             self._sequences.pop(seq.sequence_id, None)
             self._drop(seq)
         return BatchStep(
-            sequence_ids, slots.copy(), action, output, special,
-            elapsed_us=(time.perf_counter() - started) * 1e6, controller_us=controller_us,
+            sequence_ids,
+            slots.copy(),
+            action,
+            output,
+            special,
+            elapsed_us=(time.perf_counter() - started) * 1e6,
+            controller_us=controller_us,
         )
 
     def _run_threads(self, order: list[_Sequence], *, measure: bool = True) -> None:
@@ -907,7 +959,9 @@ class ControllerBatch:
         }.get(code, "unknown")
         return SequenceFailed(
             message or f"controller '{seq.controller.label}' seq {seq.sequence_id}: {what} failed ({cause})",
-            guest=seq.controller.label, sequence=seq.sequence_id, cause=cause,
+            guest=seq.controller.label,
+            sequence=seq.sequence_id,
+            cause=cause,
         )
 
     def _collect(self, seq: _Sequence) -> StepResult:
@@ -941,7 +995,9 @@ class ControllerBatch:
         if problem is not None:
             return SequenceFailed(
                 f"controller '{seq.controller.label}' seq {seq.sequence_id}: invalid step result: {problem}",
-                guest=seq.controller.label, sequence=seq.sequence_id, cause="invalid result",
+                guest=seq.controller.label,
+                sequence=seq.sequence_id,
+                cause="invalid result",
             ), None
         return None, StepResult(
             seq.sequence_id,
@@ -1015,15 +1071,18 @@ class ControllerBatch:
             chosen = [self._get(int(sid)).slot for sid in sequences]
             slot_array = np.array(chosen, dtype=np.intp)
             step = BatchStep(
-                np.asarray(sequences, dtype=np.int64), slot_array, np.zeros(len(chosen), np.int8),
-                self._slot_output[slot_array], {}, 0.0, 0.0,
+                np.asarray(sequences, dtype=np.int64),
+                slot_array,
+                np.zeros(len(chosen), np.int8),
+                self._slot_output[slot_array],
+                {},
+                0.0,
+                0.0,
             )
         step = step or self._last_step_or_fail()
         n = len(step.sequence_ids)
         if logits.dim() != 2 or logits.shape[0] != n or logits.shape[1] < self.vocab_size:
-            raise WasmshareError(
-                f"logits must be [{n}, >= {self.vocab_size}], got {list(logits.shape)}"
-            )
+            raise WasmshareError(f"logits must be [{n}, >= {self.vocab_size}], got {list(logits.shape)}")
         # One mechanism for both entry points: unpack with prepare(), fill with apply_prepared().
         prepared = self.prepare(step, logits.shape[1], logits.device)
         self.apply_prepared(logits, prepared)
@@ -1072,7 +1131,9 @@ class ControllerBatch:
         if bias_idx.size or sparse_idx.size:
             bias = torch.zeros((n, self.vocab_size), dtype=torch.float32)
             if bias_idx.size:
-                bias[torch.from_numpy(bias_idx)] = views["bias"].index_select(0, torch.from_numpy(step.slots[bias_idx]))
+                bias[torch.from_numpy(bias_idx)] = views["bias"].index_select(
+                    0, torch.from_numpy(step.slots[bias_idx])
+                )
             for i in sparse_idx.tolist():
                 ids, values = self._sparse_bias(int(step.slots[i]))
                 bias[i].index_add_(0, torch.from_numpy(ids), torch.from_numpy(values))
@@ -1123,7 +1184,9 @@ class ControllerBatch:
                 outputs[sequence_ids[i]] = RowOutput(vocab, sparse_bias=self._sparse_bias(int(step.slots[i])))
         return outputs
 
-    def apply_prepared(self, logits: torch.Tensor, prepared: PreparedOutputs, rows: Sequence[int] | None = None) -> None:
+    def apply_prepared(
+        self, logits: torch.Tensor, prepared: PreparedOutputs, rows: Sequence[int] | None = None
+    ) -> None:
         """Apply :meth:`prepare`'s tensor to ``logits`` in place (one add).
 
         ``rows[i]`` is the row of ``logits`` for ``prepared.sequence_ids[i]`` (default: the
@@ -1133,7 +1196,11 @@ class ControllerBatch:
 
         if prepared.additive is None:
             return
-        additive = prepared.additive if prepared.additive.dtype == logits.dtype else prepared.additive.to(logits.dtype)
+        additive = (
+            prepared.additive
+            if prepared.additive.dtype == logits.dtype
+            else prepared.additive.to(logits.dtype)
+        )
         if rows is None or list(rows) == list(range(logits.shape[0])):
             logits.add_(additive)
             return
@@ -1194,9 +1261,6 @@ def _run_chunk(instances: list[ControllerInstance | ConstraintInstance]) -> None
             instance.step()
         except Exception as e:  # noqa: BLE001 - contained to the one sequence
             fail_instance(instance, e)
-
-
-
 
 
 def _set_bit_ids(words: np.ndarray[Any, Any], limit: int) -> np.ndarray[Any, Any]:
@@ -1270,20 +1334,32 @@ class _WorkerHandle:
         env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
         self.process = subprocess.Popen(
             [sys.executable, "-m", "wasmshare.llm._worker", str(child.fileno()), str(self.index)],
-            pass_fds=(child.fileno(),), env=env,
+            pass_fds=(child.fileno(),),
+            env=env,
         )
         child.close()
         self.sock = parent
         regions = self.batch.regions
         limits = self.batch.limits
         table = self.batch.token_table
-        send_message(parent, {
-            "geometry": regions.geometry(),
-            "limits": {"deadline_ms": limits.deadline_ms, "fuel": limits.fuel,
-                       "memory_limit_bytes": limits.memory_limit_bytes},
-            "tokenizer": {"sha256": table.sha256, "vocab_size": table.vocab_size,
-                          "eos_token": table.eos_token, "name": table.name},
-        }, (table.tokenizer_json or "").encode())
+        send_message(
+            parent,
+            {
+                "geometry": regions.geometry(),
+                "limits": {
+                    "deadline_ms": limits.deadline_ms,
+                    "fuel": limits.fuel,
+                    "memory_limit_bytes": limits.memory_limit_bytes,
+                },
+                "tokenizer": {
+                    "sha256": table.sha256,
+                    "vocab_size": table.vocab_size,
+                    "eos_token": table.eos_token,
+                    "name": table.name,
+                },
+            },
+            (table.tokenizer_json or "").encode(),
+        )
         for region in (regions.token_table, regions.mask, regions.bias, regions.step, regions.control):
             region.send(parent)
         parent.settimeout(60)
@@ -1316,7 +1392,9 @@ class _WorkerHandle:
             _futex.wait(self._done, int(self._words[1]), min(remaining, 0.05))
         return True
 
-    def _message(self, message: dict[str, Any], payload: bytes = b"", timeout_s: float = 60.0) -> dict[str, Any]:
+    def _message(
+        self, message: dict[str, Any], payload: bytes = b"", timeout_s: float = 60.0
+    ) -> dict[str, Any]:
         go = self._bump(CMD_MESSAGE)
         try:
             send_message(self.sock, message, payload)
@@ -1335,9 +1413,17 @@ class _WorkerHandle:
         module = module_path_or_bytes(seq.controller)
         is_bytes = isinstance(module, bytes)
         reply = self._message(
-            {"kind": "create", "slot": seq.slot, "sequence_id": seq.sequence_id, "name": seq.controller.label,
-             "module": None if is_bytes else module, "module_is_bytes": is_bytes,
-             "n_prompt": n_prompt, "arg_offset": arg_offset, "arg_len": arg_len},
+            {
+                "kind": "create",
+                "slot": seq.slot,
+                "sequence_id": seq.sequence_id,
+                "name": seq.controller.label,
+                "module": None if is_bytes else module,
+                "module_is_bytes": is_bytes,
+                "n_prompt": n_prompt,
+                "arg_offset": arg_offset,
+                "arg_len": arg_len,
+            },
             module if isinstance(module, bytes) else b"",
         )
         if not reply.get("ok"):
@@ -1347,13 +1433,24 @@ class _WorkerHandle:
             cls = getattr(errors, error_type, GuestError)
             if not (isinstance(cls, type) and issubclass(cls, GuestError)):
                 cls = GuestError
-            raise cls(reply.get("error", "controller creation failed"), guest=seq.controller.label, sequence=seq.sequence_id)
+            raise cls(
+                reply.get("error", "controller creation failed"),
+                guest=seq.controller.label,
+                sequence=seq.sequence_id,
+            )
         self.slots.add(seq.slot)
 
     def constrain(self, seq: _Sequence, spec: ConstraintSpec) -> None:
         """Run a constrained sequence in this worker (compiled there, cached per process)."""
-        reply = self._message({"kind": "constrain", "slot": seq.slot, "sequence_id": seq.sequence_id,
-                               "spec_kind": spec.kind, "spec_source": spec.source})
+        reply = self._message(
+            {
+                "kind": "constrain",
+                "slot": seq.slot,
+                "sequence_id": seq.sequence_id,
+                "spec_kind": spec.kind,
+                "spec_source": spec.source,
+            }
+        )
         if not reply.get("ok"):
             raise ConstraintError(reply.get("error", "the worker could not compile the constraint"))
         self.slots.add(seq.slot)
@@ -1375,7 +1472,11 @@ class _WorkerHandle:
         per_call = (limits.deadline_ms or 1000.0) / 1000
         timeout = 2 * per_call * max(1, len(self.slots)) + _WORKER_GRACE_S
         if not self._wait_done(self._pending, timeout):
-            self._crashed("died during a step" if self.process.poll() is not None else f"did not answer within {timeout:.1f} s")
+            self._crashed(
+                "died during a step"
+                if self.process.poll() is not None
+                else f"did not answer within {timeout:.1f} s"
+            )
 
     def _crashed(self, what: str) -> None:
         """Fail this worker's sequences with a clear error, then restart it."""
@@ -1384,7 +1485,9 @@ class _WorkerHandle:
             self.process.kill()
             code = self.process.wait()
         how = f"killed by signal {-code}" if code < 0 else f"exit code {code}"
-        message = f"controller worker {self.index} (pid {self.process.pid}) {what} ({how}); its sequences ended"
+        message = (
+            f"controller worker {self.index} (pid {self.process.pid}) {what} ({how}); its sequences ended"
+        )
         regions = self.batch.regions
         from .controller import write_status
 

@@ -91,7 +91,10 @@ Whitespace = Literal["compact", "flexible"]
 
 
 def json_schema(
-    schema: dict[str, Any] | str | Path | bool, *, coerce_one_of: bool = False, whitespace: Whitespace = "compact",
+    schema: dict[str, Any] | str | Path | bool,
+    *,
+    coerce_one_of: bool = False,
+    whitespace: Whitespace = "compact",
 ) -> ConstraintSpec:
     """Output is JSON valid under ``schema`` (a dict, JSON text, or a path to a ``.json`` file).
 
@@ -273,7 +276,9 @@ class CompiledConstraint:
             self._template = llguidance.LLMatcher(self._engine, self.grammar, log_level=0)
             fresh = self._template.deep_copy()
         if history and not fresh.consume_tokens(list(history)):
-            raise ConstraintError(f"{self.spec.describe()}: replaying {len(history)} tokens failed: {fresh.get_error()}")
+            raise ConstraintError(
+                f"{self.spec.describe()}: replaying {len(history)} tokens failed: {fresh.get_error()}"
+            )
         return fresh
 
 
@@ -303,7 +308,8 @@ def _engine_tokenizer(table: TokenTable) -> Any:
                     "constraints need one (TokenTable.from_file / from_tokenizer / deepseek)"
                 )
             engine = llguidance.LLTokenizer(
-                table.tokenizer_json, n_vocab=table.vocab_size,
+                table.tokenizer_json,
+                n_vocab=table.vocab_size,
                 eos_token=table.eos_token if table.eos_token is not None else None,
             )
             _tokenizers[table.sha256] = engine
@@ -322,7 +328,9 @@ def _to_grammar(spec: ConstraintSpec) -> str:
             return str(llguidance.LLMatcher.grammar_from_lark(spec.source))
         if spec.kind == "stop":
             ends = "|".join(_rust_regex_literal(s) for s in json.loads(spec.source))
-            return str(llguidance.LLMatcher.grammar_from_lark(f"start: text\ntext[stop=/(?:{ends})/]: /(?s:.*)/"))
+            return str(
+                llguidance.LLMatcher.grammar_from_lark(f"start: text\ntext[stop=/(?:{ends})/]: /(?s:.*)/")
+            )
         options = json.loads(spec.source)
         return str(llguidance.LLMatcher.grammar_from_regex("|".join(re.escape(o) for o in options)))
     except Exception as e:  # noqa: BLE001 - llguidance raises ValueError and others for bad input
@@ -370,7 +378,9 @@ def _compile_llguidance(spec: ConstraintSpec, table: TokenTable) -> CompiledCons
     matcher = llguidance.LLMatcher(engine, text, log_level=0)  # builds the lexer once
     if matcher.is_error():
         raise ConstraintError(f"{spec.describe()}: {matcher.get_error()}")
-    return CompiledConstraint(spec, text, (time.perf_counter() - started) * 1e3, tuple(messages), engine, matcher)
+    return CompiledConstraint(
+        spec, text, (time.perf_counter() - started) * 1e3, tuple(messages), engine, matcher
+    )
 
 
 _xgrammar_compilers: dict[str, Any] = {}
@@ -390,7 +400,9 @@ def _compile_xgrammar(spec: ConstraintSpec, table: TokenTable) -> CompiledConstr
             # The token table already holds the exact bytes of every token: a RAW vocabulary.
             vocab = [table.token_bytes(t) for t in range(table.vocab_size)]
             stops = [table.eos_token] if table.eos_token is not None else None
-            info = xgrammar.TokenizerInfo(vocab, xgrammar.VocabType.RAW, vocab_size=table.vocab_size, stop_token_ids=stops)
+            info = xgrammar.TokenizerInfo(
+                vocab, xgrammar.VocabType.RAW, vocab_size=table.vocab_size, stop_token_ids=stops
+            )
             compiler = xgrammar.GrammarCompiler(info, max_threads=1)
             _xgrammar_compilers[table.sha256] = compiler
     started = time.perf_counter()
@@ -408,7 +420,9 @@ def _compile_xgrammar(spec: ConstraintSpec, table: TokenTable) -> CompiledConstr
     except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError and others for bad input
         raise ConstraintError(f"{spec.describe()}: xgrammar: {e}") from e
     template = _XGrammarMatcher(xgrammar.GrammarMatcher(grammar), grammar, (table.vocab_size + 31) // 32)
-    return CompiledConstraint(spec, str(spec.source), (time.perf_counter() - started) * 1e3, (), compiler, template, "xgrammar")
+    return CompiledConstraint(
+        spec, str(spec.source), (time.perf_counter() - started) * 1e3, (), compiler, template, "xgrammar"
+    )
 
 
 class _XGrammarMatcher:
@@ -456,7 +470,9 @@ class _XGrammarMatcher:
 
         if nbytes != self._words * 4:
             raise ConstraintError(f"mask of {nbytes} bytes, expected {self._words * 4}")
-        row = np.ctypeslib.as_array((ctypes.c_int32 * self._words).from_address(address)).reshape(1, self._words)
+        row = np.ctypeslib.as_array((ctypes.c_int32 * self._words).from_address(address)).reshape(
+            1, self._words
+        )
         self._matcher.fill_next_token_bitmask(row, 0)
 
 
@@ -472,7 +488,9 @@ class ConstraintInstance:
     result and status records as a wasm controller, so the batch treats both alike.
     """
 
-    def __init__(self, compiled: CompiledConstraint, regions: BatchRegions, slot: int, sequence_id: int) -> None:
+    def __init__(
+        self, compiled: CompiledConstraint, regions: BatchRegions, slot: int, sequence_id: int
+    ) -> None:
         from .controller import write_status
 
         self._write_status = write_status

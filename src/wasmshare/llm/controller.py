@@ -104,7 +104,9 @@ class BatchRegions:
     MAX_WORKERS = CONTROL_HEADER_BYTES // WORKER_BLOCK_BYTES
 
     @classmethod
-    def create(cls, token_table: Region, vocab_size: int, capacity: int, step_slot_bytes: int) -> BatchRegions:
+    def create(
+        cls, token_table: Region, vocab_size: int, capacity: int, step_slot_bytes: int
+    ) -> BatchRegions:
         words = L.mask_words(vocab_size)
         mask_stride = _page_round(words * 4)
         bias_stride = _page_round(vocab_size * 4)
@@ -184,7 +186,9 @@ class BatchRegions:
         )
 
     def status_record(self, slot: int) -> np.ndarray[Any, Any]:
-        return self.control.array(L.STATUS, 1, offset=self.CONTROL_HEADER_BYTES + slot * L.STATUS_RECORD_BYTES)
+        return self.control.array(
+            L.STATUS, 1, offset=self.CONTROL_HEADER_BYTES + slot * L.STATUS_RECORD_BYTES
+        )
 
     def run_flags(self) -> np.ndarray[Any, Any]:
         """One byte per slot: 1 when the slot's controller must run this step."""
@@ -205,7 +209,9 @@ class BatchRegions:
             region.close()
 
 
-def write_status(record: np.ndarray[Any, Any], status: int, detail: int = 0, message: str = "", elapsed_ns: int = 0) -> None:
+def write_status(
+    record: np.ndarray[Any, Any], status: int, detail: int = 0, message: str = "", elapsed_ns: int = 0
+) -> None:
     """Fill a slot's status record."""
     encoded = message.encode("utf-8", "replace")[:_MESSAGE_BYTES]
     record["status"] = status
@@ -222,7 +228,9 @@ def fail_instance(instance: Any, error: BaseException) -> None:
     """Record ``error`` as the host failure of ``instance`` (a controller or constraint
     instance: anything with ``regions``, ``slot`` and ``sequence_id``) in its status record."""
     write_status(
-        instance.regions.status_record(instance.slot)[0], L.STATUS_HOST_ERROR, 0,
+        instance.regions.status_record(instance.slot)[0],
+        L.STATUS_HOST_ERROR,
+        0,
         f"{getattr(instance, 'name', 'controller')} seq {instance.sequence_id}: the host failed while stepping it: "
         f"{type(error).__name__}: {error}",
     )
@@ -264,7 +272,9 @@ class ControllerInstance:
         self._call_started_ns = 0
         holder: list[Guest] = []
         imports = (
-            constraint_imports(lambda: holder[0], tokenizer, self._check_budget) if tokenizer is not None else None
+            constraint_imports(lambda: holder[0], tokenizer, self._check_budget)
+            if tokenizer is not None
+            else None
         )
         # WASI is never linked: a controller gets the imports of the controller ABI and nothing
         # else (WASI would hand it the server's stdout and stderr, a clock and a sleep that no
@@ -283,7 +293,8 @@ class ControllerInstance:
         try:
             self._check_exports()
             if tokenizer is not None and any(
-                imp.module == "wasmshare" and imp.name == "ws_constraint_open" for imp in self.guest._module.imports
+                imp.module == "wasmshare" and imp.name == "ws_constraint_open"
+                for imp in self.guest._module.imports
             ):
                 # One-off set-up (the grammar engine's view of the tokenizer, seconds on a busy
                 # machine) happens here, never inside a step's deadline.
@@ -305,31 +316,36 @@ class ControllerInstance:
             ty = export.type
             found = (
                 (tuple(str(p) for p in ty.params), tuple(str(r) for r in ty.results))
-                if isinstance(ty, wasmtime.FuncType) else None
+                if isinstance(ty, wasmtime.FuncType)
+                else None
             )
             if found != expected:
                 raise AbiMismatch(
                     f"controller '{guest.name}' exports {export.name} as {_describe_signature(found)}; "
                     f"the controller ABI needs {_describe_signature(expected)}",
-                    guest=guest.name, sequence=self.sequence_id,
+                    guest=guest.name,
+                    sequence=self.sequence_id,
                 )
         if "ws_ctrl_abi_version" not in exports:
             raise AbiMismatch(
                 f"controller '{guest.name}' does not export ws_ctrl_abi_version; build it with wasmshare_controller.h",
-                guest=guest.name, sequence=self.sequence_id,
+                guest=guest.name,
+                sequence=self.sequence_id,
             )
         version = guest.call("ws_ctrl_abi_version")
         if version != L.CONTROLLER_ABI_VERSION:
             raise AbiMismatch(
                 f"controller '{guest.name}' was built for controller ABI v{version}; "
                 f"this host speaks v{L.CONTROLLER_ABI_VERSION}",
-                guest=guest.name, sequence=self.sequence_id,
+                guest=guest.name,
+                sequence=self.sequence_id,
             )
         missing = [n for n in ("ws_ctrl_create", "ws_ctrl_step") if n not in exports]
         if missing:
             raise GuestError(
                 f"controller '{guest.name}' does not export {', '.join(missing)}",
-                guest=guest.name, sequence=self.sequence_id,
+                guest=guest.name,
+                sequence=self.sequence_id,
             )
 
     def _lend(self) -> None:
@@ -390,7 +406,9 @@ class ControllerInstance:
             return
         if code < 0:
             write_status(
-                self.status, L.STATUS_RETURNED_ERROR, int(code),
+                self.status,
+                L.STATUS_RETURNED_ERROR,
+                int(code),
                 f"controller '{self.guest.name}' seq {self.sequence_id}: ws_ctrl_step returned error {code}",
             )
 
@@ -406,12 +424,16 @@ class ControllerInstance:
             raise GuestLimitExceeded(
                 f"controller '{self.guest.name}' seq {self.sequence_id}: deadline {self._deadline_ns / 1e6:g} ms "
                 f"exceeded in host function {what} ({elapsed / 1e6:.1f} ms into the call)",
-                limit="deadline", guest=self.guest.name, sequence=self.sequence_id,
+                limit="deadline",
+                guest=self.guest.name,
+                sequence=self.sequence_id,
             )
 
     def _record_host_failure(self, error: Exception, what: str) -> None:
         write_status(
-            self.status, L.STATUS_HOST_ERROR, 0,
+            self.status,
+            L.STATUS_HOST_ERROR,
+            0,
             f"controller '{self.guest.name}' seq {self.sequence_id}: {what} failed in the host: "
             f"{type(error).__name__}: {error}",
         )
@@ -431,8 +453,11 @@ class ControllerInstance:
         elapsed = time.perf_counter_ns() - started
         if code < 0:
             write_status(
-                status, L.STATUS_RETURNED_ERROR, int(code),
-                f"controller '{self.guest.name}' seq {self.sequence_id}: {what} returned error {code}", elapsed,
+                status,
+                L.STATUS_RETURNED_ERROR,
+                int(code),
+                f"controller '{self.guest.name}' seq {self.sequence_id}: {what} returned error {code}",
+                elapsed,
             )
             return
         write_status(status, L.STATUS_OK, 0, "", elapsed)

@@ -332,8 +332,13 @@ class Engine:
         self.max_batch = max_batch
         self.overlap = overlap
         self.batch = ControllerBatch(
-            loaded.token_table, capacity=max_batch, mode=mode, deadline_ms=deadline_ms,
-            fuel=fuel, memory_limit_bytes=memory_limit_bytes, grammar_backend=grammar_backend,
+            loaded.token_table,
+            capacity=max_batch,
+            mode=mode,
+            deadline_ms=deadline_ms,
+            fuel=fuel,
+            memory_limit_bytes=memory_limit_bytes,
+            grammar_backend=grammar_backend,
         )
         self.device = next(self.model.parameters()).device
         self.sparse_apply = mask_apply == "sparse" or (mask_apply == "auto" and self.device.type == "cpu")
@@ -404,21 +409,29 @@ class Engine:
         self._run_guarded(queue, on_token, on_finish, contain_failures, {})
 
     def _run_guarded(
-        self, queue: RequestQueue, on_token: Callable[[int, int, str], None] | None,
-        on_finish: Callable[[int, GenerationResult], None] | None, contain_failures: bool,
+        self,
+        queue: RequestQueue,
+        on_token: Callable[[int, int, str], None] | None,
+        on_finish: Callable[[int, GenerationResult], None] | None,
+        contain_failures: bool,
         prebuilt: dict[int, _Row],
     ) -> None:
         """:meth:`run` for one caller at a time; ``prebuilt`` rows are admitted before the queue's."""
         if not self._busy.acquire(blocking=False):
-            raise WasmshareError("this Engine is already decoding (one run or generate at a time); use another Engine")
+            raise WasmshareError(
+                "this Engine is already decoding (one run or generate at a time); use another Engine"
+            )
         try:
             self._run_queue(queue, on_token, on_finish, contain_failures, prebuilt)
         finally:
             self._busy.release()
 
     def _run_queue(
-        self, queue: RequestQueue, on_token: Callable[[int, int, str], None] | None,
-        on_finish: Callable[[int, GenerationResult], None] | None, contain_failures: bool,
+        self,
+        queue: RequestQueue,
+        on_token: Callable[[int, int, str], None] | None,
+        on_finish: Callable[[int, GenerationResult], None] | None,
+        contain_failures: bool,
         prebuilt: dict[int, _Row],
     ) -> None:
         finish = on_finish or (lambda key, result: None)
@@ -488,7 +501,9 @@ class Engine:
                 sampled: dict[int, int] = {}
                 if rows:
                     assert logits is not None
-                    dense = outputs is None and ctrl is not None and any(r.sequence_id is not None for r in rows)
+                    dense = (
+                        outputs is None and ctrl is not None and any(r.sequence_id is not None for r in rows)
+                    )
                     if dense:
                         assert ctrl is not None
                         apply_started = time.perf_counter()
@@ -498,7 +513,9 @@ class Engine:
                     for i, row in enumerate(rows):
                         if row.feed:
                             continue  # its logits predate a fast-forward: it samples after the next forward
-                        out = outputs.get(row.sequence_id) if outputs and row.sequence_id is not None else None
+                        out = (
+                            outputs.get(row.sequence_id) if outputs and row.sequence_id is not None else None
+                        )
                         first = firsts[i] if firsts is not None else None
                         if first is not None and first < 0:  # nothing sound to draw from
                             kind = _output_kind(ctrl, row.sequence_id) if dense else None
@@ -546,7 +563,11 @@ class Engine:
                     except Exception as e:  # noqa: BLE001 - a request that cannot start ends alone
                         row = _Row(request, key, [])
                         row.finish = "error"
-                        row.error = str(e) if isinstance(e, WasmshareError) else f"request {key}: {type(e).__name__}: {e}"
+                        row.error = (
+                            str(e)
+                            if isinstance(e, WasmshareError)
+                            else f"request {key}: {type(e).__name__}: {e}"
+                        )
                         self._report(row, finish)
                         continue
                     new_rows.append(row)
@@ -597,7 +618,9 @@ class Engine:
                     new_rows.clear()
                 if has_controllers:
                     wait_started = time.perf_counter()
-                    ctrl, outputs = future.result() if future is not None else self._timed_step(steer, analyse, defer)
+                    ctrl, outputs = (
+                        future.result() if future is not None else self._timed_step(steer, analyse, defer)
+                    )
                     self._inflight = None
                     self.stats.critical_controller_s += time.perf_counter() - wait_started
                 if decoded:
@@ -619,13 +642,20 @@ class Engine:
                 raise WasmshareError(f"request {index}: a prompt of token ids must hold integers") from None
             outside = [t for t in prompt if not 0 <= t < self._width]
             if outside:
-                raise WasmshareError(f"request {index}: token id {outside[0]} is outside the vocabulary (0..{self._width - 1})")
+                raise WasmshareError(
+                    f"request {index}: token id {outside[0]} is outside the vocabulary (0..{self._width - 1})"
+                )
         if not prompt:
             raise WasmshareError(f"request {index}: the prompt is empty")
         if request.max_tokens <= 0:
             raise WasmshareError(f"request {index}: max_tokens must be positive")
-        if not (math.isfinite(request.temperature) and request.temperature >= 0) or not 0 < request.top_p <= 1:
-            raise WasmshareError(f"request {index}: temperature must be a finite number >= 0 and top_p in (0, 1]")
+        if (
+            not (math.isfinite(request.temperature) and request.temperature >= 0)
+            or not 0 < request.top_p <= 1
+        ):
+            raise WasmshareError(
+                f"request {index}: temperature must be a finite number >= 0 and top_p in (0, 1]"
+            )
         if self.context_length is not None and len(prompt) >= self.context_length:
             raise WasmshareError(
                 f"request {index}: the prompt is {len(prompt):,} tokens; the model's context is "
@@ -649,9 +679,11 @@ class Engine:
             return
         if row.work > row.work_limit or row.steps > 2 * row.work_limit:
             row.finish = "error"
-            who = f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}" if (
-                row.sequence_id is not None and row.sequence_id in self.batch.sequences
-            ) else f"request {row.index}"
+            who = (
+                f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}"
+                if (row.sequence_id is not None and row.sequence_id in self.batch.sequences)
+                else f"request {row.index}"
+            )
             row.error = (
                 f"{who}: produced {row.work:,} tokens in {row.steps:,} steps (fast-forwarded and backtracked ones "
                 f"count) for max_tokens {row.request.max_tokens:,}; the limit is {row.work_limit:,} tokens "
@@ -687,7 +719,9 @@ class Engine:
         return GenerationResult(row.request, len(row.prompt), tokens, text, finish, row.error)
 
     def _decode(self, tokens: list[int]) -> str:
-        text = self.loaded.tokenizer.decode([t for t in tokens if t not in self._eos], skip_special_tokens=True)
+        text = self.loaded.tokenizer.decode(
+            [t for t in tokens if t not in self._eos], skip_special_tokens=True
+        )
         return text if isinstance(text, str) else "".join(text)
 
     def _text_so_far(self, row: _Row) -> str:
@@ -759,7 +793,10 @@ class Engine:
         return _ControllerPhase(step, outputs)
 
     def _handle_controller_results(
-        self, rows: list[_Row], logits: torch.Tensor, ctrl: BatchStep | None,
+        self,
+        rows: list[_Row],
+        logits: torch.Tensor,
+        ctrl: BatchStep | None,
         on_token: Callable[[int, int, str], None] | None,
     ) -> tuple[torch.Tensor, list[_Row]]:
         """Apply stop / error / backtrack / fast-forward from the controller phase.
@@ -858,10 +895,7 @@ class Engine:
             best, top = logits.max(dim=-1)  # NaN propagates
             both = torch.stack([best.double(), top.double()]).tolist()  # one transfer
             peaks, indices = both[0], [int(i) for i in both[1]]
-        return [
-            index if code == 0 else code
-            for index, code in zip(indices, (_soundness(p) for p in peaks))
-        ]
+        return [index if code == 0 else code for index, code in zip(indices, (_soundness(p) for p in peaks))]
 
     def _end_with_unusable_output(self, row: _Row, code: int, kind: str | None) -> None:
         """End ``row`` with an error: nothing sound to draw from (``code`` from
@@ -869,17 +903,29 @@ class Engine:
         "bias"); None blames the model's own logits."""
         row.finish = "error"
         if kind is None or row.sequence_id is None:
-            what = "allow no token" if code == _NOTHING_ALLOWED else "hold NaN, +inf or values too large to sample from"
+            what = (
+                "allow no token"
+                if code == _NOTHING_ALLOWED
+                else "hold NaN, +inf or values too large to sample from"
+            )
             row.error = f"the model's logits at output token {len(row.tokens)} {what}"
             return
-        what = "allows no token" if code == _NOTHING_ALLOWED else "holds NaN, +inf or values too large to sample from"
-        row.error = (f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
-                     f"its {kind} {what} at output token {len(row.tokens)}")
+        what = (
+            "allows no token"
+            if code == _NOTHING_ALLOWED
+            else "holds NaN, +inf or values too large to sample from"
+        )
+        row.error = (
+            f"controller '{self.batch.label(row.sequence_id)}' seq {row.sequence_id}: "
+            f"its {kind} {what} at output token {len(row.tokens)}"
+        )
         cause = self.batch.deferred_mask_error(row.sequence_id)
         if cause is not None:
             row.error += f" ({cause})"
 
-    def _sample_steered(self, row: _Row, line: torch.Tensor, out: RowOutput, first: int | None = None) -> int | None:
+    def _sample_steered(
+        self, row: _Row, line: torch.Tensor, out: RowOutput, first: int | None = None
+    ) -> int | None:
         """Sample row ``line`` under its controller's mask or bias (sparse application).
 
         Greedy rows, and sampled rows whose mask allows most ids, draw from the unmasked row
@@ -905,7 +951,11 @@ class Engine:
             else:
                 assert out.sparse_bias is not None
                 bias_ids, bias_values = out.sparse_bias
-                line.index_add_(0, torch.from_numpy(bias_ids).to(line.device), torch.from_numpy(bias_values).to(line.device))
+                line.index_add_(
+                    0,
+                    torch.from_numpy(bias_ids).to(line.device),
+                    torch.from_numpy(bias_values).to(line.device),
+                )
             self.stats.apply_s += time.perf_counter() - started
             # The row's largest value must be sound (_soundness). A greedy draw lands on it
             # (argmax picks NaN first): one value to test.
@@ -929,7 +979,9 @@ class Engine:
                 # The masked argmax is most often the runner-up: a few more passes of argmax
                 # (each with the forbidden draw at -inf, so ties still go to the lowest id)
                 # cost less than computing the mask.
-                passes = max(1, _RETRY_BUDGET // line.shape[0]) if line.device.type == "cpu" else _DEVICE_RETRIES
+                passes = (
+                    max(1, _RETRY_BUDGET // line.shape[0]) if line.device.type == "cpu" else _DEVICE_RETRIES
+                )
                 for _ in range(passes):
                     line[token] = float("-inf")
                     token = self._sample(row, line)
@@ -1017,8 +1069,12 @@ class Engine:
             row.position = n
         cache = DynamicCache()
         out = self.model(
-            input_ids=ids.to(self.device), attention_mask=attn.to(self.device),
-            position_ids=positions.to(self.device), cache=cache, use_cache=True, logits_to_keep=1,
+            input_ids=ids.to(self.device),
+            attention_mask=attn.to(self.device),
+            position_ids=positions.to(self.device),
+            cache=cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         logits = out.logits[:, -1, :].float()
         self.stats.prefill_s += time.perf_counter() - started
@@ -1035,7 +1091,9 @@ class Engine:
         width = max(old_t, new_t)
         self._attn = torch.cat([_left_pad(self._attn, width, 2), _left_pad(attn, width, 2)], dim=0)
         for old_layer, new_layer in zip(self._cache.layers, cache.layers):
-            old_layer.keys = torch.cat([_left_pad(old_layer.keys, width, 3), _left_pad(new_layer.keys, width, 3)])
+            old_layer.keys = torch.cat(
+                [_left_pad(old_layer.keys, width, 3), _left_pad(new_layer.keys, width, 3)]
+            )
             old_layer.values = torch.cat(
                 [_left_pad(old_layer.values, width, 3), _left_pad(new_layer.values, width, 3)]
             )
@@ -1098,8 +1156,12 @@ class Engine:
         chunk = torch.tensor([row.prompt[pending.done : end]], dtype=torch.long, device=self.device)
         positions = torch.arange(pending.done, end, dtype=torch.long, device=self.device)[None, :]
         self.model(
-            input_ids=chunk, attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
-            position_ids=positions, cache=pending.cache, use_cache=True, logits_to_keep=1,
+            input_ids=chunk,
+            attention_mask=torch.ones((1, end), dtype=torch.long, device=self.device),
+            position_ids=positions,
+            cache=pending.cache,
+            use_cache=True,
+            logits_to_keep=1,
         )
         pending.done = end
         self.stats.prefill_s += time.perf_counter() - started
@@ -1110,7 +1172,9 @@ class Engine:
             self._start_controller(row)
         except Exception as e:  # noqa: BLE001 - a request that cannot start ends alone
             row.finish = "error"
-            row.error = str(e) if isinstance(e, WasmshareError) else f"request {row.index}: {type(e).__name__}: {e}"
+            row.error = (
+                str(e) if isinstance(e, WasmshareError) else f"request {row.index}: {type(e).__name__}: {e}"
+            )
             self._report(row, finish)
             return
         self._merge_cache(pending.cache, torch.ones((1, end), dtype=torch.long, device=self.device))
@@ -1142,8 +1206,11 @@ class Engine:
             row.position += n
         attn = torch.cat([self._attn, mask.to(self.device)], dim=1)
         out = self.model(
-            input_ids=ids.to(self.device), attention_mask=attn, position_ids=positions.to(self.device),
-            cache=self._cache, use_cache=True,
+            input_ids=ids.to(self.device),
+            attention_mask=attn,
+            position_ids=positions.to(self.device),
+            cache=self._cache,
+            use_cache=True,
         )
         self._attn = attn
         picked: torch.Tensor = out.logits[torch.arange(batch), last.to(self.device)].float()
@@ -1197,7 +1264,7 @@ def _distribution(logits: torch.Tensor, temperature: float) -> torch.Tensor:
 
 
 def _output_kind(ctrl: BatchStep | None, sequence_id: int | None) -> str | None:
-    """"mask" or "bias" when ``sequence_id`` answered one in ``ctrl``, else None."""
+    """ "mask" or "bias" when ``sequence_id`` answered one in ``ctrl``, else None."""
     result = ctrl.results.get(sequence_id) if ctrl is not None and sequence_id is not None else None
     if result is not None and result.output in (Output.BITMASK, Output.BIAS, Output.SPARSE_BIAS):
         return "mask" if result.output is Output.BITMASK else "bias"
@@ -1222,5 +1289,3 @@ def _left_pad(tensor: torch.Tensor, width: int, ndim: int) -> torch.Tensor:
     shape = list(tensor.shape)
     shape[axis] = missing
     return torch.cat([torch.zeros(shape, dtype=tensor.dtype, device=tensor.device), tensor], dim=axis)
-
-

@@ -128,7 +128,9 @@ class WasmshareLogitsProcessor(_Base):
             if result is None:
                 continue
             if result.action is Action.ERROR or result.backtrack:
-                self.errors[row] = str(result.error) if result.error else "backtrack is not supported by generate()"
+                self.errors[row] = (
+                    str(result.error) if result.error else "backtrack is not supported by generate()"
+                )
                 self._end(row)
                 continue
             self._forced[row].extend(result.fast_forward)
@@ -193,7 +195,9 @@ class WasmshareLogitsProcessor(_Base):
             what = "allows no token" if dead else "holds NaN, +inf or values too large to sample from"
             error = f"controller '{self.batch.label(sid)}' seq {sid}: its output {what}"
             if self.eos_token_id is None:
-                raise WasmshareError(f"row {row}: {error}, and there is no end-of-sequence token to end it with")
+                raise WasmshareError(
+                    f"row {row}: {error}, and there is no end-of-sequence token to end it with"
+                )
             self.errors[row] = error
             self._end(row)
             self._forced[row].clear()

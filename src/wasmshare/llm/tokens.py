@@ -195,7 +195,9 @@ def _family(spec: dict[str, Any]) -> _Family:
             "depending on the neighbouring tokens, so a token has no exact byte sequence"
         )
     if mtype not in ("BPE", "Unigram", "WordLevel"):
-        raise TokenizerError(f"unsupported tokenizer model type {mtype!r} (expected BPE, Unigram or WordLevel)")
+        raise TokenizerError(
+            f"unsupported tokenizer model type {mtype!r} (expected BPE, Unigram or WordLevel)"
+        )
     if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
         raise TokenizerError(
             "BPE with a continuing_subword_prefix or end_of_word_suffix is not supported: "
@@ -227,8 +229,14 @@ def _family(spec: dict[str, Any]) -> _Family:
         if dtype == "Replace":
             pattern = d.get("pattern")
             content = d.get("content")
-            if not (isinstance(pattern, dict) and isinstance(pattern.get("String"), str) and isinstance(content, str)):
-                raise TokenizerError(f"unsupported Replace decoder {d!r}: only plain-string patterns are supported")
+            if not (
+                isinstance(pattern, dict)
+                and isinstance(pattern.get("String"), str)
+                and isinstance(content, str)
+            ):
+                raise TokenizerError(
+                    f"unsupported Replace decoder {d!r}: only plain-string patterns are supported"
+                )
             if pattern["String"]:
                 replacements.append((pattern["String"], content))
         elif dtype == "Metaspace":
@@ -296,7 +304,9 @@ class _Vocab:
             if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
                 raise TokenizerError(f"vocab_size must be a positive int, got {vocab_size!r}")
             if vocab_size < need:
-                raise TokenizerError(f"vocab_size {vocab_size} is smaller than the tokenizer's {need} token ids")
+                raise TokenizerError(
+                    f"vocab_size {vocab_size} is smaller than the tokenizer's {need} token ids"
+                )
             if vocab_size > _MAX_VOCAB:
                 raise TokenizerError(f"vocab_size {vocab_size} does not fit a uint32 token id")
             need = vocab_size
@@ -377,7 +387,9 @@ def _byte_level_bytes(vocab: _Vocab) -> tuple[U8Array, I64Array]:
     blob = np.zeros(int(offsets[-1]), dtype=np.uint8)
     token_of_char = np.repeat(np.arange(n, dtype=np.int64), char_lens)
     keep = ~is_explicit[token_of_char]
-    dest = offsets[:-1][token_of_char] + (np.arange(len(cps), dtype=np.int64) - char_starts[:-1][token_of_char])
+    dest = offsets[:-1][token_of_char] + (
+        np.arange(len(cps), dtype=np.int64) - char_starts[:-1][token_of_char]
+    )
     blob[dest[keep]] = mapped[keep].astype(np.uint8)
     for t, b in explicit.items():
         blob[offsets[t] : offsets[t] + len(b)] = np.frombuffer(b, dtype=np.uint8)
@@ -450,7 +462,9 @@ def _resolve(hint: int | str | None, vocab: _Vocab, what: str, *, strict: bool) 
         return tid
     if isinstance(hint, bool) or not isinstance(hint, int) or not 0 <= hint < vocab.size:
         if strict:
-            raise TokenizerError(f"{what} must be a token id in 0..{vocab.size - 1} or a token string, got {hint!r}")
+            raise TokenizerError(
+                f"{what} must be a token id in 0..{vocab.size - 1} or a token string, got {hint!r}"
+            )
         return None
     return hint
 
@@ -492,7 +506,9 @@ def _import_tokenizers() -> Any:
     try:
         import tokenizers
     except ImportError as e:
-        raise TokenizerError("reading a tokenizer needs the 'tokenizers' package: pip install tokenizers") from e
+        raise TokenizerError(
+            "reading a tokenizer needs the 'tokenizers' package: pip install tokenizers"
+        ) from e
     return tokenizers
 
 
@@ -542,7 +558,9 @@ class TokenTable:
         byte_fallback: npt.NDArray[np.bool_] | None,
     ) -> None:
         if _token is not _CONSTRUCT:
-            raise TypeError("TokenTable() is private: use TokenTable.from_file/from_tokenizer/from_tokens/deepseek")
+            raise TypeError(
+                "TokenTable() is private: use TokenTable.from_file/from_tokenizer/from_tokens/deepseek"
+            )
         self.region = region
         self.sha256 = sha256
         self.vocab_size = vocab_size
@@ -661,7 +679,14 @@ class TokenTable:
             raise TokenizerError(f"tokenizer file {spath!r} is not a regular file")
         cfg_key, cfg_eos, cfg_bos = _read_config_hints(spath)
         file_key = (
-            "file", os.path.realpath(spath), st.st_mtime_ns, st.st_size, cfg_key, eos_token, bos_token, vocab_size
+            "file",
+            os.path.realpath(spath),
+            st.st_mtime_ns,
+            st.st_size,
+            cfg_key,
+            eos_token,
+            bos_token,
+            vocab_size,
         )
         with _cache_lock:
             hit = _cache_get(file_key)
@@ -746,7 +771,9 @@ class TokenTable:
                 else:
                     blob, offsets, fallback = _piece_bytes(vocab, family)
                 flags = vocab.special.astype(np.uint8) * np.uint8(TOKEN_SPECIAL)
-                table = cls._publish(blob, offsets, flags, eos=eos_id, bos=bos_id, name=name, byte_fallback=fallback)
+                table = cls._publish(
+                    blob, offsets, flags, eos=eos_id, bos=bos_id, name=name, byte_fallback=fallback
+                )
                 table.tokenizer_json = text
                 _cache[resolved_key] = table
             _cache[request_key] = table
@@ -861,7 +888,9 @@ class TokenTable:
         if arr.size == 0:
             return b""
         if arr.ndim != 1 or arr.dtype.kind not in "iu":
-            raise TokenizerError(f"ids must be a 1-D sequence of ints, got {arr.dtype} with shape {arr.shape}")
+            raise TokenizerError(
+                f"ids must be a 1-D sequence of ints, got {arr.dtype} with shape {arr.shape}"
+            )
         idx = arr.astype(np.int64, copy=False)
         lo, hi = int(idx.min()), int(idx.max())
         if lo < 0 or hi >= self.vocab_size:

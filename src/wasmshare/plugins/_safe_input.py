@@ -69,7 +69,9 @@ def open_user_file(
         st = os.fstat(fd)
         _refuse_unless_regular(st, label, error)
         if max_bytes is not None and st.st_size > max_bytes:
-            raise error(f"cannot read {label}: it is {st.st_size:,} bytes, over {_limit(max_bytes, limit_name)}")
+            raise error(
+                f"cannot read {label}: it is {st.st_size:,} bytes, over {_limit(max_bytes, limit_name)}"
+            )
         os.set_blocking(fd, True)
     except OSError as e:
         os.close(fd)
@@ -104,7 +106,9 @@ def read_user_file(
                 more.append(chunk)
                 total += len(chunk)
                 if total > max_bytes:
-                    raise error(f"cannot read {label}: it grew past {_limit(max_bytes, limit_name)} as it was read")
+                    raise error(
+                        f"cannot read {label}: it grew past {_limit(max_bytes, limit_name)} as it was read"
+                    )
     except OSError as e:
         raise error(f"cannot read {label}: {e.strerror or e}") from e
     return b"".join([data, *more]) if more else data

@@ -16,8 +16,20 @@ WASM_PAGE = 65536
 SEC_CUSTOM, SEC_TYPE, SEC_IMPORT, SEC_FUNCTION, SEC_TABLE, SEC_MEMORY = 0, 1, 2, 3, 4, 5
 SEC_GLOBAL, SEC_EXPORT, SEC_START, SEC_ELEMENT, SEC_CODE, SEC_DATA, SEC_DATACOUNT = 6, 7, 8, 9, 10, 11, 12
 # Sections must appear in this order (data count sits between element and code).
-_ORDER = [SEC_TYPE, SEC_IMPORT, SEC_FUNCTION, SEC_TABLE, SEC_MEMORY, SEC_GLOBAL, SEC_EXPORT, SEC_START,
-          SEC_ELEMENT, SEC_DATACOUNT, SEC_CODE, SEC_DATA]
+_ORDER = [
+    SEC_TYPE,
+    SEC_IMPORT,
+    SEC_FUNCTION,
+    SEC_TABLE,
+    SEC_MEMORY,
+    SEC_GLOBAL,
+    SEC_EXPORT,
+    SEC_START,
+    SEC_ELEMENT,
+    SEC_DATACOUNT,
+    SEC_CODE,
+    SEC_DATA,
+]
 
 
 def uleb(n: int) -> bytes:
@@ -122,7 +134,9 @@ def embed_data(wasm: bytes, data: bytes | memoryview, *, ptr_global: str, len_gl
         raise PluginModuleError(f"the plugin module defines {count} memories; embedding needs exactly one")
     flags = memory.payload[pos]
     if flags not in (0, 1):
-        raise PluginModuleError("the plugin module's memory is shared or 64-bit; embedding needs a plain 32-bit memory")
+        raise PluginModuleError(
+            "the plugin module's memory is shared or 64-bit; embedding needs a plain 32-bit memory"
+        )
     min_pages, p2 = read_uleb(memory.payload, pos + 1)
     max_pages = None
     if flags == 1:
@@ -135,7 +149,9 @@ def embed_data(wasm: bytes, data: bytes | memoryview, *, ptr_global: str, len_gl
             f"embedding {n:,} bytes needs {pages} wasm pages; the module's memory allows at most "
             f"{max_pages if max_pages is not None else 65536}"
         )
-    memory.payload = uleb(1) + bytes([flags]) + uleb(pages) + (uleb(max_pages) if max_pages is not None else b"")
+    memory.payload = (
+        uleb(1) + bytes([flags]) + uleb(pages) + (uleb(max_pages) if max_pages is not None else b"")
+    )
 
     n_globals = 0
     globals_sec = by_id.get(SEC_GLOBAL)
@@ -154,7 +170,8 @@ def embed_data(wasm: bytes, data: bytes | memoryview, *, ptr_global: str, len_gl
         exports = _Section(SEC_EXPORT, uleb(0))
         sections.append(exports)
     exports.payload = _vector_append(
-        exports.payload, [_name(ptr_global) + b"\x03" + uleb(first), _name(len_global) + b"\x03" + uleb(first + 1)]
+        exports.payload,
+        [_name(ptr_global) + b"\x03" + uleb(first), _name(len_global) + b"\x03" + uleb(first + 1)],
     )
     segment = b"\x00" + _i32_const(offset) + uleb(n)
     data_sec = by_id.get(SEC_DATA)

@@ -80,7 +80,9 @@ class _Plugin:
             )
         version = self.guest.call("plugin_abi_version")
         if version != 1:
-            raise PluginModuleError(f"plugin '{init['name']}' speaks plugin ABI v{version}; this host speaks v1")
+            raise PluginModuleError(
+                f"plugin '{init['name']}' speaks plugin ABI v{version}; this host speaks v1"
+            )
         if mode == "loan":
             assert self.blob_region is not None
             try:
@@ -89,7 +91,9 @@ class _Plugin:
                 if isinstance(e.__cause__, GuestLimitExceeded):
                     raise GuestLimitExceeded(
                         f"plugin '{init['name']}': the {nbytes:,}-byte blob does not fit its memory limit "
-                        f"({init['memory_limit_bytes']:,} bytes)", limit="memory", guest=init["name"],
+                        f"({init['memory_limit_bytes']:,} bytes)",
+                        limit="memory",
+                        guest=init["name"],
                     ) from e
                 raise
             self.blob_ptr, self.blob_nbytes = self.loan.ptr, nbytes
@@ -107,7 +111,9 @@ class _Plugin:
         if rc != 0:
             from .host import WSP_ERRORS
 
-            raise BlobFormatError(f"plugin '{init['name']}' rejected the schema blob: {WSP_ERRORS.get(rc, 'error')} (code {rc})")
+            raise BlobFormatError(
+                f"plugin '{init['name']}' rejected the schema blob: {WSP_ERRORS.get(rc, 'error')} (code {rc})"
+            )
         self.io_loan = self.guest.lend(self.io, "rw")
         self.check = self.guest.func("plugin_check")
 

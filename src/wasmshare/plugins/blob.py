@@ -231,7 +231,9 @@ def _assemble(document: bytes, types: list[tuple[int, str, int, int, list[PropSp
         for name, pkind, item, ref, required in sorted(props, key=lambda p: p[0].encode()):
             p_off, p_len = intern(name)
             if p_len > 0xFFFF:
-                raise BlobFormatError(f"property name of {p_len} bytes in {token} is too long (at most 65535)")
+                raise BlobFormatError(
+                    f"property name of {p_len} bytes in {token} is too long (at most 65535)"
+                )
             ref_index = position.get((KIND_OBJECT, ref), NO_REF) if ref is not None else NO_REF
             prop_cols[0].append(p_off)
             prop_cols[1].append(p_len)
@@ -247,7 +249,9 @@ def _assemble(document: bytes, types: list[tuple[int, str, int, int, list[PropSp
     strings_off = props_off + prop_rows.nbytes
     index = b"".join(
         [
-            INDEX_HEADER.pack(len(types), types_off, n_props, props_off, strings_off, len(strings), n_resources, 0),
+            INDEX_HEADER.pack(
+                len(types), types_off, n_props, props_off, strings_off, len(strings), n_resources, 0
+            ),
             type_rows.tobytes(),
             prop_rows.tobytes(),
             bytes(strings),
@@ -257,8 +261,16 @@ def _assemble(document: bytes, types: list[tuple[int, str, int, int, list[PropSp
     json_off = -(-(index_off + len(index)) // JSON_ALIGN) * JSON_ALIGN
     total = json_off + len(document)
     header = HEADER.pack(
-        MAGIC, VERSION, HEADER_SIZE, total, index_off, len(index), json_off, len(document),
-        zlib.crc32(index), zlib.crc32(document),
+        MAGIC,
+        VERSION,
+        HEADER_SIZE,
+        total,
+        index_off,
+        len(index),
+        json_off,
+        len(document),
+        zlib.crc32(index),
+        zlib.crc32(document),
     )
     return b"".join([header, index, b"\0" * (json_off - index_off - len(index)), document])
 
@@ -284,7 +296,9 @@ def build_blob(
     else:
         doc = dict(schema)
     if not isinstance(doc, dict) or not isinstance(doc.get("resources"), dict):
-        raise BlobFormatError("schema must be a JSON object with a 'resources' object (a Pulumi-style provider schema)")
+        raise BlobFormatError(
+            "schema must be a JSON object with a 'resources' object (a Pulumi-style provider schema)"
+        )
     types = doc.get("types") or {}
     if not isinstance(types, dict):
         raise BlobFormatError("schema 'types' must be an object")
@@ -338,17 +352,32 @@ class SchemaBlob:
         try:
             mv = memoryview(data).cast("B")
         except TypeError as e:
-            raise BlobFormatError(f"a schema blob must be a bytes-like buffer, got {type(data).__name__}") from e
+            raise BlobFormatError(
+                f"a schema blob must be a bytes-like buffer, got {type(data).__name__}"
+            ) from e
         self._mv = mv
         if mv.nbytes < HEADER_SIZE:
-            raise BlobFormatError(f"schema blob is {mv.nbytes} bytes, shorter than its {HEADER_SIZE}-byte header")
-        (magic, version, header_size, blob_size, index_off, index_size, json_off, json_size, index_crc, json_crc) = (
-            HEADER.unpack_from(mv, 0)
-        )
+            raise BlobFormatError(
+                f"schema blob is {mv.nbytes} bytes, shorter than its {HEADER_SIZE}-byte header"
+            )
+        (
+            magic,
+            version,
+            header_size,
+            blob_size,
+            index_off,
+            index_size,
+            json_off,
+            json_size,
+            index_crc,
+            json_crc,
+        ) = HEADER.unpack_from(mv, 0)
         if magic != MAGIC:
             raise BlobFormatError(f"not a schema blob: magic is {bytes(magic)!r}, expected {MAGIC!r}")
         if version != VERSION:
-            raise BlobFormatError(f"schema blob version {version} is not supported (this wasmshare reads version {VERSION})")
+            raise BlobFormatError(
+                f"schema blob version {version} is not supported (this wasmshare reads version {VERSION})"
+            )
         if header_size < HEADER_SIZE or blob_size > mv.nbytes or header_size > blob_size:
             raise BlobFormatError(
                 f"schema blob header is inconsistent: header size {header_size}, blob size {blob_size}, "
@@ -356,7 +385,9 @@ class SchemaBlob:
             )
         for what, off, size in (("index", index_off, index_size), ("JSON document", json_off, json_size)):
             if off < header_size or off + size > blob_size:
-                raise BlobFormatError(f"schema blob {what} [{off}, {off + size}) lies outside the blob [{header_size}, {blob_size})")
+                raise BlobFormatError(
+                    f"schema blob {what} [{off}, {off + size}) lies outside the blob [{header_size}, {blob_size})"
+                )
         if index_off < json_off + json_size and json_off < index_off + index_size:
             raise BlobFormatError("schema blob index and JSON document overlap")
         self.nbytes: int = int(blob_size)
@@ -378,14 +409,18 @@ class SchemaBlob:
             raise BlobFormatError("schema blob JSON document is not a JSON object")
         if index_size < INDEX_HEADER.size:
             raise BlobFormatError(f"schema blob index is {index_size} bytes, shorter than its header")
-        n_types, types_off, n_props, props_off, strings_off, strings_size, n_resources, _ = INDEX_HEADER.unpack_from(index)
+        n_types, types_off, n_props, props_off, strings_off, strings_size, n_resources, _ = (
+            INDEX_HEADER.unpack_from(index)
+        )
         for what, off, size in (
             ("type table", types_off, n_types * TYPE_DTYPE.itemsize),
             ("property table", props_off, n_props * PROP_DTYPE.itemsize),
             ("string table", strings_off, strings_size),
         ):
             if off + size > index_size:
-                raise BlobFormatError(f"schema blob {what} [{off}, {off + size}) lies outside the index ({index_size} bytes)")
+                raise BlobFormatError(
+                    f"schema blob {what} [{off}, {off + size}) lies outside the index ({index_size} bytes)"
+                )
         if types_off % 4 or props_off % 4:
             raise BlobFormatError("schema blob tables are not 4-byte aligned")
         if n_resources > n_types:
@@ -416,17 +451,23 @@ class SchemaBlob:
         expected = np.where(np.arange(self.n_types) < self.n_resources, KIND_RESOURCE, KIND_OBJECT)
         bad = np.flatnonzero(t["kind"] != expected)
         if bad.size:
-            raise BlobFormatError(f"schema blob type {int(bad[0])} has kind {int(t['kind'][bad[0]])} out of order")
+            raise BlobFormatError(
+                f"schema blob type {int(bad[0])} has kind {int(t['kind'][bad[0]])} out of order"
+            )
         bad = np.flatnonzero(p["name_off"].astype(u64) + p["name_len"] > strings_size)
         if bad.size:
             raise BlobFormatError(f"schema blob property {int(bad[0])} has a name outside the string table")
         bad = np.flatnonzero((p["kind"] < T_STRING) | (p["kind"] > T_ANY) | (p["item_kind"] > T_ANY))
         if bad.size:
-            raise BlobFormatError(f"schema blob property {int(bad[0])} has an unknown type code {int(p['kind'][bad[0]])}")
+            raise BlobFormatError(
+                f"schema blob property {int(bad[0])} has an unknown type code {int(p['kind'][bad[0]])}"
+            )
         refs = p["ref"]
         bad = np.flatnonzero((refs != NO_REF) & ((refs >= self.n_types) | (refs < self.n_resources)))
         if bad.size:
-            raise BlobFormatError(f"schema blob property {int(bad[0])} refers to type {int(refs[bad[0]])}, not an object type")
+            raise BlobFormatError(
+                f"schema blob property {int(bad[0])} refers to type {int(refs[bad[0]])}, not an object type"
+            )
         strings = self._strings
         previous: bytes | None = None
         for i, (off, n) in enumerate(zip(t["name_off"].tolist(), t["name_len"].tolist())):
@@ -434,7 +475,9 @@ class SchemaBlob:
             if i == self.n_resources:
                 previous = None
             if previous is not None and name <= previous:
-                raise BlobFormatError(f"schema blob type table is not sorted (or has a duplicate) at type {i}")
+                raise BlobFormatError(
+                    f"schema blob type table is not sorted (or has a duplicate) at type {i}"
+                )
             previous = name
 
     # -- reading -------------------------------------------------------------------
@@ -447,7 +490,9 @@ class SchemaBlob:
             t = self._types
             self._by_token = {
                 (int(k), self._name(o, n)): i
-                for i, (o, n, k) in enumerate(zip(t["name_off"].tolist(), t["name_len"].tolist(), t["kind"].tolist()))
+                for i, (o, n, k) in enumerate(
+                    zip(t["name_off"].tolist(), t["name_len"].tolist(), t["kind"].tolist())
+                )
             }
         return self._by_token
 

@@ -6,11 +6,11 @@ User mistakes end as one red line on stderr and a non-zero exit code, never a tr
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
-from .._cli_output import console, errors
+from .._cli_output import console
 from .._cli_output import fail as _fail
 from ..errors import WasmshareError
 
@@ -37,7 +37,9 @@ def _size(text: str) -> int:
 def demo(
     size: Annotated[str, typer.Option(help="Schema size: 100MiB, 5MB, ...")] = "100MiB",
     plugins: Annotated[int, typer.Option(help="Plugin processes to start.")] = 8,
-    mode: Annotated[str, typer.Option(help="loan, embedded, copy or all (the copying design is always shown).")] = "loan",
+    mode: Annotated[
+        str, typer.Option(help="loan, embedded, copy or all (the copying design is always shown).")
+    ] = "loan",
     seed: Annotated[int, typer.Option(help="Seed of the generated schema.")] = 0,
 ) -> None:
     """Generate a schema, run N type-check plugins on it, and print their memory (PSS and RSS)."""
@@ -60,7 +62,9 @@ def generate(
     output: Annotated[Path, typer.Argument(help="The blob file to write.")],
     size: Annotated[str, typer.Option(help="Schema size: 100MiB, 5MB, ...")] = "100MiB",
     seed: Annotated[int, typer.Option(help="Seed of the generated schema.")] = 0,
-    json_output: Annotated[Optional[Path], typer.Option("--json", help="Also write the schema JSON alone here.")] = None,
+    json_output: Annotated[
+        Path | None, typer.Option("--json", help="Also write the schema JSON alone here.")
+    ] = None,
 ) -> None:
     """Write a generated provider-like schema as a blob (header, index, JSON)."""
     from .blob import SchemaBlob
@@ -86,7 +90,9 @@ def generate(
 def check(
     programs: Annotated[list[Path], typer.Argument(help="YAML programs with a 'resources' section.")],
     blob: Annotated[Path, typer.Option(help="A schema blob file (wasmshare plugins generate).")],
-    module: Annotated[Optional[Path], typer.Option(help="A plugin module (default: the type-check plugin).")] = None,
+    module: Annotated[
+        Path | None, typer.Option(help="A plugin module (default: the type-check plugin).")
+    ] = None,
 ) -> None:
     """Type-check YAML programs against a schema blob in a sandboxed plugin process."""
     from ._safe_input import read_user_file
@@ -101,8 +107,11 @@ def check(
             host.spawn(1)
             for path in programs:
                 text = read_user_file(  # its errors name the file; the handler below prints them
-                    path, label=f"program {path}", max_bytes=PROGRAM_TEXT_MAX_BYTES,
-                    limit_name="PROGRAM_TEXT_MAX_BYTES", error=ProgramError,
+                    path,
+                    label=f"program {path}",
+                    max_bytes=PROGRAM_TEXT_MAX_BYTES,
+                    limit_name="PROGRAM_TEXT_MAX_BYTES",
+                    error=ProgramError,
                 )
                 try:
                     result = host.check(text)
@@ -114,7 +123,9 @@ def check(
                 failures += 1
                 console.print(f"[red]✗[/] {path}: {result.total} problem(s)", soft_wrap=True)
                 for d in result.diagnostics:
-                    console.print(f"  {d.path}: [yellow]{d.kind}[/] {d.message}", highlight=False, soft_wrap=True)
+                    console.print(
+                        f"  {d.path}: [yellow]{d.kind}[/] {d.message}", highlight=False, soft_wrap=True
+                    )
     except WasmshareError as e:
         raise _fail(str(e)) from None
     raise typer.Exit(1 if failures else 0)

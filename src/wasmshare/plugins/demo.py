@@ -21,7 +21,15 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 from rich.console import Console
-from rich.progress import BarColumn, Progress, SpinnerColumn, TaskID, TaskProgressColumn, TextColumn, TimeElapsedColumn
+from rich.progress import (
+    BarColumn,
+    Progress,
+    SpinnerColumn,
+    TaskID,
+    TaskProgressColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
 from rich.table import Table
 
 from .blob import SchemaBlob
@@ -88,7 +96,9 @@ def _run_mode(progress: Progress, mode: str, source: Any, n: int, program: Progr
         if any(isinstance(r, CheckResult) and r.diagnostics != first.diagnostics for r in results):
             raise RuntimeError(f"{mode}: plugins disagree on the sample program")
         if mode != "none":
-            touch = progress.add_task(f"{_LABELS[mode]}: every plugin reads every page of the blob", total=len(plugins))
+            touch = progress.add_task(
+                f"{_LABELS[mode]}: every plugin reads every page of the blob", total=len(plugins)
+            )
             for p in plugins:
                 p.touch_blob()
                 progress.advance(touch)
@@ -112,16 +122,25 @@ def _embed_in_child(blob_path: Path, out: Path) -> EmbeddedPlugin:
     """Build the embedded artifact in a child process: compiling a module with a large data
     segment takes several times its size in transient memory, which should not stay in this
     host's heap (and in its PSS) afterwards."""
-    code = "import sys; from wasmshare.plugins import embed_plugin; embed_plugin(sys.argv[1], out=sys.argv[2])"
-    proc = subprocess.run([sys.executable, "-c", code, str(blob_path), str(out)], env=_child_env(),
-                          capture_output=True, text=True, check=False)
+    code = (
+        "import sys; from wasmshare.plugins import embed_plugin; embed_plugin(sys.argv[1], out=sys.argv[2])"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", code, str(blob_path), str(out)],
+        env=_child_env(),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if proc.returncode != 0:
         lines = proc.stderr.strip().splitlines()
         raise PluginError(f"building the embedded plugin failed: {lines[-1] if lines else proc.returncode}")
     return EmbeddedPlugin.load(out)
 
 
-def run_demo(console: Console, *, size_bytes: int, plugins: int, mode: DemoMode = "loan", seed: int = 0) -> int:
+def run_demo(
+    console: Console, *, size_bytes: int, plugins: int, mode: DemoMode = "loan", seed: int = 0
+) -> int:
     """Run the demo; returns the exit code. Raises WasmshareError for bad input."""
     if plugins < 1 or plugins > 64:
         raise PluginError(f"--plugins must be between 1 and 64, got {plugins}")
@@ -131,7 +150,13 @@ def run_demo(console: Console, *, size_bytes: int, plugins: int, mode: DemoMode 
     console.rule(f"[bold]one {size_bytes / MIB:,.0f} MiB schema, {plugins} sandboxed plugin processes")
     runs: dict[str, _Run] = {}
     with tempfile.TemporaryDirectory(prefix="wasmshare-plugins-demo-") as tmp:
-        columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), TimeElapsedColumn())
+        columns = (
+            SpinnerColumn(),
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TaskProgressColumn(),
+            TimeElapsedColumn(),
+        )
         with Progress(*columns, console=console, transient=False) as progress:
             gen = progress.add_task("generating the schema and its index", total=1.0)
 
@@ -157,23 +182,34 @@ def run_demo(console: Console, *, size_bytes: int, plugins: int, mode: DemoMode 
             runs["none"] = _run_mode(progress, "none", None, plugins, program)
             runs["copy"] = _run_mode(progress, "copy", blob_path, plugins, program)
             if "loan" in ours:
-                pub_task = progress.add_task("loan: publishing the blob (sealed memfd, validated)", total=None)
+                pub_task = progress.add_task(
+                    "loan: publishing the blob (sealed memfd, validated)", total=None
+                )
                 publication = _in_thread(progress, pub_task, lambda: Publication.publish(blob_path))
                 try:
                     runs["loan"] = _run_mode(progress, "loan", publication, plugins, program)
                 finally:
                     publication.release()
             if "embedded" in ours:
-                emb_task = progress.add_task("embedded: embedding the blob in the plugin, compiling once", total=None)
+                emb_task = progress.add_task(
+                    "embedded: embedding the blob in the plugin, compiling once", total=None
+                )
                 artifact_path = Path(tmp) / "typecheck-embedded.cwasm"
-                artifact: EmbeddedPlugin = _in_thread(progress, emb_task, lambda: _embed_in_child(blob_path, artifact_path))
-                progress.update(emb_task, description=f"embedded: compiled the plugin with its blob in {artifact.compile_s:.1f} s")
+                artifact: EmbeddedPlugin = _in_thread(
+                    progress, emb_task, lambda: _embed_in_child(blob_path, artifact_path)
+                )
+                progress.update(
+                    emb_task,
+                    description=f"embedded: compiled the plugin with its blob in {artifact.compile_s:.1f} s",
+                )
                 runs["embedded"] = _run_mode(progress, "embedded", artifact, plugins, program)
     _print_results(console, runs, ours, blob_nbytes, plugins)
     return 0
 
 
-def _print_results(console: Console, runs: dict[str, _Run], ours: list[str], blob_nbytes: int, n: int) -> None:
+def _print_results(
+    console: Console, runs: dict[str, _Run], ours: list[str], blob_nbytes: int, n: int
+) -> None:
     first = runs["copy"].result
     console.print(
         f"\nsample program: {len(runs['copy'].result.diagnostics)} diagnostics, the same in every plugin of every design"
@@ -181,7 +217,9 @@ def _print_results(console: Console, runs: dict[str, _Run], ours: list[str], blo
     for d in first.diagnostics[:5]:
         console.print(f"  [yellow]{d.kind}[/] {d.path}: {d.message}", highlight=False)
     shown = [*ours, "copy"]
-    table = Table(title=f"memory with all {n} plugins alive (MiB; each plugin has read every page of the blob)")
+    table = Table(
+        title=f"memory with all {n} plugins alive (MiB; each plugin has read every page of the blob)"
+    )
     table.add_column("process")
     for m in shown:
         table.add_column(f"{_LABELS[m]} PSS", justify="right")
@@ -225,4 +263,6 @@ def _print_results(console: Console, runs: dict[str, _Run], ours: list[str], blo
             f"{base.total.pss_mib:,.0f} MiB, {(base.total.pss_bytes - none_total) / blob_nbytes:.2f} copies",
             highlight=False,
         )
-    console.print("PSS counts a page shared by k processes 1/k to each (/proc/PID/smaps_rollup); RSS counts it k times")
+    console.print(
+        "PSS counts a page shared by k processes 1/k to each (/proc/PID/smaps_rollup); RSS counts it k times"
+    )

@@ -75,7 +75,9 @@ class EmbeddedPlugin:
         p = Path(path)
         meta = Path(str(p) + ".json")
         raw = read_user_file(
-            meta, label=f"embedded plugin metadata {meta}", max_bytes=METADATA_FILE_MAX_BYTES,
+            meta,
+            label=f"embedded plugin metadata {meta}",
+            max_bytes=METADATA_FILE_MAX_BYTES,
             limit_name="METADATA_FILE_MAX_BYTES",
         )
         try:
@@ -123,7 +125,10 @@ def embed_plugin(
         data = bytes(blob)
     else:
         data = read_user_file(
-            blob, label=f"blob file {os.fspath(blob)!r}", max_bytes=BLOB_FILE_MAX_BYTES, limit_name="BLOB_FILE_MAX_BYTES"
+            blob,
+            label=f"blob file {os.fspath(blob)!r}",
+            max_bytes=BLOB_FILE_MAX_BYTES,
+            limit_name="BLOB_FILE_MAX_BYTES",
         )
     SchemaBlob(data).release()  # validate before anything is written
     options = _engine.EngineOptions(fuel=fuel, epoch=deadline)
@@ -131,7 +136,10 @@ def embed_plugin(
     module_sha = hashlib.sha256(wasm).hexdigest()
     if out is None:
         root = _engine.default_cache_dir() / "plugins"
-        path = root / f"{module_sha[:16]}-{blob_sha[:16]}-{options.cache_tag}-wasmtime{_wasmtime_version()}.cwasm"
+        path = (
+            root
+            / f"{module_sha[:16]}-{blob_sha[:16]}-{options.cache_tag}-wasmtime{_wasmtime_version()}.cwasm"
+        )
         try:
             cached = EmbeddedPlugin.load(path)
         except PluginError:

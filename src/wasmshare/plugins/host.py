@@ -142,8 +142,11 @@ def _read_module_file(module: str | os.PathLike[str], label: str | None = None) 
     refused at once instead of blocking or reading forever.
     """
     return read_user_file(
-        module, label=label or f"plugin module {os.fspath(module)}", max_bytes=MODULE_FILE_MAX_BYTES,
-        limit_name="MODULE_FILE_MAX_BYTES", error=PluginModuleError,
+        module,
+        label=label or f"plugin module {os.fspath(module)}",
+        max_bytes=MODULE_FILE_MAX_BYTES,
+        limit_name="MODULE_FILE_MAX_BYTES",
+        error=PluginModuleError,
     )
 
 
@@ -181,7 +184,10 @@ def _error_from_reply(reply: dict[str, Any], plugin: str) -> WasmshareError:
     if kind == "GuestLimitExceeded":
         limits: dict[Any, LimitKind] = {"fuel": "fuel", "memory": "memory", "deadline": "deadline"}
         return GuestLimitExceeded(
-            message, limit=limits.get(reply.get("limit"), "memory"), guest=plugin, trap_code=reply.get("trap_code")
+            message,
+            limit=limits.get(reply.get("limit"), "memory"),
+            guest=plugin,
+            trap_code=reply.get("trap_code"),
         )
     if kind == "GuestTrap":
         return GuestTrap(message, guest=plugin, trap_code=reply.get("trap_code"))
@@ -302,7 +308,9 @@ class Plugin:
             code = self.process.wait()
         self._dead_reason = f"plugin '{self.name}' (pid {self.pid}) {_describe_exit(code)} {when}"
         if isinstance(cause, socket.timeout):
-            self._dead_reason = f"plugin '{self.name}' (pid {self.pid}) did not answer in time {when}; it was killed"
+            self._dead_reason = (
+                f"plugin '{self.name}' (pid {self.pid}) did not answer in time {when}; it was killed"
+            )
         return PluginCrashed(self._dead_reason, plugin=self.name, returncode=code)
 
     def _request(self, message: dict[str, Any], timeout_s: float | None) -> dict[str, Any]:
@@ -349,7 +357,9 @@ class Plugin:
         with self._lock:
             t0 = time.perf_counter()
             io[: len(encoded)] = np.frombuffer(encoded, dtype=np.uint8)
-            reply = self._request({"op": "check", "len": len(encoded), "out": out_off, "cap": cap}, self.host.query_timeout_s)
+            reply = self._request(
+                {"op": "check", "len": len(encoded), "out": out_off, "cap": cap}, self.host.query_timeout_s
+            )
             rc = int(reply["rc"])
             if rc < 0:
                 raise PluginError(
@@ -458,7 +468,9 @@ class PluginHost:
         if by not in ("fd", "name"):
             raise PluginError(f"by must be 'fd' or 'name', got {by!r}")
         if not isinstance(memory_limit_bytes, int) or memory_limit_bytes < WASM_PAGE:
-            raise PluginError(f"memory_limit_bytes must be an int of at least {WASM_PAGE}, got {memory_limit_bytes!r}")
+            raise PluginError(
+                f"memory_limit_bytes must be an int of at least {WASM_PAGE}, got {memory_limit_bytes!r}"
+            )
         if not isinstance(io_nbytes, int) or io_nbytes < 8192:
             raise PluginError(f"io_nbytes must be an int of at least 8192, got {io_nbytes!r}")
         self.memory_limit_bytes = memory_limit_bytes
@@ -484,7 +496,9 @@ class PluginHost:
             self.blob_nbytes = blob.nbytes
             if by == "name":
                 if blob.name is None:
-                    raise PluginError("by='name' needs a blob published with a name (Publication.publish(blob, name=...))")
+                    raise PluginError(
+                        "by='name' needs a blob published with a name (Publication.publish(blob, name=...))"
+                    )
                 self.blob_name = blob.name
         elif self.mode == "embedded":
             if not isinstance(blob, EmbeddedPlugin):
@@ -674,7 +688,10 @@ class PluginHost:
 def _open_blob_file(path: str | os.PathLike[str]) -> tuple[int, int]:
     """``(fd, size_bytes)`` of a blob file, checked as a user's path (regular, at most :data:`BLOB_FILE_MAX_BYTES`)."""
     return open_user_file(
-        path, label=f"blob file {os.fspath(path)!r}", max_bytes=BLOB_FILE_MAX_BYTES, limit_name="BLOB_FILE_MAX_BYTES"
+        path,
+        label=f"blob file {os.fspath(path)!r}",
+        max_bytes=BLOB_FILE_MAX_BYTES,
+        limit_name="BLOB_FILE_MAX_BYTES",
     )
 
 
@@ -689,7 +706,9 @@ def _infer_mode(blob: object) -> Mode:
         return "embedded"
     if isinstance(blob, (bytes, bytearray, str, os.PathLike)):
         return "copy"
-    raise PluginError(f"cannot run plugins on a {type(blob).__name__}; pass a Publication, EmbeddedPlugin, path or bytes")
+    raise PluginError(
+        f"cannot run plugins on a {type(blob).__name__}; pass a Publication, EmbeddedPlugin, path or bytes"
+    )
 
 
 def results_agree(results: Sequence[CheckResult | WasmshareError]) -> bool:

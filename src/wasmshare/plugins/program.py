@@ -115,7 +115,9 @@ class Program:
     def of(cls, resources: Mapping[str, Mapping[str, Any]]) -> Program:
         """A program from ``{name: {"type": token, "properties": {...}}}`` (the YAML's ``resources``)."""
         if not isinstance(resources, Mapping):
-            raise ProgramError(f"'resources' must be a mapping of name to resource, got {type(resources).__name__}")
+            raise ProgramError(
+                f"'resources' must be a mapping of name to resource, got {type(resources).__name__}"
+            )
         out = []
         for name, body in resources.items():
             where = f"resources.{name}"
@@ -185,7 +187,10 @@ def _check_text_size(text: str | bytes) -> None:
         raise ProgramError(f"a program is YAML text (str or bytes), not {type(text).__name__}")
     nbytes, exact = len(text), not isinstance(text, str) or text.isascii()
     if isinstance(text, str) and not exact and PROGRAM_TEXT_MAX_BYTES // 4 < nbytes <= PROGRAM_TEXT_MAX_BYTES:
-        nbytes, exact = len(text.encode("utf-8", "surrogatepass")), True  # only where the characters do not settle it
+        nbytes, exact = (
+            len(text.encode("utf-8", "surrogatepass")),
+            True,
+        )  # only where the characters do not settle it
     if nbytes > PROGRAM_TEXT_MAX_BYTES:
         raise ProgramError(
             f"program is {'' if exact else 'at least '}{nbytes:,} bytes, over the {PROGRAM_TEXT_MAX_BYTES:,}-byte "
@@ -230,7 +235,9 @@ def _check_program_events(events: Iterable[Any]) -> None:
 
     def define(anchor: str | None, event: Any) -> None:
         if anchor is not None and (anchor in anchors or anchor in open_anchors):
-            raise ProgramError(f"program is not valid YAML: the anchor &{anchor} is defined twice{_at(event)}")
+            raise ProgramError(
+                f"program is not valid YAML: the anchor &{anchor} is defined twice{_at(event)}"
+            )
 
     def grow(n: int, c: int, event: Any) -> None:
         nonlocal nodes, chars
@@ -279,12 +286,16 @@ def _check_program_events(events: Iterable[Any]) -> None:
                     "a recursive structure, which a program cannot be"
                 )
             if name not in anchors:
-                raise ProgramError(f"program is not valid YAML: the alias *{name} has no anchor before it{_at(event)}")
+                raise ProgramError(
+                    f"program is not valid YAML: the alias *{name} has no anchor before it{_at(event)}"
+                )
             grow(*anchors[name], event)
         elif isinstance(event, yaml.DocumentStartEvent):
             documents += 1
             if documents > 1:
-                raise ProgramError(f"program has a second YAML document{_at(event)}; a program is one document")
+                raise ProgramError(
+                    f"program has a second YAML document{_at(event)}; a program is one document"
+                )
             anchors.clear()  # anchors are per document
 
 
@@ -338,7 +349,9 @@ class _Encoder:
                 kind = self.nodes[index][0]
                 if kind not in (V_MAP, V_LIST):
                     continue
-                if len(self.nodes) + len(v) > PROGRAM_MAX_NODES:  # a Program built in Python may share or cycle
+                if (
+                    len(self.nodes) + len(v) > PROGRAM_MAX_NODES
+                ):  # a Program built in Python may share or cycle
                     raise ProgramError(
                         f"the program has more than {PROGRAM_MAX_NODES:,} nodes as a tree (limit PROGRAM_MAX_NODES); "
                         "does a value contain itself?"
@@ -380,7 +393,9 @@ def decode_diagnostics(out: Any, program: Program) -> tuple[list[Diagnostic], in
         raise PluginError("plugin output is shorter than its header")
     n_written, n_total, used, _ = _OUT_HEADER.unpack_from(mv, 0)
     if used > mv.nbytes or n_written > n_total:
-        raise PluginError(f"plugin output header is inconsistent ({n_written} written, {n_total} total, {used} bytes)")
+        raise PluginError(
+            f"plugin output header is inconsistent ({n_written} written, {n_total} total, {used} bytes)"
+        )
     pos = _OUT_HEADER.size
     diags = []
     for _ in range(n_written):
@@ -471,7 +486,11 @@ def reference_check(schema: Mapping[str, Any], program: Program) -> list[Diagnos
             "object": v == V_MAP,
         }[kind]
         if not ok:
-            out.append(Diagnostic(path, "wrong-type", kind, VALUE_NAMES[v], message=f"expected {kind}, got {VALUE_NAMES[v]}"))
+            out.append(
+                Diagnostic(
+                    path, "wrong-type", kind, VALUE_NAMES[v], message=f"expected {kind}, got {VALUE_NAMES[v]}"
+                )
+            )
             return
         if kind == "object":
             nested = types.get(detail)
@@ -488,7 +507,9 @@ def reference_check(schema: Mapping[str, Any], program: Program) -> list[Diagnos
         base = f"resources.{res.name}"
         spec = resources.get(res.type)
         if not isinstance(spec, Mapping):
-            out.append(Diagnostic(f"{base}.type", "unknown-type", message=f"unknown resource type {res.type!r}"))
+            out.append(
+                Diagnostic(f"{base}.type", "unknown-type", message=f"unknown resource type {res.type!r}")
+            )
             continue
         if res.properties is None:
             continue
@@ -497,12 +518,17 @@ def reference_check(schema: Mapping[str, Any], program: Program) -> list[Diagnos
             continue
         if v != V_MAP:
             out.append(
-                Diagnostic(f"{base}.properties", "wrong-type", "object", VALUE_NAMES[v], message=f"expected object, got {VALUE_NAMES[v]}")
+                Diagnostic(
+                    f"{base}.properties",
+                    "wrong-type",
+                    "object",
+                    VALUE_NAMES[v],
+                    message=f"expected object, got {VALUE_NAMES[v]}",
+                )
             )
             continue
         check_props(res.properties, spec.get("inputProperties") or {}, f"{base}.properties")
     return out
-
 
 
 # --------------------------------------------------------------------------- sample programs
@@ -575,6 +601,10 @@ def program_yaml(program: Program) -> str:
     """The program as Pulumi-style YAML text (needs PyYAML)."""
     import yaml
 
-    doc = {"resources": {r.name: {"type": r.type, **({"properties": r.properties} if r.properties is not None else {})}
-                         for r in program.resources}}
+    doc = {
+        "resources": {
+            r.name: {"type": r.type, **({"properties": r.properties} if r.properties is not None else {})}
+            for r in program.resources
+        }
+    }
     return str(yaml.safe_dump(doc, sort_keys=False))

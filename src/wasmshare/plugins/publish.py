@@ -256,7 +256,9 @@ class Publication:
     last one exits. Safe to call twice.
     """
 
-    def __init__(self, region: Region, *, name: str | None, inode: int, device: int, _token: object = None) -> None:
+    def __init__(
+        self, region: Region, *, name: str | None, inode: int, device: int, _token: object = None
+    ) -> None:
         if _token is not _CONSTRUCT:
             raise PluginError("use Publication.publish(blob)")
         self.region = region
@@ -298,7 +300,13 @@ class Publication:
                     pass
             region.close()
             raise
-        pub = cls(region, name=None if name is None else _bare(name), inode=st.st_ino, device=st.st_dev, _token=_CONSTRUCT)
+        pub = cls(
+            region,
+            name=None if name is None else _bare(name),
+            inode=st.st_ino,
+            device=st.st_dev,
+            _token=_CONSTRUCT,
+        )
         pub._schema = schema
         return pub
 
@@ -525,7 +533,9 @@ class BlobLease:
         try:
             fd = _shm_open_regular(path)
         except FileNotFoundError as e:
-            raise PluginError(f"no blob is published as {bare!r} (never published, or already released)") from e
+            raise PluginError(
+                f"no blob is published as {bare!r} (never published, or already released)"
+            ) from e
         except OSError as e:
             raise PluginError(f"cannot open blob {bare!r}: {e.strerror}") from e
         try:

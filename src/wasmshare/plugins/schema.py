@@ -177,7 +177,11 @@ class _Generator:
             kind, item = T_MAP, T_STRING
         elif nested and r < 0.14:
             ref = nested[int(rnd.random() * len(nested))]
-            kind, item = (T_OBJECT, 0) if rnd.random() < 0.6 else ((T_ARRAY, T_OBJECT) if rnd.random() < 0.8 else (T_MAP, T_OBJECT))
+            kind, item = (
+                (T_OBJECT, 0)
+                if rnd.random() < 0.6
+                else ((T_ARRAY, T_OBJECT) if rnd.random() < 0.8 else (T_MAP, T_OBJECT))
+            )
         elif r < 0.55:
             kind, item = T_STRING, 0
         elif r < 0.70:
@@ -192,25 +196,33 @@ class _Generator:
             kind, item = T_MAP, T_STRING
         else:
             kind, item = T_ANY, 0
-        text = '{' + _type_text(kind, item, ref, self.provider) + ',"description":"' + desc + '"'
+        text = "{" + _type_text(kind, item, ref, self.provider) + ',"description":"' + desc + '"'
         if rnd.random() < 0.05:
             text += ',"willReplaceOnChanges":true'
         text += "}"
         return json.dumps(name) + ":" + text, (name, kind, item, ref, False)
 
-    def fixed_props(self, fields: list[tuple[str, int, int, str | None]], module: str) -> tuple[str, list[PropSpec]]:
+    def fixed_props(
+        self, fields: list[tuple[str, int, int, str | None]], module: str
+    ) -> tuple[str, list[PropSpec]]:
         """The JSON text and index entries of hand-shaped properties (nested types by name, in ``module``)."""
         pieces, specs = [], []
         for name, kind, item, nested in fields:
             ref = f"{self.provider}:{module}/{nested}:{nested}" if nested else None
             pieces.append(
-                json.dumps(name) + ':{' + _type_text(kind, item, ref, self.provider)
-                + ',"description":"' + self.description(8, 60) + '"}'
+                json.dumps(name)
+                + ":{"
+                + _type_text(kind, item, ref, self.provider)
+                + ',"description":"'
+                + self.description(8, 60)
+                + '"}'
             )
             specs.append((name, kind, item, ref, False))
         return "{" + ",".join(pieces) + "}", specs
 
-    def canonical(self) -> tuple[list[tuple[str, str, list[PropSpec]]], list[tuple[str, str, list[PropSpec]]]]:
+    def canonical(
+        self,
+    ) -> tuple[list[tuple[str, str, list[PropSpec]]], list[tuple[str, str, list[PropSpec]]]]:
         """The well-known resources (and their nested types) every schema starts with."""
         types, resources = [], []
         for path, fields, nested in CANONICAL:
@@ -219,14 +231,27 @@ class _Generator:
             for name, nfields in nested.items():
                 token = f"{self.provider}:{module}/{name}:{name}"
                 body, specs = self.fixed_props(nfields, module)
-                text = '{"description":"' + self.description(10, 80) + '","properties":' + body + ',"type":"object"}'
+                text = (
+                    '{"description":"'
+                    + self.description(10, 80)
+                    + '","properties":'
+                    + body
+                    + ',"type":"object"}'
+                )
                 types.append((token, text, specs))
                 self.used.add(token)
             token = f"{self.provider}:{path}"
             body, specs = self.fixed_props(fields, module)
             text = (
-                '{"description":"Provides a ' + pascal + " resource. " + self.description(60, 900)
-                + '","properties":' + body + ',"required":[],"inputProperties":' + body + ',"requiredInputs":[]}'
+                '{"description":"Provides a '
+                + pascal
+                + " resource. "
+                + self.description(60, 900)
+                + '","properties":'
+                + body
+                + ',"required":[],"inputProperties":'
+                + body
+                + ',"requiredInputs":[]}'
             )
             resources.append((token, text, specs))
             self.used.add(token)
@@ -274,8 +299,13 @@ class _Generator:
             self.used.add(t)
             body, specs, required = self.props(2 + int(rnd.random() * 10), nested_tokens[-2:])
             text = (
-                '{"description":"' + self.description(10, 80) + '","properties":' + body
-                + ',"required":' + json.dumps(required, separators=(",", ":")) + ',"type":"object"}'
+                '{"description":"'
+                + self.description(10, 80)
+                + '","properties":'
+                + body
+                + ',"required":'
+                + json.dumps(required, separators=(",", ":"))
+                + ',"type":"object"}'
             )
             nested_types.append((t, text, specs))
             nested_tokens.append(t)
@@ -288,11 +318,19 @@ class _Generator:
         # Outputs: the inputs again plus a few output-only properties (an ARN, computed values).
         outputs_all = inputs[:-1] + ("," if len(inputs) > 2 else "") + extra_outputs[1:]
         text = (
-            '{"description":"Provides a ' + pascal + " resource. " + self.description(60, 900)
-            + '","properties":' + outputs_all
-            + ',"required":' + json.dumps(["arn", *required], separators=(",", ":"))
-            + ',"inputProperties":' + inputs
-            + ',"requiredInputs":' + json.dumps(required, separators=(",", ":")) + "}"
+            '{"description":"Provides a '
+            + pascal
+            + " resource. "
+            + self.description(60, 900)
+            + '","properties":'
+            + outputs_all
+            + ',"required":'
+            + json.dumps(["arn", *required], separators=(",", ":"))
+            + ',"inputProperties":'
+            + inputs
+            + ',"requiredInputs":'
+            + json.dumps(required, separators=(",", ":"))
+            + "}"
         )
         return nested_types, (token, text, specs)
 
@@ -301,43 +339,91 @@ class _Generator:
 # such as an S3 bucket with versioning and lifecycle rules read naturally). Properties:
 # (name, type, item type, nested type name or None). "{p}" is the provider.
 _S, _N, _I, _B, _A, _M, _O = T_STRING, T_NUMBER, T_INTEGER, T_BOOLEAN, T_ARRAY, T_MAP, T_OBJECT
-CANONICAL: tuple[tuple[str, list[tuple[str, int, int, str | None]], dict[str, list[tuple[str, int, int, str | None]]]], ...] = (
+CANONICAL: tuple[
+    tuple[str, list[tuple[str, int, int, str | None]], dict[str, list[tuple[str, int, int, str | None]]]], ...
+] = (
     (
         "s3/bucket:Bucket",
-        [("bucket", _S, 0, None), ("acl", _S, 0, None), ("forceDestroy", _B, 0, None), ("tags", _M, _S, None),
-         ("versioning", _O, 0, "BucketVersioning"), ("lifecycleRules", _A, _O, "BucketLifecycleRule"),
-         ("website", _O, 0, "BucketWebsite"), ("corsRules", _A, _O, "BucketCorsRule"), ("policy", _S, 0, None)],
+        [
+            ("bucket", _S, 0, None),
+            ("acl", _S, 0, None),
+            ("forceDestroy", _B, 0, None),
+            ("tags", _M, _S, None),
+            ("versioning", _O, 0, "BucketVersioning"),
+            ("lifecycleRules", _A, _O, "BucketLifecycleRule"),
+            ("website", _O, 0, "BucketWebsite"),
+            ("corsRules", _A, _O, "BucketCorsRule"),
+            ("policy", _S, 0, None),
+        ],
         {
             "BucketVersioning": [("enabled", _B, 0, None), ("mfaDelete", _B, 0, None)],
-            "BucketLifecycleRule": [("id", _S, 0, None), ("enabled", _B, 0, None), ("prefix", _S, 0, None),
-                                    ("expiration", _O, 0, "BucketLifecycleRuleExpiration"), ("tags", _M, _S, None)],
-            "BucketLifecycleRuleExpiration": [("days", _I, 0, None), ("date", _S, 0, None),
-                                              ("expiredObjectDeleteMarker", _B, 0, None)],
+            "BucketLifecycleRule": [
+                ("id", _S, 0, None),
+                ("enabled", _B, 0, None),
+                ("prefix", _S, 0, None),
+                ("expiration", _O, 0, "BucketLifecycleRuleExpiration"),
+                ("tags", _M, _S, None),
+            ],
+            "BucketLifecycleRuleExpiration": [
+                ("days", _I, 0, None),
+                ("date", _S, 0, None),
+                ("expiredObjectDeleteMarker", _B, 0, None),
+            ],
             "BucketWebsite": [("indexDocument", _S, 0, None), ("errorDocument", _S, 0, None)],
-            "BucketCorsRule": [("allowedMethods", _A, _S, None), ("allowedOrigins", _A, _S, None),
-                               ("maxAgeSeconds", _I, 0, None)],
+            "BucketCorsRule": [
+                ("allowedMethods", _A, _S, None),
+                ("allowedOrigins", _A, _S, None),
+                ("maxAgeSeconds", _I, 0, None),
+            ],
         },
     ),
     (
         "iam/role:Role",
-        [("name", _S, 0, None), ("assumeRolePolicy", _S, 0, None), ("description", _S, 0, None),
-         ("maxSessionDuration", _I, 0, None), ("managedPolicyArns", _A, _S, None), ("tags", _M, _S, None),
-         ("inlinePolicies", _A, _O, "RoleInlinePolicy")],
+        [
+            ("name", _S, 0, None),
+            ("assumeRolePolicy", _S, 0, None),
+            ("description", _S, 0, None),
+            ("maxSessionDuration", _I, 0, None),
+            ("managedPolicyArns", _A, _S, None),
+            ("tags", _M, _S, None),
+            ("inlinePolicies", _A, _O, "RoleInlinePolicy"),
+        ],
         {"RoleInlinePolicy": [("name", _S, 0, None), ("policy", _S, 0, None)]},
     ),
     (
         "ec2/instance:Instance",
-        [("ami", _S, 0, None), ("instanceType", _S, 0, None), ("subnetId", _S, 0, None),
-         ("vpcSecurityGroupIds", _A, _S, None), ("associatePublicIpAddress", _B, 0, None), ("tags", _M, _S, None),
-         ("rootBlockDevice", _O, 0, "InstanceRootBlockDevice"), ("cpuCoreCount", _I, 0, None)],
-        {"InstanceRootBlockDevice": [("volumeSize", _I, 0, None), ("volumeType", _S, 0, None),
-                                     ("encrypted", _B, 0, None), ("iops", _I, 0, None), ("throughput", _N, 0, None)]},
+        [
+            ("ami", _S, 0, None),
+            ("instanceType", _S, 0, None),
+            ("subnetId", _S, 0, None),
+            ("vpcSecurityGroupIds", _A, _S, None),
+            ("associatePublicIpAddress", _B, 0, None),
+            ("tags", _M, _S, None),
+            ("rootBlockDevice", _O, 0, "InstanceRootBlockDevice"),
+            ("cpuCoreCount", _I, 0, None),
+        ],
+        {
+            "InstanceRootBlockDevice": [
+                ("volumeSize", _I, 0, None),
+                ("volumeType", _S, 0, None),
+                ("encrypted", _B, 0, None),
+                ("iops", _I, 0, None),
+                ("throughput", _N, 0, None),
+            ]
+        },
     ),
     (
         "lambda/function:Function",
-        [("role", _S, 0, None), ("handler", _S, 0, None), ("runtime", _S, 0, None), ("memorySize", _I, 0, None),
-         ("timeout", _I, 0, None), ("environment", _O, 0, "FunctionEnvironment"), ("layers", _A, _S, None),
-         ("tags", _M, _S, None)],
+        [
+            ("role", _S, 0, None),
+            ("handler", _S, 0, None),
+            ("runtime", _S, 0, None),
+            ("memorySize", _I, 0, None),
+            ("timeout", _I, 0, None),
+            ("environment", _O, 0, "FunctionEnvironment"),
+            ("layers", _A, _S, None),
+            ("tags", _M, _S, None),
+        ],
         {"FunctionEnvironment": [("variables", _M, _S, None)]},
     ),
 )
@@ -349,7 +435,11 @@ def _type_text(kind: int, item: int, ref: str | None, provider: str) -> str:
             return '"$ref":"#/types/' + (r or "") + '"'
         if k == T_ANY:
             return '"$ref":"pulumi.json#/Any"'
-        return '"type":"' + {T_STRING: "string", T_NUMBER: "number", T_INTEGER: "integer", T_BOOLEAN: "boolean"}[k] + '"'
+        return (
+            '"type":"'
+            + {T_STRING: "string", T_NUMBER: "number", T_INTEGER: "integer", T_BOOLEAN: "boolean"}[k]
+            + '"'
+        )
 
     if kind == T_ARRAY:
         return '"type":"array","items":{' + one(item, ref) + "}"
@@ -368,7 +458,11 @@ def _generate(size_bytes: int, seed: int, provider: str, progress: Progress | No
             "displayName": provider.upper(),
             "version": "6.0.0-synthetic",
             "description": "A synthetic provider schema generated by wasmshare (seed " + str(seed) + ").",
-            "config": {"variables": {"region": {"type": "string", "description": "The region to manage resources in."}}},
+            "config": {
+                "variables": {
+                    "region": {"type": "string", "description": "The region to manage resources in."}
+                }
+            },
         },
         separators=(",", ":"),
     )[:-1]
@@ -397,7 +491,9 @@ def _generate(size_bytes: int, seed: int, provider: str, progress: Progress | No
     return writer
 
 
-def generate_blob(size_bytes: int, *, seed: int = 0, provider: str = "aws", progress: Progress | None = None) -> bytes:
+def generate_blob(
+    size_bytes: int, *, seed: int = 0, provider: str = "aws", progress: Progress | None = None
+) -> bytes:
     """Generate a provider schema of about ``size_bytes`` of JSON and return it as a blob (index included).
 
     Equal to ``build_blob(generate_schema(size_bytes, seed=seed))``, without parsing the
@@ -406,15 +502,28 @@ def generate_blob(size_bytes: int, *, seed: int = 0, provider: str = "aws", prog
     return _generate(size_bytes, seed, provider, progress).finish("}", progress)
 
 
-def generate_schema(size_bytes: int, *, seed: int = 0, provider: str = "aws", progress: Progress | None = None) -> bytes:
+def generate_schema(
+    size_bytes: int, *, seed: int = 0, provider: str = "aws", progress: Progress | None = None
+) -> bytes:
     """Generate a provider schema of about ``size_bytes`` bytes of compact JSON (the document alone)."""
     writer = _generate(size_bytes, seed, provider, progress)
     writer.write("}")
     return "".join(writer.pieces).encode("ascii")
 
 
-_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
-          "g": 1000**3, "gb": 1000**3, "gib": 1024**3}
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1024,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1024**2,
+    "g": 1000**3,
+    "gb": 1000**3,
+    "gib": 1024**3,
+}
 
 
 def parse_size(text: str) -> int:
@@ -427,7 +536,9 @@ def parse_size(text: str) -> int:
     m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([A-Za-z]*)\s*", text)
     unit = m.group(2).lower() if m else ""
     if m is None or unit not in _UNITS:
-        raise ValueError(f"invalid size {text!r}: use a number with an optional unit, like 100MiB, 5MB or 2GiB")
+        raise ValueError(
+            f"invalid size {text!r}: use a number with an optional unit, like 100MiB, 5MB or 2GiB"
+        )
     value = int(float(m.group(1)) * _UNITS[unit])
     if value <= 0:
         raise ValueError(f"invalid size {text!r}: it must be more than 0 bytes")

@@ -10,4 +10,11 @@ from .app import ServerConfig, create_app
 from .controllers import ControllerRejected, ControllerStore, StoredController
 from .service import EngineService
 
-__all__ = ["ServerConfig", "create_app", "ControllerStore", "ControllerRejected", "StoredController", "EngineService"]
+__all__ = [
+    "ServerConfig",
+    "create_app",
+    "ControllerStore",
+    "ControllerRejected",
+    "StoredController",
+    "EngineService",
+]

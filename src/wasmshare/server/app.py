@@ -84,21 +84,31 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         first = exc.errors()[0] if exc.errors() else {}
         where = ".".join(str(p) for p in first.get("loc", ()) if p != "body")
-        message = f"{where}: {first.get('msg', 'invalid value')}" if where else str(first.get("msg", "invalid body"))
+        message = (
+            f"{where}: {first.get('msg', 'invalid value')}"
+            if where
+            else str(first.get("msg", "invalid body"))
+        )
         return JSONResponse(error_body(message, param=where or None), status_code=400)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         # The last line of defence: a bug must still answer in OpenAI's shape, and say no more.
         log.error("unexpected error on %s: %s: %s", request.url.path, type(exc).__name__, exc)
-        return JSONResponse(error_body("internal error; the server logged it", type="server_error"), status_code=500)
+        return JSONResponse(
+            error_body("internal error; the server logged it", type="server_error"), status_code=500
+        )
 
     # -- plain routes ----------------------------------------------------------------------------------
 
     @app.get("/health")
     async def health() -> JSONResponse:
-        body = {"status": "ok" if service.alive else "engine stopped", "model": model_name,
-                "running": service.running, "waiting": service.waiting}
+        body = {
+            "status": "ok" if service.alive else "engine stopped",
+            "model": model_name,
+            "running": service.running,
+            "waiting": service.waiting,
+        }
         return JSONResponse(body, status_code=200 if service.alive else 503)
 
     @app.get("/metrics")
@@ -111,8 +121,12 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
 
     def check_model(name: str | None) -> None:
         if name not in (None, "", model_name):
-            raise APIError(404, f"model {name!r} is not served here; this server serves {model_name!r}",
-                           code="model_not_found", param="model")
+            raise APIError(
+                404,
+                f"model {name!r} is not served here; this server serves {model_name!r}",
+                code="model_not_found",
+                param="model",
+            )
 
     @app.get("/v1/models/{name:path}")
     async def model(name: str) -> dict[str, Any]:
@@ -127,8 +141,9 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
         try:
             record = await run_in_threadpool(store.add, wasm, name)
         except WasmshareError as e:
-            raise APIError(400, f"controller rejected: {_one_line(str(e))}", code="invalid_controller",
-                           param="body") from None
+            raise APIError(
+                400, f"controller rejected: {_one_line(str(e))}", code="invalid_controller", param="body"
+            ) from None
         return record.as_json()
 
     @app.get("/v1/controllers")
@@ -152,36 +167,61 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
     # -- generation --------------------------------------------------------------------------------------
 
     async def make_requests(
-        body: CompletionRequest | ChatCompletionRequest, prompts: list[list[int]], max_tokens: int | None,
+        body: CompletionRequest | ChatCompletionRequest,
+        prompts: list[list[int]],
+        max_tokens: int | None,
     ) -> list[GenerationRequest]:
         body.refuse_unsupported()
         check_model(body.model)
         stops = body.stop_strings()
         limit = max_tokens if max_tokens is not None else config.default_max_tokens
         if limit > config.max_tokens:
-            raise APIError(400, f"max_tokens is {limit}; this server allows at most {config.max_tokens}",
-                           param="max_tokens")
+            raise APIError(
+                400,
+                f"max_tokens is {limit}; this server allows at most {config.max_tokens}",
+                param="max_tokens",
+            )
         context = service.loaded.context_length
         longest = max(len(p) for p in prompts)
         if longest > config.max_prompt_tokens or (context is not None and longest >= context):
-            bound = min(config.max_prompt_tokens, context - 1) if context is not None else config.max_prompt_tokens
-            raise APIError(400, f"the prompt is {longest:,} tokens; this server takes at most {bound:,}",
-                           code="context_length_exceeded", param="messages" if isinstance(body, ChatCompletionRequest) else "prompt")
+            bound = (
+                min(config.max_prompt_tokens, context - 1)
+                if context is not None
+                else config.max_prompt_tokens
+            )
+            raise APIError(
+                400,
+                f"the prompt is {longest:,} tokens; this server takes at most {bound:,}",
+                code="context_length_exceeded",
+                param="messages" if isinstance(body, ChatCompletionRequest) else "prompt",
+            )
         if context is not None and longest + limit > context:
             if max_tokens is not None:
                 raise APIError(
-                    400, f"the prompt ({longest:,} tokens) plus max_tokens ({limit:,}) exceeds the model's context "
-                    f"of {context:,} tokens", code="context_length_exceeded", param="max_tokens")
+                    400,
+                    f"the prompt ({longest:,} tokens) plus max_tokens ({limit:,}) exceeds the model's context "
+                    f"of {context:,} tokens",
+                    code="context_length_exceeded",
+                    param="max_tokens",
+                )
             limit = context - longest  # the default shrinks to what fits
         steer = await _steering(body, service, store, config)
         requests = []
         for prompt in prompts:
             for j in range(body.n):
                 seed = None if body.seed is None else body.seed + j
-                requests.append(GenerationRequest(
-                    prompt, max_tokens=limit, temperature=body.temperature, top_p=body.top_p, seed=seed,
-                    steer=steer, stop=stops, max_work=default_max_work(limit),
-                ))
+                requests.append(
+                    GenerationRequest(
+                        prompt,
+                        max_tokens=limit,
+                        temperature=body.temperature,
+                        top_p=body.top_p,
+                        seed=seed,
+                        steer=steer,
+                        stop=stops,
+                        max_work=default_max_work(limit),
+                    )
+                )
         return requests
 
     @app.post("/v1/completions", response_model=None)
@@ -200,7 +240,9 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
         requests = await make_requests(body, [prompt], body.max_completion_tokens or body.max_tokens)
         return await _answer(request, body, requests, service, model_name, chat=True)
 
-    app.add_middleware(_BodyLimit, limit=config.max_body_bytes, per_path={"/v1/controllers": config.max_controller_bytes})
+    app.add_middleware(
+        _BodyLimit, limit=config.max_body_bytes, per_path={"/v1/controllers": config.max_controller_bytes}
+    )
     app.add_middleware(_AuthAndCount, api_key=config.api_key, metrics=metrics)
     app.state.service = service
     app.state.store = store
@@ -239,11 +281,23 @@ class _AuthAndCount:
             given = header[7:] if header[:7].lower() == b"bearer " else b""
             if not secrets.compare_digest(given, self.api_key.encode()):
                 self.metrics.requests.labels(endpoint, "401").inc()
-                body = json.dumps(error_body("Incorrect or missing API key: send Authorization: Bearer KEY",
-                                             type="authentication_error", code="invalid_api_key")).encode()
-                await send({"type": "http.response.start", "status": 401,
-                            "headers": [(b"content-type", b"application/json"),
-                                        (b"content-length", str(len(body)).encode())]})
+                body = json.dumps(
+                    error_body(
+                        "Incorrect or missing API key: send Authorization: Bearer KEY",
+                        type="authentication_error",
+                        code="invalid_api_key",
+                    )
+                ).encode()
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 401,
+                        "headers": [
+                            (b"content-type", b"application/json"),
+                            (b"content-length", str(len(body)).encode()),
+                        ],
+                    }
+                )
                 await send({"type": "http.response.body", "body": body})
                 return
         status = {"code": 500}
@@ -284,7 +338,9 @@ def _encode_text(service: EngineService, prompt: str | list[int]) -> list[int]:
 
 
 async def _steering(
-    body: CompletionRequest | ChatCompletionRequest, service: EngineService, store: ControllerStore,
+    body: CompletionRequest | ChatCompletionRequest,
+    service: EngineService,
+    store: ControllerStore,
     config: ServerConfig,
 ) -> ConstraintSpec | Controller | None:
     """The one constraint or controller a request asks for (compiled here, off the engine thread)."""
@@ -292,24 +348,29 @@ async def _steering(
     fmt = body.response_format
     if fmt is not None and fmt.type != "text":
         asked.append("response_format")
-    asked += [name for name in ("regex", "choice", "grammar", "controller") if getattr(body, name) is not None]
+    asked += [
+        name for name in ("regex", "choice", "grammar", "controller") if getattr(body, name) is not None
+    ]
     if len(asked) > 1:
-        raise APIError(400, f"use one of response_format, regex, choice, grammar, controller; got {', '.join(asked)}")
+        raise APIError(
+            400, f"use one of response_format, regex, choice, grammar, controller; got {', '.join(asked)}"
+        )
     if body.controller_arg is not None and body.controller is None:
         raise APIError(400, "controller_arg needs controller", param="controller_arg")
     if not asked:
         return None
     if body.controller is not None:
         arg = body.controller_arg
-        arg_bytes = (
-            b"" if arg is None else arg.encode("utf-8") if isinstance(arg, str)
-            else _pack_ids(arg)
-        )
+        arg_bytes = b"" if arg is None else arg.encode("utf-8") if isinstance(arg, str) else _pack_ids(arg)
         try:
             return store.controller(body.controller, arg_bytes)
         except KeyError:
-            raise APIError(404, f"no controller {body.controller!r}; upload it to /v1/controllers first",
-                           code="controller_not_found", param="controller") from None
+            raise APIError(
+                404,
+                f"no controller {body.controller!r}; upload it to /v1/controllers first",
+                code="controller_not_found",
+                param="controller",
+            ) from None
     spec: ConstraintSpec
     try:
         if fmt is not None and fmt.type == "json_object":
@@ -317,8 +378,11 @@ async def _steering(
         elif fmt is not None:
             schema = (fmt.json_schema or {}).get("schema")
             if not isinstance(schema, (dict, bool)):
-                raise APIError(400, "response_format.json_schema.schema must be a JSON Schema object",
-                               param="response_format")
+                raise APIError(
+                    400,
+                    "response_format.json_schema.schema must be a JSON Schema object",
+                    param="response_format",
+                )
             spec = C.json_schema(schema)
         elif body.regex is not None:
             spec = C.regex(body.regex)
@@ -342,7 +406,9 @@ def _pack_ids(ids: list[int]) -> bytes:
 
 def _submit_all(service: EngineService, requests: list[GenerationRequest]) -> list[Ticket]:
     if not service.alive:
-        raise APIError(503, "the engine loop has stopped; restart the server", type="server_error", code="engine_stopped")
+        raise APIError(
+            503, "the engine loop has stopped; restart the server", type="server_error", code="engine_stopped"
+        )
     tickets: list[Ticket] = []
     try:
         for r in requests:
@@ -350,24 +416,34 @@ def _submit_all(service: EngineService, requests: list[GenerationRequest]) -> li
     except Overloaded as e:
         for t in tickets:
             service.cancel(t)
-        raise APIError(503, f"server overloaded: {e}; retry later", type="server_error", code="overloaded") from None
+        raise APIError(
+            503, f"server overloaded: {e}; retry later", type="server_error", code="overloaded"
+        ) from None
     return tickets
 
 
 def _failure(result: GenerationResult) -> APIError:
-    return APIError(422, f"generation failed: {result.error}", type="controller_error", code="controller_failed")
+    return APIError(
+        422, f"generation failed: {result.error}", type="controller_error", code="controller_failed"
+    )
 
 
 async def _answer(
-    request: Request, body: CompletionRequest | ChatCompletionRequest, requests: list[GenerationRequest],
-    service: EngineService, model_name: str, *, chat: bool,
+    request: Request,
+    body: CompletionRequest | ChatCompletionRequest,
+    requests: list[GenerationRequest],
+    service: EngineService,
+    model_name: str,
+    *,
+    chat: bool,
 ) -> Response | dict[str, Any]:
     tickets = _submit_all(service, requests)
     ident = new_id("chatcmpl" if chat else "cmpl")
     if body.stream:
         return StreamingResponse(
             _stream(service, tickets, ident, model_name, chat=chat, usage=body.include_usage()),
-            media_type="text/event-stream", headers={"Cache-Control": "no-cache"},
+            media_type="text/event-stream",
+            headers={"Cache-Control": "no-cache"},
         )
     results = await _wait_or_cancel(request, service, tickets)
     if results is None:
@@ -378,17 +454,31 @@ async def _answer(
     choices = []
     for i, r in enumerate(results):
         if chat:
-            choices.append({"index": i, "message": {"role": "assistant", "content": r.text},
-                            "finish_reason": _FINISH[r.finish_reason], "logprobs": None})
+            choices.append(
+                {
+                    "index": i,
+                    "message": {"role": "assistant", "content": r.text},
+                    "finish_reason": _FINISH[r.finish_reason],
+                    "logprobs": None,
+                }
+            )
         else:
-            choices.append({"index": i, "text": r.text, "finish_reason": _FINISH[r.finish_reason], "logprobs": None})
+            choices.append(
+                {"index": i, "text": r.text, "finish_reason": _FINISH[r.finish_reason], "logprobs": None}
+            )
     return {
-        "id": ident, "object": "chat.completion" if chat else "text_completion", "created": now(),
-        "model": model_name, "choices": choices, "usage": _usage(results),
+        "id": ident,
+        "object": "chat.completion" if chat else "text_completion",
+        "created": now(),
+        "model": model_name,
+        "choices": choices,
+        "usage": _usage(results),
     }
 
 
-async def _wait_or_cancel(request: Request, service: EngineService, tickets: list[Ticket]) -> list[GenerationResult] | None:
+async def _wait_or_cancel(
+    request: Request, service: EngineService, tickets: list[Ticket]
+) -> list[GenerationResult] | None:
     """Every ticket's result, or None after cancelling them all when the client disconnects."""
     gathered = asyncio.ensure_future(asyncio.gather(*(t.wait() for t in tickets)))
     try:
@@ -432,7 +522,13 @@ def _visible(text: str, stops: list[str]) -> str:
 
 
 async def _stream(
-    service: EngineService, tickets: list[Ticket], ident: str, model_name: str, *, chat: bool, usage: bool,
+    service: EngineService,
+    tickets: list[Ticket],
+    ident: str,
+    model_name: str,
+    *,
+    chat: bool,
+    usage: bool,
 ) -> AsyncIterator[bytes]:
     """Server-sent events in OpenAI's chunk format, ending in ``data: [DONE]``."""
     created = now()
@@ -445,7 +541,12 @@ async def _stream(
                 delta["role"] = "assistant"
             if text is not None:
                 delta["content"] = text
-            choice: dict[str, Any] = {"index": index, "delta": delta, "finish_reason": finish, "logprobs": None}
+            choice: dict[str, Any] = {
+                "index": index,
+                "delta": delta,
+                "finish_reason": finish,
+                "logprobs": None,
+            }
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
         payload = {"id": ident, "object": obj, "created": created, "model": model_name, "choices": [choice]}
@@ -473,7 +574,7 @@ async def _stream(
             if isinstance(event, TokenEvent):
                 visible = _visible(event.text, stops)
                 if len(visible) > sent[i]:
-                    yield chunk(i, visible[sent[i]:], None)
+                    yield chunk(i, visible[sent[i] :], None)
                     sent[i] = len(visible)
                 continue
             results[i] = event
@@ -484,13 +585,19 @@ async def _stream(
                     service.cancel(t)  # the other choices of a failed request stop too
                 break
             if len(event.text) > sent[i]:
-                yield chunk(i, event.text[sent[i]:], None)
+                yield chunk(i, event.text[sent[i] :], None)
             yield chunk(i, None if chat else "", _FINISH[event.finish_reason])
         else:
             if usage:
                 done = [r for r in results if r is not None]
-                payload = {"id": ident, "object": obj, "created": created, "model": model_name, "choices": [],
-                           "usage": _usage(done)}
+                payload = {
+                    "id": ident,
+                    "object": obj,
+                    "created": created,
+                    "model": model_name,
+                    "choices": [],
+                    "usage": _usage(done),
+                }
                 yield b"data: " + json.dumps(payload).encode() + b"\n\n"
         yield b"data: [DONE]\n\n"
         finished = True
@@ -539,7 +646,14 @@ class _BodyLimit:
 
 
 async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps(error_body(f"request body exceeds the {limit:,}-byte limit", code="request_too_large")).encode()
-    await send({"type": "http.response.start", "status": 413,
-                "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]})
+    body = json.dumps(
+        error_body(f"request body exceeds the {limit:,}-byte limit", code="request_too_large")
+    ).encode()
+    await send(
+        {
+            "type": "http.response.start",
+            "status": 413,
+            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
+        }
+    )
     await send({"type": "http.response.body", "body": body})

@@ -47,8 +47,13 @@ class StoredController:
 
     def as_json(self) -> dict[str, Any]:
         """The API object (``"object": "controller"``)."""
-        return {"id": self.id, "object": "controller", "name": self.name, "bytes": self.bytes,
-                "created": self.created}
+        return {
+            "id": self.id,
+            "object": "controller",
+            "name": self.name,
+            "bytes": self.bytes,
+            "created": self.created,
+        }
 
 
 class ControllerStore:
@@ -58,8 +63,16 @@ class ControllerStore:
     sequence will (same imports, same loans). ``max_bytes`` bounds one module.
     """
 
-    def __init__(self, folder: Path, token_table: TokenTable, *, max_bytes: int = 8 << 20,
-                 limits: Limits | None = None, compile_budget_s: float = 10.0, max_controllers: int = 256) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        token_table: TokenTable,
+        *,
+        max_bytes: int = 8 << 20,
+        limits: Limits | None = None,
+        compile_budget_s: float = 10.0,
+        max_controllers: int = 256,
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.max_bytes = max_bytes
@@ -89,12 +102,16 @@ class ControllerStore:
                 return existing
             if sum(1 for _ in self.folder.glob("*.wasm")) >= self.max_controllers:
                 raise ControllerRejected(
-                    f"this server already stores {self.max_controllers} controllers; delete some first")
+                    f"this server already stores {self.max_controllers} controllers; delete some first"
+                )
         try:
             controller = Controller(wasm, name=name or f"controller-{digest[:12]}")
         except (WasmshareError, UnicodeDecodeError, ValueError) as e:
-            raise ControllerRejected(_first_line(str(e)) if isinstance(e, WasmshareError) else
-                                     "the body is neither a wasm binary nor WAT text") from None
+            raise ControllerRejected(
+                _first_line(str(e))
+                if isinstance(e, WasmshareError)
+                else "the body is neither a wasm binary nor WAT text"
+            ) from None
         options = EngineOptions.for_limits(self.limits.fuel, self.limits.deadline_ms)
         try:
             compile_in_child(controller.wasm, options, timeout_s=self.compile_budget_s)
@@ -180,7 +197,9 @@ class ControllerStore:
                 self.token_table.region, self.token_table.vocab_size, capacity=1, step_slot_bytes=64 << 10
             )
         try:
-            instance = ControllerInstance(controller, self._scratch, 0, 0, self.limits, tokenizer=self.token_table)
+            instance = ControllerInstance(
+                controller, self._scratch, 0, 0, self.limits, tokenizer=self.token_table
+            )
         except WasmshareError as e:
             raise ControllerRejected(_first_line(str(e))) from None
         instance.close()

@@ -34,13 +34,20 @@ def build_server(
     else:
         loaded = load_model(model, device=device)
     service = EngineService(
-        loaded, max_batch=config.max_concurrent, max_waiting=config.max_waiting,
-        controller_deadline_ms=config.controller_deadline_ms, grammar_backend=config.grammar_backend,
+        loaded,
+        max_batch=config.max_concurrent,
+        max_waiting=config.max_waiting,
+        controller_deadline_ms=config.controller_deadline_ms,
+        grammar_backend=config.grammar_backend,
     )
     folder = config.controllers_dir or default_cache_dir() / "controllers"
     try:
-        store = ControllerStore(Path(folder), loaded.token_table, max_bytes=config.max_controller_bytes,
-                                compile_budget_s=config.controller_compile_s)
+        store = ControllerStore(
+            Path(folder),
+            loaded.token_table,
+            max_bytes=config.max_controller_bytes,
+            compile_budget_s=config.controller_compile_s,
+        )
     except OSError as e:
         service.close()
         raise WasmshareError(f"cannot use {folder} for uploaded controllers: {e.strerror or e}") from None
@@ -58,8 +65,16 @@ def _check_port(host: str, port: int) -> None:
             raise WasmshareError(f"{host}:{port} {reason}") from None
 
 
-def serve(model: str, config: ServerConfig, *, host: str = "127.0.0.1", port: int = 8000,
-          log_level: str = "info", console: Console | None = None, device: str = "auto") -> None:
+def serve(
+    model: str,
+    config: ServerConfig,
+    *,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    log_level: str = "info",
+    console: Console | None = None,
+    device: str = "auto",
+) -> None:
     """Serve until interrupted (Ctrl-C finishes the requests in flight, then stops)."""
     import uvicorn
 
@@ -73,6 +88,7 @@ def serve(model: str, config: ServerConfig, *, host: str = "127.0.0.1", port: in
         f"serving [bold]{service.loaded.name}[/] on http://{host}:{port}/v1 "
         f"({config.max_concurrent} concurrent sequences, {auth})"
     )
+
     class _Server(uvicorn.Server):
         """Ctrl-C / SIGTERM cancels every request first, so open streams end at once and
         uvicorn's wait for open connections is short."""
@@ -81,7 +97,9 @@ def serve(model: str, config: ServerConfig, *, host: str = "127.0.0.1", port: in
             service.cancel_all()
             super().handle_exit(sig, frame)
 
-    server = _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10))
+    server = _Server(
+        uvicorn.Config(app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=10)
+    )
     try:
         server.run()
     finally:

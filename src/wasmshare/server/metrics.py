@@ -24,16 +24,22 @@ class ServerMetrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("wasmshare_requests", "HTTP requests answered", ["endpoint", "status"], registry=r)
+        self.requests = Counter(
+            "wasmshare_requests", "HTTP requests answered", ["endpoint", "status"], registry=r
+        )
         self.tokens = Counter("wasmshare_generated_tokens", "Tokens generated and delivered", registry=r)
         self.prompt_tokens = Counter("wasmshare_prompt_tokens", "Prompt tokens prefilled", registry=r)
-        self.sequences = Counter("wasmshare_sequences", "Sequences finished, by reason", ["reason"], registry=r)
+        self.sequences = Counter(
+            "wasmshare_sequences", "Sequences finished, by reason", ["reason"], registry=r
+        )
         self.controller_faults = Counter(
             "wasmshare_controller_faults", "Sequences ended by a controller or constraint failure", registry=r
         )
         self.cancelled = Counter("wasmshare_cancelled", "Requests whose client went away", registry=r)
         self.time_to_first_token = Histogram(
-            "wasmshare_time_to_first_token_seconds", "From submission to the first token", registry=r,
+            "wasmshare_time_to_first_token_seconds",
+            "From submission to the first token",
+            registry=r,
             buckets=_LATENCY_BUCKETS,
         )
         self._service: EngineService | None = None
@@ -73,16 +79,20 @@ class _EngineCollector:
         yield GaugeMetricFamily("wasmshare_running_sequences", "Requests decoding now", value=service.running)
         yield CounterMetricFamily("wasmshare_engine_steps", "Decode steps", value=stats.steps)
         yield CounterMetricFamily(
-            "wasmshare_controller_seconds", "Controller and mask work (all of it, overlapped or not)",
+            "wasmshare_controller_seconds",
+            "Controller and mask work (all of it, overlapped or not)",
             value=stats.controller_s,
         )
         yield CounterMetricFamily(
-            "wasmshare_controller_critical_seconds", "Controller and mask work left on the critical path",
+            "wasmshare_controller_critical_seconds",
+            "Controller and mask work left on the critical path",
             value=stats.critical_controller_s + stats.apply_s,
         )
         yield CounterMetricFamily("wasmshare_forward_seconds", "Model forward passes", value=stats.forward_s)
         yield CounterMetricFamily(
-            "wasmshare_fast_forward_tokens", "Tokens spliced in by fast-forward", value=stats.fast_forward_tokens
+            "wasmshare_fast_forward_tokens",
+            "Tokens spliced in by fast-forward",
+            value=stats.fast_forward_tokens,
         )
         yield CounterMetricFamily(
             "wasmshare_bytes_copied", "Bytes copied between host and controllers", value=stats.bytes_copied

@@ -23,15 +23,29 @@ __all__ = [
 ]
 
 #: Fields OpenAI defines that this server does not implement; sending one is an error.
-UNSUPPORTED_FIELDS = ("logprobs", "top_logprobs", "echo", "best_of", "suffix", "tools", "functions", "logit_bias")
+UNSUPPORTED_FIELDS = (
+    "logprobs",
+    "top_logprobs",
+    "echo",
+    "best_of",
+    "suffix",
+    "tools",
+    "functions",
+    "logit_bias",
+)
 
 
 class APIError(Exception):
     """An error answered as an OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
 
     def __init__(
-        self, status: int, message: str, *, type: str = "invalid_request_error",
-        code: str | None = None, param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -45,8 +59,9 @@ class APIError(Exception):
         return error_body(self.message, type=self.type, code=self.code, param=self.param)
 
 
-def error_body(message: str, *, type: str = "invalid_request_error", code: str | None = None,
-               param: str | None = None) -> dict[str, Any]:
+def error_body(
+    message: str, *, type: str = "invalid_request_error", code: str | None = None, param: str | None = None
+) -> dict[str, Any]:
     """OpenAI's error object."""
     return {"error": {"message": message, "type": type, "param": param, "code": code}}
 
@@ -76,7 +91,9 @@ def _check_text(value: Any, where: str = "", depth: int = 0) -> None:
         try:
             value.encode("utf-8")
         except UnicodeEncodeError:
-            raise ValueError(f"{where or 'body'}: the string holds a lone surrogate, which is not text") from None
+            raise ValueError(
+                f"{where or 'body'}: the string holds a lone surrogate, which is not text"
+            ) from None
     elif isinstance(value, dict):
         for key, item in value.items():
             _check_text(key, where, depth + 1)
@@ -178,8 +195,9 @@ class ChatMessage(BaseModel):
         pieces = []
         for part in self.content:
             if part.get("type") != "text" or not isinstance(part.get("text"), str):
-                raise APIError(400, f"only text content parts are supported, got {part.get('type')!r}",
-                               param="messages")
+                raise APIError(
+                    400, f"only text content parts are supported, got {part.get('type')!r}", param="messages"
+                )
             pieces.append(part["text"])
         return "".join(pieces)
 
@@ -193,7 +211,8 @@ class ChatCompletionRequest(_Steering):
     def chat(self) -> list[dict[str, str]]:
         """Messages as plain role/content dicts for the chat template (``developer`` reads as ``system``)."""
         return [
-            {"role": "system" if m.role == "developer" else m.role, "content": m.text()} for m in self.messages
+            {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            for m in self.messages
         ]
 
 

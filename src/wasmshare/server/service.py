@@ -73,13 +73,20 @@ class EngineService:
     """
 
     def __init__(
-        self, loaded: LoadedModel, *, max_batch: int = 8, max_waiting: int = 256,
-        controller_deadline_ms: float | None = 50.0, metrics: ServerMetrics | None = None,
+        self,
+        loaded: LoadedModel,
+        *,
+        max_batch: int = 8,
+        max_waiting: int = 256,
+        controller_deadline_ms: float | None = 50.0,
+        metrics: ServerMetrics | None = None,
         grammar_backend: str = "llguidance",
     ) -> None:
         self.loaded = loaded
         self.engine = Engine(
-            loaded, max_batch=max_batch, deadline_ms=controller_deadline_ms,
+            loaded,
+            max_batch=max_batch,
+            deadline_ms=controller_deadline_ms,
             grammar_backend=grammar_backend,  # type: ignore[arg-type]
         )
         self.queue = RequestQueue(max_waiting=max_waiting)
@@ -142,7 +149,9 @@ class EngineService:
             if self.queue.cancel(ticket.key):  # never admitted: answer it here
                 with self._lock:
                     self._tickets.pop(ticket.key, None)
-                result = GenerationResult(ticket.request, 0, [], "", "cancelled", "the server is shutting down")
+                result = GenerationResult(
+                    ticket.request, 0, [], "", "cancelled", "the server is shutting down"
+                )
                 ticket.result = result
                 ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, result)
 
@@ -157,7 +166,9 @@ class EngineService:
 
     def _loop(self) -> None:
         try:
-            self.engine.run(self.queue, on_token=self._on_token, on_finish=self._on_finish, contain_failures=True)
+            self.engine.run(
+                self.queue, on_token=self._on_token, on_finish=self._on_finish, contain_failures=True
+            )
         except BaseException as e:  # pragma: no cover - run() contains failures by request
             self._failure = e
             raise
