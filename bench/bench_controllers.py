@@ -36,6 +36,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import _common  # noqa: E402
+from wasmshare.llm.limits import Limits  # noqa: E402
 
 NAME = "controllers"
 ROOT = Path(__file__).resolve().parent.parent
@@ -130,7 +131,9 @@ def _ours(
     from wasmshare.llm import Controller, ControllerBatch
 
     module, arg = _controller(output)
-    with ControllerBatch(table, capacity=batch, mode=mode, workers=min(2, batch), deadline_ms=50) as cb:
+    with ControllerBatch(
+        table, capacity=batch, mode=mode, workers=min(2, batch), limits=Limits(deadline_ms=50)
+    ) as cb:
         for _ in range(batch):
             cb.add(Controller(module, arg))
         tokens = np.zeros(batch, np.int64)

@@ -14,6 +14,7 @@ import pytest
 from wasmshare.errors import AbiMismatch, GuestError, WasmshareError
 from wasmshare.llm.batch import Action, BatchFull, ControllerBatch, Output, SequenceFailed
 from wasmshare.llm.controller import Controller
+from wasmshare.llm.limits import Limits
 from wasmshare.llm.tokens import TokenTable
 
 torch = pytest.importorskip("torch", reason="apply() works on torch tensors")
@@ -270,7 +271,7 @@ HOSTILE = [
 @pytest.mark.parametrize("behaviour, cause", HOSTILE)
 def test_hostile_controller_fails_alone(table: TokenTable, mode: str, behaviour: str, cause: str) -> None:
     with ControllerBatch(
-        table, capacity=4, mode=mode, workers=2, deadline_ms=30, memory_limit_bytes=32 << 20
+        table, capacity=4, mode=mode, workers=2, limits=Limits(deadline_ms=30, memory_limit_bytes=32 << 20)
     ) as batch:
         good = batch.add(ctrl("allow_list", u32s(7)))
         bad = batch.add(ctrl("hostile_controller", behaviour), sequence_id=66)
@@ -437,7 +438,7 @@ def test_batch_input_errors(table: TokenTable) -> None:
 
 
 def test_fuel_limit_ends_only_the_runaway_sequence(table: TokenTable) -> None:
-    with ControllerBatch(table, capacity=2, deadline_ms=None, fuel=200_000) as batch:
+    with ControllerBatch(table, capacity=2, limits=Limits(deadline_ms=None, fuel=200_000)) as batch:
         good = batch.add(ctrl("allow_list", u32s(3)))
         bad = batch.add(ctrl("hostile_controller", "spin"))
         step = batch.step()

@@ -19,9 +19,9 @@ def main(argv: list[str]) -> int:
     try:
         compile_module(wasm, options)
     except wasmtime.WasmtimeError as e:
-        from .guest import _first_line
+        from .guest import wasmtime_error_summary
 
-        print(f"invalid wasm module: {_first_line(e)}", file=sys.stderr)
+        print(f"invalid wasm module: {wasmtime_error_summary(e)}", file=sys.stderr)
         return 1
     return 0
 

@@ -233,6 +233,18 @@ def compile_module(
         return _memory_modules[key], digest
 
 
+def child_env() -> dict[str, str]:
+    """This process's environment for a Python child that must import this same wasmshare.
+
+    The package's source folder goes first on ``PYTHONPATH``, so a child started from an
+    editable install, a checkout or a wheel imports the code its parent runs.
+    """
+    env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    return env
+
+
 def compile_in_child(wasm: bytes, options: EngineOptions, *, timeout_s: float) -> None:
     """Compile ``wasm`` for ``options`` in a child process into the disk cache, within ``timeout_s``.
 
@@ -250,9 +262,7 @@ def compile_in_child(wasm: bytes, options: EngineOptions, *, timeout_s: float) -
         str(int(options.fuel)),
         str(int(options.epoch)),
     ]
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     env.setdefault("WASMSHARE_CACHE_DIR", str(default_cache_dir()))
     try:
         done = subprocess.run(

@@ -133,14 +133,12 @@ def _steer(opts: RunOptions) -> Any:
 
 def build_requests(opts: RunOptions) -> list[Any]:
     """Turn the options (and ``--batch`` lines) into generation requests."""
+    from .llm.constraints import parse_backend
     from .llm.engine import GenerationRequest
 
     if opts.max_tokens is not None and opts.max_tokens <= 0:
         raise WasmshareError("--max-tokens must be positive")
-    if opts.grammar_backend not in ("llguidance", "xgrammar"):
-        raise WasmshareError(
-            f"--grammar-backend must be llguidance or xgrammar, not {opts.grammar_backend!r}"
-        )
+    parse_backend(opts.grammar_backend)
     if opts.temperature < 0:
         raise WasmshareError("--temperature must be >= 0")
     steer = _steer(opts)
@@ -190,6 +188,7 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
     import torch
     from transformers.utils import logging as hf_logging
 
+    from .llm.constraints import parse_backend
     from .llm.engine import Engine
     from .llm.models import load_model
 
@@ -207,7 +206,9 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
         printed[0] = len(text)
 
     started = time.perf_counter()
-    with Engine(loaded, max_batch=min(8, len(requests)), grammar_backend=opts.grammar_backend) as engine:  # type: ignore[arg-type]
+    with Engine(
+        loaded, max_batch=min(8, len(requests)), grammar_backend=parse_backend(opts.grammar_backend)
+    ) as engine:
         with torch.inference_mode():
             if single:
                 results = engine.generate(requests, on_token=stream)

@@ -18,6 +18,7 @@ from rich.table import Table
 from ._cli_output import console, errors
 from ._cli_output import fail as _fail
 from .errors import WasmshareError
+from .llm.limits import DEFAULT_DEADLINE_MS
 
 app = typer.Typer(
     name="wasmshare",
@@ -78,12 +79,12 @@ def inspect(module: Annotated[Path, typer.Argument(help="A .wasm or .wat module.
             table.add_column("kind")
             table.add_column("name")
             table.add_column("type")
-            for exp in guest._module.exports:
+            for exp in guest.module.exports:
                 table.add_row("export", exp.name, _describe_type(exp.type))
-            for imp in guest._module.imports:
+            for imp in guest.module.imports:
                 table.add_row("import", f"{imp.module}.{imp.name}", _describe_type(imp.type))
             console.print(table)
-            exported = {e.name for e in guest._module.exports}
+            exported = {e.name for e in guest.module.exports}
             abi = guest.call("ws_abi_version") if "ws_abi_version" in exported else None
             console.print(
                 f"wasmshare ABI: {abi if abi is not None else 'none (plain module)'}; "
@@ -269,7 +270,7 @@ def serve(
     ] = 8 << 20,
     controller_deadline_ms: Annotated[
         float, typer.Option(help="Per-step deadline of a controller, in ms.")
-    ] = 50.0,
+    ] = DEFAULT_DEADLINE_MS,
     max_prompt_tokens: Annotated[
         int, typer.Option(help="Longest prompt in tokens (also below the model's context).")
     ] = 8192,
@@ -300,9 +301,13 @@ def serve(
         raise _fail(f"--controller-deadline-ms must be positive, got {controller_deadline_ms}")
     if controller_compile_s <= 0:
         raise _fail(f"--controller-compile-s must be positive, got {controller_compile_s}")
-    if grammar_backend not in ("llguidance", "xgrammar"):
-        raise _fail(f"--grammar-backend must be llguidance or xgrammar, not {grammar_backend!r}")
-    if grammar_backend == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
+    from .llm.constraints import parse_backend
+
+    try:
+        backend = parse_backend(grammar_backend)
+    except WasmshareError as e:
+        raise _fail(f"--grammar-backend: {e}") from None
+    if backend == "xgrammar" and importlib.util.find_spec("xgrammar") is None:
         raise _fail("--grammar-backend xgrammar needs xgrammar: pip install --no-deps xgrammar")
     config = ServerConfig(
         api_key=api_key or None,
@@ -314,7 +319,7 @@ def serve(
         max_controller_bytes=max_controller_bytes,
         controller_deadline_ms=controller_deadline_ms,
         controllers_dir=controllers_dir,
-        grammar_backend=grammar_backend,
+        grammar_backend=backend,
         max_prompt_tokens=max_prompt_tokens,
         controller_compile_s=controller_compile_s,
     )

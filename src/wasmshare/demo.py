@@ -6,7 +6,6 @@ also an end-to-end smoke test of the core on a fresh machine.
 
 from __future__ import annotations
 
-import os
 import socket
 import subprocess
 import sys
@@ -19,7 +18,9 @@ import numpy as np
 from rich.console import Console
 
 from . import Guest, Region, zero_copy_supported
+from ._engine import child_env
 from .errors import GuestLimitExceeded, GuestTrap, WasmshareError
+from .llm.limits import Limits
 
 __all__ = ["run_demo", "find_guest"]
 
@@ -75,7 +76,7 @@ def _controller_demo(out: Console, check: Any) -> int:
             find_guest("controllers/hostile_controller.wasm"), "trap_mid_mask"
         ),
     }
-    with ControllerBatch(table, capacity=8, deadline_ms=50) as batch:
+    with ControllerBatch(table, capacity=8, limits=Limits(deadline_ms=50)) as batch:
         ids = {name: batch.add(c) for name, c in controllers.items()}
         step = batch.step()
         out.print(
@@ -229,8 +230,7 @@ def run_demo(console: Console | None = None) -> int:
 
     out.print("\n[bold]2. A second process receives the region's fd over a Unix socket")
     parent, child_sock = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(Path(__file__).resolve().parents[1]) + os.pathsep + env.get("PYTHONPATH", "")
+    env = child_env()
     child = subprocess.Popen(
         [sys.executable, "-c", textwrap.dedent(_CHILD), str(child_sock.fileno())],
         pass_fds=(child_sock.fileno(),),

@@ -81,7 +81,7 @@ def _compiled_artifact(source: ModuleSource) -> Path | None:
     return path
 
 
-def _load_wasm_bytes(source: ModuleSource) -> tuple[bytes, str]:
+def load_wasm_bytes(source: ModuleSource) -> tuple[bytes, str]:
     wasm, name = _load_wasm(source)
     return bytes(wasm), name
 
@@ -173,7 +173,7 @@ class Guest:
     ) -> None:
         self._state = _State.CLOSED
         artifact = _compiled_artifact(module)
-        wasm, default_name = (b"", artifact.stem) if artifact is not None else _load_wasm_bytes(module)
+        wasm, default_name = (b"", artifact.stem) if artifact is not None else load_wasm_bytes(module)
         self.name: str = name or default_name
         self.sequence = sequence
         self._check_limits(memory_limit_bytes, fuel, deadline_ms)
@@ -196,7 +196,9 @@ class Guest:
             what = (
                 f"cannot load compiled module {artifact}" if artifact is not None else "invalid wasm module"
             )
-            raise GuestError(f"guest '{self.name}': {what}: {_first_line(e)}", guest=self.name) from e
+            raise GuestError(
+                f"guest '{self.name}': {what}: {wasmtime_error_summary(e)}", guest=self.name
+            ) from e
 
         # The guest's single run token. list.pop() and list.append() are atomic under the
         # GIL and cost a third of a Lock round trip on the fast call path: an empty list
@@ -323,7 +325,7 @@ class Guest:
         if "memory" in text and ("limit" in text or "exceeds" in text):
             return GuestLimitExceeded(
                 f"guest '{self.name}': initial memory exceeds the memory limit of "
-                f"{self.memory_limit_bytes} bytes: {_first_line(e)}",
+                f"{self.memory_limit_bytes} bytes: {wasmtime_error_summary(e)}",
                 limit="memory",
                 guest=self.name,
                 sequence=self.sequence,
@@ -333,7 +335,9 @@ class Guest:
             return GuestError(
                 f"guest '{self.name}': a host function failed during instantiation: {error}", guest=self.name
             )
-        return GuestError(f"guest '{self.name}': instantiation failed: {_first_line(e)}", guest=self.name)
+        return GuestError(
+            f"guest '{self.name}': instantiation failed: {wasmtime_error_summary(e)}", guest=self.name
+        )
 
     def _check_abi(self) -> None:
         exported = {e.name for e in self._module.exports}
@@ -355,6 +359,11 @@ class Guest:
             )
 
     # -- state ---------------------------------------------------------------------
+
+    @property
+    def module(self) -> wasmtime.Module:
+        """The compiled module: its ``exports`` and ``imports`` describe what the guest offers."""
+        return self._module
 
     @property
     def module_sha256(self) -> str:
@@ -616,7 +625,7 @@ class Guest:
                 sequence=self.sequence,
                 trap_code=code,
             )
-        detail = _first_line(trap)
+        detail = wasmtime_error_summary(trap)
         if (
             self.memory_limit_bytes is not None
             and self._memory is not None
@@ -737,7 +746,7 @@ def _fault_address(trap: wasmtime.Trap) -> int | None:
     return int(match.group(1), 16) if match else None
 
 
-def _first_line(e: BaseException) -> str:
+def wasmtime_error_summary(e: BaseException) -> str:
     """The informative part of a wasmtime error or trap: its causes, not the backtrace."""
     import re
 
@@ -1084,7 +1093,8 @@ class GuestFunc:
                 f"guest '{guest.name}': host function failed in {self.name}: {host_error!r}", guest=guest.name
             ) from host_error
         raise GuestError(
-            f"guest '{guest.name}': call to {self.name} failed: {_first_line(err)}", guest=guest.name
+            f"guest '{guest.name}': call to {self.name} failed: {wasmtime_error_summary(err)}",
+            guest=guest.name,
         ) from err
 
     def _call_slow(self, args: tuple[Any, ...]) -> Any:
@@ -1106,7 +1116,8 @@ class GuestFunc:
                     guest=guest.name,
                 ) from host_error
             raise GuestError(
-                f"guest '{guest.name}': call to {self.name} failed: {_first_line(err)}", guest=guest.name
+                f"guest '{guest.name}': call to {self.name} failed: {wasmtime_error_summary(err)}",
+                guest=guest.name,
             ) from err
         if self._nresults > 1:
             return tuple(result)

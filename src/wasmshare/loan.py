@@ -203,7 +203,7 @@ class Loan:
                 window = (pages - 1) * WASM_PAGE_SIZE
             return start, window
         if at == "alloc":
-            if "ws_loan_alloc" not in {e.name for e in guest._module.exports}:
+            if "ws_loan_alloc" not in {e.name for e in guest.module.exports}:
                 raise LoanError(f"guest '{guest.name}' does not export ws_loan_alloc; use at='grow'")
             ptr = int(guest.call("ws_loan_alloc", self._map_nbytes))
             if ptr == 0:
@@ -353,7 +353,7 @@ class Loan:
         self._state = LoanState.CLOSED
         if not guest.closed:
             self._restore_window()
-            if self._placement == "alloc" and "ws_loan_free" in {e.name for e in guest._module.exports}:
+            if self._placement == "alloc" and "ws_loan_free" in {e.name for e in guest.module.exports}:
                 guest._funcs.pop("ws_loan_free:1", None)
                 try:
                     guest.call("ws_loan_free", self.ptr)

@@ -28,6 +28,7 @@ from .batch import (
 )
 from .constraints import ConstraintError, ConstraintSpec
 from .controller import Controller
+from .limits import Limits
 from .models import MODEL_NAMES, LoadedModel, ModelError, load_model
 from .tokens import TokenizerError, TokenTable
 
@@ -38,6 +39,7 @@ __all__ = [
     "ConstraintError",
     "ConstraintSpec",
     "Controller",
+    "Limits",
     "LoadedModel",
     "MODEL_NAMES",
     "ModelError",

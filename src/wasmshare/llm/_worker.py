@@ -28,7 +28,8 @@ def main(argv: list[str]) -> int:
     from ..region import Region
     from ._constraint_imports import TokenizerInfo
     from .constraints import ConstraintInstance
-    from .controller import BatchRegions, Controller, ControllerInstance, Limits, fail_instance
+    from .controller import BatchRegions, Controller, ControllerInstance, fail_instance
+    from .limits import Limits
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints this worker's stacks
     sock = socket.socket(fileno=int(argv[0]))

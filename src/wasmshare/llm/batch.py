@@ -29,31 +29,31 @@ import time
 from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 
 import numpy as np
 
+from .._engine import child_env
 from ..errors import GuestError, WasmshareError
 from . import _futex
 from . import _layout as L
 from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
 from .constraints import (
-    BACKENDS,
     Backend,
     ConstraintError,
     ConstraintInstance,
     ConstraintSpec,
     compile_constraint,
+    parse_backend,
 )
 from .controller import (
     BatchRegions,
     Controller,
     ControllerInstance,
-    Limits,
     fail_instance,
     module_path_or_bytes,
 )
+from .limits import Limits
 from .tokens import TokenTable
 
 if TYPE_CHECKING:
@@ -330,8 +330,9 @@ class ControllerBatch:
         worker processes sharing the same regions (Linux).
     workers:
         Threads or worker processes (default: the CPU count, at most ``capacity``).
-    deadline_ms, fuel, memory_limit_bytes:
-        Per-controller limits, per call (``memory_limit_bytes`` covers the lent rows too).
+    limits:
+        Per-controller limits, per call (default :class:`Limits`; its memory cap covers
+        the lent rows too).
     step_slot_bytes:
         Bytes per sequence for the step record, the prompt and the argument.
     grammar_backend:
@@ -349,9 +350,7 @@ class ControllerBatch:
         capacity: int = 64,
         mode: Mode = "threads",
         workers: int | None = None,
-        deadline_ms: float | None = 50.0,
-        fuel: int | None = None,
-        memory_limit_bytes: int | None = 256 << 20,
+        limits: Limits | None = None,
         step_slot_bytes: int = L.DEFAULT_STEP_SLOT_BYTES,
         parallel: bool | None = None,
         grammar_backend: Backend = "llguidance",
@@ -368,7 +367,7 @@ class ControllerBatch:
         self.vocab_size = token_table.vocab_size
         self.capacity = capacity
         self.mode: Mode = mode
-        self.limits = Limits(deadline_ms=deadline_ms, fuel=fuel, memory_limit_bytes=memory_limit_bytes)
+        self.limits = limits if limits is not None else Limits()
         n = workers if workers is not None else min(os.cpu_count() or 1, capacity)
         if not isinstance(n, int) or n <= 0:
             raise WasmshareError(f"workers must be a positive int, got {workers!r}")
@@ -401,11 +400,7 @@ class ControllerBatch:
         self._run_cost = [0.0, 0.0]
         self._runs = 0
         self._force_parallel = parallel
-        if grammar_backend not in BACKENDS:
-            raise WasmshareError(
-                f"grammar_backend must be one of {', '.join(BACKENDS)}, got {grammar_backend!r}"
-            )
-        self.grammar_backend: Backend = grammar_backend
+        self.grammar_backend: Backend = parse_backend(grammar_backend)
         self._closed = False
         self._pool: ThreadPoolExecutor | None = None
         self._workers: list[_WorkerHandle] = []
@@ -1329,9 +1324,7 @@ class _WorkerHandle:
 
     def _start(self) -> None:
         parent, child = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        env = dict(os.environ)
-        src = str(Path(__file__).resolve().parents[2])
-        env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+        env = child_env()
         self.process = subprocess.Popen(
             [sys.executable, "-m", "wasmshare.llm._worker", str(child.fileno()), str(self.index)],
             pass_fds=(child.fileno(),),

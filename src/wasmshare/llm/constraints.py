@@ -55,6 +55,14 @@ Backend = Literal["llguidance", "xgrammar"]
 BACKENDS: tuple[Backend, ...] = ("llguidance", "xgrammar")
 
 
+def parse_backend(name: object) -> Backend:
+    """``name`` as a :data:`Backend`, or :class:`ConstraintError` naming the choices."""
+    for backend in BACKENDS:
+        if name == backend:
+            return backend
+    raise ConstraintError(f"grammar_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
+
+
 class ConstraintError(WasmshareError):
     """A constraint could not be compiled: unsupported schema feature, bad regex or grammar."""
 
@@ -348,8 +356,7 @@ def compile_constraint(
     :class:`ConstraintError` naming the unsupported feature (for example a JSON Schema
     keyword the engine does not implement): nothing is silently ignored.
     """
-    if backend not in BACKENDS:
-        raise ConstraintError(f"unknown grammar backend {backend!r}; choose from {', '.join(BACKENDS)}")
+    backend = parse_backend(backend)
     key = (spec.key, table.sha256, backend)
     with _lock:
         hit = _compiled.get(key)

@@ -22,9 +22,10 @@ import wasmtime
 
 from .. import Guest, Region
 from ..errors import AbiMismatch, GuestError, GuestLimitExceeded, GuestTrap, WasmshareError
-from ..guest import ModuleSource, _load_wasm_bytes
+from ..guest import ModuleSource, load_wasm_bytes
 from . import _layout as L
 from ._constraint_imports import TokenizerSource, constraint_imports, prepare_tokenizer
+from .limits import Limits
 
 __all__ = ["Controller", "ControllerInstance", "BatchRegions"]
 
@@ -44,7 +45,7 @@ class Controller:
     _wasm: bytes = field(default=b"", repr=False, compare=False)
 
     def __post_init__(self) -> None:
-        wasm, default_name = _load_wasm_bytes(self.module)
+        wasm, default_name = load_wasm_bytes(self.module)
         object.__setattr__(self, "_wasm", wasm)
         if self.name is None:
             object.__setattr__(self, "name", default_name)
@@ -236,15 +237,6 @@ def fail_instance(instance: Any, error: BaseException) -> None:
     )
 
 
-@dataclass
-class Limits:
-    """Per-controller limits: a per-call deadline, fuel per call, a memory cap."""
-
-    deadline_ms: float | None = 50.0
-    fuel: int | None = None
-    memory_limit_bytes: int | None = 256 << 20
-
-
 class ControllerInstance:
     """One controller guest bound to one slot of a batch (see the module docstring).
 
@@ -294,7 +286,7 @@ class ControllerInstance:
             self._check_exports()
             if tokenizer is not None and any(
                 imp.module == "wasmshare" and imp.name == "ws_constraint_open"
-                for imp in self.guest._module.imports
+                for imp in self.guest.module.imports
             ):
                 # One-off set-up (the grammar engine's view of the tokenizer, seconds on a busy
                 # machine) happens here, never inside a step's deadline.
@@ -308,8 +300,8 @@ class ControllerInstance:
 
     def _check_exports(self) -> None:
         guest = self.guest
-        exports = {e.name for e in guest._module.exports}
-        for export in guest._module.exports:
+        exports = {e.name for e in guest.module.exports}
+        for export in guest.module.exports:
             expected = _EXPORT_SIGNATURES.get(export.name)
             if expected is None:
                 continue
@@ -475,7 +467,7 @@ class ControllerInstance:
         """Run the optional ``ws_ctrl_free`` teardown, then release the guest."""
         if self.guest.closed:
             return
-        if "ws_ctrl_free" in {e.name for e in self.guest._module.exports}:
+        if "ws_ctrl_free" in {e.name for e in self.guest.module.exports}:
             try:
                 self.guest.call("ws_ctrl_free")
             except WasmshareError:

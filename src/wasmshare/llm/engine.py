@@ -36,6 +36,7 @@ from ..errors import WasmshareError
 from .batch import Action, BatchStep, ControllerBatch, Output, PreparedOutputs, RowOutput
 from .constraints import Backend, ConstraintSpec
 from .controller import Controller
+from .limits import Limits
 
 if TYPE_CHECKING:
     import torch
@@ -264,7 +265,7 @@ class Engine:
     """Batched generation for one :class:`~wasmshare.llm.models.LoadedModel`.
 
     ``max_batch`` sequences decode together (more wait and join as others finish).
-    ``mode``, ``deadline_ms`` and the other limits go to the :class:`ControllerBatch`.
+    ``mode``, ``limits`` and ``grammar_backend`` go to the :class:`ControllerBatch`.
     ``overlap=False`` runs the controller phase after the forward pass instead of beside
     it (for measuring what the overlap hides).
 
@@ -309,9 +310,7 @@ class Engine:
         *,
         max_batch: int = 8,
         mode: Literal["threads", "workers"] = "threads",
-        deadline_ms: float | None = 100.0,
-        fuel: int | None = None,
-        memory_limit_bytes: int | None = 256 << 20,
+        limits: Limits | None = None,
         overlap: bool = True,
         grammar_backend: Backend = "llguidance",
         mask_apply: MaskApply = "auto",
@@ -335,9 +334,7 @@ class Engine:
             loaded.token_table,
             capacity=max_batch,
             mode=mode,
-            deadline_ms=deadline_ms,
-            fuel=fuel,
-            memory_limit_bytes=memory_limit_bytes,
+            limits=limits,
             grammar_backend=grammar_backend,
         )
         self.device = next(self.model.parameters()).device

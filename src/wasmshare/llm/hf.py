@@ -24,6 +24,7 @@ from ..errors import WasmshareError
 from .batch import Action, BatchStep, ControllerBatch
 from .constraints import ConstraintSpec
 from .controller import Controller
+from .limits import Limits
 
 if TYPE_CHECKING:
     import torch
@@ -57,12 +58,12 @@ class WasmshareLogitsProcessor(_Base):
         steer: ConstraintSpec | Controller | Sequence[ConstraintSpec | Controller | None],
         *,
         eos_token_id: int | None = None,
-        deadline_ms: float | None = 100.0,
+        limits: Limits | None = None,
     ) -> None:
         self.token_table = token_table
         self.steer = steer
         self.eos_token_id = eos_token_id if eos_token_id is not None else token_table.eos_token
-        self.deadline_ms = deadline_ms
+        self.limits = limits
         self.batch: ControllerBatch | None = None
         self.errors: dict[int, str] = {}
         """Row index → error text, for rows whose controller failed."""
@@ -88,7 +89,7 @@ class WasmshareLogitsProcessor(_Base):
         steers = list(self.steer) if isinstance(self.steer, (list, tuple)) else [self.steer] * rows
         if len(steers) != rows:
             raise WasmshareError(f"{len(steers)} steers for a batch of {rows} rows")
-        self.batch = ControllerBatch(self.token_table, capacity=rows, deadline_ms=self.deadline_ms)
+        self.batch = ControllerBatch(self.token_table, capacity=rows, limits=self.limits)
         for row, steer in enumerate(steers):
             if steer is None:
                 self._rows.append(None)

@@ -72,7 +72,7 @@ class _Plugin:
             deadline_ms=init["deadline_ms"],
             fuel=init["fuel"],
         )
-        exported = {e.name for e in self.guest._module.exports}
+        exported = {e.name for e in self.guest.module.exports}
         missing = [n for n in ("plugin_abi_version", "plugin_init", "plugin_check") if n not in exported]
         if missing or not self.guest.has_memory:
             raise PluginModuleError(

@@ -32,10 +32,11 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from .._engine import child_env
 from .blob import SchemaBlob
 from .embedded import EmbeddedPlugin
 from .errors import PluginError
-from .host import CheckResult, PluginHost, _child_env
+from .host import CheckResult, PluginHost
 from .memory import MIB, MemoryUsage, memory_usage
 from .program import Program, sample_program
 from .publish import Publication
@@ -127,7 +128,7 @@ def _embed_in_child(blob_path: Path, out: Path) -> EmbeddedPlugin:
     )
     proc = subprocess.run(
         [sys.executable, "-c", code, str(blob_path), str(out)],
-        env=_child_env(),
+        env=child_env(),
         capture_output=True,
         text=True,
         check=False,

@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
+from .._engine import child_env
 from ..errors import GuestError, GuestLimitExceeded, GuestTrap, LimitKind, WasmshareError
 from ..region import Region
 from ._protocol import recv_message, send_message
@@ -171,13 +172,6 @@ class CheckResult:
         return self.total > len(self.diagnostics)
 
 
-def _child_env() -> dict[str, str]:
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2])
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    return env
-
-
 def _error_from_reply(reply: dict[str, Any], plugin: str) -> WasmshareError:
     kind = reply.get("type")
     message = str(reply.get("message", "unknown error"))
@@ -230,7 +224,7 @@ class Plugin:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "wasmshare.plugins._worker", str(child.fileno())],
                 pass_fds=(child.fileno(),),
-                env=_child_env(),
+                env=child_env(),
             )
         except OSError as e:
             parent.close()

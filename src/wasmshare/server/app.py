@@ -28,9 +28,10 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import WasmshareError
 from ..llm import constraints as C
-from ..llm.constraints import ConstraintSpec
+from ..llm.constraints import Backend, ConstraintSpec
 from ..llm.controller import Controller
 from ..llm.engine import GenerationRequest, GenerationResult, default_max_work
+from ..llm.limits import DEFAULT_DEADLINE_MS
 from .controllers import ControllerStore
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 from .service import EngineService, Overloaded, Ticket, TokenEvent
@@ -53,11 +54,11 @@ class ServerConfig:
     default_max_tokens: int = 256
     max_body_bytes: int = 1 << 20
     max_controller_bytes: int = 8 << 20
-    controller_deadline_ms: float = 50.0
+    controller_deadline_ms: float = DEFAULT_DEADLINE_MS
     max_prompt_tokens: int = 8192
     controller_compile_s: float = 10.0
     controllers_dir: Path | None = None
-    grammar_backend: str = "llguidance"
+    grammar_backend: Backend = "llguidance"
     served_model_name: str | None = None
 
 
@@ -392,7 +393,7 @@ async def _steering(
             assert body.grammar is not None
             spec = C.grammar(body.grammar)
         table = service.loaded.token_table
-        await run_in_threadpool(C.compile_constraint, spec, table, backend=config.grammar_backend)  # type: ignore[arg-type]
+        await run_in_threadpool(C.compile_constraint, spec, table, backend=config.grammar_backend)
     except WasmshareError as e:
         raise APIError(400, str(e), code="invalid_constraint", param=asked[0]) from None
     return spec

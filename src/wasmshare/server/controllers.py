@@ -23,7 +23,8 @@ from typing import Any
 
 from .._engine import EngineOptions, compile_in_child, evict_module
 from ..errors import WasmshareError
-from ..llm.controller import BatchRegions, Controller, ControllerInstance, Limits
+from ..llm.controller import BatchRegions, Controller, ControllerInstance
+from ..llm.limits import Limits
 from ..llm.tokens import TokenTable
 
 __all__ = ["ControllerStore", "StoredController", "ControllerRejected"]
@@ -56,6 +57,11 @@ class StoredController:
         }
 
 
+UPLOAD_CHECK_LIMITS = Limits(deadline_ms=1000.0)
+"""Limits of the trial ``create`` an upload must pass: looser than a step's, as a controller's
+set-up (building tables from the token table) may take far longer than one of its steps."""
+
+
 class ControllerStore:
     """Controller modules by sha256, kept in ``folder``.
 
@@ -79,7 +85,7 @@ class ControllerStore:
         self.compile_budget_s = compile_budget_s
         self.max_controllers = max_controllers
         self.token_table = token_table
-        self.limits = limits or Limits(deadline_ms=1000.0, fuel=None, memory_limit_bytes=256 << 20)
+        self.limits = limits or UPLOAD_CHECK_LIMITS
         self._lock = threading.Lock()  # the records and _loaded; never held while compiling
         self._validating = threading.Lock()  # the scratch slot
         self._loaded: dict[str, Controller] = {}

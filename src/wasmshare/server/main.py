@@ -12,6 +12,7 @@ from rich.console import Console
 
 from .._engine import default_cache_dir
 from ..errors import WasmshareError
+from ..llm.limits import Limits
 from .app import ServerConfig, create_app
 from .controllers import ControllerStore
 from .service import EngineService
@@ -37,7 +38,7 @@ def build_server(
         loaded,
         max_batch=config.max_concurrent,
         max_waiting=config.max_waiting,
-        controller_deadline_ms=config.controller_deadline_ms,
+        controller_limits=Limits(deadline_ms=config.controller_deadline_ms),
         grammar_backend=config.grammar_backend,
     )
     folder = config.controllers_dir or default_cache_dir() / "controllers"

@@ -17,7 +17,9 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..llm.constraints import Backend
 from ..llm.engine import Engine, GenerationRequest, GenerationResult, QueueFull, RequestQueue
+from ..llm.limits import Limits
 from .metrics import ServerMetrics
 
 if TYPE_CHECKING:
@@ -78,16 +80,16 @@ class EngineService:
         *,
         max_batch: int = 8,
         max_waiting: int = 256,
-        controller_deadline_ms: float | None = 50.0,
+        controller_limits: Limits | None = None,
         metrics: ServerMetrics | None = None,
-        grammar_backend: str = "llguidance",
+        grammar_backend: Backend = "llguidance",
     ) -> None:
         self.loaded = loaded
         self.engine = Engine(
             loaded,
             max_batch=max_batch,
-            deadline_ms=controller_deadline_ms,
-            grammar_backend=grammar_backend,  # type: ignore[arg-type]
+            limits=controller_limits,
+            grammar_backend=grammar_backend,
         )
         self.queue = RequestQueue(max_waiting=max_waiting)
         self.metrics = metrics or ServerMetrics()
