@@ -17,8 +17,9 @@ import socket
 import sys
 import time
 
+from .._framing import recv_message, send_message
 from . import _futex
-from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
+from ._protocol import CMD_MESSAGE, CMD_STEP
 
 SPIN_S = 200e-6
 """How long an idle worker polls its go word before sleeping in the kernel."""

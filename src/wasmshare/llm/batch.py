@@ -34,10 +34,11 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from .._engine import child_env
+from .._framing import recv_message, send_message
 from ..errors import GuestError, WasmshareError
 from . import _futex
 from . import _layout as L
-from ._protocol import CMD_MESSAGE, CMD_STEP, recv_message, send_message
+from ._protocol import CMD_MESSAGE, CMD_STEP
 from .constraints import (
     Backend,
     ConstraintError,

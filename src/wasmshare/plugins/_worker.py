@@ -20,7 +20,7 @@ import socket
 import sys
 from typing import Any
 
-from ._protocol import recv_message, send_message
+from .._framing import recv_message, send_message
 
 
 def _error(e: BaseException) -> dict[str, Any]:

@@ -38,9 +38,9 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from .._engine import child_env
+from .._framing import recv_message, send_message
 from ..errors import GuestError, GuestLimitExceeded, GuestTrap, LimitKind, WasmshareError
 from ..region import Region
-from ._protocol import recv_message, send_message
 from ._safe_input import open_user_file, read_user_file
 from ._wasm import exports as wasm_exports
 from .blob import BLOB_FILE_MAX_BYTES

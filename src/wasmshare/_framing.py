@@ -1,4 +1,9 @@
-"""Messages between a plugin host and a plugin worker: a framed JSON header plus an optional payload."""
+"""Framed messages over a Unix socket between a host and its worker processes.
+
+Each message is a JSON object plus an optional binary payload, behind an 8-byte header of
+their lengths. The controller workers and the plugin workers both speak it; the JSON part is
+bounded so a confused peer cannot make the other side allocate without limit.
+"""
 
 from __future__ import annotations
 
