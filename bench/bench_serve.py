@@ -158,13 +158,7 @@ class _Server:
 
 ATTACKED = (6, 7)  # the plain streams the attacked phase replaces with the new hostile ones
 
-WASI_SLEEPER = """(module
-  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (func (export "ws_ctrl_abi_version") (result i32) i32.const 1)
-  (func (export "ws_ctrl_create") (param i32 i32) (result i32) i32.const 0)
-  (func (export "ws_ctrl_step") (param i32 i32) (result i32)
-    (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128))))"""
+WASI_SLEEPER = CONTROLLERS / "wasi_sleeper.wat"
 
 
 def _attacked(ids: dict[str, str], forced_text: str, forced_ids: list[int]) -> list[dict[str, Any]]:
@@ -355,7 +349,7 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                 name: server.upload(name)
                 for name in ("force_answer", "boost_words", "hostile_controller", "hostile_host_calls")
             }
-            sleeper_upload = server.upload_status(WASI_SLEEPER.encode())
+            sleeper_upload = server.upload_status(WASI_SLEEPER.read_bytes())
             warm = _workload(True, ids, forced_text, forced_ids)
             asyncio.run(
                 _phase(server.base, [warm[0], warm[8], warm[16], warm[22]])
