@@ -5,6 +5,8 @@ wasm instance whose linear memory never moves; a :class:`Loan` maps a region int
 guest's memory so the guest, numpy/torch and other processes see the same pages.
 """
 
+from ._abi import ABI_VERSION
+from ._fastcall import GuestFunc
 from .errors import (
     AbiMismatch,
     BuildError,
@@ -17,7 +19,7 @@ from .errors import (
     RegionError,
     WasmshareError,
 )
-from .guest import ABI_VERSION, Guest, GuestFunc
+from .guest import Guest
 from .loan import Loan, LoanSlice, LoanState, zero_copy_supported
 from .region import Region
 

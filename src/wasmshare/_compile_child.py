@@ -19,7 +19,7 @@ def main(argv: list[str]) -> int:
     try:
         compile_module(wasm, options)
     except wasmtime.WasmtimeError as e:
-        from .guest import wasmtime_error_summary
+        from ._module import wasmtime_error_summary
 
         print(f"invalid wasm module: {wasmtime_error_summary(e)}", file=sys.stderr)
         return 1

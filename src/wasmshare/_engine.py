@@ -10,7 +10,6 @@ loan map a region at a fixed address inside a guest's memory.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import hashlib
 import importlib.metadata
 import os
@@ -22,9 +21,8 @@ from pathlib import Path
 
 import wasmtime
 
-_libwasmtime = ctypes.CDLL(wasmtime._ffi.dll._name)
-_libwasmtime_gil = ctypes.PyDLL(wasmtime._ffi.dll._name)  # calls that keep the GIL
-_libc = ctypes.CDLL(ctypes.util.find_library("c") or None)
+from ._fastcall import epoch_increment_call
+from ._libc import usleep
 
 TICK_PERIODS_MS = (1, 2, 5, 10)
 """Epoch tick periods an engine may use; see :func:`tick_ms_for`."""
@@ -117,10 +115,8 @@ class EpochTicker:
         # bytecodes, so it barely competes with the threads that call into wasm (a
         # time.sleep + Engine.increment_epoch loop slowed a worker process running 32
         # controllers several-fold).
-        increment = _libwasmtime_gil["wasmtime_engine_increment_epoch"]
-        increment.restype = None
-        engine_ptr = self._engine.ptr()
-        usleep = _libc.usleep
+        increment, engine_ptr = epoch_increment_call(self._engine)
+        sleep = usleep
         tick_us = ctypes.c_uint(self.tick_ms * 1000)
         cond = self._cond
         while True:
@@ -128,7 +124,7 @@ class EpochTicker:
                 with cond:
                     while self._users == 0:
                         cond.wait()
-            usleep(tick_us)
+            sleep(tick_us)
             increment(engine_ptr)
 
 

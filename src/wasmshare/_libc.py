@@ -1,7 +1,9 @@
-"""Thin ctypes wrappers over the libc calls that place and protect loans.
+"""Thin wrappers over the libc calls that place and protect loans, and the page sizes.
 
 Python's :mod:`mmap` cannot map at a fixed address or change protection, so the loan
 layer calls libc directly. Every wrapper raises :class:`OSError` with ``errno`` set.
+POSIX shared-memory names go through :func:`shm_open` / :func:`shm_unlink` here, the one
+place that touches CPython's private ``_posixshmem``.
 """
 
 from __future__ import annotations
@@ -15,7 +17,9 @@ import sys
 from collections.abc import Iterator
 
 PAGE_SIZE: int = mmap.PAGESIZE
+"""The host's page size in bytes: the unit of every mapping and protection change."""
 WASM_PAGE_SIZE: int = 65536
+"""A WebAssembly page in bytes: the unit of ``memory.grow`` and of loan windows."""
 
 PROT_NONE = 0
 PROT_READ = mmap.PROT_READ
@@ -34,6 +38,10 @@ _mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, 
 _mprotect = _libc.mprotect
 _mprotect.restype = ctypes.c_int
 _mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+usleep = _libc.usleep
+"""libc ``usleep``: sleeps in C with the GIL released; pass a ``ctypes.c_uint`` of microseconds."""
+usleep.restype = ctypes.c_int
 
 _MAP_FAILED = ctypes.c_void_p(-1).value
 
@@ -66,6 +74,28 @@ def protect(address: int, nbytes: int, prot: int) -> None:
 def round_up(n: int, multiple: int) -> int:
     """Round ``n`` up to a multiple of ``multiple``."""
     return -(-n // multiple) * multiple
+
+
+def page_round(nbytes: int) -> int:
+    """Round ``nbytes`` up to whole host pages (:data:`PAGE_SIZE`)."""
+    return round_up(nbytes, PAGE_SIZE)
+
+
+def shm_open(name: str, flags: int, mode: int) -> int:
+    """Open a POSIX shared-memory object by ``name`` ("/x"); return its fd.
+
+    Raises :class:`OSError` (``FileNotFoundError``, ``FileExistsError``, ...) as ``os.open`` does.
+    """
+    import _posixshmem
+
+    return int(_posixshmem.shm_open(name, flags, mode))
+
+
+def shm_unlink(name: str) -> None:
+    """Remove the POSIX shared-memory name ``name`` ("/x"); open descriptors keep working."""
+    import _posixshmem
+
+    _posixshmem.shm_unlink(name)
 
 
 _FAULT_SIGNALS = (11, 7, 4, 8)  # SIGSEGV, SIGBUS, SIGILL, SIGFPE on Linux

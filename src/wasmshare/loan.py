@@ -31,20 +31,18 @@ import numpy as np
 import numpy.typing as npt
 
 from . import _libc
-from ._libc import PAGE_SIZE, WASM_PAGE_SIZE, round_up
+from ._libc import PAGE_SIZE, round_up
+from ._memory import GuestMemory, MemoryOwner, Placement, Protection
 from .errors import LoanError, LoanRevoked, RegionError
 
 if TYPE_CHECKING:
     import torch
 
-    from .guest import Guest
     from .region import Region
 
 __all__ = ["Loan", "LoanSlice", "LoanState", "Access", "Protection", "Placement", "zero_copy_supported"]
 
 Access = Literal["rw", "ro"]
-Protection = Literal["rw", "ro", "none"]
-Placement = Literal["grow", "alloc"]
 
 _PROT = {
     "rw": _libc.PROT_READ | _libc.PROT_WRITE,
@@ -91,8 +89,8 @@ class Loan:
     :class:`LoanRevoked` for using a closed loan.
     """
 
-    guest: Guest
-    """The guest the region is lent into."""
+    guest: MemoryOwner
+    """The guest the region is lent into (a :class:`~wasmshare.guest.Guest`)."""
     region: Region
     """The lent region."""
     offset: int
@@ -103,6 +101,7 @@ class Loan:
     """Element type used when the loan is passed as ``(ptr, len)``."""
     ptr: int
     """Guest address of the first lent byte (page-aligned, never 0)."""
+    _memory: GuestMemory
     _map_nbytes: int
     _window_nbytes: int
     _zero_copy: bool
@@ -118,18 +117,18 @@ class Loan:
     @classmethod
     def _create(
         cls,
-        guest: Guest,
+        memory: GuestMemory,
         region: Region,
         access: Access,
         *,
         at: Placement | int,
         offset: int,
         nbytes: int | None,
-        dtype: npt.DTypeLike = np.uint8,
+        dtype: npt.DTypeLike,
     ) -> Loan:
         if access not in ("rw", "ro"):
             raise LoanError(f"access must be 'rw' or 'ro', got {access!r}")
-        guest._require_memory()
+        memory.require()
         if region.closed:
             raise LoanError(f"cannot lend closed region {region!r}")
         if access == "rw" and not region.writable:
@@ -146,7 +145,8 @@ class Loan:
                 f"({region.nbytes} bytes); a loan cannot outlive or outgrow its region"
             )
         self = cls.__new__(cls)
-        self.guest = guest
+        self._memory = memory
+        self.guest = memory.owner
         self.region = region
         self.offset = offset
         self.nbytes = nbytes
@@ -156,81 +156,22 @@ class Loan:
         self._protection = access
         self._state = LoanState.ACTIVE
         self._placement = at if isinstance(at, str) else "fixed"
-        ptr, window = self._place(at)
+        ptr, window = memory.place(at, self._map_nbytes, nbytes, zero_copy=self._zero_copy)
         self.ptr = ptr
         self._window_nbytes = window
         try:
             if self._zero_copy:
-                host = guest._memory_base + ptr
+                host = memory.base + ptr
                 _libc.map_fixed(host, self._map_nbytes, _PROT[access], _libc.MAP_SHARED, region.fd, offset)
             else:
                 _warn_copy_once()
-                guest._copy_loans.append(self)
-                guest._refresh_slow_path()
-                self._copy_in()
-            region._attach_loan(self)
+                memory.start_copying(self)
+            region.attach_loan(self)
         except (OSError, RegionError) as e:
             self._restore_window()
-            raise LoanError(f"cannot map {region!r} into guest '{guest.name}' at {ptr:#x}: {e}") from e
-        guest._loans.append(self)
+            raise LoanError(f"cannot map {region!r} into guest '{self.guest.name}' at {ptr:#x}: {e}") from e
+        memory.add_loan(self, self._guest_closing)
         return self
-
-    def _place(self, at: Placement | int) -> tuple[int, int]:
-        """Choose the guest address; return (ptr, window bytes owned by the loan)."""
-        guest = self.guest
-        if isinstance(at, bool) or not (isinstance(at, int) or at in ("grow", "alloc")):
-            raise LoanError(f"at must be 'grow', 'alloc' or a guest address, got {at!r}")
-        if at == "grow":
-            window = round_up(self._map_nbytes, WASM_PAGE_SIZE)
-            for i, (start, size) in enumerate(guest._retired_windows):
-                if size >= window:
-                    del guest._retired_windows[i]
-                    if self._zero_copy:
-                        _libc.map_anonymous_fixed(guest._memory_base + start, size, _PROT["rw"])
-                    return start, size
-            pages = window // WASM_PAGE_SIZE
-            if guest.memory_nbytes == 0:
-                pages += 1  # never place a loan at guest address 0 (0 means "failed" in the ABI)
-            from .errors import GuestLimitExceeded
-
-            try:
-                old_pages = guest.grow_memory(pages)
-            except GuestLimitExceeded as e:
-                raise LoanError(f"guest '{guest.name}': no room for a {self.nbytes}-byte loan: {e}") from e
-            start = old_pages * WASM_PAGE_SIZE
-            if start == 0:
-                start = WASM_PAGE_SIZE
-                window = (pages - 1) * WASM_PAGE_SIZE
-            return start, window
-        if at == "alloc":
-            if "ws_loan_alloc" not in {e.name for e in guest.module.exports}:
-                raise LoanError(f"guest '{guest.name}' does not export ws_loan_alloc; use at='grow'")
-            ptr = int(guest.call("ws_loan_alloc", self._map_nbytes))
-            if ptr == 0:
-                raise LoanError(f"guest '{guest.name}': ws_loan_alloc({self._map_nbytes}) refused the loan")
-            ptr &= 0xFFFFFFFF
-            self._check_fixed(ptr)
-            return ptr, self._map_nbytes
-        self._check_fixed(at)
-        return at, self._map_nbytes
-
-    def _check_fixed(self, ptr: int) -> None:
-        guest = self.guest
-        if ptr <= 0 or ptr % PAGE_SIZE:
-            raise LoanError(
-                f"guest address {ptr:#x} is not a positive multiple of the page size ({PAGE_SIZE})"
-            )
-        end = ptr + self._map_nbytes
-        if end > guest.memory_nbytes:
-            raise LoanError(
-                f"loan [{ptr:#x}, {end:#x}) lies outside guest '{guest.name}''s reachable memory "
-                f"[0, {guest.memory_nbytes:#x}); grow the memory first or use at='grow'"
-            )
-        for other in guest._loans:
-            if ptr < other.ptr + other._window_nbytes and other.ptr < end:
-                raise LoanError(
-                    f"loan [{ptr:#x}, {end:#x}) overlaps {other.describe()} in guest '{guest.name}'"
-                )
 
     # -- properties --------------------------------------------------------------------
 
@@ -253,6 +194,17 @@ class Loan:
     def zero_copy(self) -> bool:
         """True when the guest sees the region's own pages (Linux); False in copy mode."""
         return self._zero_copy
+
+    @property
+    def mapped_nbytes(self) -> int:
+        """``nbytes`` rounded up to whole host pages: the span mapped into the guest."""
+        return self._map_nbytes
+
+    @property
+    def window_nbytes(self) -> int:
+        """Guest bytes the loan owns from ``ptr`` (the mapping, and the unmapped rest of a
+        grown window, which traps)."""
+        return self._window_nbytes
 
     def describe(self) -> str:
         """A short human description used in error messages."""
@@ -324,11 +276,11 @@ class Loan:
             return
         if self._zero_copy:
             try:
-                _libc.protect(self.guest._memory_base + self.ptr, self._map_nbytes, _PROT[access])
+                _libc.protect(self._memory.base + self.ptr, self._map_nbytes, _PROT[access])
             except OSError as e:
                 raise LoanError(f"cannot change {self.describe()} to {access}: {e}") from e
         elif access == "none":
-            ctypes.memset(self.guest._memory_base + self.ptr, 0, self._map_nbytes)
+            ctypes.memset(self._memory.base + self.ptr, 0, self._map_nbytes)
         self._protection = access
         self._state = LoanState.REVOKED if access == "none" else LoanState.ACTIVE
 
@@ -345,32 +297,18 @@ class Loan:
         """
         if self._state is LoanState.CLOSED:
             return
-        guest = self.guest
-        if self in guest._copy_loans:
-            self._copy_out()
-            guest._copy_loans.remove(self)
-            guest._refresh_slow_path()
+        memory = self._memory
+        memory.stop_copying(self)
         self._state = LoanState.CLOSED
-        if not guest.closed:
+        if not self.guest.closed:
             self._restore_window()
-            if self._placement == "alloc" and "ws_loan_free" in {e.name for e in guest.module.exports}:
-                guest._funcs.pop("ws_loan_free:1", None)
-                try:
-                    guest.call("ws_loan_free", self.ptr)
-                except Exception:  # noqa: BLE001 - a faulty guest free must not leak the loan
-                    pass
-        if self in guest._loans:
-            guest._loans.remove(self)
-        self.region._detach_loan(self)
+            if self._placement == "alloc":
+                memory.free_block(self.ptr)
+        memory.remove_loan(self)
+        self.region.detach_loan(self)
 
     def _restore_window(self) -> None:
-        guest = self.guest
-        if self._placement == "grow":
-            if self._zero_copy:
-                _libc.map_anonymous_fixed(guest._memory_base + self.ptr, self._window_nbytes, _PROT["none"])
-            guest._retired_windows.append((self.ptr, self._window_nbytes))
-        elif self._zero_copy:
-            _libc.map_anonymous_fixed(guest._memory_base + self.ptr, self._window_nbytes, _PROT["rw"])
+        self._memory.restore_window(self.ptr, self._window_nbytes, self._placement, zero_copy=self._zero_copy)
 
     def __enter__(self) -> Loan:
         return self
@@ -387,21 +325,7 @@ class Loan:
         if self._state is LoanState.CLOSED:
             return
         self._state = LoanState.CLOSED
-        self.region._detach_loan(self)
-
-    # -- copy fallback ------------------------------------------------------------------------
-
-    def _copy_in(self) -> None:
-        if self._protection == "none":
-            return
-        ctypes.memmove(self.guest._memory_base + self.ptr, self.region.address + self.offset, self.nbytes)
-        self.guest.bytes_copied += self.nbytes
-
-    def _copy_out(self) -> None:
-        if self._protection != "rw":
-            return
-        ctypes.memmove(self.region.address + self.offset, self.guest._memory_base + self.ptr, self.nbytes)
-        self.guest.bytes_copied += self.nbytes
+        self.region.detach_loan(self)
 
 
 class LoanSlice:
@@ -430,3 +354,20 @@ class LoanSlice:
     def array(self) -> np.ndarray[Any, Any]:
         """The zero-copy numpy view of this slice."""
         return self.loan.array(self.dtype, self.count, offset=self.start * self.dtype.itemsize)
+
+
+def lend_into(
+    memory: GuestMemory,
+    region: Region,
+    access: Access,
+    *,
+    at: Placement | int = "grow",
+    offset: int = 0,
+    nbytes: int | None = None,
+    dtype: npt.DTypeLike = np.uint8,
+) -> Loan:
+    """Place a loan of ``region`` in the guest memory ``memory`` keeps: what :meth:`Guest.lend` runs.
+
+    See :class:`Loan` for the rules and the errors.
+    """
+    return Loan._create(memory, region, access, at=at, offset=offset, nbytes=nbytes, dtype=dtype)

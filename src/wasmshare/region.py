@@ -22,25 +22,38 @@ from __future__ import annotations
 import enum
 import errno
 import fcntl
-import json
 import mmap
-import operator
 import os
-import re
-import secrets
 import socket
 import stat
-import struct
-import sys
 import threading
 import warnings
 import weakref
-from typing import TYPE_CHECKING, Any, Literal, SupportsIndex
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 
-from wasmshare.errors import RegionError
+from . import _wire
+from ._checks import MAX_REGION_BYTES, check_access, check_nbytes, loan_is_writable, resolve_shape
+from ._libc import page_round, shm_open, shm_unlink
+from ._shm import (
+    F_ADD_SEALS,
+    F_SEAL_WRITE,
+    HAS_MEMFD,
+    SEAL_READ_ONLY,
+    RegionKind,
+    Resources,
+    create_shm_fd,
+    fd_seals,
+    new_anonymous_fd,
+    normalize_name,
+    open_shm_fd,
+    os_reason,
+    temporary_shm_name,
+    write_all,
+)
+from .errors import RegionError
 
 if TYPE_CHECKING:
     import torch
@@ -48,226 +61,12 @@ if TYPE_CHECKING:
 __all__ = ["Access", "Region", "RegionKind", "MAX_REGION_BYTES"]
 
 Access = Literal["rw", "ro"]
-RegionKind = Literal["memfd", "shm", "file"]
-
-#: A wasm32 guest addresses at most 4 GiB of linear memory.
-MAX_REGION_BYTES = 4 * 1024 * 1024 * 1024
-
-_NAME_RE = re.compile(r"/?[A-Za-z0-9._-]{1,200}")
-_NAME_RULE = "1-200 characters from [A-Za-z0-9._-], optionally with one leading '/', and not '.' or '..'"
-
-# Wire format of send()/receive(): magic, big-endian uint32 header length, JSON header.
-_WIRE_MAGIC = b"WSRG"
-_WIRE_PREFIX = struct.Struct(">4sI")
-_WIRE_MAX_HEADER = 64 * 1024
-_WIRE_VERSION = 1
-
-_HAS_MEMFD = hasattr(os, "memfd_create") and sys.platform.startswith("linux")
-_F_ADD_SEALS: int | None = getattr(fcntl, "F_ADD_SEALS", None)
-_F_GET_SEALS: int | None = getattr(fcntl, "F_GET_SEALS", None)
-_SEAL_READ_ONLY = (
-    getattr(fcntl, "F_SEAL_WRITE", 0)
-    | getattr(fcntl, "F_SEAL_SHRINK", 0)
-    | getattr(fcntl, "F_SEAL_GROW", 0)
-    | getattr(fcntl, "F_SEAL_SEAL", 0)
-)
-_F_SEAL_WRITE: int = getattr(fcntl, "F_SEAL_WRITE", 0)
 
 
 class _State(enum.Enum):
     OPEN = "open"
     CLOSING = "closing"
     CLOSED = "closed"
-
-
-class _Resources:
-    """What the finalizer releases; holds no reference to the Region."""
-
-    __slots__ = ("fd", "unlink_name")
-
-    def __init__(self, fd: int, unlink_name: str | None) -> None:
-        self.fd = fd
-        self.unlink_name = unlink_name  # "/name" to shm_unlink on release, or None
-
-    def release(self) -> None:
-        name, self.unlink_name = self.unlink_name, None
-        if name is not None:
-            try:
-                _shm_unlink(name)
-            except OSError:
-                pass
-        fd, self.fd = self.fd, -1
-        if fd >= 0:
-            try:
-                os.close(fd)
-            except OSError:
-                pass
-
-
-# --- small helpers --------------------------------------------------------------
-
-
-def _page_round(nbytes: int) -> int:
-    page = mmap.PAGESIZE
-    return (nbytes + page - 1) // page * page
-
-
-def _check_nbytes(nbytes: object, what: str = "nbytes") -> int:
-    if isinstance(nbytes, bool):
-        raise RegionError(f"{what} must be an int, got bool {nbytes!r}")
-    if not isinstance(nbytes, SupportsIndex):
-        raise RegionError(f"{what} must be an int, got {type(nbytes).__name__}")
-    n = operator.index(nbytes)
-    if n <= 0:
-        raise RegionError(f"{what} must be > 0, got {n}")
-    if n > MAX_REGION_BYTES:
-        raise RegionError(
-            f"{what} {n} is larger than 4 GiB ({MAX_REGION_BYTES} bytes): "
-            "a wasm32 guest cannot address more than 4 GiB"
-        )
-    return int(n)
-
-
-def _check_access(access: object) -> Access:
-    if access == "rw":
-        return "rw"
-    if access == "ro":
-        return "ro"
-    raise RegionError(f"access must be 'rw' or 'ro', got {access!r}")
-
-
-def _normalize_name(name: object) -> str:
-    """Return the name without its leading '/', or raise RegionError."""
-    if not isinstance(name, str) or _NAME_RE.fullmatch(name) is None:
-        raise RegionError(f"invalid shared memory name {name!r}: use {_NAME_RULE}")
-    bare = name[1:] if name.startswith("/") else name
-    if bare in (".", ".."):
-        raise RegionError(f"invalid shared memory name {name!r}: use {_NAME_RULE}")
-    return bare
-
-
-def _shm_open(path: str, flags: int, mode: int) -> int:
-    import _posixshmem
-
-    return int(_posixshmem.shm_open(path, flags, mode))
-
-
-def _shm_unlink(path: str) -> None:
-    import _posixshmem
-
-    _posixshmem.shm_unlink(path)
-
-
-def _os_reason(e: OSError) -> str:
-    return e.strerror or str(e)
-
-
-def _fd_seals(fd: int) -> int:
-    """The fd's seals (memfd on Linux), or 0 where sealing is unsupported."""
-    if _F_GET_SEALS is None:
-        return 0
-    try:
-        return int(fcntl.fcntl(fd, _F_GET_SEALS))
-    except OSError:
-        return 0
-
-
-def _loan_is_writable(loan: object) -> bool:
-    """A loan counts as writable unless it says otherwise (``writable`` False or ``access`` 'ro')."""
-    w = getattr(loan, "writable", None)
-    if isinstance(w, bool):
-        return w
-    return getattr(loan, "access", None) != "ro"
-
-
-def _new_anonymous_fd(nbytes_on_disk: int) -> tuple[int, RegionKind]:
-    """A fresh, zero-filled, unnamed fd of the given size: memfd, or unlinked shm elsewhere."""
-    if _HAS_MEMFD:
-        try:
-            fd = os.memfd_create("wasmshare", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        except OSError as e:
-            raise RegionError(f"memfd_create failed: {_os_reason(e)}") from e
-        kind: RegionKind = "memfd"
-    else:
-        fd = _create_shm_fd(f"/wasmshare-{os.getpid()}-{secrets.token_hex(8)}", unlink_now=True)
-        kind = "shm"
-    try:
-        os.ftruncate(fd, nbytes_on_disk)
-    except OSError as e:
-        os.close(fd)
-        raise RegionError(f"cannot size {kind} region to {nbytes_on_disk} bytes: {_os_reason(e)}") from e
-    return fd, kind
-
-
-def _create_shm_fd(path: str, *, unlink_now: bool) -> int:
-    try:
-        fd = _shm_open(path, os.O_CREAT | os.O_EXCL | os.O_RDWR, 0o600)
-    except FileExistsError as e:
-        raise RegionError(
-            f"shared memory object {path!r} already exists; pick another name, "
-            "or use Region.open() to attach to it"
-        ) from e
-    except OSError as e:
-        raise RegionError(f"cannot create shared memory object {path!r}: {_os_reason(e)}") from e
-    if unlink_now:
-        try:
-            _shm_unlink(path)
-        except OSError:
-            pass
-    return fd
-
-
-def _resolve_shape(
-    shape: int | tuple[int, ...] | None, itemsize: int, offset: object, nbytes: int, dtype: object
-) -> tuple[int, tuple[int, ...], int]:
-    """Check offset and shape against the region; return (count, shape, offset).
-
-    ``dtype`` is only formatted into error messages (formatting a dtype costs
-    microseconds, and views are made on hot paths).
-    """
-    if isinstance(offset, bool):
-        raise RegionError(f"offset must be an int, got bool {offset!r}")
-    try:
-        off = operator.index(offset)  # type: ignore[arg-type]
-    except TypeError:
-        raise RegionError(f"offset must be an int, got {type(offset).__name__}") from None
-    if off < 0 or off > nbytes:
-        raise RegionError(f"offset {off} is outside the region (0..{nbytes} bytes)")
-    # Alignment: itemsize for power-of-two sizes (all numeric dtypes), else 1 byte.
-    align = itemsize if itemsize > 0 and itemsize & (itemsize - 1) == 0 else 1
-    if off % align:
-        raise RegionError(f"offset {off} is not aligned to dtype {dtype} itemsize {itemsize}")
-    if itemsize <= 0:
-        raise RegionError(f"dtype {dtype} has itemsize {itemsize}; cannot view bytes as it")
-    avail = nbytes - off
-    if shape is None:
-        count = avail // itemsize
-        if count == 0:
-            raise RegionError(
-                f"no whole dtype {dtype} element (itemsize {itemsize}) fits in {avail} bytes after offset {off}"
-            )
-        return count, (count,), off
-    dims_in = (shape,) if not isinstance(shape, tuple) else shape
-    dims: list[int] = []
-    for d in dims_in:
-        if isinstance(d, bool):
-            raise RegionError(f"shape entries must be ints, got {shape!r}")
-        try:
-            di = operator.index(d)
-        except TypeError:
-            raise RegionError(f"shape entries must be ints, got {shape!r}") from None
-        if di < 0:
-            raise RegionError(f"shape entries must be >= 0, got {shape!r}")
-        dims.append(di)
-    count = 1
-    for di in dims:
-        count *= di
-    if count * itemsize > avail:
-        raise RegionError(
-            f"shape {tuple(dims)} of dtype {dtype} needs {count * itemsize} bytes, but only {avail} "
-            f"bytes are left after offset {off} in a {nbytes}-byte region"
-        )
-    return count, tuple(dims), off
 
 
 # --- Region ---------------------------------------------------------------------
@@ -307,7 +106,7 @@ class Region:
         self._kind: RegionKind = "memfd"
         self._name: str | None = None
         self._sealed = False
-        self._res = _Resources(-1, None)
+        self._res = Resources(-1, None)
         self._finalizer: weakref.finalize[Any, Any] | None = None
 
     @classmethod
@@ -324,9 +123,9 @@ class Region:
     ) -> Region:
         """Take ownership of ``fd`` (already validated), register cleanup, map it."""
         self = cls(_token=_CONSTRUCT)
-        self._res = _Resources(fd, unlink_name)
-        # Registered before anything else can fail: holds only the _Resources, never self.
-        self._finalizer = weakref.finalize(self, _Resources.release, self._res)
+        self._res = Resources(fd, unlink_name)
+        # Registered before anything else can fail: holds only the Resources, never self.
+        self._finalizer = weakref.finalize(self, Resources.release, self._res)
         self._nbytes = nbytes
         self._access = access
         self._kind = kind
@@ -339,7 +138,7 @@ class Region:
                 self._res.fd = -1
             self._finalizer()
             raise
-        self._sealed = kind == "memfd" and bool(_fd_seals(fd) & _F_SEAL_WRITE)
+        self._sealed = kind == "memfd" and bool(fd_seals(fd) & F_SEAL_WRITE)
         self._state = _State.OPEN
         return self
 
@@ -350,7 +149,7 @@ class Region:
         try:
             mm = mmap.mmap(self._res.fd, self._nbytes, flags=mmap.MAP_SHARED, prot=prot)
         except (OSError, ValueError) as e:
-            reason = _os_reason(e) if isinstance(e, OSError) else str(e)
+            reason = os_reason(e) if isinstance(e, OSError) else str(e)
             raise RegionError(f"cannot map {self._label()} ({self._nbytes} bytes, {access}): {reason}") from e
         probe = np.frombuffer(mm, dtype=np.uint8, count=1)
         self._address = int(probe.__array_interface__["data"][0])
@@ -371,21 +170,21 @@ class Region:
 
         Raises RegionError for a bad size or name, or if the name already exists.
         """
-        n = _check_nbytes(nbytes)
-        size = _page_round(n)
+        n = check_nbytes(nbytes)
+        size = page_round(n)
         if name is None:
-            fd, kind = _new_anonymous_fd(size)
+            fd, kind = new_anonymous_fd(size)
             return cls._setup(fd, nbytes=n, access="rw", kind=kind, name=None, unlink_name=None)
-        bare = _normalize_name(name)
+        bare = normalize_name(name)
         path = "/" + bare
-        fd = _create_shm_fd(path, unlink_now=False)
-        res = _Resources(fd, path)
+        fd = create_shm_fd(path, unlink_now=False)
+        res = Resources(fd, path)
         try:
             os.ftruncate(fd, size)
         except OSError as e:
             res.release()
             raise RegionError(
-                f"cannot size shared memory object {path!r} to {size} bytes: {_os_reason(e)}"
+                f"cannot size shared memory object {path!r} to {size} bytes: {os_reason(e)}"
             ) from e
         return cls._setup(fd, nbytes=n, access="rw", kind="shm", name=bare, unlink_name=path)
 
@@ -398,32 +197,9 @@ class Region:
 
         Raises RegionError if the name is invalid or missing, or access is denied.
         """
-        acc = _check_access(access)
-        bare = _normalize_name(name)
-        path = "/" + bare
-        flags = os.O_RDWR if acc == "rw" else os.O_RDONLY
-        try:
-            fd = _shm_open(path, flags, 0)
-        except FileNotFoundError as e:
-            raise RegionError(
-                f"no shared memory object named {path!r} (never created, or already unlinked)"
-            ) from e
-        except OSError as e:
-            raise RegionError(f"cannot open shared memory object {path!r} ({acc}): {_os_reason(e)}") from e
-        res = _Resources(fd, None)
-        try:
-            size = os.fstat(fd).st_size
-        except OSError as e:
-            res.release()
-            raise RegionError(f"cannot stat shared memory object {path!r}: {_os_reason(e)}") from e
-        if size <= 0:
-            res.release()
-            raise RegionError(f"shared memory object {path!r} has size 0 (its creator has not sized it yet)")
-        if size > MAX_REGION_BYTES:
-            res.release()
-            raise RegionError(
-                f"shared memory object {path!r} is {size} bytes: a wasm32 guest cannot address more than 4 GiB"
-            )
+        acc = check_access(access)
+        bare = normalize_name(name)
+        fd, size = open_shm_fd("/" + bare, acc, MAX_REGION_BYTES)
         return cls._setup(fd, nbytes=size, access=acc, kind="shm", name=bare, unlink_name=None)
 
     @classmethod
@@ -438,19 +214,19 @@ class Region:
         empty or too-large file, a directory or other non-regular file, or ``"rw"`` on a
         read-only file.
         """
-        acc = _check_access(access)
+        acc = check_access(access)
         spath = os.fspath(path)
         flags = (os.O_RDWR if acc == "rw" else os.O_RDONLY) | getattr(os, "O_CLOEXEC", 0)
         try:
             fd = os.open(spath, flags)
         except OSError as e:
-            raise RegionError(f"cannot open file {spath!r} ({acc}): {_os_reason(e)}") from e
-        res = _Resources(fd, None)
+            raise RegionError(f"cannot open file {spath!r} ({acc}): {os_reason(e)}") from e
+        res = Resources(fd, None)
         try:
             st = os.fstat(fd)
         except OSError as e:
             res.release()
-            raise RegionError(f"cannot stat file {spath!r}: {_os_reason(e)}") from e
+            raise RegionError(f"cannot stat file {spath!r}: {os_reason(e)}") from e
         if not stat.S_ISREG(st.st_mode):
             res.release()
             what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
@@ -483,20 +259,20 @@ class Region:
         if not mv.c_contiguous:
             mv = memoryview(mv.tobytes())
         mv = mv.cast("B")
-        n = _check_nbytes(mv.nbytes, "len(data)")
-        size = _page_round(n)
-        if _HAS_MEMFD:
-            fd, kind = _new_anonymous_fd(size)
-            res = _Resources(fd, None)
+        n = check_nbytes(mv.nbytes, "len(data)")
+        size = page_round(n)
+        if HAS_MEMFD:
+            fd, kind = new_anonymous_fd(size)
+            res = Resources(fd, None)
             try:
-                _write_all(fd, mv)
+                write_all(fd, mv)
                 if seal:
-                    if _F_ADD_SEALS is None:
+                    if F_ADD_SEALS is None:
                         raise RegionError("this platform cannot seal a memfd")
-                    fcntl.fcntl(fd, _F_ADD_SEALS, _SEAL_READ_ONLY)
+                    fcntl.fcntl(fd, F_ADD_SEALS, SEAL_READ_ONLY)
             except OSError as e:
                 res.release()
-                raise RegionError(f"cannot fill memfd region with {n} bytes: {_os_reason(e)}") from e
+                raise RegionError(f"cannot fill memfd region with {n} bytes: {os_reason(e)}") from e
             except BaseException:
                 res.release()
                 raise
@@ -504,16 +280,16 @@ class Region:
                 fd, nbytes=n, access="ro" if seal else "rw", kind=kind, name=None, unlink_name=None
             )
         # Portable fallback: fill a named shm object, keep only a read-only fd of it.
-        path = f"/wasmshare-{os.getpid()}-{secrets.token_hex(8)}"
-        wfd = _create_shm_fd(path, unlink_now=False)
-        res = _Resources(wfd, path)
+        path = temporary_shm_name()
+        wfd = create_shm_fd(path, unlink_now=False)
+        res = Resources(wfd, path)
         try:
             os.ftruncate(wfd, size)
-            _write_all(wfd, mv)
-            fd = _shm_open(path, os.O_RDONLY, 0) if seal else os.dup(wfd)
+            write_all(wfd, mv)
+            fd = shm_open(path, os.O_RDONLY, 0) if seal else os.dup(wfd)
         except OSError as e:
             res.release()
-            raise RegionError(f"cannot fill shm region with {n} bytes: {_os_reason(e)}") from e
+            raise RegionError(f"cannot fill shm region with {n} bytes: {os_reason(e)}") from e
         res.release()
         return cls._setup(
             fd, nbytes=n, access="ro" if seal else "rw", kind="shm", name=None, unlink_name=None
@@ -538,7 +314,7 @@ class Region:
         Raises RegionError for a bad fd, a size of 0 or over 4 GiB, ``nbytes`` past the end
         of the fd, or ``"rw"`` on a read-only or sealed fd.
         """
-        acc = _check_access(access)
+        acc = check_access(access)
         if kind not in ("memfd", "shm", "file"):
             raise RegionError(f"kind must be 'memfd', 'shm' or 'file', got {kind!r}")
         if isinstance(fd, bool) or not isinstance(fd, int) or fd < 0:
@@ -547,15 +323,15 @@ class Region:
             st = os.fstat(fd)
             mode = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
         except OSError as e:
-            raise RegionError(f"fd {fd} is not usable: {_os_reason(e)}") from e
+            raise RegionError(f"fd {fd} is not usable: {os_reason(e)}") from e
         if stat.S_ISDIR(st.st_mode) or not (stat.S_ISREG(st.st_mode) or kind == "shm"):
             raise RegionError(f"fd {fd} is not a regular file or shared memory object; cannot map it")
         if nbytes is None:
             if st.st_size <= 0:
                 raise RegionError(f"fd {fd} has size 0; a region needs at least 1 byte")
-            n = _check_nbytes(st.st_size, f"size of fd {fd}")
+            n = check_nbytes(st.st_size, f"size of fd {fd}")
         else:
-            n = _check_nbytes(nbytes)
+            n = check_nbytes(nbytes)
             if n > st.st_size:
                 raise RegionError(
                     f"nbytes {n} is past the end of fd {fd} ({st.st_size} bytes); mapping it would fault"
@@ -566,9 +342,9 @@ class Region:
             raise RegionError(
                 f"fd {fd} is open read-only; cannot make an 'rw' region of it (use access='ro')"
             )
-        if acc == "rw" and _fd_seals(fd) & _F_SEAL_WRITE:
+        if acc == "rw" and fd_seals(fd) & F_SEAL_WRITE:
             raise RegionError(f"fd {fd} is sealed read-only (F_SEAL_WRITE); use access='ro'")
-        bare = _normalize_name(name) if (name is not None and kind == "shm") else name
+        bare = normalize_name(name) if (name is not None and kind == "shm") else name
         return cls._setup(
             fd, nbytes=n, access=acc, kind=kind, name=bare, unlink_name=None, release_fd_on_error=False
         )
@@ -586,24 +362,17 @@ class Region:
         """
         with self._lock:
             fd = self._require_open_fd()
-            header = json.dumps(
-                {
-                    "v": _WIRE_VERSION,
-                    "nbytes": self._nbytes,
-                    "access": self._access,
-                    "kind": self._kind,
-                    "name": self._name,
-                    "sealed": self.sealed,
-                },
-                separators=(",", ":"),
-            ).encode()
-            msg = _WIRE_PREFIX.pack(_WIRE_MAGIC, len(header)) + header
+            header = {
+                "nbytes": self._nbytes,
+                "access": self._access,
+                "kind": self._kind,
+                "name": self._name,
+                "sealed": self.sealed,
+            }
             try:
-                sent = socket.send_fds(sock, [msg], [fd])
-                if sent < len(msg):
-                    sock.sendall(msg[sent:])
+                _wire.send(sock, fd, header)
             except OSError as e:
-                raise RegionError(f"cannot send {self._label()} over the socket: {_os_reason(e)}") from e
+                raise RegionError(f"cannot send {self._label()} over the socket: {os_reason(e)}") from e
 
     @classmethod
     def receive(cls, sock: socket.socket) -> Region:
@@ -614,62 +383,18 @@ class Region:
 
         Raises RegionError if the peer closed the socket, sent no fd, or sent garbage.
         """
-        try:
-            data, fds, _flags, _addr = socket.recv_fds(sock, _WIRE_MAX_HEADER + _WIRE_PREFIX.size, 4)
-        except OSError as e:
-            raise RegionError(f"cannot receive a region from the socket: {_os_reason(e)}") from e
-        owned = [_Resources(f, None) for f in fds]
-
-        def fail(msg: str) -> RegionError:
-            for r in owned:
-                r.release()
-            return RegionError(msg)
-
-        if not data and not fds:
-            raise fail("peer closed the socket without sending a region")
-        if len(fds) != 1:
-            raise fail(f"expected exactly 1 fd from the peer, got {len(fds)}: not a wasmshare region message")
-        try:
-            buf = bytearray(data)
-            while len(buf) < _WIRE_PREFIX.size:
-                more = sock.recv(_WIRE_PREFIX.size - len(buf))
-                if not more:
-                    raise fail("peer closed the socket in the middle of a region header")
-                buf += more
-            magic, hlen = _WIRE_PREFIX.unpack_from(buf)
-            if magic != _WIRE_MAGIC or hlen > _WIRE_MAX_HEADER:
-                raise fail("peer sent garbage, not a wasmshare region message")
-            total = _WIRE_PREFIX.size + hlen
-            while len(buf) < total:
-                more = sock.recv(total - len(buf))
-                if not more:
-                    raise fail("peer closed the socket in the middle of a region header")
-                buf += more
-        except OSError as e:
-            raise fail(f"cannot receive a region header: {_os_reason(e)}") from e
-        try:
-            header = json.loads(bytes(buf[_WIRE_PREFIX.size : total]))
-        except (ValueError, UnicodeDecodeError) as e:
-            raise fail("peer sent a malformed region header (not JSON)") from e
-        if (
-            not isinstance(header, dict)
-            or header.get("v") != _WIRE_VERSION
-            or header.get("access") not in ("rw", "ro")
-            or header.get("kind") not in ("memfd", "shm", "file")
-            or not isinstance(header.get("nbytes"), int)
-            or not (header.get("name") is None or isinstance(header.get("name"), str))
-        ):
-            raise fail(f"peer sent an invalid region header: {header!r}")
+        header, received = _wire.receive(sock)
         try:
             return cls.from_fd(
-                fds[0],
+                received.fd,
                 access=header["access"],
                 nbytes=header["nbytes"],
                 kind=header["kind"],
                 name=header["name"],
             )
         except RegionError as e:
-            raise fail(f"received region is unusable: {e}") from e
+            received.release()
+            raise RegionError(f"received region is unusable: {e}") from e
 
     # --- properties ---------------------------------------------------------------
 
@@ -689,7 +414,7 @@ class Region:
 
         memfd and shm regions made here are sized to this, so every mapped page is backed.
         """
-        return _page_round(self._nbytes)
+        return page_round(self._nbytes)
 
     @property
     def access(self) -> Access:
@@ -715,7 +440,7 @@ class Region:
     def sealed(self) -> bool:
         """True when the fd is a memfd sealed against writes (F_SEAL_WRITE), by anyone."""
         if self._state is not _State.CLOSED and self._res.fd >= 0 and self._kind == "memfd":
-            self._sealed = bool(_fd_seals(self._res.fd) & _F_SEAL_WRITE)
+            self._sealed = bool(fd_seals(self._res.fd) & F_SEAL_WRITE)
         return self._sealed
 
     @property
@@ -752,11 +477,11 @@ class Region:
         """
         with self._lock:
             fd = self._require_open_fd()
-            if self._kind != "memfd" or _F_ADD_SEALS is None:
+            if self._kind != "memfd" or F_ADD_SEALS is None:
                 raise RegionError(f"seal() needs a Linux memfd region; {self._label()} is {self._kind}")
             if self.sealed:
                 return
-            writable_loans = [ln for ln in list(self._loans) if _loan_is_writable(ln)]
+            writable_loans = [ln for ln in list(self._loans) if loan_is_writable(ln)]
             if writable_loans:
                 raise RegionError(
                     f"cannot seal {self._label()}: {len(writable_loans)} writable loan(s) are attached; "
@@ -766,7 +491,7 @@ class Region:
             if was_rw:
                 self._unmap_or_raise()
             try:
-                fcntl.fcntl(fd, _F_ADD_SEALS, _SEAL_READ_ONLY)
+                fcntl.fcntl(fd, F_ADD_SEALS, SEAL_READ_ONLY)
             except OSError as e:
                 if was_rw:
                     self._map("rw")
@@ -783,7 +508,7 @@ class Region:
                         f"cannot seal {self._label()}: the memfd does not allow new seals "
                         "(created without MFD_ALLOW_SEALING, or already F_SEAL_SEAL)"
                     ) from e
-                raise RegionError(f"cannot seal {self._label()}: {_os_reason(e)}") from e
+                raise RegionError(f"cannot seal {self._label()}: {os_reason(e)}") from e
             self._access = "ro"
             if was_rw:
                 self._map("ro")
@@ -812,7 +537,7 @@ class Region:
             raise RegionError(f"invalid numpy dtype {dtype!r}: {e}") from e
         with self._lock:
             mm = self._require_mapping()
-            count, dims, off = _resolve_shape(shape, dt.itemsize, offset, self._nbytes, dt)
+            count, dims, off = resolve_shape(shape, dt.itemsize, offset, self._nbytes, dt)
             arr = np.frombuffer(mm, dtype=dt, count=count, offset=off)
         return arr.reshape(dims)
 
@@ -847,7 +572,7 @@ class Region:
         itemsize = tdt.itemsize
         with self._lock:
             mm = self._require_mapping()
-            count, dims, off = _resolve_shape(shape, itemsize, offset, self._nbytes, tdt)
+            count, dims, off = resolve_shape(shape, itemsize, offset, self._nbytes, tdt)
             if count == 0:
                 return torch.empty(dims, dtype=tdt)
             with warnings.catch_warnings():
@@ -902,11 +627,11 @@ class Region:
             path = "/" + self._name
             self._res.unlink_name = None
             try:
-                _shm_unlink(path)
+                shm_unlink(path)
             except FileNotFoundError as e:
                 raise RegionError(f"shared memory object {path!r} was already unlinked") from e
             except OSError as e:
-                raise RegionError(f"cannot unlink shared memory object {path!r}: {_os_reason(e)}") from e
+                raise RegionError(f"cannot unlink shared memory object {path!r}: {os_reason(e)}") from e
 
     def __enter__(self) -> Region:
         self._require_open()
@@ -922,16 +647,19 @@ class Region:
 
     # --- for loan.py ------------------------------------------------------------
 
-    def _attach_loan(self, loan: object) -> None:
+    def attach_loan(self, loan: object) -> None:
         """Track ``loan`` (weakly); close() calls its ``_on_region_closed()``. RegionError if closed."""
         with self._lock:
             if self._state is not _State.OPEN:
                 raise RegionError(f"{self._label()} is closed")
             self._loans.add(loan)
 
-    def _detach_loan(self, loan: object) -> None:
+    def detach_loan(self, loan: object) -> None:
         """Stop tracking ``loan``; never raises (works while closing and after close)."""
         self._loans.discard(loan)
+
+    _attach_loan = attach_loan
+    _detach_loan = detach_loan
 
     # --- internals --------------------------------------------------------------
 
@@ -965,12 +693,6 @@ class Region:
             ) from e
         self._mm = None
         self._address = 0
-
-
-def _write_all(fd: int, data: memoryview) -> None:
-    pos = 0
-    while pos < data.nbytes:
-        pos += os.pwrite(fd, data[pos:], pos)
 
 
 _CONSTRUCT = object()

@@ -16,13 +16,13 @@ import sys
 from collections.abc import Sequence
 from typing import Literal
 
+from wasmshare._libc import WASM_PAGE_SIZE
 from wasmshare.errors import BuildError
 
 __all__ = ["include_dir", "build_guest", "compiler_command", "Optimize"]
 
 Optimize = Literal["debug", "fast", "small"]
 
-_PAGE_SIZE = 65536
 # Zig's clang emits DWARF (with absolute source paths) even at -O2, so optimised
 # builds say -g0: small, reproducible modules that keep their name section.  Debug
 # builds enable UBSan as zig does by default, but trapping (`unreachable`) instead
@@ -46,9 +46,9 @@ def _check_memory(name: str, value: int | None) -> None:
         return
     if isinstance(value, bool) or not isinstance(value, int):
         raise TypeError(f"{name} must be an int number of bytes or None, not {type(value).__name__}")
-    if value <= 0 or value % _PAGE_SIZE != 0 or value > 2**32:
+    if value <= 0 or value % WASM_PAGE_SIZE != 0 or value > 2**32:
         raise ValueError(
-            f"{name}={value} must be a positive multiple of 65536 bytes (one wasm page), at most 4 GiB"
+            f"{name}={value} must be a positive multiple of {WASM_PAGE_SIZE} bytes (one wasm page), at most 4 GiB"
         )
 
 
