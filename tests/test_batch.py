@@ -202,7 +202,7 @@ def test_row_outputs_and_the_dense_tensor_allow_the_same_tokens(table: TokenTabl
 
 @pytest.mark.parametrize("limit", [1, 31, 32, 33, 200, 224])
 def test_set_bit_ids_match_the_unpacked_bits(limit: int) -> None:
-    from wasmshare.llm.batch import _set_bit_ids
+    from wasmshare.llm.results import _set_bit_ids
 
     rng = np.random.default_rng(limit)
     for density in (0.0, 0.01, 0.5, 0.99, 1.0):
@@ -473,7 +473,7 @@ def test_apply_on_cuda_uses_page_locked_rows(table: TokenTable) -> None:
 @pytest.mark.parametrize("width", [100, 32 * 7, 32 * 7 + 5])
 def test_mask_to_additive_matches_the_bits(width: int) -> None:
     """The byte-table expansion of a bitmask: 0 where bit t % 32 of word t // 32 is set, else -inf."""
-    from wasmshare.llm.batch import _byte_table, _mask_to_additive
+    from wasmshare.llm.logits import _byte_table, _mask_to_additive
 
     rng = np.random.default_rng(3)
     words = rng.integers(-(2**31), 2**31 - 1, size=(3, 7), dtype=np.int64).astype(np.int32)

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any, Protocol
 
 from ..errors import GuestError, WasmshareError
+from . import _layout as L
 from . import constraints as C
 
 log = logging.getLogger("wasmshare.llm")
@@ -63,8 +64,8 @@ MAX_SPEC_BYTES = 256 << 10
 def prepare_tokenizer(tokenizer: TokenizerSource) -> None:
     """Build the grammar engine's view of ``tokenizer`` now, so no later call pays for it.
 
-    The first constraint compiled for a tokenizer builds it (seconds for a 128k vocabulary
-    on a busy machine); a controller that opens a constraint mid-generation would otherwise
+    The first constraint compiled for a tokenizer builds it, which takes long for a large
+    vocabulary; a controller that opens a constraint mid-generation would otherwise
     pay that inside a step's deadline. Tokenizers without their JSON are left alone (their
     constraints fail with the reason when opened)."""
     if tokenizer.tokenizer_json is None:
@@ -93,7 +94,7 @@ def constraint_imports(
     opened: dict[
         int, tuple[C.CompiledConstraint, list[int]]
     ] = {}  # what each handle was built from, and its tokens
-    words = (tokenizer.vocab_size + 31) // 32
+    words = L.mask_words(tokenizer.vocab_size)
 
     def read_spec(kind: int, ptr: int, length: int) -> C.ConstraintSpec:
         if not 0 <= length <= MAX_SPEC_BYTES:

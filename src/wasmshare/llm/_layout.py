@@ -1,6 +1,7 @@
 """Binary layouts shared by the host and controllers (``wasmshare_controller.h``, ABI v1).
 
-Each sequence owns one *step slot* in the batch's step region:
+The host, the worker processes and the guests read the same bytes, so every offset, record
+type and code lives here once. Each sequence owns one *step slot* in the batch's step region:
 
     offset 0      ws_step_input   (68 bytes; the host writes it)
     offset 256    ws_step_result  (32 + 4 * WS_MAX_FF_TOKENS bytes; the controller writes it)
@@ -12,6 +13,8 @@ runner (a thread here, or a worker process) reports there how the call ended.
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 
@@ -80,6 +83,7 @@ STATUS = np.dtype(
     ]
 )
 assert STATUS.itemsize <= STATUS_RECORD_BYTES
+MESSAGE_BYTES = STATUS["message"].itemsize
 LIMIT_CODES = {"fuel": 1, "memory": 2, "deadline": 3}
 LIMIT_NAMES = {v: k for k, v in LIMIT_CODES.items()}
 
@@ -94,5 +98,17 @@ RESULT_RESET = np.array([STEP_RESULT.itemsize, ACTION_CONTINUE, OUTPUT_NONE, 0, 
 
 
 def mask_words(vocab_size: int) -> int:
-    """Words of a token bitmask: ``ceil(V / 32)``."""
+    """Words of a token bitmask of ``vocab_size`` bits: ``ceil(V / 32)`` uint32 (or int32) words."""
     return (vocab_size + 31) // 32
+
+
+def write_status(
+    record: np.ndarray[Any, Any], status: int, detail: int = 0, message: str = "", elapsed_ns: int = 0
+) -> None:
+    """Fill a slot's status record (one :data:`STATUS` element); ``message`` is cut to fit."""
+    encoded = message.encode("utf-8", "replace")[:MESSAGE_BYTES]
+    record["status"] = status
+    record["detail"] = detail
+    record["elapsed_ns"] = elapsed_ns
+    record["message_len"] = len(encoded)
+    record["message"] = encoded

@@ -6,6 +6,8 @@ the batch's regions (by fd) and the rare messages (create or remove a controller
 need no message: the engine sets the slots' run flags, increments this worker's *go*
 word in the control region and wakes it with a futex; the worker runs its controllers,
 which read and write the same shared pages, copies *go* to *done* and wakes the engine.
+Before each *done* it writes the bytes its guests have copied (ended guests included) into
+its block of the control region, so the engine reads a current figure without asking.
 """
 
 from __future__ import annotations
@@ -26,10 +28,12 @@ SPIN_S = 200e-6
 
 
 def main(argv: list[str]) -> int:
+    from ..guest import Guest
     from ..region import Region
     from ._constraint_imports import TokenizerInfo
+    from ._regions import BatchRegions, fail_instance
     from .constraints import ConstraintInstance
-    from .controller import BatchRegions, Controller, ControllerInstance, fail_instance
+    from .controller import Controller, ControllerInstance
     from .limits import Limits
 
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` prints this worker's stacks
@@ -45,13 +49,16 @@ def main(argv: list[str]) -> int:
     go_address = regions.worker_word_address(index, 0)
     done_address = regions.worker_word_address(index, 1)
     run_flags = regions.run_flags()
+    copied = regions.worker_bytes_copied(index)
     instances: dict[int, ControllerInstance | ConstraintInstance] = {}
+    guests: dict[int, Guest] = {}  # slot -> the guest of its controller, whose copies count
+    ended_copied = 0  # bytes copied by the guests already removed
     last_go = int(words[0])  # read before saying ready: the engine may bump go right after
     send_message(sock, {"ok": True, "pid": os.getpid()})
     while True:
         if int(words[0]) == last_go:
             # Poll briefly before sleeping: back-to-back steps then skip a futex wake-up,
-            # which costs ~100 µs on virtual machines whose idle vCPUs halt.
+            # which is slow on virtual machines whose idle vCPUs halt.
             spin_until = time.perf_counter() + SPIN_S
             while int(words[0]) == last_go and time.perf_counter() < spin_until:
                 os.sched_yield()
@@ -85,6 +92,7 @@ def main(argv: list[str]) -> int:
                     send_message(sock, {"ok": False, "error": str(e), "type": type(e).__name__})
                 else:
                     instances[slot] = instance
+                    guests[slot] = instance.guest
                     instance.create(message["n_prompt"], message["arg_offset"], message["arg_len"])
                     send_message(sock, {"ok": True})
             elif kind == "constrain":
@@ -103,16 +111,21 @@ def main(argv: list[str]) -> int:
                     send_message(sock, {"ok": True})
             elif kind == "remove":
                 removed = instances.pop(message["slot"], None)
+                guests.pop(message["slot"], None)
                 if removed is not None:
                     removed.close()
+                    ended_copied += removed.bytes_copied
                 send_message(sock, {"ok": True})
             elif kind == "shutdown":
                 for instance in instances.values():
                     instance.close()
+                copied[0] = ended_copied + sum([g.bytes_copied for g in guests.values()])
                 send_message(sock, {"ok": True})
                 words[1] = last_go
                 _futex.wake(done_address)
                 return 0
+        if guests or ended_copied:
+            copied[0] = ended_copied + sum([g.bytes_copied for g in guests.values()])
         words[1] = last_go
         _futex.wake(done_address)
 

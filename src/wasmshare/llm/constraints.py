@@ -29,11 +29,12 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 
-from ..errors import WasmshareError
+from ..errors import ConstraintError
 from . import _layout as L
+from ._layout import write_status
 
 if TYPE_CHECKING:
-    from .controller import BatchRegions
+    from ._regions import BatchRegions
     from .tokens import TokenTable
 
 __all__ = [
@@ -61,10 +62,6 @@ def parse_backend(name: object) -> Backend:
         if name == backend:
             return backend
     raise ConstraintError(f"grammar_backend must be one of {', '.join(BACKENDS)}, got {name!r}")
-
-
-class ConstraintError(WasmshareError):
-    """A constraint could not be compiled: unsupported schema feature, bad regex or grammar."""
 
 
 @dataclass(frozen=True)
@@ -390,97 +387,18 @@ def _compile_llguidance(spec: ConstraintSpec, table: TokenTable) -> CompiledCons
     )
 
 
-_xgrammar_compilers: dict[str, Any] = {}
-
-
 def _compile_xgrammar(spec: ConstraintSpec, table: TokenTable) -> CompiledConstraint:
-    from .._libc import preserve_fault_handlers
+    from . import _xgrammar
 
     try:
-        with preserve_fault_handlers():  # xgrammar's tvm-ffi would take over SIGSEGV: guest traps would crash
-            import xgrammar
+        compiled = _xgrammar.compile_grammar(spec.kind, spec.source, table)
     except ImportError as e:
         raise ConstraintError("the xgrammar backend needs xgrammar: pip install --no-deps xgrammar") from e
-    with _lock:
-        compiler = _xgrammar_compilers.get(table.sha256)
-        if compiler is None:
-            # The token table already holds the exact bytes of every token: a RAW vocabulary.
-            vocab = [table.token_bytes(t) for t in range(table.vocab_size)]
-            stops = [table.eos_token] if table.eos_token is not None else None
-            info = xgrammar.TokenizerInfo(
-                vocab, xgrammar.VocabType.RAW, vocab_size=table.vocab_size, stop_token_ids=stops
-            )
-            compiler = xgrammar.GrammarCompiler(info, max_threads=1)
-            _xgrammar_compilers[table.sha256] = compiler
-    started = time.perf_counter()
-    try:
-        if spec.kind == "json_schema":
-            grammar = compiler.compile_json_schema(spec.source)
-        elif spec.kind == "regex":
-            grammar = compiler.compile_regex(spec.source)
-        elif spec.kind == "grammar":
-            grammar = compiler.compile_lark(spec.source)
-        elif spec.kind == "stop":
-            raise ConstraintError("stop constraints need the llguidance backend")
-        else:
-            grammar = compiler.compile_regex("|".join(re.escape(o) for o in json.loads(spec.source)))
-    except Exception as e:  # noqa: BLE001 - xgrammar raises RuntimeError and others for bad input
+    except ValueError as e:
         raise ConstraintError(f"{spec.describe()}: xgrammar: {e}") from e
-    template = _XGrammarMatcher(xgrammar.GrammarMatcher(grammar), grammar, (table.vocab_size + 31) // 32)
     return CompiledConstraint(
-        spec, str(spec.source), (time.perf_counter() - started) * 1e3, (), compiler, template, "xgrammar"
+        spec, str(spec.source), compiled.compile_ms, (), compiled.compiler, compiled.template, "xgrammar"
     )
-
-
-class _XGrammarMatcher:
-    """xgrammar's GrammarMatcher behind the small matcher interface the batch uses."""
-
-    def __init__(self, matcher: Any, grammar: Any, words: int) -> None:
-        self._matcher = matcher
-        self._grammar = grammar
-        self._words = words
-        self._error = ""
-
-    def deep_copy(self) -> _XGrammarMatcher:
-        import xgrammar
-
-        return _XGrammarMatcher(xgrammar.GrammarMatcher(self._grammar), self._grammar, self._words)
-
-    def consume_token(self, token: int) -> bool:
-        if self._error:
-            return False
-        if not self._matcher.accept_token(token):
-            self._error = f"token {token} is not allowed here"
-            return False
-        return True
-
-    def consume_tokens(self, tokens: list[int]) -> bool:
-        return all(self.consume_token(t) for t in tokens)
-
-    def is_stopped(self) -> bool:
-        return bool(self._matcher.is_terminated())
-
-    def is_accepting(self) -> bool:
-        return bool(self._matcher.is_completed())
-
-    def is_error(self) -> bool:
-        return bool(self._error)
-
-    def get_error(self) -> str:
-        return self._error
-
-    def compute_ff_tokens(self) -> list[int]:
-        return []  # xgrammar forces strings, not tokens: nothing is fast-forwarded
-
-    def unsafe_compute_mask_ptr(self, address: int, nbytes: int) -> None:
-        import ctypes
-
-        if nbytes != self._words * 4:
-            raise ConstraintError(f"mask of {nbytes} bytes, expected {self._words * 4}")
-        row = np.ctypeslib.as_array((ctypes.c_int32 * self._words).from_address(address)).reshape(
-            1, self._words
-        )
-        self._matcher.fill_next_token_bitmask(row, 0)
 
 
 # -- running in a batch ------------------------------------------------------------------------
@@ -498,9 +416,6 @@ class ConstraintInstance:
     def __init__(
         self, compiled: CompiledConstraint, regions: BatchRegions, slot: int, sequence_id: int
     ) -> None:
-        from .controller import write_status
-
-        self._write_status = write_status
         self.compiled = compiled
         self.regions = regions
         self.slot = slot
@@ -527,10 +442,10 @@ class ConstraintInstance:
 
     def create(self, n_prompt_tokens: int, arg_offset_bytes: int, arg_len: int) -> None:
         """Nothing to run at creation (the prompt is not constrained); reports OK."""
-        self._write_status(self._status, L.STATUS_OK)
+        write_status(self._status, L.STATUS_OK)
 
     def _fail(self, message: str) -> None:
-        self._write_status(
+        write_status(
             self._status, L.STATUS_RETURNED_ERROR, -1, f"{self._label} seq {self.sequence_id}: {message}"
         )
 
@@ -599,7 +514,7 @@ class ConstraintInstance:
 
     def allows(self, token: int) -> bool:
         """Whether this step's mask allows ``token``, asked of the matcher without computing
-        the mask (under a microsecond, where a mask costs tens to hundreds). Valid between
+        the mask (a small fraction of a mask's cost). Valid between
         a step and the next; the batch calls it for a deferred mask."""
         if token == self._eos:  # a stopped matcher refuses EOS in validate_tokens, not in its mask
             return bool(self.matcher.is_accepting())
@@ -621,6 +536,11 @@ class ConstraintInstance:
         if error is not None:  # allow nothing: the sampler ends the row, with this error
             self.mask_error = f"{self._label} seq {self.sequence_id}: {error}"
             ctypes.memset(self._mask_address, 0, self._mask_nbytes)
+
+    @property
+    def bytes_copied(self) -> int:
+        """Always 0: the mask is computed straight into the shared row, nothing is copied."""
+        return 0
 
     def close(self) -> None:
         """Nothing to release: the matcher is garbage-collected."""
