@@ -456,7 +456,7 @@ def test_stop_constraint_ends_the_answer_without_the_stop_string(loaded: Any) ->
 
 def test_incremental_text_matches_a_full_decode(loaded: Any) -> None:
     """Streaming decodes only the last tokens each step; multi-byte characters are held back whole."""
-    from wasmshare.llm.engine import _Row
+    from wasmshare.llm._rows import Row as _Row
 
     text = "héllo 世界 🙂 naïve façade — done"
     ids = loaded.tokenizer.encode(text, add_special_tokens=False)
@@ -682,8 +682,8 @@ def test_a_forbidden_greedy_draw_takes_the_best_allowed_token(loaded: Any, allow
     import numpy as np
     import torch
 
+    from wasmshare.llm._rows import Row as _Row
     from wasmshare.llm.batch import RowOutput
-    from wasmshare.llm.engine import _Row
 
     width = loaded.vocab_size
     line = torch.zeros(width)

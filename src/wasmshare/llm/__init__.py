@@ -15,22 +15,15 @@ only by :meth:`TokenTable.from_tokenizer` / :meth:`TokenTable.from_file`.
 
 from __future__ import annotations
 
+from ..errors import BatchFull, ConstraintError, ModelError, SequenceFailed, TokenizerError
 from . import constraints
-from .batch import (
-    Action,
-    BatchFull,
-    BatchStep,
-    ControllerBatch,
-    Output,
-    RowOutput,
-    SequenceFailed,
-    StepResult,
-)
-from .constraints import ConstraintError, ConstraintSpec
+from .batch import ControllerBatch
+from .constraints import ConstraintSpec
 from .controller import Controller
 from .limits import Limits
-from .models import MODEL_NAMES, LoadedModel, ModelError, load_model
-from .tokens import TokenizerError, TokenTable
+from .models import MODEL_NAMES, LoadedModel, load_model
+from .results import Action, BatchStep, Output, RowOutput, StepResult
+from .tokens import TokenTable
 
 __all__ = [
     "Action",

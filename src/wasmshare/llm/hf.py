@@ -21,10 +21,12 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from ..errors import WasmshareError
-from .batch import Action, BatchStep, ControllerBatch
+from .batch import ControllerBatch
 from .constraints import ConstraintSpec
 from .controller import Controller
 from .limits import Limits
+from .results import Action, BatchStep
+from .sampling import GENERATE_LOGIT_LIMIT, soundness, unusable_reason
 
 if TYPE_CHECKING:
     import torch
@@ -37,12 +39,6 @@ try:  # subclass the real base class when transformers is installed (it is only 
     from transformers import LogitsProcessor as _Base
 except ImportError:  # pragma: no cover
     _Base = object  # type: ignore[assignment,misc]
-
-
-# The largest logit magnitude the adapter lets through: generate() divides the scores by the
-# temperature after the processors (in float32, max 3.4e38), and biases of ±1e9 or so are
-# the usual way to forbid or force tokens.
-_SOUND_LIMIT = 1e30
 
 
 class WasmshareLogitsProcessor(_Base):
@@ -175,25 +171,23 @@ class WasmshareLogitsProcessor(_Base):
         return scores
 
     def _end_unusable_rows(self, scores: torch.Tensor, masked: list[tuple[int, int]]) -> None:
-        """A row that its controller's mask or bias leaves with nothing to draw (all ``-inf``
-        over the vocabulary, or a largest value that is NaN, ``+inf`` or beyond
-        :data:`_SOUND_LIMIT`) ends now with end-of-sequence and an error: ``generate`` would
-        otherwise pick an arbitrary token, or fail to sample (on CUDA, with a device-side
-        assert that breaks the process's CUDA context)."""
-        import torch
+        """End each masked row left with nothing to draw from with end-of-sequence and an error.
 
+        Nothing to draw: all ``-inf`` over the vocabulary, or a largest value that is NaN,
+        ``+inf`` or beyond :data:`~wasmshare.llm.sampling.GENERATE_LOGIT_LIMIT`. ``generate``
+        would otherwise pick an arbitrary token, or fail to sample (on CUDA, with a
+        device-side assert that breaks the process's CUDA context). Raises
+        :class:`~wasmshare.errors.WasmshareError` when there is no end-of-sequence token.
+        """
         assert self.batch is not None
         rows = [row for row, _ in masked]
         vocab = self.batch.vocab_size  # columns past it are the model's padding, not draws
         best = scores[:, :vocab].amax(dim=-1)[rows]  # reduce the view: no copy of the rows
-        unsound = ~(best.abs() <= _SOUND_LIMIT)  # NaN compares False
-        if not bool(unsound.any()):  # one transfer in the usual case
-            return
-        empty = torch.isneginf(best).tolist()
-        for (row, sid), dead, bad in zip(masked, empty, unsound.tolist()):
-            if not bad:
+        codes = [soundness(peak, GENERATE_LOGIT_LIMIT) for peak in best.tolist()]  # one transfer
+        for (row, sid), code in zip(masked, codes):
+            if not code:
                 continue
-            what = "allows no token" if dead else "holds NaN, +inf or values too large to sample from"
+            what = unusable_reason(code)
             error = f"controller '{self.batch.label(sid)}' seq {sid}: its output {what}"
             if self.eos_token_id is None:
                 raise WasmshareError(

@@ -56,7 +56,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal
 
 from .._engine import default_cache_dir
-from ..errors import WasmshareError
+from ..errors import ModelError
 from .tokens import TokenizerError, TokenTable
 
 if TYPE_CHECKING:
@@ -96,10 +96,6 @@ _SOURCE_FILE = "wasmshare-source.json"
 _GGUF_MAGIC = b"GGUF"
 
 Progress = Callable[[str], None]
-
-
-class ModelError(WasmshareError):
-    """A model could not be found, converted or loaded (unknown name, missing package, bad file)."""
 
 
 @dataclass(frozen=True, eq=False)
@@ -656,7 +652,7 @@ def load_model(
 
     A GGUF model (named or a path) is converted once into the cache (``cache_dir``, else
     ``$WASMSHARE_CACHE_DIR``, ``$XDG_CACHE_HOME/wasmshare`` or ``~/.cache/wasmshare``; see the
-    module docstring): about 40 s the first time on 2 cores, a second or two afterwards. ``device="auto"``
+    module docstring); later loads read the converted folder. ``device="auto"``
     is the first CUDA device when torch sees one, else the CPU. ``dtype="auto"`` is bfloat16
     on CUDA devices and on CPUs that compute it natively, else float32. ``progress`` is called with a
     one-line message at each phase (locating, converting, saving, loading, token table), for a

@@ -45,7 +45,6 @@ import importlib.metadata
 import json
 import operator
 import os
-import re
 import stat
 import threading
 from collections.abc import Iterable, Sequence
@@ -54,8 +53,23 @@ from typing import TYPE_CHECKING, Any, Final, SupportsIndex
 import numpy as np
 import numpy.typing as npt
 
-from wasmshare.errors import RegionError, WasmshareError
-from wasmshare.region import MAX_REGION_BYTES, Region
+from ..errors import RegionError
+from ..region import MAX_REGION_BYTES, Region
+from ._tokenizer_bytes import (
+    MAX_VOCAB,
+    I64Array,
+    TokenizerError,
+    U8Array,
+    Vocab,
+    byte_level_bytes,
+    check_options,
+    guess_ids,
+    pack,
+    piece_bytes,
+    read_config_hints,
+    read_family,
+    resolve_token,
+)
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -99,47 +113,6 @@ _HEADER_SIZE = 64
 if TOKEN_TABLE_HEADER.itemsize != _HEADER_SIZE:  # pragma: no cover - a programming error
     raise ImportError("ws_token_table header dtype is not 64 bytes")
 
-# Token ids are uint32 and UINT32_MAX means "none".
-_MAX_VOCAB = NO_TOKEN - 1
-
-_BYTE_FALLBACK_RE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
-
-# Added tokens that are, by convention, the end / beginning of a sequence; first match wins.
-_EOS_NAMES = ("<｜end▁of▁sentence｜>", "<|end_of_text|>", "<|endoftext|>", "</s>", "<eos>", "<|eot_id|>")
-_BOS_NAMES = ("<｜begin▁of▁sentence｜>", "<|begin_of_text|>", "<s>", "<bos>", "<|startoftext|>")
-
-_PIECE_DECODERS = frozenset({"Replace", "ByteFallback", "Fuse", "Strip", "Metaspace"})
-
-U8Array = npt.NDArray[np.uint8]
-I64Array = npt.NDArray[np.int64]
-
-
-class TokenizerError(WasmshareError):
-    """A tokenizer could not be read, or its tokens have no exact byte sequences."""
-
-
-def _gpt2_byte_lut() -> npt.NDArray[np.int16]:
-    """Code point -> byte for GPT-2's ``bytes_to_unicode`` table; -1 for code points outside it.
-
-    The table maps printable Latin-1 bytes to themselves and the 68 others to U+0100..U+0143;
-    index 324 is a sentinel (-1) for every larger code point.
-    """
-    printable = [*range(0x21, 0x7F), *range(0xA1, 0xAD), *range(0xAE, 0x100)]
-    lut = np.full(0x145, -1, dtype=np.int16)
-    for b in printable:
-        lut[b] = b
-    extra = 0
-    for b in range(256):
-        if b not in printable:
-            lut[0x100 + extra] = b
-            extra += 1
-    return lut
-
-
-_BYTE_LUT: Final = _gpt2_byte_lut()
-_LUT_SENTINEL = len(_BYTE_LUT) - 1
-
-
 # --- the process-wide cache -------------------------------------------------------
 
 _cache_lock = threading.RLock()
@@ -158,348 +131,6 @@ def _cache_evict(table: TokenTable) -> None:
     with _cache_lock:
         for key in [k for k, v in _cache.items() if v is table]:
             del _cache[key]
-
-
-# --- reading a tokenizer's JSON ----------------------------------------------------
-
-
-def _chain(node: object, list_key: str) -> list[dict[str, Any]]:
-    """The components of a decoder / pre-tokenizer / normalizer / processor, ``Sequence``s flattened."""
-    if not isinstance(node, dict):
-        return []
-    if node.get("type") == "Sequence":
-        out: list[dict[str, Any]] = []
-        for child in node.get(list_key) or ():
-            out.extend(_chain(child, list_key))
-        return out
-    return [node]
-
-
-class _Family:
-    """How a tokenizer's vocabulary strings become bytes."""
-
-    def __init__(self, *, byte_level: bool, byte_fallback: bool, replacements: list[tuple[str, str]]) -> None:
-        self.byte_level = byte_level
-        self.byte_fallback = byte_fallback
-        self.replacements = replacements
-
-
-def _family(spec: dict[str, Any]) -> _Family:
-    model = spec.get("model")
-    if not isinstance(model, dict):
-        raise TokenizerError("tokenizer JSON has no 'model' object")
-    mtype = model.get("type")
-    if mtype == "WordPiece":
-        raise TokenizerError(
-            "WordPiece tokenizers are not supported: their decoding inserts or drops spaces "
-            "depending on the neighbouring tokens, so a token has no exact byte sequence"
-        )
-    if mtype not in ("BPE", "Unigram", "WordLevel"):
-        raise TokenizerError(
-            f"unsupported tokenizer model type {mtype!r} (expected BPE, Unigram or WordLevel)"
-        )
-    if model.get("continuing_subword_prefix") or model.get("end_of_word_suffix"):
-        raise TokenizerError(
-            "BPE with a continuing_subword_prefix or end_of_word_suffix is not supported: "
-            "its decoding depends on the neighbouring tokens"
-        )
-    decoders = _chain(spec.get("decoder"), "decoders")
-    byte_level = any(d.get("type") == "ByteLevel" for d in decoders) or any(
-        p.get("type") == "ByteLevel"
-        for key, list_key in (("pre_tokenizer", "pretokenizers"), ("normalizer", "normalizers"))
-        for p in _chain(spec.get(key), list_key)
-    )
-    if byte_level:
-        return _Family(byte_level=True, byte_fallback=False, replacements=[])
-    if not decoders:
-        raise TokenizerError(
-            f"{mtype} tokenizer without a byte-level or SentencePiece-style decoder is not supported: "
-            "without a decoder, tokens are joined with spaces, so a token has no exact byte sequence"
-        )
-    replacements: list[tuple[str, str]] = []
-    fused = False
-    byte_fallback = bool(model.get("byte_fallback"))
-    for d in decoders:
-        dtype = d.get("type")
-        if dtype not in _PIECE_DECODERS:
-            raise TokenizerError(
-                f"unsupported decoder {dtype!r}: only ByteLevel, or SentencePiece-style decoders "
-                f"({', '.join(sorted(_PIECE_DECODERS))}) give every token an exact byte sequence"
-            )
-        if dtype == "Replace":
-            pattern = d.get("pattern")
-            content = d.get("content")
-            if not (
-                isinstance(pattern, dict)
-                and isinstance(pattern.get("String"), str)
-                and isinstance(content, str)
-            ):
-                raise TokenizerError(
-                    f"unsupported Replace decoder {d!r}: only plain-string patterns are supported"
-                )
-            if pattern["String"]:
-                replacements.append((pattern["String"], content))
-        elif dtype == "Metaspace":
-            replacement = d.get("replacement", "▁")
-            if isinstance(replacement, str) and replacement:
-                replacements.append((replacement, " "))
-        elif dtype == "ByteFallback":
-            byte_fallback = True
-        elif dtype == "Fuse":
-            fused = True
-        elif dtype == "Strip" and not fused:
-            raise TokenizerError(
-                "a Strip decoder before Fuse trims every token, so tokens have no exact byte sequence"
-            )
-    return _Family(byte_level=False, byte_fallback=byte_fallback, replacements=replacements)
-
-
-def _check_id(value: object, what: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= _MAX_VOCAB:
-        raise TokenizerError(f"{what}: token id must be an int in 0..{_MAX_VOCAB}, got {value!r}")
-    return value
-
-
-class _Vocab:
-    """A tokenizer's tokens by id, before conversion to bytes."""
-
-    def __init__(self, spec: dict[str, Any], vocab_size: int | None) -> None:
-        model = spec["model"]
-        raw = model.get("vocab")
-        strings: list[str]
-        ids: list[int]
-        if model.get("type") == "Unigram":
-            if not isinstance(raw, list):
-                raise TokenizerError("Unigram model 'vocab' must be a list of [piece, score]")
-            try:
-                strings = [entry[0] for entry in raw]
-            except (TypeError, IndexError, KeyError):
-                strings = []
-            if len(strings) != len(raw) or not all(type(x) is str for x in strings):
-                raise TokenizerError("Unigram model 'vocab' must be a list of [piece, score]")
-            ids = list(range(len(strings)))
-            self._model_ids: dict[str, int] | None = None
-        else:
-            if not isinstance(raw, dict):
-                raise TokenizerError(f"{model.get('type')} model 'vocab' must be an object of token -> id")
-            strings = list(raw)
-            ids = list(raw.values())
-            if not set(map(type, ids)) <= {int} or (ids and not 0 <= min(ids) <= max(ids) <= _MAX_VOCAB):
-                bad = next(i for i in ids if not (type(i) is int and 0 <= i <= _MAX_VOCAB))
-                raise TokenizerError(f"vocab token id must be an int in 0..{_MAX_VOCAB}, got {bad!r}")
-            self._model_ids = raw
-        added = spec.get("added_tokens") or []
-        if not isinstance(added, list):
-            raise TokenizerError("tokenizer JSON 'added_tokens' must be a list")
-        added_pairs: list[tuple[str, int, bool]] = []
-        for a in added:
-            if not (isinstance(a, dict) and isinstance(a.get("content"), str)):
-                raise TokenizerError(f"malformed added token {a!r}")
-            tid = _check_id(a.get("id"), f"added token {a['content']!r}")
-            added_pairs.append((a["content"], tid, bool(a.get("special"))))
-        id_array = np.array(ids, dtype=np.int64)
-        need = int(id_array.max()) + 1 if len(id_array) else 0
-        need = max(need, max((i for _, i, _ in added_pairs), default=-1) + 1)
-        if vocab_size is not None:
-            if isinstance(vocab_size, bool) or not isinstance(vocab_size, int) or vocab_size <= 0:
-                raise TokenizerError(f"vocab_size must be a positive int, got {vocab_size!r}")
-            if vocab_size < need:
-                raise TokenizerError(
-                    f"vocab_size {vocab_size} is smaller than the tokenizer's {need} token ids"
-                )
-            if vocab_size > _MAX_VOCAB:
-                raise TokenizerError(f"vocab_size {vocab_size} does not fit a uint32 token id")
-            need = vocab_size
-        if need == 0:
-            raise TokenizerError("the tokenizer has no tokens")
-        self.size = need
-        if len(id_array) == need and np.array_equal(id_array, np.arange(need)):
-            self.strings = strings  # the usual case: ids 0..V-1 in order
-        else:
-            self.strings = [""] * need
-            for s, i in zip(strings, ids):
-                self.strings[i] = s
-        self.present = np.zeros(need, dtype=bool)
-        self.present[id_array] = True
-        self.special = np.zeros(need, dtype=bool)
-        self.explicit: dict[int, bytes] = {}
-        unk: object = None
-        if model.get("type") == "Unigram":
-            unk = model.get("unk_id")
-        elif isinstance(model.get("unk_token"), str) and isinstance(raw, dict):
-            unk = raw.get(model["unk_token"])
-        if type(unk) is int and 0 <= unk < need:
-            self.special[unk] = True
-        self.added: dict[str, int] = {}
-        for content, i, special in added_pairs:
-            # An added token overrides a model token with the same id (as in `tokenizers`).
-            if self.strings is strings:
-                self.strings = list(strings)
-            self.strings[i] = ""
-            self.explicit[i] = content.encode("utf-8")
-            self.present[i] = True
-            self.special[i] = special
-            self.added.setdefault(content, i)
-        self.special |= ~self.present
-        self._model_strings = strings
-
-    def lookup(self, name: str) -> int | None:
-        """The id of a token string: an added token first, then the model's vocabulary."""
-        i = self.added.get(name)
-        if i is not None:
-            return i
-        if self._model_ids is None:
-            self._model_ids = {}
-            for j, s in enumerate(self._model_strings):
-                self._model_ids.setdefault(s, j)
-        return self._model_ids.get(name)
-
-
-def _pack(pieces: Sequence[bytes]) -> tuple[U8Array, I64Array]:
-    lens = np.fromiter(map(len, pieces), dtype=np.int64, count=len(pieces))
-    offsets = np.zeros(len(pieces) + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    return np.frombuffer(b"".join(pieces), dtype=np.uint8), offsets
-
-
-def _byte_level_bytes(vocab: _Vocab) -> tuple[U8Array, I64Array]:
-    """Map every character through GPT-2's byte table, vectorized over the whole vocabulary."""
-    strings = vocab.strings
-    explicit = dict(vocab.explicit)
-    n = vocab.size
-    char_lens = np.fromiter(map(len, strings), dtype=np.int64, count=n)
-    char_starts = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(char_lens, out=char_starts[1:])
-    cps = np.frombuffer("".join(strings).encode("utf-32-le"), dtype="<u4")
-    mapped = _BYTE_LUT[np.minimum(cps, _LUT_SENTINEL)]
-    bad_chars = np.zeros(len(cps) + 1, dtype=np.int64)
-    np.cumsum(mapped < 0, out=bad_chars[1:])
-    bad_tokens = np.flatnonzero(bad_chars[char_starts[1:]] > bad_chars[char_starts[:-1]])
-    for t in bad_tokens.tolist():  # as the ByteLevel decoder: the token's UTF-8
-        explicit[t] = strings[t].encode("utf-8")
-    lens = char_lens.copy()
-    is_explicit = np.zeros(n, dtype=bool)
-    for t, b in explicit.items():
-        lens[t] = len(b)
-        is_explicit[t] = True
-    offsets = np.zeros(n + 1, dtype=np.int64)
-    np.cumsum(lens, out=offsets[1:])
-    blob = np.zeros(int(offsets[-1]), dtype=np.uint8)
-    token_of_char = np.repeat(np.arange(n, dtype=np.int64), char_lens)
-    keep = ~is_explicit[token_of_char]
-    dest = offsets[:-1][token_of_char] + (
-        np.arange(len(cps), dtype=np.int64) - char_starts[:-1][token_of_char]
-    )
-    blob[dest[keep]] = mapped[keep].astype(np.uint8)
-    for t, b in explicit.items():
-        blob[offsets[t] : offsets[t] + len(b)] = np.frombuffer(b, dtype=np.uint8)
-    return blob, offsets
-
-
-def _piece_bytes(vocab: _Vocab, family: _Family) -> tuple[U8Array, I64Array, npt.NDArray[np.bool_]]:
-    """SentencePiece-style tokens: ``<0xNN>`` byte fallback, ``▁`` replacements, else UTF-8."""
-    fallback = np.zeros(vocab.size, dtype=bool)
-    pieces: list[bytes] = []
-    explicit = vocab.explicit
-    match = _BYTE_FALLBACK_RE.fullmatch
-    for t, s in enumerate(vocab.strings):
-        b = explicit.get(t)
-        if b is None:
-            m = match(s) if family.byte_fallback and len(s) == 6 else None
-            if m is not None:
-                b = bytes((int(m.group(1), 16),))
-                fallback[t] = True
-            else:
-                for old, new in family.replacements:
-                    s = s.replace(old, new)
-                b = s.encode("utf-8")
-        pieces.append(b)
-    blob, offsets = _pack(pieces)
-    return blob, offsets, fallback
-
-
-def _guess_ids(spec: dict[str, Any], vocab: _Vocab) -> tuple[int | None, int | None]:
-    """EOS and BOS from well-known special-token names, then the post-processor's template."""
-    special_added = {c: i for c, i in vocab.added.items() if vocab.special[i]}
-    eos = next((special_added[n] for n in _EOS_NAMES if n in special_added), None)
-    bos: int | None = None
-    for proc in _chain(spec.get("post_processor"), "processors"):
-        if proc.get("type") != "TemplateProcessing":
-            continue
-        single = proc.get("single") or []
-        ids: dict[str, Any] = proc.get("special_tokens") or {}
-        seen_sequence = False
-        for piece in single:
-            if not isinstance(piece, dict):
-                continue
-            if "Sequence" in piece:
-                seen_sequence = True
-                continue
-            name = (piece.get("SpecialToken") or {}).get("id")
-            entry = ids.get(name) if isinstance(name, str) else None
-            tids = entry.get("ids") if isinstance(entry, dict) else None
-            if not (isinstance(tids, list) and len(tids) == 1 and isinstance(tids[0], int)):
-                continue
-            tid = tids[0]
-            if not 0 <= tid < vocab.size:
-                continue
-            if not seen_sequence and bos is None:
-                bos = tid
-            elif seen_sequence and eos is None:
-                eos = tid
-    if bos is None:
-        bos = next((special_added[n] for n in _BOS_NAMES if n in special_added), None)
-    return eos, bos
-
-
-def _resolve(hint: int | str | None, vocab: _Vocab, what: str, *, strict: bool) -> int | None:
-    if hint is None:
-        return None
-    if isinstance(hint, str):
-        tid = vocab.lookup(hint)
-        if tid is None and strict:
-            raise TokenizerError(f"{what} {hint!r} is not a token of this tokenizer")
-        return tid
-    if isinstance(hint, bool) or not isinstance(hint, int) or not 0 <= hint < vocab.size:
-        if strict:
-            raise TokenizerError(
-                f"{what} must be a token id in 0..{vocab.size - 1} or a token string, got {hint!r}"
-            )
-        return None
-    return hint
-
-
-def _check_options(eos: object, bos: object, vocab_size: object) -> None:
-    """Reject option types early: they are part of cache keys, so they must be hashable."""
-    for what, hint in (("eos_token", eos), ("bos_token", bos)):
-        if hint is not None and (isinstance(hint, bool) or not isinstance(hint, (int, str))):
-            raise TokenizerError(f"{what} must be a token id, a token string or None, got {hint!r}")
-    if vocab_size is not None and (isinstance(vocab_size, bool) or not isinstance(vocab_size, int)):
-        raise TokenizerError(f"vocab_size must be an int or None, got {vocab_size!r}")
-
-
-def _read_config_hints(path: str) -> tuple[object, str | None, str | None]:
-    """EOS / BOS token strings from a ``tokenizer_config.json`` beside the tokenizer, if any.
-
-    Returns (a cache key part for the config file, eos, bos). An unreadable or malformed
-    config is ignored: it only refines a guess.
-    """
-    cfg = os.path.join(os.path.dirname(os.path.abspath(path)), "tokenizer_config.json")
-    try:
-        st = os.stat(cfg)
-        with open(cfg, encoding="utf-8") as f:
-            data = json.load(f)
-    except (OSError, ValueError):
-        return None, None, None
-
-    def content(v: object) -> str | None:
-        if isinstance(v, dict):
-            v = v.get("content")
-        return v if isinstance(v, str) else None
-
-    if not isinstance(data, dict):
-        return None, None, None
-    return (st.st_mtime_ns, st.st_size), content(data.get("eos_token")), content(data.get("bos_token"))
 
 
 def _import_tokenizers() -> Any:
@@ -604,14 +235,14 @@ class TokenTable:
         n = len(pieces)
         if n == 0:
             raise TokenizerError("a token table needs at least one token")
-        if n > _MAX_VOCAB:
+        if n > MAX_VOCAB:
             raise TokenizerError(f"{n} tokens do not fit uint32 token ids")
         flags = np.zeros(n, dtype=np.uint8)
         for t in special:
             flags[cls._check_range(t, n, "special token")] = TOKEN_SPECIAL
         eos = None if eos_token is None else cls._check_range(eos_token, n, "eos_token")
         bos = None if bos_token is None else cls._check_range(bos_token, n, "bos_token")
-        blob, offsets = _pack(pieces)
+        blob, offsets = pack(pieces)
         return cls._publish(blob, offsets, flags, eos=eos, bos=bos, name=str(name), byte_fallback=None)
 
     @classmethod
@@ -632,7 +263,7 @@ class TokenTable:
         tokenizer's). Cached (see the class). Raises TokenizerError for an unsupported
         tokenizer (see the module docstring) or a bad argument.
         """
-        _check_options(eos_token, bos_token, vocab_size)
+        check_options(eos_token, bos_token, vocab_size)
         to_str = getattr(tokenizer, "to_str", None)
         if not callable(to_str):
             raise TokenizerError(
@@ -669,7 +300,7 @@ class TokenTable:
         (same path, size and mtime) does not even re-read it. Raises TokenizerError for a
         missing, unreadable or malformed file, or an unsupported tokenizer.
         """
-        _check_options(eos_token, bos_token, vocab_size)
+        check_options(eos_token, bos_token, vocab_size)
         spath = os.fspath(path)
         try:
             st = os.stat(spath)
@@ -677,7 +308,7 @@ class TokenTable:
             raise TokenizerError(f"cannot read tokenizer file {spath!r}: {e.strerror or e}") from e
         if not stat.S_ISREG(st.st_mode):
             raise TokenizerError(f"tokenizer file {spath!r} is not a regular file")
-        cfg_key, cfg_eos, cfg_bos = _read_config_hints(spath)
+        cfg_key, cfg_eos, cfg_bos = read_config_hints(spath)
         file_key = (
             "file",
             os.path.realpath(spath),
@@ -750,16 +381,16 @@ class TokenTable:
                 raise TokenizerError(f"tokenizer {name!r} is not valid JSON: {e}") from e
             if not isinstance(spec, dict):
                 raise TokenizerError(f"tokenizer {name!r}: JSON is not an object")
-            family = _family(spec)
-            vocab = _Vocab(spec, vocab_size)
-            eos_id = _resolve(eos, vocab, "eos_token", strict=True)
-            bos_id = _resolve(bos, vocab, "bos_token", strict=True)
+            family = read_family(spec)
+            vocab = Vocab(spec, vocab_size)
+            eos_id = resolve_token(eos, vocab, "eos_token", strict=True)
+            bos_id = resolve_token(bos, vocab, "bos_token", strict=True)
             if eos_id is None:
-                eos_id = _resolve(default_eos, vocab, "eos_token", strict=False)
+                eos_id = resolve_token(default_eos, vocab, "eos_token", strict=False)
             if bos_id is None:
-                bos_id = _resolve(default_bos, vocab, "bos_token", strict=False)
+                bos_id = resolve_token(default_bos, vocab, "bos_token", strict=False)
             if eos_id is None or bos_id is None:
-                guess_eos, guess_bos = _guess_ids(spec, vocab)
+                guess_eos, guess_bos = guess_ids(spec, vocab)
                 eos_id = guess_eos if eos_id is None else eos_id
                 bos_id = guess_bos if bos_id is None else bos_id
             resolved_key = ("resolved", sha, eos_id, bos_id, vocab.size)
@@ -767,9 +398,9 @@ class TokenTable:
             if table is None:
                 fallback: npt.NDArray[np.bool_] | None = None
                 if family.byte_level:
-                    blob, offsets = _byte_level_bytes(vocab)
+                    blob, offsets = byte_level_bytes(vocab)
                 else:
-                    blob, offsets, fallback = _piece_bytes(vocab, family)
+                    blob, offsets, fallback = piece_bytes(vocab, family)
                 flags = vocab.special.astype(np.uint8) * np.uint8(TOKEN_SPECIAL)
                 table = cls._publish(
                     blob, offsets, flags, eos=eos_id, bos=bos_id, name=name, byte_fallback=fallback
@@ -911,8 +542,8 @@ class TokenTable:
 
         If several tokens have those bytes, a regular token wins over a byte-fallback
         ``<0xNN>`` token, which wins over a special one; then the lowest id. Empty text
-        gives None. The lookup dict is built on the first call (tens of milliseconds for
-        100k tokens). RegionError if closed.
+        gives None. The lookup dict is built on the first call, then kept. RegionError if
+        closed.
         """
         self._require_open()
         if isinstance(text, str):
