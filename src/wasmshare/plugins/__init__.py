@@ -17,20 +17,12 @@ opened without blocking and refused unless it is a regular file within its size 
 See ``docs/plugins.md``. YAML programs need PyYAML (``pip install 'wasmshare[plugins]'``).
 """
 
+from ..errors import BlobFormatError, PluginCrashed, PluginError, PluginModuleError, ProgramError
 from .blob import BLOB_FILE_MAX_BYTES, PropertyInfo, SchemaBlob, TypeInfo, build_blob
 from .embedded import EmbeddedPlugin, embed_plugin
-from .errors import BlobFormatError, PluginCrashed, PluginError, PluginModuleError, ProgramError
-from .host import (
-    MODULE_FILE_MAX_BYTES,
-    REQUIRED_EXPORTS,
-    CheckResult,
-    Mode,
-    Plugin,
-    PluginHost,
-    check_plugin_module,
-    default_plugin_module,
-)
+from .host import CheckResult, Mode, Plugin, PluginHost
 from .memory import MemoryUsage, memory_usage
+from .module import MODULE_FILE_MAX_BYTES, REQUIRED_EXPORTS, check_plugin_module, default_plugin_module
 from .program import (
     PROGRAM_EXPANDED_MAX_CHARS,
     PROGRAM_MAX_NESTING_LEVELS,

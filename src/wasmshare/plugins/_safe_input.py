@@ -14,7 +14,7 @@ from __future__ import annotations
 import os
 import stat
 
-from .errors import PluginError
+from ..errors import PluginError
 
 __all__ = ["open_user_file", "read_user_file"]
 

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .errors import PluginModuleError
+from .._libc import WASM_PAGE_SIZE
+from ..errors import PluginModuleError
 
 WASM_MAGIC = b"\0asm\x01\0\0\0"
-WASM_PAGE = 65536
+WASM32_MAX_PAGES = 65536
+"""Most pages a 32-bit linear memory can have (4 GiB)."""
 
 SEC_CUSTOM, SEC_TYPE, SEC_IMPORT, SEC_FUNCTION, SEC_TABLE, SEC_MEMORY = 0, 1, 2, 3, 4, 5
 SEC_GLOBAL, SEC_EXPORT, SEC_START, SEC_ELEMENT, SEC_CODE, SEC_DATA, SEC_DATACOUNT = 6, 7, 8, 9, 10, 11, 12
@@ -141,13 +143,13 @@ def embed_data(wasm: bytes, data: bytes | memoryview, *, ptr_global: str, len_gl
     max_pages = None
     if flags == 1:
         max_pages, p2 = read_uleb(memory.payload, p2)
-    offset = min_pages * WASM_PAGE
+    offset = min_pages * WASM_PAGE_SIZE
     n = memoryview(data).nbytes
-    pages = min_pages + -(-n // WASM_PAGE)
-    if pages > 65536 or (max_pages is not None and pages > max_pages):
+    pages = min_pages + -(-n // WASM_PAGE_SIZE)
+    if pages > WASM32_MAX_PAGES or (max_pages is not None and pages > max_pages):
         raise PluginModuleError(
             f"embedding {n:,} bytes needs {pages} wasm pages; the module's memory allows at most "
-            f"{max_pages if max_pages is not None else 65536}"
+            f"{max_pages if max_pages is not None else WASM32_MAX_PAGES}"
         )
     memory.payload = (
         uleb(1) + bytes([flags]) + uleb(pages) + (uleb(max_pages) if max_pages is not None else b"")

@@ -48,10 +48,11 @@ class _Plugin:
     """The worker's state: guest, regions, where the blob is."""
 
     def __init__(self, sock: socket.socket, init: dict[str, Any]) -> None:
-        from ..errors import GuestLimitExceeded, LoanError
+        from .._libc import WASM_PAGE_SIZE
+        from ..errors import BlobFormatError, GuestLimitExceeded, LoanError, PluginModuleError
         from ..guest import Guest
         from ..region import Region
-        from .errors import BlobFormatError, PluginModuleError
+        from .module import PLUGIN_ABI_VERSION, WSP_ERRORS
         from .publish import BlobLease
 
         self.lease: BlobLease | None = None
@@ -79,9 +80,9 @@ class _Plugin:
                 f"plugin module {init['module']} does not export {', '.join(missing) or 'memory'}"
             )
         version = self.guest.call("plugin_abi_version")
-        if version != 1:
+        if version != PLUGIN_ABI_VERSION:
             raise PluginModuleError(
-                f"plugin '{init['name']}' speaks plugin ABI v{version}; this host speaks v1"
+                f"plugin '{init['name']}' speaks plugin ABI v{version}; this host speaks v{PLUGIN_ABI_VERSION}"
             )
         if mode == "loan":
             assert self.blob_region is not None
@@ -98,8 +99,8 @@ class _Plugin:
                 raise
             self.blob_ptr, self.blob_nbytes = self.loan.ptr, nbytes
         elif mode == "copy":
-            pages = -(-nbytes // 65536)
-            self.blob_ptr = self.guest.grow_memory(pages) * 65536
+            pages = -(-nbytes // WASM_PAGE_SIZE)
+            self.blob_ptr = self.guest.grow_memory(pages) * WASM_PAGE_SIZE
             self.blob_nbytes = nbytes
             _recv_into(sock, self.guest.memory_address + self.blob_ptr, nbytes)
         elif mode == "embedded":
@@ -109,8 +110,6 @@ class _Plugin:
             self.blob_ptr, self.blob_nbytes = 0, 0
         rc = self.guest.call("plugin_init", self.blob_ptr, self.blob_nbytes)
         if rc != 0:
-            from .host import WSP_ERRORS
-
             raise BlobFormatError(
                 f"plugin '{init['name']}' rejected the schema blob: {WSP_ERRORS.get(rc, 'error')} (code {rc})"
             )

@@ -28,8 +28,8 @@ from typing import Any, Literal
 
 import numpy as np
 
+from ..errors import BlobFormatError
 from ..region import MAX_REGION_BYTES
-from .errors import BlobFormatError
 
 __all__ = [
     "MAGIC",
@@ -40,6 +40,7 @@ __all__ = [
     "TypeInfo",
     "PropertyInfo",
     "build_blob",
+    "DocumentWriter",
     "TYPE_CODES",
     "TYPE_NAMES",
 ]
@@ -162,8 +163,14 @@ def _kind_of(spec: Any) -> tuple[int, int, str | None]:
     return T_ANY, 0, None
 
 
-class _DocumentWriter:
-    """Builds the JSON document piece by piece, recording each type's byte span and index entry."""
+class DocumentWriter:
+    """Builds the schema JSON piece by piece, recording each type's byte span and index entry.
+
+    :func:`build_blob` writes a given schema with it and :mod:`~wasmshare.plugins.schema`
+    a generated one; both end with :meth:`finish`, which returns the whole blob. The
+    document is kept as a list of pieces and joined once, so building it takes time
+    linear in its size.
+    """
 
     def __init__(self, head: str) -> None:
         self.pieces: list[str] = [head]
@@ -304,7 +311,7 @@ def build_blob(
         raise BlobFormatError("schema 'types' must be an object")
     rest = {k: v for k, v in doc.items() if k not in ("types", "resources")}
     head = json.dumps(rest, separators=(",", ":"))[:-1]
-    writer = _DocumentWriter(head)
+    writer = DocumentWriter(head)
     writer.open_section("types", first=head == "{")
     for token, spec in types.items():
         writer.add(KIND_OBJECT, token, _dump(spec), _props_of(spec, "properties", "required"))

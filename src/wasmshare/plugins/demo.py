@@ -33,9 +33,9 @@ from rich.progress import (
 from rich.table import Table
 
 from .._engine import child_env
+from ..errors import PluginError
 from .blob import SchemaBlob
 from .embedded import EmbeddedPlugin
-from .errors import PluginError
 from .host import CheckResult, PluginHost
 from .memory import MIB, MemoryUsage, memory_usage
 from .program import Program, sample_program

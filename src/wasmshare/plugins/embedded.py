@@ -29,11 +29,11 @@ from pathlib import Path
 import wasmtime
 
 from .. import _engine
+from ..errors import PluginError, PluginModuleError
 from ._safe_input import read_user_file
 from ._wasm import embed_data
 from .blob import BLOB_FILE_MAX_BYTES, SchemaBlob
-from .errors import PluginError, PluginModuleError
-from .host import _read_module_file, check_plugin_module, default_plugin_module
+from .module import check_plugin_module, default_plugin_module, read_plugin_module
 from .publish import Publication
 
 __all__ = ["EmbeddedPlugin", "embed_plugin"]
@@ -189,7 +189,7 @@ def _module_bytes(module: str | os.PathLike[str] | bytes | None) -> bytes:
         module = default_plugin_module()
     if isinstance(module, (bytes, bytearray)):
         return bytes(module)
-    return _read_module_file(module, f"plugin module {os.fspath(module)!r}")
+    return read_plugin_module(module, f"plugin module {os.fspath(module)!r}")
 
 
 def _write_synced(path: Path, data: bytes | bytearray) -> None:

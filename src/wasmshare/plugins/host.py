@@ -30,7 +30,6 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -39,116 +38,34 @@ import numpy as np
 
 from .._engine import child_env
 from .._framing import recv_message, send_message
-from ..errors import GuestError, GuestLimitExceeded, GuestTrap, LimitKind, WasmshareError
+from .._libc import WASM_PAGE_SIZE
+from ..errors import (
+    BlobFormatError,
+    GuestError,
+    GuestLimitExceeded,
+    GuestTrap,
+    LimitKind,
+    PluginCrashed,
+    PluginError,
+    PluginModuleError,
+    ProgramError,
+    WasmshareError,
+)
 from ..region import Region
-from ._safe_input import open_user_file, read_user_file
-from ._wasm import exports as wasm_exports
+from ._safe_input import open_user_file
 from .blob import BLOB_FILE_MAX_BYTES
-from .errors import BlobFormatError, PluginCrashed, PluginError, PluginModuleError, ProgramError
 from .memory import MemoryUsage, memory_usage
+from .module import WSP_ERRORS, check_plugin_module, default_plugin_module, read_plugin_module
 from .program import Diagnostic, Program, decode_diagnostics, encode_program, parse_program
 from .publish import Publication
 
 if TYPE_CHECKING:
     from .embedded import EmbeddedPlugin
 
-__all__ = [
-    "PluginHost",
-    "Plugin",
-    "CheckResult",
-    "Mode",
-    "REQUIRED_EXPORTS",
-    "MODULE_FILE_MAX_BYTES",
-    "default_plugin_module",
-    "check_plugin_module",
-]
+__all__ = ["PluginHost", "Plugin", "CheckResult", "Mode"]
 
 Mode = Literal["loan", "embedded", "copy", "none"]
 MODES: tuple[Mode, ...] = ("loan", "embedded", "copy", "none")
-
-REQUIRED_EXPORTS: dict[str, int] = {
-    "memory": 2,
-    "ws_abi_version": 0,
-    "plugin_abi_version": 0,
-    "plugin_init": 0,
-    "plugin_check": 0,
-}
-"""What a plugin module must export (name → wasm export kind: 0 function, 2 memory)."""
-PLUGIN_ABI_VERSION = 1
-WASM_PAGE = 65536
-MODULE_FILE_MAX_BYTES = 256 * 1024 * 1024
-"""Largest plugin module file read (``.wasm``/``.wat``), checked before reading.
-
-Real plugins are KiBs (the type-check plugin) to tens of MiB (debug builds); the bytes
-are held, validated and compiled in the host, so a bound keeps a wrong path from
-filling its memory.
-"""
-
-WSP_ERRORS = {
-    -101: "bad magic",
-    -102: "unsupported format version",
-    -103: "an offset or length out of bounds",
-    -104: "no schema loaded (plugin_init failed)",
-    -105: "a malformed program",
-    -106: "nesting or paths too deep",
-}
-
-
-def default_plugin_module() -> Path:
-    """The type-check plugin (``guests/plugins/typecheck.wasm`` of the source tree)."""
-    name = Path("guests") / "plugins" / "typecheck.wasm"
-    candidates = [Path(__file__).resolve().parents[3] / name, Path.cwd() / name]
-    for path in candidates:
-        if path.is_file():
-            return path
-    raise PluginModuleError(
-        f"the type-check plugin {name} is not in {candidates[0].parent}; run from a wasmshare source checkout "
-        "or pass module=PATH"
-    )
-
-
-def check_plugin_module(module: str | os.PathLike[str] | bytes, what: str | None = None) -> None:
-    """Raise :class:`PluginModuleError` unless ``module`` is valid wasm exporting the plugin ABI.
-
-    The message names every missing export. Reads only the module's export section
-    (plus wasmtime's validation), so it is cheap enough to run before spawning. A path
-    must name a regular file of at most :data:`MODULE_FILE_MAX_BYTES`; a FIFO, a device
-    or a larger file is refused before it is read.
-    """
-    import wasmtime
-
-    if isinstance(module, (bytes, bytearray)):
-        wasm, label = bytes(module), what or "the plugin module"
-    else:
-        label = what or f"plugin module {os.fspath(module)}"
-        wasm = _read_module_file(module, label)
-    try:
-        wasmtime.Module.validate(wasmtime.Engine(), wasm)
-    except wasmtime.WasmtimeError as e:
-        raise PluginModuleError(f"{label} is not a valid wasm module: {str(e).splitlines()[0]}") from e
-    have = wasm_exports(wasm)
-    missing = [name for name, kind in REQUIRED_EXPORTS.items() if have.get(name) != kind]
-    if missing:
-        raise PluginModuleError(
-            f"{label} does not export {', '.join(missing)}: a plugin must export "
-            f"{', '.join(REQUIRED_EXPORTS)} (see docs/plugins.md)"
-        )
-
-
-def _read_module_file(module: str | os.PathLike[str], label: str | None = None) -> bytes:
-    """The bytes of the plugin module file ``module``, read with the checks of a user's path.
-
-    Raises :class:`PluginModuleError`, in one line, unless it is a regular file of at
-    most :data:`MODULE_FILE_MAX_BYTES`: a FIFO or a device such as ``/dev/zero`` is
-    refused at once instead of blocking or reading forever.
-    """
-    return read_user_file(
-        module,
-        label=label or f"plugin module {os.fspath(module)}",
-        max_bytes=MODULE_FILE_MAX_BYTES,
-        limit_name="MODULE_FILE_MAX_BYTES",
-        error=PluginModuleError,
-    )
 
 
 @dataclass(frozen=True)
@@ -461,9 +378,9 @@ class PluginHost:
             raise PluginError(f"mode must be one of {', '.join(MODES)}, got {self.mode!r}")
         if by not in ("fd", "name"):
             raise PluginError(f"by must be 'fd' or 'name', got {by!r}")
-        if not isinstance(memory_limit_bytes, int) or memory_limit_bytes < WASM_PAGE:
+        if not isinstance(memory_limit_bytes, int) or memory_limit_bytes < WASM_PAGE_SIZE:
             raise PluginError(
-                f"memory_limit_bytes must be an int of at least {WASM_PAGE}, got {memory_limit_bytes!r}"
+                f"memory_limit_bytes must be an int of at least {WASM_PAGE_SIZE}, got {memory_limit_bytes!r}"
             )
         if not isinstance(io_nbytes, int) or io_nbytes < 8192:
             raise PluginError(f"io_nbytes must be an int of at least 8192, got {io_nbytes!r}")
@@ -485,7 +402,7 @@ class PluginHost:
         if self.mode == "loan":
             if not isinstance(blob, Publication):
                 raise PluginError("mode 'loan' needs a Publication (Publication.publish(blob))")
-            blob._require_open()
+            blob.require_open()
             self._publication = blob
             self.blob_nbytes = blob.nbytes
             if by == "name":
@@ -508,7 +425,7 @@ class PluginHost:
             self.blob_nbytes = blob.blob_nbytes
         elif self.mode == "copy":
             if isinstance(blob, Publication):
-                blob._require_open()
+                blob.require_open()
                 self.blob_nbytes = blob.nbytes
             elif isinstance(blob, (bytes, bytearray)):
                 self.blob_nbytes = len(blob)
@@ -524,7 +441,7 @@ class PluginHost:
         if self.mode != "embedded":
             path = Path(module) if module is not None else default_plugin_module()
             label = f"plugin module {os.fspath(path)}"
-            wasm = _read_module_file(path, label)
+            wasm = read_plugin_module(path, label)
             check_plugin_module(wasm, label)
             self.module = str(path.resolve())
             self._warm_module_cache(wasm)
@@ -542,8 +459,8 @@ class PluginHost:
             pass
 
     def _guest_memory_limit(self) -> int:
-        window = -(-self.blob_nbytes // WASM_PAGE) * WASM_PAGE if self.mode != "none" else 0
-        return self.memory_limit_bytes + window + WASM_PAGE
+        window = -(-self.blob_nbytes // WASM_PAGE_SIZE) * WASM_PAGE_SIZE if self.mode != "none" else 0
+        return self.memory_limit_bytes + window + WASM_PAGE_SIZE
 
     def _stream_blob(self, sock: socket.socket) -> None:
         """Copy mode: send the whole blob through the socket (sendfile from a file or memfd)."""
@@ -703,9 +620,3 @@ def _infer_mode(blob: object) -> Mode:
     raise PluginError(
         f"cannot run plugins on a {type(blob).__name__}; pass a Publication, EmbeddedPlugin, path or bytes"
     )
-
-
-def results_agree(results: Sequence[CheckResult | WasmshareError]) -> bool:
-    """True when every result is a CheckResult with the same diagnostics."""
-    answers = [r.diagnostics for r in results if isinstance(r, CheckResult)]
-    return len(answers) == len(results) and all(a == answers[0] for a in answers)

@@ -26,8 +26,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from ..errors import PluginError, ProgramError
 from .blob import TYPE_NAMES
-from .errors import PluginError, ProgramError
 
 __all__ = [
     "Program",

@@ -33,11 +33,10 @@ import weakref
 from pathlib import Path
 from typing import Any
 
-from ..errors import RegionError
+from ..errors import BlobFormatError, PluginError, RegionError
 from ..region import Region
 from ._safe_input import open_user_file
 from .blob import BLOB_FILE_MAX_BYTES, SchemaBlob
-from .errors import BlobFormatError, PluginError
 
 __all__ = ["Publication", "BlobLease", "sweep_stale_blobs", "blob_holders"]
 
@@ -49,15 +48,15 @@ STALE_AFTER_S = 10.0
 
 
 def _shm_open(path: str, flags: int, mode: int = 0) -> int:
-    import _posixshmem
+    from .._libc import shm_open
 
-    return int(_posixshmem.shm_open(path, flags, mode))
+    return shm_open(path, flags, mode)
 
 
 def _shm_unlink(path: str) -> None:
-    import _posixshmem
+    from .._libc import shm_unlink
 
-    _posixshmem.shm_unlink(path)
+    shm_unlink(path)
 
 
 def _bare(name: str) -> str:
@@ -313,7 +312,7 @@ class Publication:
     @property
     def schema(self) -> SchemaBlob:
         """A reader of the published blob, over the publisher's own mapping (no copy)."""
-        self._require_open()
+        self.require_open()
         if self._schema is None:
             self._schema = SchemaBlob(self.region.array(), check_json=False)
         return self._schema
@@ -328,13 +327,14 @@ class Publication:
         """True once :meth:`release` ran."""
         return self._released
 
-    def _require_open(self) -> None:
+    def require_open(self) -> None:
+        """Raise :class:`PluginError` once the publication is released (its blob may be gone)."""
         if self._released:
             raise PluginError("the publication was released; publish the blob again")
 
     def send(self, sock: Any) -> None:
         """Hand the blob's fd to the process at the other end of a Unix socket (see :meth:`Region.send`)."""
-        self._require_open()
+        self.require_open()
         self.region.send(sock)
 
     def watch(self, pid: int) -> None:

@@ -33,8 +33,8 @@ from .blob import (
     T_NUMBER,
     T_OBJECT,
     T_STRING,
+    DocumentWriter,
     PropSpec,
-    _DocumentWriter,
 )
 
 __all__ = ["generate_blob", "generate_schema", "parse_size"]
@@ -448,7 +448,7 @@ def _type_text(kind: int, item: int, ref: str | None, provider: str) -> str:
     return one(kind, ref)
 
 
-def _generate(size_bytes: int, seed: int, provider: str, progress: Progress | None) -> _DocumentWriter:
+def _generate(size_bytes: int, seed: int, provider: str, progress: Progress | None) -> DocumentWriter:
     if isinstance(size_bytes, bool) or not isinstance(size_bytes, int) or size_bytes <= 0:
         raise ValueError(f"size_bytes must be a positive int, got {size_bytes!r}")
     gen = _Generator(seed, provider)
@@ -477,7 +477,7 @@ def _generate(size_bytes: int, seed: int, provider: str, progress: Progress | No
         if progress is not None and total >= next_report:
             progress("generating", min(1.0, total / size_bytes))
             next_report = total + size_bytes // 100
-    writer = _DocumentWriter(head)
+    writer = DocumentWriter(head)
     writer.open_section("types")
     for token, text, specs in types:
         writer.add(KIND_OBJECT, token, text, specs)
@@ -497,7 +497,7 @@ def generate_blob(
     """Generate a provider schema of about ``size_bytes`` of JSON and return it as a blob (index included).
 
     Equal to ``build_blob(generate_schema(size_bytes, seed=seed))``, without parsing the
-    document. Deterministic for a (size, seed, provider). 100 MiB takes a few seconds.
+    document. Deterministic for a (size, seed, provider); time and memory grow linearly with the size.
     """
     return _generate(size_bytes, seed, provider, progress).finish("}", progress)
 
