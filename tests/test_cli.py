@@ -194,7 +194,7 @@ def test_run_flags_a_constrained_answer_cut_by_max_tokens() -> None:
 
 def test_run_defaults_to_compact_json_and_says_1_token() -> None:
     _needs_model()
-    from wasmshare._run import CONSTRAINED_MAX_TOKENS, PLAIN_MAX_TOKENS, RunOptions, build_requests
+    from wasmshare.cli.run import CONSTRAINED_MAX_TOKENS, PLAIN_MAX_TOKENS, RunOptions, build_requests
 
     [compact] = build_requests(RunOptions(prompt="x", json_schema=EXAMPLES / "person.json"))
     assert (
@@ -255,6 +255,6 @@ def test_check_takes_the_model_names_run_takes() -> None:
 
 
 def test_long_lines_are_not_wrapped_when_piped() -> None:
-    from wasmshare._cli_output import console, errors
+    from wasmshare.cli._output import console, errors
 
     assert console.soft_wrap and errors.soft_wrap

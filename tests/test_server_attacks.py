@@ -184,13 +184,7 @@ def test_a_mask_aimed_at_the_read_only_token_table_ends_that_request(
 # -- 4. WASI and host time ------------------------------------------------------------------------------
 
 
-WASI_SLEEPER = """(module
-  (import "wasi_snapshot_preview1" "poll_oneoff" (func $poll (param i32 i32 i32 i32) (result i32)))
-  (memory (export "memory") 1)
-  (func (export "ws_ctrl_abi_version") (result i32) i32.const 1)
-  (func (export "ws_ctrl_create") (param i32 i32) (result i32) i32.const 0)
-  (func (export "ws_ctrl_step") (param i32 i32) (result i32)
-    (call $poll (i32.const 0) (i32.const 64) (i32.const 1) (i32.const 128))))"""
+WASI_SLEEPER = (CONTROLLERS / "wasi_sleeper.wat").read_text()
 
 
 def test_a_controller_gets_no_wasi(live: LiveServer, good_text: str) -> None:

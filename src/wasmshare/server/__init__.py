@@ -1,6 +1,6 @@
 """OpenAI-compatible HTTP server with controller upload, streaming and continuous batching.
 
-``wasmshare serve`` runs it; in Python, :func:`create_server` builds the app around one
+``wasmshare serve`` runs it; in Python, :func:`create_app` builds the app around one
 :class:`~wasmshare.server.service.EngineService` (one engine loop for every request).
 """
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
-import secrets
 import struct
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -24,14 +23,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from ..errors import WasmshareError
 from ..llm import constraints as C
 from ..llm.constraints import Backend, ConstraintSpec
 from ..llm.controller import Controller
-from ..llm.engine import GenerationRequest, GenerationResult, default_max_work
 from ..llm.limits import DEFAULT_DEADLINE_MS
+from ..llm.requests import GenerationRequest, GenerationResult, default_max_work
+from ._middleware import AuthAndCount, BodyLimit
 from .controllers import ControllerStore
 from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 from .service import EngineService, Overloaded, Ticket, TokenEvent
@@ -242,9 +241,9 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
         return await _answer(request, body, requests, service, model_name, chat=True)
 
     app.add_middleware(
-        _BodyLimit, limit=config.max_body_bytes, per_path={"/v1/controllers": config.max_controller_bytes}
+        BodyLimit, limit=config.max_body_bytes, per_path={"/v1/controllers": config.max_controller_bytes}
     )
-    app.add_middleware(_AuthAndCount, api_key=config.api_key, metrics=metrics)
+    app.add_middleware(AuthAndCount, api_key=config.api_key, metrics=metrics)
     app.state.service = service
     app.state.store = store
     return app
@@ -257,70 +256,6 @@ def _one_line(text: str) -> str:
     """The first line of an error message, for a client (wasmtime's carry backtraces)."""
     first = text.strip().splitlines()[0] if text.strip() else text
     return first[:500]
-
-
-class _AuthAndCount:
-    """ASGI middleware: the API key on every ``/v1`` route, and a request counter by status.
-
-    Plain ASGI rather than ``@app.middleware("http")``: Starlette's BaseHTTPMiddleware
-    hands the endpoint a receive channel on which a client's disconnect does not show, so
-    a non-streaming request whose client hung up decoded to its end."""
-
-    def __init__(self, app: ASGIApp, api_key: str | None, metrics: Any) -> None:
-        self.app = app
-        self.api_key = api_key
-        self.metrics = metrics
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        path = scope["path"]
-        endpoint = _endpoint(path)
-        if self.api_key and path.startswith("/v1/"):
-            header = dict(scope.get("headers") or ()).get(b"authorization", b"")
-            given = header[7:] if header[:7].lower() == b"bearer " else b""
-            if not secrets.compare_digest(given, self.api_key.encode()):
-                self.metrics.requests.labels(endpoint, "401").inc()
-                body = json.dumps(
-                    error_body(
-                        "Incorrect or missing API key: send Authorization: Bearer KEY",
-                        type="authentication_error",
-                        code="invalid_api_key",
-                    )
-                ).encode()
-                await send(
-                    {
-                        "type": "http.response.start",
-                        "status": 401,
-                        "headers": [
-                            (b"content-type", b"application/json"),
-                            (b"content-length", str(len(body)).encode()),
-                        ],
-                    }
-                )
-                await send({"type": "http.response.body", "body": body})
-                return
-        status = {"code": 500}
-
-        async def counting_send(message: Message) -> None:
-            if message["type"] == "http.response.start":
-                status["code"] = int(message["status"])
-            await send(message)
-
-        try:
-            await self.app(scope, receive, counting_send)
-        finally:
-            self.metrics.requests.labels(endpoint, str(status["code"])).inc()
-
-
-def _endpoint(path: str) -> str:
-    """A bounded label for metrics (ids cut off)."""
-    if path.startswith("/v1/controllers"):
-        return "/v1/controllers"
-    if path.startswith("/v1/models"):
-        return "/v1/models"
-    return path if path in ("/v1/completions", "/v1/chat/completions", "/health", "/metrics") else "other"
 
 
 def _model_card(name: str, created: int) -> dict[str, Any]:
@@ -394,6 +329,8 @@ async def _steering(
             spec = C.grammar(body.grammar)
         table = service.loaded.token_table
         await run_in_threadpool(C.compile_constraint, spec, table, backend=config.grammar_backend)
+    except APIError:
+        raise
     except WasmshareError as e:
         raise APIError(400, str(e), code="invalid_constraint", param=asked[0]) from None
     return spec
@@ -506,8 +443,11 @@ def _usage(results: list[GenerationResult]) -> dict[str, int]:
 
 
 def _visible(text: str, stops: list[str]) -> str:
-    """The part of ``text`` that is safe to send: cut at a stop string, hold back what could start one
-    and an incomplete UTF-8 character at the end."""
+    """The part of ``text`` that is safe to send to the client.
+
+    It is cut at a stop string, and holds back what could start one and an incomplete
+    UTF-8 character at the end, so a client never sees text the stop strings later remove.
+    """
     for s in stops:
         cut = text.find(s)
         if cut >= 0:
@@ -608,53 +548,3 @@ async def _stream(
         if not finished:  # the client went away mid-stream: free the slots now
             for t in tickets:
                 service.cancel(t)
-
-
-class _BodyTooLarge(StarletteHTTPException):
-    def __init__(self, limit: int) -> None:
-        super().__init__(413, f"request body exceeds the {limit:,}-byte limit")
-
-
-class _BodyLimit:
-    """ASGI middleware: refuse a body over the limit (413) by its Content-Length, or while it streams in."""
-
-    def __init__(self, app: ASGIApp, limit: int, per_path: dict[str, int]) -> None:
-        self.app = app
-        self.limit = limit
-        self.per_path = per_path
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        limit = self.per_path.get(scope["path"].rstrip("/"), self.limit)
-        declared = dict(scope.get("headers") or ()).get(b"content-length")
-        if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _too_large(send, limit)
-            return
-        seen = 0
-
-        async def limited_receive() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > limit:
-                    raise _BodyTooLarge(limit)  # answered by the HTTPException handler
-            return message
-
-        await self.app(scope, limited_receive, send)
-
-
-async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps(
-        error_body(f"request body exceeds the {limit:,}-byte limit", code="request_too_large")
-    ).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})

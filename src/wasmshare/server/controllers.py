@@ -22,8 +22,9 @@ from pathlib import Path
 from typing import Any
 
 from .._engine import EngineOptions, compile_in_child, evict_module
-from ..errors import WasmshareError
-from ..llm.controller import BatchRegions, Controller, ControllerInstance
+from ..errors import ControllerRejected, WasmshareError
+from ..llm._regions import BatchRegions
+from ..llm.controller import Controller, ControllerInstance
 from ..llm.limits import Limits
 from ..llm.tokens import TokenTable
 
@@ -31,10 +32,6 @@ __all__ = ["ControllerStore", "StoredController", "ControllerRejected"]
 
 _HASH_RE = re.compile(r"[0-9a-f]{64}")
 _NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
-
-
-class ControllerRejected(WasmshareError):
-    """An upload that is not a usable controller module (the message says why)."""
 
 
 @dataclass(frozen=True)

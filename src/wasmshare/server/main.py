@@ -91,8 +91,10 @@ def serve(
     )
 
     class _Server(uvicorn.Server):
-        """Ctrl-C / SIGTERM cancels every request first, so open streams end at once and
-        uvicorn's wait for open connections is short."""
+        """A uvicorn server whose Ctrl-C / SIGTERM cancels every request first.
+
+        Open streams then end at once, so uvicorn's wait for open connections is short.
+        """
 
         def handle_exit(self, sig: int, frame: Any) -> None:
             service.cancel_all()

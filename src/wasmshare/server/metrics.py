@@ -3,19 +3,40 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from ..llm.engine import GenerationResult
+from ..llm.requests import GenerationResult
+from ..llm.stats import EngineStats
 
-if TYPE_CHECKING:
-    from .service import EngineService
-
-__all__ = ["ServerMetrics"]
+__all__ = ["EngineFigures", "ServerMetrics"]
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+
+
+class EngineFigures(Protocol):
+    """What the metrics read at scrape time from whatever runs the engine loop.
+
+    A protocol rather than the service class, so the service depends on its metrics and
+    never the other way round; each figure is read on the scraping thread.
+    """
+
+    @property
+    def waiting(self) -> int:
+        """Requests waiting for a slot."""
+        ...
+
+    @property
+    def running(self) -> int:
+        """Requests decoding now."""
+        ...
+
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's running totals (steps, seconds, tokens, bytes copied)."""
+        ...
 
 
 class ServerMetrics:
@@ -42,12 +63,12 @@ class ServerMetrics:
             registry=r,
             buckets=_LATENCY_BUCKETS,
         )
-        self._service: EngineService | None = None
-        r.register(_EngineCollector(self))
+        self._collector = _EngineCollector()
+        r.register(self._collector)
 
-    def watch(self, service: EngineService) -> None:
-        """Report the queue and engine counters of ``service``."""
-        self._service = service
+    def watch(self, source: EngineFigures) -> None:
+        """Report the queue and engine figures of ``source`` at every scrape."""
+        self._collector.source = source
 
     def finished(self, result: GenerationResult) -> None:
         """Count a finished sequence."""
@@ -62,21 +83,21 @@ class ServerMetrics:
 
 
 class _EngineCollector:
-    """Gauges and counters read from the engine at scrape time."""
+    """Gauges and counters read from the watched engine at scrape time (none before ``watch``)."""
 
-    def __init__(self, metrics: ServerMetrics) -> None:
-        self.metrics = metrics
+    def __init__(self) -> None:
+        self.source: EngineFigures | None = None
 
     def describe(self) -> list[Any]:
         return []
 
     def collect(self) -> Iterator[Metric]:
-        service = self.metrics._service
-        if service is None:
+        source = self.source
+        if source is None:
             return
-        stats = service.engine.stats
-        yield GaugeMetricFamily("wasmshare_queue_depth", "Requests waiting for a slot", value=service.waiting)
-        yield GaugeMetricFamily("wasmshare_running_sequences", "Requests decoding now", value=service.running)
+        stats = source.stats
+        yield GaugeMetricFamily("wasmshare_queue_depth", "Requests waiting for a slot", value=source.waiting)
+        yield GaugeMetricFamily("wasmshare_running_sequences", "Requests decoding now", value=source.running)
         yield CounterMetricFamily("wasmshare_engine_steps", "Decode steps", value=stats.steps)
         yield CounterMetricFamily(
             "wasmshare_controller_seconds",

@@ -13,6 +13,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from ..errors import APIError
+
 __all__ = [
     "APIError",
     "ChatCompletionRequest",
@@ -33,30 +35,6 @@ UNSUPPORTED_FIELDS = (
     "functions",
     "logit_bias",
 )
-
-
-class APIError(Exception):
-    """An error answered as an OpenAI-style body: ``{"error": {"message", "type", "param", "code"}}``."""
-
-    def __init__(
-        self,
-        status: int,
-        message: str,
-        *,
-        type: str = "invalid_request_error",
-        code: str | None = None,
-        param: str | None = None,
-    ) -> None:
-        super().__init__(message)
-        self.status = status
-        self.message = message
-        self.type = type
-        self.code = code
-        self.param = param
-
-    def body(self) -> dict[str, Any]:
-        """The JSON body OpenAI clients parse."""
-        return error_body(self.message, type=self.type, code=self.code, param=self.param)
 
 
 def error_body(

@@ -17,19 +17,18 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
+from ..errors import Overloaded, QueueFull
 from ..llm.constraints import Backend
-from ..llm.engine import Engine, GenerationRequest, GenerationResult, QueueFull, RequestQueue
+from ..llm.engine import Engine
 from ..llm.limits import Limits
+from ..llm.requests import GenerationRequest, GenerationResult, RequestQueue
+from ..llm.stats import EngineStats
 from .metrics import ServerMetrics
 
 if TYPE_CHECKING:
     from ..llm.models import LoadedModel
 
 __all__ = ["EngineService", "Ticket", "TokenEvent", "Overloaded"]
-
-
-class Overloaded(Exception):
-    """Every slot is taken and the waiting queue is full."""
 
 
 @dataclass
@@ -139,9 +138,17 @@ class EngineService:
         """Requests waiting for a slot."""
         return self.queue.waiting
 
+    @property
+    def stats(self) -> EngineStats:
+        """The engine's running totals, which the metrics read at every scrape."""
+        return self.engine.stats
+
     def cancel_all(self) -> None:
-        """End every request now (shutting down): running ones stop at the next step with
-        ``"cancelled"``, waiting ones get a cancelled result at once. Safe from any thread."""
+        """End every request now, as the server shuts down; safe from any thread.
+
+        Running requests stop at the next step with ``"cancelled"``; waiting ones get a
+        cancelled result at once.
+        """
         self.queue.close()
         with self._lock:
             tickets = list(self._tickets.values())
@@ -158,8 +165,10 @@ class EngineService:
                 ticket.loop.call_soon_threadsafe(ticket.events.put_nowait, result)
 
     def close(self) -> None:
-        """Cancel what runs and waits, then stop the loop and the engine (within a step or two:
-        a step's work is bounded, long prompts included)."""
+        """Cancel what runs and waits, then stop the loop and the engine.
+
+        This returns within a step or two: a step's work is bounded, long prompts included.
+        """
         self.cancel_all()
         self._thread.join(timeout=30)
         self.engine.close()

@@ -1,10 +1,9 @@
-"""The ``wasmshare run`` command: constrained generation on a real model, streamed.
+"""``wasmshare run``: constrained generation on a real model, streamed.
 
-Kept apart from ``cli.py`` so the command-line parsing stays small; everything a user can
-get wrong (a bad schema, a missing model, bad wasm, bad arguments) ends as one clear line,
-checked before the model loads. Answers go to stdout (with ``--json``: one compact JSON
-object per line), everything for a human (status, warnings, stats) to stderr, so
-``wasmshare run ... --json > out.jsonl`` is a file a program can read.
+Everything a user can get wrong (a bad schema, a missing model, bad wasm, bad arguments)
+ends as one clear line, checked before the model loads. Answers go to stdout (with
+``--json``: one compact JSON object per line), everything for a human (status, warnings,
+stats) to stderr, so ``wasmshare run ... --json > out.jsonl`` is a file a program can read.
 """
 
 from __future__ import annotations
@@ -14,13 +13,23 @@ import struct
 import sys
 import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Annotated, Any, TextIO
 
+import typer
 from rich.console import Console
 
-from .errors import WasmshareError
+from ..errors import WasmshareError
+from ._output import errors, fail
 
-__all__ = ["RunOptions", "run_command", "parse_controller_arg"]
+__all__ = [
+    "CONSTRAINED_MAX_TOKENS",
+    "PLAIN_MAX_TOKENS",
+    "RunOptions",
+    "build_requests",
+    "parse_controller_arg",
+    "run",
+    "run_command",
+]
 
 
 class RunOptions:
@@ -50,10 +59,84 @@ class RunOptions:
 PLAIN_MAX_TOKENS = 128
 """``--max-tokens`` when nothing constrains the answer."""
 CONSTRAINED_MAX_TOKENS = 512
-"""``--max-tokens`` under a constraint: a constrained answer must reach its end to be valid,
-and an ordinary schema needs more than a chat reply (an invoice with a dozen fields took 216
-tokens with compact separators); 512 fits such schemas twice over, while a model that
-wanders stops within seconds."""
+"""``--max-tokens`` under a constraint.
+
+A constrained answer must reach its end to be valid, and an ordinary schema needs more
+than a chat reply: 512 fits a schema of a dozen fields twice over, while a model that
+wanders stops within seconds.
+"""
+
+
+def run(
+    prompt: Annotated[
+        str | None, typer.Argument(help="The prompt (chat template applied when the model has one).")
+    ] = None,
+    json_schema: Annotated[
+        Path | None, typer.Option("--json-schema", help="Constrain the answer to a JSON Schema file.")
+    ] = None,
+    regex: Annotated[str | None, typer.Option(help="Constrain the answer to a regular expression.")] = None,
+    choice: Annotated[
+        list[str] | None, typer.Option(help="Constrain the answer to one of these (repeat).")
+    ] = None,
+    grammar: Annotated[Path | None, typer.Option(help="Constrain the answer to a Lark grammar file.")] = None,
+    controller: Annotated[Path | None, typer.Option(help="Steer with a wasm controller module.")] = None,
+    arg: Annotated[
+        list[str] | None, typer.Option(help="Controller argument: text, ids:1,2,3 or file:PATH (repeat).")
+    ] = None,
+    model: Annotated[
+        str, typer.Option(help="smollm2-135m (default), gemma3-270m, or a model folder / .gguf path.")
+    ] = "smollm2-135m",
+    device: Annotated[
+        str, typer.Option(help="auto (a CUDA device when torch sees one, else the CPU), cpu, cuda or cuda:N.")
+    ] = "auto",
+    max_tokens: Annotated[
+        int | None,
+        typer.Option(help="Most tokens to generate per answer (default 128; 512 under a constraint)."),
+    ] = None,
+    temperature: Annotated[float, typer.Option(help="0 is greedy.")] = 0.0,
+    seed: Annotated[int | None, typer.Option(help="Sampling seed.")] = None,
+    batch: Annotated[Path | None, typer.Option(help="A JSONL file of prompts, decoded as one batch.")] = None,
+    json_output: Annotated[bool, typer.Option("--json", help="Print results as JSON.")] = False,
+    raw: Annotated[bool, typer.Option(help="Do not apply the chat template.")] = False,
+    stop: Annotated[list[str] | None, typer.Option(help="End the answer at this string (repeat).")] = None,
+    grammar_backend: Annotated[str, typer.Option(help="llguidance (default) or xgrammar.")] = "llguidance",
+    flexible_whitespace: Annotated[
+        bool,
+        typer.Option(
+            "--flexible-whitespace",
+            help="Allow any JSON whitespace under --json-schema (default: compact separators).",
+        ),
+    ] = False,
+) -> None:
+    """Generate with the embedded model, steered by a constraint or a wasm controller.
+
+    Answers go to stdout (--json: one JSON object per line); status, warnings and stats to
+    stderr. Exit 1 when an answer failed, 2 when a constrained answer was cut by --max-tokens."""
+    options = RunOptions(
+        prompt=prompt,
+        json_schema=json_schema,
+        regex=regex,
+        choice=choice,
+        grammar=grammar,
+        controller=controller,
+        arg=arg,
+        model=model,
+        device=device,
+        max_tokens=max_tokens,
+        temperature=temperature,
+        seed=seed,
+        batch=batch,
+        json_output=json_output,
+        raw=raw,
+        stop=stop,
+        grammar_backend=grammar_backend,
+        flexible_whitespace=flexible_whitespace,
+    )
+    try:
+        code = run_command(options, errors)
+    except WasmshareError as e:
+        raise fail(str(e)) from None
+    raise typer.Exit(code)
 
 
 def parse_controller_arg(values: list[str]) -> bytes:
@@ -81,8 +164,8 @@ def parse_controller_arg(values: list[str]) -> bytes:
 
 
 def _steer(opts: RunOptions) -> Any:
-    from .llm import constraints as C
-    from .llm.controller import Controller
+    from ..llm import constraints as C
+    from ..llm.controller import Controller
 
     chosen = [x for x in (opts.json_schema, opts.regex, opts.choice, opts.grammar, opts.controller) if x]
     if len(chosen) > 1:
@@ -133,8 +216,8 @@ def _steer(opts: RunOptions) -> Any:
 
 def build_requests(opts: RunOptions) -> list[Any]:
     """Turn the options (and ``--batch`` lines) into generation requests."""
-    from .llm.constraints import parse_backend
-    from .llm.engine import GenerationRequest
+    from ..llm.constraints import parse_backend
+    from ..llm.requests import GenerationRequest
 
     if opts.max_tokens is not None and opts.max_tokens <= 0:
         raise WasmshareError("--max-tokens must be positive")
@@ -188,9 +271,9 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
     import torch
     from transformers.utils import logging as hf_logging
 
-    from .llm.constraints import parse_backend
-    from .llm.engine import Engine
-    from .llm.models import load_model
+    from ..llm.constraints import parse_backend
+    from ..llm.engine import Engine
+    from ..llm.models import load_model
 
     out = out or sys.stdout
     hf_logging.disable_progress_bar()  # type: ignore[no-untyped-call]  # our status line says what happens
@@ -288,7 +371,7 @@ def _generate_with_progress(engine: Any, requests: list[Any], console: Console) 
     """``engine.generate`` with a progress bar on the console (stderr) as answers finish."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from .llm.engine import RequestQueue
+    from ..llm.requests import RequestQueue
 
     queue = RequestQueue()
     keys = [queue.submit(r) for r in requests]

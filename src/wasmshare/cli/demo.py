@@ -15,21 +15,34 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import typer
 from rich.console import Console
 
-from . import Guest, Region, zero_copy_supported
-from ._engine import child_env
-from .errors import GuestLimitExceeded, GuestTrap, WasmshareError
-from .llm.limits import Limits
+from .._engine import child_env
+from ..errors import GuestLimitExceeded, GuestTrap, WasmshareError
+from ..guest import Guest
+from ..llm.limits import Limits
+from ..loan import zero_copy_supported
+from ..region import Region
+from ._output import console, fail
 
-__all__ = ["run_demo", "find_guest"]
+__all__ = ["demo", "find_guest", "run_demo"]
 
 VOCAB = 128 * 1024
 
 
+def demo() -> None:
+    """Walk through the core: a guest, numpy and a second process share one region."""
+    try:
+        code = run_demo(console)
+    except WasmshareError as e:
+        raise fail(str(e)) from None
+    raise typer.Exit(code)
+
+
 def find_guest(name: str) -> Path:
     """Locate an example guest shipped in the source tree's ``guests/`` folder."""
-    candidates = [Path.cwd() / "guests" / name, Path(__file__).resolve().parents[2] / "guests" / name]
+    candidates = [Path.cwd() / "guests" / name, Path(__file__).resolve().parents[3] / "guests" / name]
     for path in candidates:
         if path.is_file():
             return path
@@ -57,7 +70,7 @@ def _controller_demo(out: Console, check: Any) -> int:
     """Section 5: a batch of LLM controllers writing masks and biases in place."""
     import struct
 
-    from .llm import Action, Controller, ControllerBatch, Output, TokenTable
+    from ..llm import Action, Controller, ControllerBatch, Output, TokenTable
 
     out.print("\n[bold]5. A decode batch of wasm controllers (AICI model)")
     try:
@@ -112,9 +125,10 @@ def _generation_demo(out: Console, check: Any) -> int:
     import jsonschema
     import torch
 
-    from .llm import Controller, load_model
-    from .llm import constraints as C
-    from .llm.engine import Engine, GenerationRequest
+    from ..llm import Controller, load_model
+    from ..llm import constraints as C
+    from ..llm.engine import Engine
+    from ..llm.requests import GenerationRequest
 
     out.print("\n[bold]6. Generation with the embedded model (SmolLM2-135M-Instruct)")
     torch.set_num_threads(max(1, torch.get_num_threads()))

@@ -1,4 +1,4 @@
-"""``wasmshare plugins ...``: the schema-plugin commands (registered by :mod:`wasmshare.cli`).
+"""``wasmshare plugins ...``: the schema-plugin commands, a group of their own.
 
 User mistakes end as one red line on stderr and a non-zero exit code, never a traceback.
 """
@@ -10,9 +10,8 @@ from typing import Annotated
 
 import typer
 
-from .._cli_output import console
-from .._cli_output import fail as _fail
 from ..errors import WasmshareError
+from ._output import console, fail
 
 __all__ = ["plugins_app"]
 
@@ -25,12 +24,12 @@ plugins_app = typer.Typer(
 
 
 def _size(text: str) -> int:
-    from .schema import parse_size
+    from ..plugins.schema import parse_size
 
     try:
         return parse_size(text)
     except ValueError as e:
-        raise _fail(f"--size: {e}") from None
+        raise fail(f"--size: {e}") from None
 
 
 @plugins_app.command()
@@ -43,17 +42,17 @@ def demo(
     seed: Annotated[int, typer.Option(help="Seed of the generated schema.")] = 0,
 ) -> None:
     """Generate a schema, run N type-check plugins on it, and print their memory (PSS and RSS)."""
-    from .demo import run_demo
+    from ..plugins.demo import run_demo
 
     size_bytes = _size(size)
     if mode not in ("loan", "embedded", "copy", "all"):
-        raise _fail(f"--mode must be loan, embedded, copy or all, not {mode!r}")
+        raise fail(f"--mode must be loan, embedded, copy or all, not {mode!r}")
     if not 1 <= plugins <= 64:
-        raise _fail(f"--plugins must be between 1 and 64, not {plugins}")
+        raise fail(f"--plugins must be between 1 and 64, not {plugins}")
     try:
         code = run_demo(console, size_bytes=size_bytes, plugins=plugins, mode=mode, seed=seed)  # type: ignore[arg-type]
     except WasmshareError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     raise typer.Exit(code)
 
 
@@ -67,8 +66,8 @@ def generate(
     ] = None,
 ) -> None:
     """Write a generated provider-like schema as a blob (header, index, JSON)."""
-    from .blob import SchemaBlob
-    from .schema import generate_blob
+    from ..plugins.blob import SchemaBlob
+    from ..plugins.schema import generate_blob
 
     size_bytes = _size(size)
     with console.status("generating..."):
@@ -78,7 +77,7 @@ def generate(
         if json_output is not None:
             json_output.write_bytes(bytes(SchemaBlob(blob, check_json=False).document))
     except OSError as e:
-        raise _fail(f"cannot write {e.filename}: {e.strerror}") from None
+        raise fail(f"cannot write {e.filename}: {e.strerror}") from None
     schema = SchemaBlob(blob, check_json=False)
     console.print(
         f"wrote [bold]{output}[/] ({len(blob):,} bytes: {schema.n_resources:,} resource types, "
@@ -95,11 +94,11 @@ def check(
     ] = None,
 ) -> None:
     """Type-check YAML programs against a schema blob in a sandboxed plugin process."""
-    from ._safe_input import read_user_file
-    from .errors import ProgramError
-    from .host import PluginHost
-    from .program import PROGRAM_TEXT_MAX_BYTES
-    from .publish import Publication
+    from ..errors import ProgramError
+    from ..plugins._safe_input import read_user_file
+    from ..plugins.host import PluginHost
+    from ..plugins.program import PROGRAM_TEXT_MAX_BYTES
+    from ..plugins.publish import Publication
 
     failures = 0
     try:
@@ -116,7 +115,7 @@ def check(
                 try:
                     result = host.check(text)
                 except ProgramError as e:
-                    raise _fail(f"{path}: {e}") from None
+                    raise fail(f"{path}: {e}") from None
                 if result.ok:
                     console.print(f"[green]✓[/] {path}: no problems", soft_wrap=True)
                     continue
@@ -127,5 +126,5 @@ def check(
                         f"  {d.path}: [yellow]{d.kind}[/] {d.message}", highlight=False, soft_wrap=True
                     )
     except WasmshareError as e:
-        raise _fail(str(e)) from None
+        raise fail(str(e)) from None
     raise typer.Exit(1 if failures else 0)

@@ -1,0 +1,91 @@
+"""``wasmshare build`` and ``wasmshare inspect``: compile C guests and show what a module holds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.table import Table
+
+from ..errors import WasmshareError
+from ._output import console, fail
+
+__all__ = ["build", "inspect"]
+
+
+def build(
+    sources: Annotated[list[Path], typer.Argument(help="C source files of one guest module.")],
+    output: Annotated[Path, typer.Option("--output", "-o", help="The .wasm file to write.")],
+    wasi: Annotated[
+        bool, typer.Option("--wasi", help="Target wasm32-wasi with libc (a reactor module).")
+    ] = False,
+    optimize: Annotated[
+        str, typer.Option("--optimize", "-O", help="fast (-O2), small (-Oz) or debug.")
+    ] = "fast",
+    initial_memory: Annotated[
+        int | None, typer.Option(help="Initial linear memory in bytes (64 KiB multiple).")
+    ] = None,
+    max_memory: Annotated[
+        int | None, typer.Option(help="Maximum linear memory in bytes (64 KiB multiple).")
+    ] = None,
+) -> None:
+    """Compile C guest sources with Zig (from PyPI) against wasmshare.h."""
+    from ..abi import build_guest
+
+    if optimize not in ("fast", "small", "debug"):
+        raise fail(f"--optimize must be fast, small or debug, not {optimize!r}")
+    try:
+        out = build_guest(
+            sources,
+            output,
+            wasi=wasi,
+            optimize=optimize,  # type: ignore[arg-type]
+            initial_memory=initial_memory,
+            max_memory=max_memory,
+        )
+    except (WasmshareError, ValueError, TypeError) as e:
+        raise fail(str(e)) from None
+    console.print(f"built [bold]{out}[/] ({out.stat().st_size:,} bytes)")
+
+
+def inspect(module: Annotated[Path, typer.Argument(help="A .wasm or .wat module.")]) -> None:
+    """Show a guest's exports, imports and wasmshare ABI version."""
+    from ..guest import Guest
+
+    try:
+        with Guest(module) as guest:
+            table = Table(title=f"{module} (sha256 {guest.module_sha256[:12]})")
+            table.add_column("kind")
+            table.add_column("name")
+            table.add_column("type")
+            for exp in guest.module.exports:
+                table.add_row("export", exp.name, _describe_type(exp.type))
+            for imp in guest.module.imports:
+                table.add_row("import", f"{imp.module}.{imp.name}", _describe_type(imp.type))
+            console.print(table)
+            exported = {e.name for e in guest.module.exports}
+            abi = guest.call("ws_abi_version") if "ws_abi_version" in exported else None
+            console.print(
+                f"wasmshare ABI: {abi if abi is not None else 'none (plain module)'}; "
+                f"memory: {guest.memory_nbytes:,} bytes"
+            )
+    except WasmshareError as e:
+        raise fail(str(e)) from None
+
+
+def _describe_type(ty: Any) -> str:
+    import wasmtime
+
+    if isinstance(ty, wasmtime.FuncType):
+        params = ", ".join(str(p) for p in ty.params)
+        results = ", ".join(str(r) for r in ty.results) or "()"
+        return f"func ({params}) -> {results}"
+    if isinstance(ty, wasmtime.MemoryType):
+        maximum = ty.limits.max
+        return f"memory {ty.limits.min} pages" + (f", max {maximum}" if maximum is not None else "")
+    if isinstance(ty, wasmtime.GlobalType):
+        return f"global {'mut ' if ty.mutable else ''}{ty.content}"
+    if isinstance(ty, wasmtime.TableType):
+        return f"table {ty.element} {ty.limits.min}"
+    return type(ty).__name__
