@@ -25,7 +25,7 @@ from .errors import GuestError
 from .loan import Loan, LoanSlice
 
 # Private function pointers into the same wasmtime library, without ctypes argtypes:
-# argument conversion through argtypes costs ~0.6 µs a call, more than the call itself.
+# argument conversion through argtypes would cost more than the call itself.
 # Every argument we pass is already a ctypes object of the exact C type.
 _ffi = wasmtime._bindings
 _dll = ctypes.CDLL(wasmtime._ffi.dll._name)

@@ -386,8 +386,8 @@ class Guest:
         """Return a callable for the export ``name``, its signature checked once.
 
         ``fast=True`` calls through wasmtime's unchecked C entry with a preallocated
-        argument array (about 2 µs a call); ``fast=False`` goes through
-        ``wasmtime.Func.__call__`` (tens of µs). Both give identical results and errors.
+        argument array; ``fast=False`` goes through ``wasmtime.Func.__call__``, several
+        times slower. Both give identical results and errors.
         """
         self._require_open()
         key = f"{name}:{int(fast)}"

@@ -264,7 +264,7 @@ class Loan:
     def protect(self, access: Protection) -> None:
         """Change the guest's access: ``"rw"``, ``"ro"``, or ``"none"`` (guest access traps).
 
-        Costs one ``mprotect`` (about 10 µs on a 512 KiB loan). A read-write upgrade needs a
+        Costs one ``mprotect`` system call. A read-write upgrade needs a
         writable region. The host's own views are unaffected.
         """
         self._require_open()
