@@ -527,3 +527,94 @@ def test_a_huge_table_is_refused_like_a_huge_memory(live: LiveServer, good_text:
       (func (export "ws_ctrl_step") (param i32 i32) (result i32) i32.const 0))"""
     r = beside_good(live, good_text, lambda http: upload_bytes(http, module))
     assert r.status_code == 400 and "table limits" in r.json()["error"]["message"], r.text
+
+
+# -- 11. the controller store under pressure -------------------------------------------------------------------
+
+
+def minimal_controller(marker: int) -> str:
+    """A valid controller that steers nothing; ``marker`` makes its bytes (and id) distinct."""
+    return f"""(module
+  (memory (export "memory") 1)
+  (func (export "ws_ctrl_abi_version") (result i32) i32.const 1)
+  (func (export "ws_ctrl_create") (param i32 i32) (result i32) i32.const 0)
+  (func (export "ws_ctrl_step") (param i32 i32) (result i32) i32.const {marker} i32.const 0 i32.mul))"""
+
+
+def test_a_stored_controller_whose_artifact_was_evicted_compiles_in_a_child(
+    live: LiveServer, good_text: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import hashlib
+
+    import wasmtime
+
+    from wasmshare import _engine
+    from wasmshare.server import controllers
+
+    with live.http() as http:
+        r = upload_bytes(http, minimal_controller(7), "evicted")
+    assert r.status_code == 200, r.text
+    digest = r.json()["id"]
+    binary = bytes(wasmtime.wat2wasm(minimal_controller(7)))
+    _engine.evict_module(hashlib.sha256(binary).hexdigest())  # what a flood of other uploads does
+    children: list[int] = []
+    real = controllers.compile_in_child
+
+    def counted(wasm: bytes, options: Any, **kw: Any) -> None:
+        children.append(len(wasm))
+        real(wasm, options, **kw)
+
+    monkeypatch.setattr(controllers, "compile_in_child", counted)
+    r = beside_good(live, good_text, lambda http: steered(http, digest, ""))
+    assert r.status_code == 200, r.text
+    assert len(children) == 1  # compiled again in a budgeted child, not on the engine thread
+    r = beside_good(live, good_text, lambda http: steered(http, digest, ""))
+    assert r.status_code == 200 and len(children) == 1  # and only once
+    assert live.store.delete(digest)
+    options = _engine.EngineOptions.for_limits(live.store.limits.fuel, live.store.limits.deadline_ms)
+    assert not _engine.is_compiled(binary, options)  # deleting a WAT upload drops its artifact too
+
+
+def test_concurrent_uploads_never_pass_the_controller_cap(live: LiveServer) -> None:
+    from wasmshare.errors import ControllerRejected
+
+    store = live.store
+    before = {c.id for c in store.list()}
+    cap = store.max_controllers
+    store.max_controllers = len(before) + 2
+    outcomes: list[str] = []
+
+    def add(marker: int) -> None:
+        try:
+            outcomes.append(store.add(minimal_controller(100 + marker).encode(), f"racer-{marker}").id)
+        except ControllerRejected as e:
+            outcomes.append(f"rejected: {e}")
+
+    try:
+        threads = [threading.Thread(target=add, args=(i,)) for i in range(6)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        added = {c.id for c in store.list()} - before
+    finally:
+        store.max_controllers = cap
+        for controller_id in {c.id for c in store.list()} - before:
+            store.delete(controller_id)
+    assert len(outcomes) == 6
+    assert len(added) == 2, outcomes
+    assert sum(o.startswith("rejected: ") for o in outcomes) == 4, outcomes
+
+
+def test_a_module_that_needs_too_much_memory_to_compile_is_refused() -> None:
+    import wasmtime
+
+    from wasmshare._engine import EngineOptions, compile_in_child
+
+    options = EngineOptions(fuel=False, epoch=True)
+    limit = 256 << 20
+    compile_in_child(
+        bytes(wasmtime.wat2wasm(minimal_controller(11))), options, timeout_s=60, memory_limit_bytes=limit
+    )
+    with pytest.raises(ValueError, match="needed more than 268,435,456 bytes of memory"):
+        compile_in_child(many_functions(60_003), options, timeout_s=60, memory_limit_bytes=limit)

@@ -1,7 +1,8 @@
 """Child process of :func:`wasmshare._engine.compile_in_child`: compile stdin's wasm into the cache.
 
-Arguments: fuel and epoch flags (0 or 1). Exit 0 once the artifact is written; on an
-invalid module, exit 1 with the reason as the last line of stderr.
+Arguments: fuel and epoch flags (0 or 1), then the address-space limit in bytes, applied
+before wasmtime loads. Exit 0 once the artifact is written; on an invalid module, exit 1
+with the reason as the last line of stderr.
 """
 
 from __future__ import annotations
@@ -10,6 +11,10 @@ import sys
 
 
 def main(argv: list[str]) -> int:
+    import resource
+
+    limit = int(argv[2])
+    resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     import wasmtime
 
     from ._engine import EngineOptions, compile_module

@@ -33,8 +33,8 @@ def tick_ms_for(deadline_ms: float | None) -> int:
     that is at most a tenth of it (1 ms for deadlines under 20 ms).
 
     Every tick wakes the ticker thread, which takes the GIL from whatever Python code
-    runs: a 1 ms tick cost a batched decode step about 5 % (2.3 ms of 50 ms) beside wasm
-    controllers with a 100 ms deadline, where 10 ms ticks keep the deadline within 10 %.
+    runs, so the period is as long as the deadline's precision allows: a tenth of it keeps
+    the deadline within 10 %.
     """
     if deadline_ms is None:
         return 1
@@ -210,7 +210,7 @@ def compile_module(
     path: Path | None = None
     if cache_dir is not False:
         root = default_cache_dir() if cache_dir is None or cache_dir is True else Path(cache_dir)
-        path = root / "modules" / f"{digest}-{options.cache_tag}-wasmtime{_WASMTIME_VERSION}.cwasm"
+        path = _artifact_path(root, digest, options)
         if path.is_file():
             try:
                 module = wasmtime.Module.deserialize_file(engine, str(path))
@@ -229,6 +229,23 @@ def compile_module(
         return _memory_modules[key], digest
 
 
+def _artifact_path(root: Path, digest: str, options: EngineOptions) -> Path:
+    return root / "modules" / f"{digest}-{options.cache_tag}-wasmtime{_WASMTIME_VERSION}.cwasm"
+
+
+def is_compiled(wasm: bytes, options: EngineOptions) -> bool:
+    """Whether ``wasm`` is compiled for ``options`` in process or in the disk cache.
+
+    A caller that must not compile on a latency-critical thread checks this first and
+    compiles with :func:`compile_in_child` when it is False (the disk cache is bounded, so
+    an artifact can be gone since the module was last used)."""
+    digest = hashlib.sha256(wasm).hexdigest()
+    with _memory_lock:
+        if (digest, options) in _memory_modules:
+            return True
+    return _artifact_path(default_cache_dir(), digest, options).is_file()
+
+
 def child_env() -> dict[str, str]:
     """This process's environment for a Python child that must import this same wasmshare.
 
@@ -241,13 +258,20 @@ def child_env() -> dict[str, str]:
     return env
 
 
-def compile_in_child(wasm: bytes, options: EngineOptions, *, timeout_s: float) -> None:
+COMPILE_MEMORY_BYTES = 2 << 30
+"""Address space of a compile child: a module that needs more to compile is refused."""
+
+
+def compile_in_child(
+    wasm: bytes, options: EngineOptions, *, timeout_s: float, memory_limit_bytes: int = COMPILE_MEMORY_BYTES
+) -> None:
     """Compile ``wasm`` for ``options`` in a child process into the disk cache, within ``timeout_s``.
 
     wasmtime cannot stop a compilation once started, and a hostile module can take a long
-    time (hundreds of thousands of functions) and much memory: in a child it can be killed.
-    Raises TimeoutError past the budget and ValueError (the first line of wasmtime's
-    reason) for an invalid module. The caller then loads the artifact from the cache."""
+    time (hundreds of thousands of functions) and much memory: in a child it can be killed,
+    and its address space is capped at ``memory_limit_bytes``. Raises TimeoutError past the
+    budget and ValueError with a one-line reason for an invalid module or one that needs
+    more memory. The caller then loads the artifact from the cache."""
     import subprocess
     import sys
 
@@ -257,6 +281,7 @@ def compile_in_child(wasm: bytes, options: EngineOptions, *, timeout_s: float) -
         "wasmshare._compile_child",
         str(int(options.fuel)),
         str(int(options.epoch)),
+        str(int(memory_limit_bytes)),
     ]
     env = child_env()
     env.setdefault("WASMSHARE_CACHE_DIR", str(default_cache_dir()))
@@ -266,6 +291,10 @@ def compile_in_child(wasm: bytes, options: EngineOptions, *, timeout_s: float) -
         )
     except subprocess.TimeoutExpired:
         raise TimeoutError(f"compiling the module took longer than {timeout_s:g} s") from None
+    if b"memory allocation of" in done.stderr or b"MemoryError" in done.stderr:
+        raise ValueError(f"compiling the module needed more than {memory_limit_bytes:,} bytes of memory")
+    if done.returncode < 0:
+        raise ValueError(f"the compiler was killed by signal {-done.returncode}")
     if done.returncode != 0:
         lines = [line for line in done.stderr.decode("utf-8", "replace").splitlines() if line.strip()]
         raise ValueError(lines[-1] if lines else f"the compiler exited with code {done.returncode}")

@@ -24,7 +24,7 @@ from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from ..errors import WasmshareError
+from ..errors import APIError, ControllerRejected, Overloaded, WasmshareError
 from ..llm import constraints as C
 from ..llm.constraints import Backend, ConstraintSpec
 from ..llm.controller import Controller
@@ -32,8 +32,8 @@ from ..llm.limits import DEFAULT_DEADLINE_MS
 from ..llm.requests import GenerationRequest, GenerationResult, default_max_work
 from ._middleware import AuthAndCount, BodyLimit
 from .controllers import ControllerStore
-from .protocol import APIError, ChatCompletionRequest, CompletionRequest, error_body, new_id, now
-from .service import EngineService, Overloaded, Ticket, TokenEvent
+from .protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
+from .service import EngineService, Ticket, TokenEvent
 
 __all__ = ["ServerConfig", "create_app"]
 
@@ -299,7 +299,11 @@ async def _steering(
         arg = body.controller_arg
         arg_bytes = b"" if arg is None else arg.encode("utf-8") if isinstance(arg, str) else _pack_ids(arg)
         try:
-            return store.controller(body.controller, arg_bytes)
+            return await run_in_threadpool(store.controller, body.controller, arg_bytes)
+        except ControllerRejected as e:
+            raise APIError(
+                400, f"controller {body.controller}: {e}", code="invalid_controller", param="controller"
+            ) from None
         except KeyError:
             raise APIError(
                 404,

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .._engine import EngineOptions, compile_in_child, evict_module
+from .._engine import EngineOptions, compile_in_child, evict_module, is_compiled
 from ..errors import ControllerRejected, WasmshareError
 from ..llm._regions import BatchRegions
 from ..llm.controller import Controller, ControllerInstance
@@ -86,6 +86,7 @@ class ControllerStore:
         self._lock = threading.Lock()  # the records and _loaded; never held while compiling
         self._validating = threading.Lock()  # the scratch slot
         self._loaded: dict[str, Controller] = {}
+        self._adding: set[str] = set()  # digests being validated: they count against the cap
         self._scratch: BatchRegions | None = None
 
     # -- API --------------------------------------------------------------------------------------
@@ -103,10 +104,20 @@ class ControllerStore:
             existing = self._record(digest)
             if existing is not None:
                 return existing
-            if sum(1 for _ in self.folder.glob("*.wasm")) >= self.max_controllers:
+            if digest in self._adding:
+                raise ControllerRejected("the same module is being uploaded right now; retry when that ends")
+            if sum(1 for _ in self.folder.glob("*.wasm")) + len(self._adding) >= self.max_controllers:
                 raise ControllerRejected(
                     f"this server already stores {self.max_controllers} controllers; delete some first"
                 )
+            self._adding.add(digest)
+        try:
+            return self._add(wasm, name, digest)
+        finally:
+            with self._lock:
+                self._adding.discard(digest)
+
+    def _add(self, wasm: bytes, name: str | None, digest: str) -> StoredController:
         try:
             controller = Controller(wasm, name=name or f"controller-{digest[:12]}")
         except (WasmshareError, UnicodeDecodeError, ValueError) as e:
@@ -115,15 +126,7 @@ class ControllerStore:
                 if isinstance(e, WasmshareError)
                 else "the body is neither a wasm binary nor WAT text"
             ) from None
-        options = EngineOptions.for_limits(self.limits.fuel, self.limits.deadline_ms)
-        try:
-            compile_in_child(controller.wasm, options, timeout_s=self.compile_budget_s)
-        except TimeoutError as e:
-            raise ControllerRejected(f"{e}; the budget is {self.compile_budget_s:g} s") from None
-        except ValueError as e:
-            raise ControllerRejected(str(e)) from None
-        except OSError:
-            pass  # no child process here: the module compiles in process below
+        self._compile(controller.wasm)
         with self._validating:
             self._validate(controller)
         record = StoredController(digest, controller.label, len(wasm), int(time.time()))
@@ -151,8 +154,10 @@ class ControllerStore:
         if not _HASH_RE.fullmatch(controller_id):
             return False
         with self._lock:
-            self._loaded.pop(controller_id, None)
-            evict_module(controller_id)
+            base = self._loaded.pop(controller_id, None)
+            evict_module(
+                hashlib.sha256(base.wasm if base is not None else self._binary(controller_id)).hexdigest()
+            )
             found = False
             for suffix in (".wasm", ".json"):
                 try:
@@ -163,7 +168,12 @@ class ControllerStore:
             return found
 
     def controller(self, controller_id: str, arg: bytes = b"") -> Controller:
-        """A :class:`Controller` running the stored module with ``arg``; KeyError when unknown."""
+        """A :class:`Controller` running the stored module with ``arg``; KeyError when unknown.
+
+        The module's compiled artifact is made ready here, in a budgeted child process when
+        the bounded cache has dropped it, so the engine thread never compiles a module.
+        Call it off the event loop. Raises :class:`ControllerRejected` when the module no
+        longer compiles within the budget."""
         with self._lock:
             base = self._loaded.get(controller_id)
             if base is None:
@@ -172,6 +182,7 @@ class ControllerStore:
                     raise KeyError(controller_id)
                 base = Controller((self.folder / f"{controller_id}.wasm").read_bytes(), name=record.name)
                 self._loaded[controller_id] = base
+        self._compile(base.wasm)
         return Controller(base.wasm, arg=arg, name=base.name)
 
     def close(self) -> None:
@@ -182,6 +193,27 @@ class ControllerStore:
                 self._scratch = None
 
     # -- internals ----------------------------------------------------------------------------------
+
+    def _binary(self, controller_id: str) -> bytes:
+        """The wasm binary of a stored upload (which may be WAT text); b"" when unreadable."""
+        try:
+            return Controller((self.folder / f"{controller_id}.wasm").read_bytes()).wasm
+        except (OSError, WasmshareError, UnicodeDecodeError, ValueError):
+            return b""
+
+    def _compile(self, wasm: bytes) -> None:
+        """Compile ``wasm`` into the module cache in a child, unless it is there already."""
+        options = EngineOptions.for_limits(self.limits.fuel, self.limits.deadline_ms)
+        if is_compiled(wasm, options):
+            return
+        try:
+            compile_in_child(wasm, options, timeout_s=self.compile_budget_s)
+        except TimeoutError as e:
+            raise ControllerRejected(f"{e}; the budget is {self.compile_budget_s:g} s") from None
+        except ValueError as e:
+            raise ControllerRejected(str(e)) from None
+        except OSError:
+            pass  # no child process here: the module compiles in process when first used
 
     def _record(self, digest: str) -> StoredController | None:
         meta = self.folder / f"{digest}.json"
