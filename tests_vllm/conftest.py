@@ -36,11 +36,19 @@ def model_folder(wasmshare_python: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
+CONTROLLERS = ("allow_list", "boost_words", "hostile_controller")
+
+
+def controller_id(name: str) -> str:
+    """The id (sha256) a guest under ``guests/controllers`` is stored by."""
+    return hashlib.sha256((ROOT / "guests" / "controllers" / f"{name}.wasm").read_bytes()).hexdigest()
+
+
 @pytest.fixture(scope="session")
 def controllers_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A controllers folder holding ``allow_list.wasm`` as ``<sha256>.wasm``; exported to the service."""
+    """A controllers folder holding :data:`CONTROLLERS` as ``<sha256>.wasm``; exported to the service."""
     folder = tmp_path_factory.mktemp("controllers")
-    source = ROOT / "guests" / "controllers" / "allow_list.wasm"
-    shutil.copy(source, folder / f"{hashlib.sha256(source.read_bytes()).hexdigest()}.wasm")
+    for name in CONTROLLERS:
+        shutil.copy(ROOT / "guests" / "controllers" / f"{name}.wasm", folder / f"{controller_id(name)}.wasm")
     os.environ["WASMSHARE_CONTROLLERS_DIR"] = str(folder)
     return folder

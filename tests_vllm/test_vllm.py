@@ -19,6 +19,7 @@ import jsonschema
 import pytest
 from vllm import LLM, SamplingParams
 
+from conftest import controller_id
 from wasmshare.vllm.processor import WasmshareLogitsProcessor
 
 SCHEMA = {
@@ -52,7 +53,7 @@ def test_mixed_batch_each_request_gets_its_own_steering(model_folder: str, contr
     llm = _llm(model_folder, logits_processors=[WasmshareLogitsProcessor])
     tokenizer = llm.get_tokenizer()
     allowed = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" yes", " no", " maybe")]
-    (wasm,) = controllers_dir.glob("*.wasm")
+    wasm = controllers_dir / f"{controller_id('allow_list')}.wasm"
     requests = [
         (PLAIN_PROMPT, _greedy(16)),
         (
@@ -73,6 +74,37 @@ def test_mixed_batch_each_request_gets_its_own_steering(model_folder: str, contr
     assert len(listed.token_ids) == 6 and set(listed.token_ids) <= set(allowed), listed.token_ids
     print(f"mixed batch test: {time.perf_counter() - started:.1f} s")
     assert hashlib.sha256(wasm.read_bytes()).hexdigest() == wasm.stem
+
+
+def test_more_requests_than_slots_each_answer_as_alone_and_a_hostile_one_ends_alone(
+    model_folder: str, controllers_dir: Path
+) -> None:
+    llm = _llm(model_folder, logits_processors=[WasmshareLogitsProcessor], max_num_seqs=2)
+    tokenizer = llm.get_tokenizer()
+    allowed = [tokenizer.encode(w, add_special_tokens=False)[0] for w in (" yes", " no")]
+    requests = [
+        (PLAIN_PROMPT, _greedy(12)),
+        ("Three digits: ", _greedy(6, wasmshare_regex="[0-9]{3}")),
+        (
+            "Trap me:",
+            _greedy(12, wasmshare_controller=controller_id("hostile_controller"), wasmshare_arg="error"),
+        ),
+        ("My favourite colour is", _greedy(6, wasmshare_choice=CHOICES)),
+        (
+            "Say something:",
+            _greedy(8, wasmshare_controller=controller_id("boost_words"), wasmshare_arg="Paris\t8\n"),
+        ),
+        ("Answer:", _greedy(4, wasmshare_controller=controller_id("allow_list"), wasmshare_arg=allowed)),
+        ("The capital of Italy is", _greedy(12)),
+    ]
+    together = [o.outputs[0] for o in llm.generate([p for p, _ in requests], [s for _, s in requests])]
+    alone = [llm.generate([p], [s])[0].outputs[0] for p, s in requests]
+    for (prompt, _), t, a in zip(requests, together, alone, strict=True):
+        assert t.token_ids == a.token_ids, prompt
+    trapped = together[2]
+    assert list(trapped.token_ids) == [tokenizer.eos_token_id], trapped.token_ids  # it ends at once, alone
+    assert together[4].text.count("Paris") >= 1, together[4].text  # the bias steered it
+    assert re.fullmatch("[0-9]{3}", together[1].text) and together[3].text in CHOICES
 
 
 @pytest.mark.parametrize(
