@@ -10,7 +10,11 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import re
+import signal
+import subprocess
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -105,6 +109,36 @@ def test_more_requests_than_slots_each_answer_as_alone_and_a_hostile_one_ends_al
     assert list(trapped.token_ids) == [tokenizer.eos_token_id], trapped.token_ids  # it ends at once, alone
     assert together[4].text.count("Paris") >= 1, together[4].text  # the bias steered it
     assert re.fullmatch("[0-9]{3}", together[1].text) and together[3].text in CHOICES
+
+
+def _service_pids() -> list[int]:
+    done = subprocess.run(["pgrep", "-f", "wasmshare.vllm.service"], capture_output=True, text=True)
+    return [int(pid) for pid in done.stdout.split()]
+
+
+def test_a_killed_service_ends_its_requests_and_the_next_ones_work(model_folder: str) -> None:
+    llm = _llm(model_folder, logits_processors=[WasmshareLogitsProcessor])
+    llm.generate(["Warm up:"], _greedy(2, wasmshare_regex="[a-z]+"))  # the service is up
+    (pid,) = _service_pids()
+    requests = [
+        (PLAIN_PROMPT, _greedy(400)),
+        ("Letters forever: ", _greedy(400, wasmshare_regex="[a-z ]+")),
+    ]
+    outcome: dict[str, Any] = {}
+    worker = threading.Thread(
+        target=lambda: outcome.update(out=llm.generate([p for p, _ in requests], [s for _, s in requests]))
+    )
+    worker.start()
+    time.sleep(1.5)
+    os.kill(pid, signal.SIGKILL)
+    worker.join(300)
+    plain, steered = (o.outputs[0] for o in outcome["out"])
+    expected = llm.generate([PLAIN_PROMPT], _greedy(400))[0].outputs[0]
+    assert plain.token_ids == expected.token_ids  # the plain request never noticed
+    assert steered.finish_reason == "stop" and len(steered.token_ids) < 400  # it ended with EOS
+    after = llm.generate(["Three digits: "], _greedy(6, wasmshare_regex="[0-9]{3}"))[0].outputs[0]
+    assert re.fullmatch("[0-9]{3}", after.text), after.text  # a new service serves the next one
+    assert _service_pids() and _service_pids() != [pid]
 
 
 @pytest.mark.parametrize(
