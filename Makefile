@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run test lint test-vllm vllm-env bench typecheck guests clean
+.PHONY: run run-vllm test lint test-vllm vllm-env bench typecheck guests clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -58,6 +58,10 @@ vllm-env: $(VLLM_STAMP)
 # The vLLM tests run in vLLM's environment; the controller service they start runs in ours.
 test-vllm: $(STAMP) $(VLLM_STAMP)
 	WASMSHARE_PYTHON=$(abspath $(BIN))/python $(VLLM_VENV)/bin/python -m pytest -q tests_vllm
+
+# A short demo of wasmshare steering inside vLLM on the embedded model.
+run-vllm: $(STAMP) $(VLLM_STAMP)
+	WASMSHARE_PYTHON=$(abspath $(BIN))/python $(VLLM_VENV)/bin/python -m wasmshare.vllm.demo
 
 typecheck: $(STAMP)
 	$(BIN)/python -m mypy
