@@ -150,6 +150,8 @@ def test_a_killed_service_ends_its_requests_and_the_next_ones_work(model_folder:
         ({"wasmshare_controller": "abc"}, "sha256"),
         ({"wasmshare_arg": "x"}, "needs wasmshare_controller"),
         ({"wasmshare_regx": "a"}, "unknown wasmshare key"),
+        ({"wasmshare_regex": "a" * (300 << 10)}, "the limit is 262,144"),
+        ({"wasmshare_choice": ["x" * 1000] * 300}, "the limit is 262,144"),
     ],
 )
 def test_validate_params_refuses_bad_steering(extra: dict[str, Any], message: str) -> None:

@@ -55,6 +55,8 @@ PREFIX = "wasmshare_"
 STEERING_KEYS = ("json_schema", "regex", "choice", "grammar", "controller")
 _KNOWN = {PREFIX + k for k in (*STEERING_KEYS, "arg")}
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+MAX_STEERING_BYTES = 256 << 10
+"""Largest schema, regex, grammar, choice list or controller argument a request may send."""
 SERVICE_START_S = 120.0
 """How long the service may take to build its token table and start listening."""
 
@@ -83,6 +85,10 @@ def steering_of(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
         raise ValueError(f"{PREFIX}arg needs {PREFIX}controller")
     kind = chosen[0]
     value = ours[PREFIX + kind]
+    for key, given in ours.items():
+        size = sum(len(str(v)) for v in given) if isinstance(given, list) else len(str(given))
+        if size > MAX_STEERING_BYTES:
+            raise ValueError(f"{key} is {size:,} characters; the limit is {MAX_STEERING_BYTES:,}")
     if PREFIX + "arg" in ours and kind != "controller":
         raise ValueError(f"{PREFIX}arg needs {PREFIX}controller")
     if kind == "choice":
