@@ -398,16 +398,25 @@ class GuestFunc:
             )
         )
         clear_last_exception()
+        raise self._failure(err, name)
+
+    def _failure(self, err: wasmtime.WasmtimeError, name: str) -> GuestError:
+        """The error a failed call raises: a host function's own verdict on the guest (a
+        deadline, a refused pointer), a host function's crash, or wasmtime's reason."""
         host_error = self._gate.take_host_error()
         if isinstance(host_error, GuestError):
-            raise host_error  # a host function's verdict on the guest (a deadline, a refused pointer)
+            return host_error
         if host_error is not None:
-            raise GuestError(
+            failure = GuestError(
                 f"guest '{name}': host function failed in {self.name}: {host_error!r}", guest=name
-            ) from host_error
-        raise GuestError(
-            f"guest '{name}': call to {self.name} failed: {wasmtime_error_summary(err)}", guest=name
-        ) from err
+            )
+        else:
+            failure = GuestError(
+                f"guest '{name}': call to {self.name} failed: {wasmtime_error_summary(err)}", guest=name
+            )
+        failure.__cause__ = host_error if host_error is not None else err  # as `raise ... from`
+        failure.__suppress_context__ = True
+        return failure
 
     def _call_slow(self, args: tuple[Any, ...]) -> Any:
         gate = self._gate
@@ -420,16 +429,8 @@ class GuestFunc:
             raise self._hooks.translate_trap(trap, self.name) from trap
         except wasmtime.WasmtimeError as err:
             clear_last_exception()
-            host_error = gate.take_host_error()
-            if isinstance(host_error, GuestError):
-                raise host_error from err
-            if host_error is not None:
-                raise GuestError(
-                    f"guest '{name}': host function failed in {self.name}: {host_error!r}", guest=name
-                ) from host_error
-            raise GuestError(
-                f"guest '{name}': call to {self.name} failed: {wasmtime_error_summary(err)}", guest=name
-            ) from err
+            failure = self._failure(err, name)
+            raise failure from failure.__cause__ or err
         if self._nresults > 1:
             return tuple(result)
         return result
