@@ -549,7 +549,7 @@ def test_a_stored_controller_whose_artifact_was_evicted_compiles_in_a_child(
     import wasmtime
 
     from wasmshare import _engine
-    from wasmshare.server import controllers
+    from wasmshare.llm import controller_store as controllers
 
     with live.http() as http:
         r = upload_bytes(http, minimal_controller(7), "evicted")

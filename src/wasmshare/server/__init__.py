@@ -6,8 +6,8 @@
 
 from __future__ import annotations
 
+from ..llm.controller_store import ControllerRejected, ControllerStore, StoredController
 from .app import ServerConfig, create_app
-from .controllers import ControllerRejected, ControllerStore, StoredController
 from .service import EngineService
 
 __all__ = [

@@ -28,10 +28,10 @@ from ..errors import APIError, ControllerRejected, Overloaded, WasmshareError
 from ..llm import constraints as C
 from ..llm.constraints import Backend, ConstraintSpec
 from ..llm.controller import Controller
+from ..llm.controller_store import ControllerStore
 from ..llm.limits import DEFAULT_DEADLINE_MS
 from ..llm.requests import GenerationRequest, GenerationResult, default_max_work
 from ._middleware import AuthAndCount, BodyLimit
-from .controllers import ControllerStore
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 from .service import EngineService, Ticket, TokenEvent
 

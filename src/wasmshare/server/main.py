@@ -12,9 +12,9 @@ from rich.console import Console
 
 from .._engine import default_cache_dir
 from ..errors import WasmshareError
+from ..llm.controller_store import ControllerStore
 from ..llm.limits import Limits
 from .app import ServerConfig, create_app
-from .controllers import ControllerStore
 from .service import EngineService
 
 __all__ = ["serve", "build_server"]

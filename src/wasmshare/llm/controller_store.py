@@ -23,10 +23,10 @@ from typing import Any
 
 from .._engine import EngineOptions, compile_in_child, evict_module, is_compiled
 from ..errors import ControllerRejected, WasmshareError
-from ..llm._regions import BatchRegions
-from ..llm.controller import Controller, ControllerInstance
-from ..llm.limits import Limits
-from ..llm.tokens import TokenTable
+from ._regions import BatchRegions
+from .controller import Controller, ControllerInstance
+from .limits import Limits
+from .tokens import TokenTable
 
 __all__ = ["ControllerStore", "StoredController", "ControllerRejected"]
 
