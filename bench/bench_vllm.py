@@ -2,18 +2,23 @@
 
 One run on SmolLM2-135M (wasmshare's converted folder), greedy, 64 new tokens, batch 1 and 8:
 
-* baseline: vLLM unconstrained, on an ``LLM`` without the wasmshare processor;
+* ours: an ``LLM`` with :class:`WasmshareLogitsProcessor`, a JSON Schema
+  (``examples/person.json``) as ``wasmshare_json_schema``, and a wasm controller
+  (``bench_mask.wasm``, which rewrites its whole bitmask every step) as ``wasmshare_controller``;
 * vLLM's own structured output with its ``guidance`` backend (llguidance inside vLLM), the
-  same JSON Schema (``examples/person.json``);
-* ours: the same ``LLM`` with :class:`WasmshareLogitsProcessor`, the same schema as
-  ``wasmshare_json_schema``; and a wasm controller (``bench_mask.wasm``, which rewrites its
-  whole bitmask every step) as ``wasmshare_controller``.
+  same schema, on an ``LLM`` without the processor;
+* vLLM unconstrained on that ``LLM``: 64 tokens (against the wasm controller, which runs all
+  64), and, against each JSON row, exactly as many tokens as that row's answers
+  (``ignore_eos``): a request's fixed costs (prefill, set-up) weigh more on a 20-token answer
+  than on a 64-token one, which is not the steering's cost.
 
 Each figure is generated tokens per second of wall time over the whole ``generate`` call
-(median of the repeats, after a warm-up); a constrained answer may end before 64 tokens,
-which is why speed is per token. Ratios are against vLLM unconstrained (and, for the
-schema, against guidance). vLLM runs in its own environment (``make vllm-env``): run from
-wasmshare's, this script re-runs itself under ``.venv-vllm/bin/python``.
+(median of the repeats, after a warm-up). For the wasmshare rows the processor also reports
+its own time per step on vLLM's critical path (``$WASMSHARE_VLLM_STATS``): all of ``apply``
+(collecting the controllers' answers and writing masks into the logits), the part of it
+spent waiting for the service, and the send of the sampled tokens before the forward pass.
+vLLM runs in its own environment (``make vllm-env``): run from wasmshare's, this script
+re-runs itself under ``.venv-vllm/bin/python``.
 
 Targets (issue): wasmshare JSON at batch 8 keeps >= 0.97 of vLLM unconstrained and is
 >= 1.0x vLLM's guidance; the wasm controller keeps >= 0.95.
@@ -53,9 +58,21 @@ def _model_folder(python: str) -> str:
     return done.stdout.strip().splitlines()[-1]
 
 
-def _tokens_per_s(llm: Any, params: Any, batch: int, repeats: int) -> tuple[float, float]:
-    """Median generated tokens/s over ``repeats`` calls of ``batch`` prompts, and mean tokens."""
+def _processor_figures(path: Path) -> dict[str, float]:
+    """The processor's cumulative critical-path counters (``$WASMSHARE_VLLM_STATS``)."""
+    try:
+        return dict(json.loads(path.read_text()))
+    except (OSError, ValueError):
+        return {"steps": 0, "apply_s": 0.0, "wait_s": 0.0, "send_s": 0.0}
+
+
+def _tokens_per_s(
+    llm: Any, params: Any, batch: int, repeats: int, stats: Path | None = None
+) -> tuple[float, float, dict[str, float] | None]:
+    """Median generated tokens/s over ``repeats`` calls of ``batch`` prompts, mean tokens, and
+    the processor's time per step on the critical path over those calls (when ``stats``)."""
     llm.generate([PROMPT] * batch, [params] * batch, use_tqdm=False)  # warm-up
+    before = _processor_figures(stats) if stats else None
     speeds, lengths = [], []
     for _ in range(repeats):
         started = time.perf_counter()
@@ -64,7 +81,18 @@ def _tokens_per_s(llm: Any, params: Any, batch: int, repeats: int) -> tuple[floa
         tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
         speeds.append(tokens / elapsed)
         lengths.append(tokens / batch)
-    return statistics.median(speeds), statistics.mean(lengths)
+    per_step = None
+    if stats and before is not None:
+        after = _processor_figures(stats)
+        steps = after["steps"] - before["steps"]
+        if steps > 0:
+            per_step = {
+                "steps": steps,
+                "apply_us": round(1e6 * (after["apply_s"] - before["apply_s"]) / steps, 1),
+                "wait_us": round(1e6 * (after["wait_s"] - before["wait_s"]) / steps, 1),
+                "send_us": round(1e6 * (after["send_s"] - before["send_s"]) / steps, 1),
+            }
+    return statistics.median(speeds), statistics.mean(lengths), per_step
 
 
 def _measure(quick: bool) -> list[dict[str, Any]]:
@@ -84,18 +112,9 @@ def _measure(quick: bool) -> list[dict[str, Any]]:
     os.environ["WASMSHARE_CONTROLLERS_DIR"] = str(controllers)
     common = {"enforce_eager": True, "max_model_len": 512, "seed": 0, "max_num_seqs": max(BATCHES)}
 
-    speed: dict[tuple[str, int], tuple[float, float]] = {}
-    plain = SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS)
-    guided = SamplingParams(
-        temperature=0.0, max_tokens=NEW_TOKENS, structured_outputs=StructuredOutputsParams(json=SCHEMA)
-    )
-    llm = LLM(model=folder, structured_outputs_config={"backend": "guidance"}, **common)
-    for b in BATCHES:
-        speed[("vllm", b)] = _tokens_per_s(llm, plain, b, repeats)
-        speed[("guidance", b)] = _tokens_per_s(llm, guided, b, repeats)
-    del llm
-    gc.collect()
-
+    speed: dict[tuple[str, int], tuple[float, float, dict[str, float] | None]] = {}
+    stats = controllers / "processor-stats.json"
+    os.environ["WASMSHARE_VLLM_STATS"] = str(stats)
     llm = LLM(model=folder, logits_processors=[WasmshareLogitsProcessor], **common)
     ids = llm.get_tokenizer().encode(" yes no", add_special_tokens=False)
     ours_json = SamplingParams(
@@ -107,27 +126,55 @@ def _measure(quick: bool) -> list[dict[str, Any]]:
         extra_args={"wasmshare_controller": controller, "wasmshare_arg": list(ids)},
     )
     for b in BATCHES:
-        speed[("ours_json", b)] = _tokens_per_s(llm, ours_json, b, repeats)
-        speed[("ours_wasm", b)] = _tokens_per_s(llm, ours_wasm, b, repeats)
+        speed[("ours_json", b)] = _tokens_per_s(llm, ours_json, b, repeats, stats)
+        speed[("ours_wasm", b)] = _tokens_per_s(llm, ours_wasm, b, repeats, stats)
     del llm
     gc.collect()
     shutil.rmtree(controllers, ignore_errors=True)
 
+    # The baselines, on an LLM without the processor. A JSON answer ends after ~20 tokens,
+    # and a request's fixed costs (prefill, set-up) weigh more on a short answer, so the
+    # unconstrained baseline of a JSON row generates as many tokens as that row's answers.
+    guided = SamplingParams(
+        temperature=0.0, max_tokens=NEW_TOKENS, structured_outputs=StructuredOutputsParams(json=SCHEMA)
+    )
+    llm = LLM(model=folder, structured_outputs_config={"backend": "guidance"}, **common)
+    for b in BATCHES:
+        speed[("vllm", b)] = _tokens_per_s(
+            llm, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS), b, repeats
+        )
+        speed[("guidance", b)] = _tokens_per_s(llm, guided, b, repeats)
+        for key in ("ours_json", "guidance"):
+            same = max(1, round(speed[(key, b)][1]))
+            plain = SamplingParams(temperature=0.0, max_tokens=same, ignore_eos=True)
+            speed[(f"vllm_as_{key}", b)] = _tokens_per_s(llm, plain, b, repeats)
+    del llm
+    gc.collect()
+
     rows = []
     for b in BATCHES:
         for key, label, against in (
-            ("ours_json", "wasmshare JSON Schema", "vllm"),
+            ("ours_json", "wasmshare JSON Schema", "vllm_as_ours_json"),
             ("ours_json", "wasmshare JSON Schema", "guidance"),
             ("ours_wasm", "wasmshare wasm controller (bench_mask)", "vllm"),
-            ("guidance", "vLLM guidance JSON Schema", "vllm"),
+            ("guidance", "vLLM guidance JSON Schema", "vllm_as_guidance"),
         ):
-            tps, length = speed[(key, b)]
-            ref_tps, ref_len = speed[(against, b)]
+            tps, length, per_step = speed[(key, b)]
+            ref_tps, ref_len, _ = speed[(against, b)]
+            step_us = 1e6 * b / tps  # wall time of one decode step of the batch
+            critical = {}
+            if per_step is not None:
+                critical = {
+                    "processor_us_per_step": per_step["apply_us"],
+                    "processor_wait_us_per_step": per_step["wait_us"],
+                    "processor_send_us_per_step": per_step["send_us"],
+                    "processor_share_of_step": round(per_step["apply_us"] / step_us, 3),
+                }
             rows.append(
                 {
-                    "case": f"B={b} {label} vs {'vLLM unconstrained' if against == 'vllm' else 'vLLM guidance'}",
+                    "case": f"B={b} {label} vs {'vLLM guidance' if against == 'guidance' else 'vLLM unconstrained'}",
                     "ours_us": round(1e6 / tps, 1),
-                    "baseline": "vLLM unconstrained" if against == "vllm" else "vLLM guidance (same schema)",
+                    "baseline": _BASELINES[against],
                     "baseline_us": round(1e6 / ref_tps, 1),
                     "ratio": round(tps / ref_tps, 3),
                     "B": b,
@@ -135,9 +182,18 @@ def _measure(quick: bool) -> list[dict[str, Any]]:
                     "baseline_tokens_per_s": round(ref_tps, 1),
                     "tokens_per_answer": round(length, 1),
                     "baseline_tokens_per_answer": round(ref_len, 1),
+                    **critical,
                 }
             )
     return rows
+
+
+_BASELINES = {
+    "vllm": "vLLM unconstrained",
+    "vllm_as_ours_json": "vLLM unconstrained, as many tokens as the wasmshare JSON answers",
+    "vllm_as_guidance": "vLLM unconstrained, as many tokens as the guidance answers",
+    "guidance": "vLLM guidance (same schema)",
+}
 
 
 def _targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

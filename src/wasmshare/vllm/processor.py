@@ -2,11 +2,8 @@
 
 Register it with ``LLM(..., logits_processors=[WasmshareLogitsProcessor])`` or
 ``--logits-processors wasmshare.vllm.processor:WasmshareLogitsProcessor``. A request asks
-for steering with flat keys in ``SamplingParams.extra_args`` (over HTTP, ``vllm_xargs``
-allows only flat str / int / float / list values, hence no nesting): exactly one of
-``wasmshare_json_schema`` (JSON text), ``wasmshare_regex``, ``wasmshare_choice`` (list of
-str), ``wasmshare_grammar`` (Lark text) or ``wasmshare_controller`` (the sha256 of a
-stored ``.wasm``, with an optional ``wasmshare_arg``: a str, or a list of uint32 ids).
+for steering with ``wasmshare_`` keys in ``SamplingParams.extra_args`` (``vllm_xargs`` over
+HTTP), checked by :mod:`.steering`.
 
 This module imports only what vLLM's environment has (stdlib, numpy, torch, vLLM) and the
 wasmtime-free :mod:`wasmshare.region` / :mod:`wasmshare._framing`: vLLM's pins keep
@@ -27,7 +24,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 import socket
 import subprocess
 import tempfile
@@ -41,99 +37,46 @@ import torch
 
 from .. import _framing
 from ..region import Region
+from .steering import request_tag, steering_of
 
 if TYPE_CHECKING:
     _Base = object
 else:
     from vllm.v1.sample.logits_processor import LogitsProcessor as _Base
 
-__all__ = ["WasmshareLogitsProcessor", "steering_of"]
+__all__ = ["WasmshareLogitsProcessor"]
 
 log = logging.getLogger("wasmshare.vllm")
 
-PREFIX = "wasmshare_"
-STEERING_KEYS = ("json_schema", "regex", "choice", "grammar", "controller")
-_KNOWN = {PREFIX + k for k in (*STEERING_KEYS, "arg")}
-_SHA256 = re.compile(r"[0-9a-f]{64}")
-MAX_STEERING_BYTES = 256 << 10
-"""Largest schema, regex, grammar, choice list or controller argument a request may send."""
 SERVICE_START_S = 120.0
 """How long the service may take to build its token table and start listening."""
-
-# Bit j of byte value b: one gather turns mask bytes into allowed flags (little-endian words).
-_BIT_TABLE = torch.tensor([[(b >> j) & 1 for j in range(8)] for b in range(256)], dtype=torch.bool)
-
-
-def steering_of(extra_args: dict[str, Any] | None) -> dict[str, Any] | None:
-    """The ``steer`` message of a request's ``extra_args``, or None when it asks for nothing.
-
-    Raises ValueError (one line) for an unknown ``wasmshare_`` key, two steerings at once,
-    a value of the wrong type, a schema that is not JSON, or an argument without a controller.
-    """
-    if not extra_args:
-        return None
-    ours = {k: v for k, v in extra_args.items() if isinstance(k, str) and k.startswith(PREFIX)}
-    if not ours:
-        return None
-    unknown = sorted(set(ours) - _KNOWN)
-    if unknown:
-        raise ValueError(f"unknown wasmshare key {unknown[0]!r}; known: {', '.join(sorted(_KNOWN))}")
-    chosen = [k for k in STEERING_KEYS if PREFIX + k in ours]
-    if len(chosen) > 1:
-        raise ValueError(f"give one wasmshare steering, not {' and '.join(PREFIX + k for k in chosen)}")
-    if not chosen:
-        raise ValueError(f"{PREFIX}arg needs {PREFIX}controller")
-    kind = chosen[0]
-    value = ours[PREFIX + kind]
-    for key, given in ours.items():
-        size = sum(len(str(v)) for v in given) if isinstance(given, list) else len(str(given))
-        if size > MAX_STEERING_BYTES:
-            raise ValueError(f"{key} is {size:,} characters; the limit is {MAX_STEERING_BYTES:,}")
-    if PREFIX + "arg" in ours and kind != "controller":
-        raise ValueError(f"{PREFIX}arg needs {PREFIX}controller")
-    if kind == "choice":
-        if not isinstance(value, list) or not value or not all(isinstance(o, str) and o for o in value):
-            raise ValueError(f"{PREFIX}choice must be a non-empty list of non-empty strings")
-        return {"kind": "choice", "options": value}
-    if kind == "controller":
-        if not isinstance(value, str) or not _SHA256.fullmatch(value):
-            raise ValueError(f"{PREFIX}controller must be a lower-case sha256 hex digest")
-        arg = ours.get(PREFIX + "arg", "")
-        if isinstance(arg, list):
-            if not all(isinstance(t, int) and not isinstance(t, bool) and 0 <= t < 1 << 32 for t in arg):
-                raise ValueError(f"{PREFIX}arg as a list holds uint32 token ids")
-        elif not isinstance(arg, str):
-            raise ValueError(f"{PREFIX}arg must be a string or a list of token ids")
-        return {"kind": "controller", "sha256": value, "arg": arg}
-    if not isinstance(value, str) or not value.strip():
-        raise ValueError(f"{PREFIX}{kind} must be a non-empty string")
-    if kind == "json_schema":
-        try:
-            schema = json.loads(value)
-        except ValueError as e:
-            raise ValueError(f"{PREFIX}json_schema is not valid JSON: {e}") from None
-        if not isinstance(schema, (dict, bool)):
-            raise ValueError(f"{PREFIX}json_schema must be a JSON object or boolean")
-    return {"kind": kind, "source": value}
+_NEG_INF_BITS = np.uint32(0xFF800000)  # float32 -inf
 
 
 class _ServiceClient:
     """The connection to one controller service process, and its mapped regions."""
 
     def __init__(self, model: str, vocab_size: int, capacity: int) -> None:
-        python = os.environ.get("WASMSHARE_PYTHON")
-        if not python:
-            raise RuntimeError(
-                "wasmshare steering needs WASMSHARE_PYTHON: the python of wasmshare's own environment"
-            )
-        self._dir = tempfile.TemporaryDirectory(prefix="wasmshare-vllm-")
-        path = os.path.join(self._dir.name, "service.sock")
-        command = [python, "-m", "wasmshare.vllm.service", path, model, "--capacity", str(capacity)]
-        command += ["--vocab-size", str(vocab_size)]
-        controllers = os.environ.get("WASMSHARE_CONTROLLERS_DIR")
-        if controllers:
-            command += ["--controllers-dir", controllers]
-        self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
+        self.process: subprocess.Popen[bytes] | None = None
+        self._dir: tempfile.TemporaryDirectory[str] | None = None
+        shared = os.environ.get("WASMSHARE_SERVICE_SOCKET")
+        if shared:  # a service its owner started for every worker of this node
+            path = shared
+        else:
+            python = os.environ.get("WASMSHARE_PYTHON")
+            if not python:
+                raise RuntimeError(
+                    "wasmshare steering needs WASMSHARE_PYTHON (the python of wasmshare's own "
+                    "environment) or WASMSHARE_SERVICE_SOCKET (a running controller service)"
+                )
+            self._dir = tempfile.TemporaryDirectory(prefix="wasmshare-vllm-")
+            path = os.path.join(self._dir.name, "service.sock")
+            command = [python, "-m", "wasmshare.vllm.service", path, model, "--capacity", str(capacity)]
+            command += ["--vocab-size", str(vocab_size)]
+            controllers = os.environ.get("WASMSHARE_CONTROLLERS_DIR")
+            if controllers:
+                command += ["--controllers-dir", controllers]
+            self.process = subprocess.Popen(command, stdin=subprocess.DEVNULL)
         self._finalizer = weakref.finalize(self, _stop_service, self.process, self._dir)
         self.sock = self._connect(path)
         reply = self.request({"op": "hello"})
@@ -155,7 +98,7 @@ class _ServiceClient:
     def _connect(self, path: str) -> socket.socket:
         deadline = time.monotonic() + SERVICE_START_S
         while True:
-            code = self.process.poll()
+            code = None if self.process is None else self.process.poll()
             if code is not None:
                 raise RuntimeError(f"the wasmshare controller service exited with code {code} at start")
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
@@ -180,8 +123,12 @@ class _ServiceClient:
         self._finalizer()
 
 
-def _stop_service(process: subprocess.Popen[bytes], folder: tempfile.TemporaryDirectory[str]) -> None:
-    """End the service (it also ends by itself when its last client disconnects)."""
+def _stop_service(
+    process: subprocess.Popen[bytes] | None, folder: tempfile.TemporaryDirectory[str] | None
+) -> None:
+    """End the service this client started (it also ends when its last client disconnects)."""
+    if process is None or folder is None:
+        return  # a shared service belongs to its owner
     if process.poll() is None:
         process.terminate()
         try:
@@ -192,8 +139,41 @@ def _stop_service(process: subprocess.Popen[bytes], folder: tempfile.TemporaryDi
 
 
 @dataclass
+class _Stats:
+    """Time the processor adds to vLLM's critical path, written to ``path`` when one is given.
+
+    ``apply_s`` is every :meth:`WasmshareLogitsProcessor.apply` call with steered rows (the
+    wait for the service included), ``wait_s`` the part spent waiting for the controllers,
+    ``send_s`` sending the tokens before the forward pass. The file (JSON, rewritten every
+    :data:`EVERY` steps) is for benchmarks: ``$WASMSHARE_VLLM_STATS``."""
+
+    path: str | None
+    steps: int = 0
+    apply_s: float = 0.0
+    wait_s: float = 0.0
+    send_s: float = 0.0
+    EVERY = 16
+
+    def count(self, apply_s: float) -> None:
+        self.steps += 1
+        self.apply_s += apply_s
+        if self.path and self.steps % self.EVERY == 0:
+            figures = {
+                "steps": self.steps,
+                "apply_s": self.apply_s,
+                "wait_s": self.wait_s,
+                "send_s": self.send_s,
+            }
+            temporary = f"{self.path}.{os.getpid()}.tmp"
+            with open(temporary, "w") as f:
+                json.dump(figures, f)
+            os.replace(temporary, self.path)
+
+
+@dataclass
 class _Row:
     key: str
+    tag: str | None  # the gateway's name for the request, for its status file
     output_ids: list[int]  # vLLM's live list: sampled tokens are appended to it
     sent: int = 0  # how many of output_ids the service has seen
     ended: str | None = None  # "stop", or the error that ended the request
@@ -201,6 +181,20 @@ class _Row:
     forced: list[int] = field(default_factory=list)  # fast-forward tokens still to emit
     skip: int = 0  # forced tokens emitted that the service must not see again
     after_forced: dict[str, Any] | None = None  # the step result that applies once forced ones are out
+
+
+def _report(row: _Row) -> None:
+    """Leave a failed request's error where ``wasmshare vllm serve`` reads it (tagged requests)."""
+    folder = os.environ.get("WASMSHARE_STATUS_DIR")
+    if row.tag is None or not folder or row.ended is None:
+        return
+    path = os.path.join(folder, f"{row.tag}.error")
+    try:
+        with open(f"{path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
+            f.write(row.ended)
+        os.replace(f"{path}.{os.getpid()}.tmp", path)
+    except OSError as e:
+        log.warning("cannot write the status of %s: %s", row.key, e)
 
 
 class WasmshareLogitsProcessor(_Base):
@@ -219,6 +213,9 @@ class WasmshareLogitsProcessor(_Base):
         self._rows: dict[int, _Row] = {}
         self._client: _ServiceClient | None = None
         self._next_key = 0
+        self._in_flight = False  # a step message sent, its reply not read yet
+        self._ready: dict[str, dict[str, Any]] = {}  # this step's answers, by key
+        self._stats = _Stats(os.environ.get("WASMSHARE_VLLM_STATS"))
         eos = getattr(vllm_config.model_config.hf_config, "eos_token_id", None)
         self._eos: int | None = (
             eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
@@ -246,17 +243,19 @@ class WasmshareLogitsProcessor(_Base):
 
     def update_state(self, batch_update: Any) -> None:
         if batch_update is None:
+            self._begin_step()
             return
+        self._collect()  # a step vLLM ran without sampling: its answers stay ready
         for index in batch_update.removed:
             self._drop(index)
         for index, params, prompt_ids, output_ids in batch_update.added:
             self._drop(index)  # an added request may replace the row's previous one
             try:
-                steer = steering_of(params.extra_args)
+                steer, tag = steering_of(params.extra_args), request_tag(params.extra_args)
             except ValueError:
-                steer = None  # validate_params refused it already; never crash the worker
+                steer, tag = None, None  # validate_params refused it already; never crash the worker
             if steer is not None:
-                self._rows[index] = self._start(steer, prompt_ids or [], output_ids)
+                self._rows[index] = self._start(steer, tag, prompt_ids or [], output_ids)
         for a, b, direction in batch_update.moved:
             row_a, row_b = self._rows.pop(a, None), self._rows.pop(b, None)
             if direction.name == "SWAP":
@@ -269,11 +268,14 @@ class WasmshareLogitsProcessor(_Base):
                     self._remove_key(row_b)
                 if row_a is not None:
                     self._rows[b] = row_a
+        self._begin_step()
 
-    def _start(self, steer: dict[str, Any], prompt: list[int], output_ids: list[int]) -> _Row:
-        key = f"r{self._next_key}"
+    def _start(
+        self, steer: dict[str, Any], tag: str | None, prompt: list[int], output_ids: list[int]
+    ) -> _Row:
+        key = f"{os.getpid()}.{self._next_key}"  # unique among the workers sharing a service
         self._next_key += 1
-        row = _Row(key, output_ids)
+        row = _Row(key, tag, output_ids)
         try:
             reply = self._service().request({"op": "add", "key": key, "steer": steer, "prompt": list(prompt)})
         except (OSError, EOFError, RuntimeError, ValueError) as e:
@@ -307,6 +309,7 @@ class WasmshareLogitsProcessor(_Base):
     def _lost(self, error: BaseException) -> None:
         """The service is gone: every live steered request ends; the next one starts a new service."""
         log.warning("wasmshare controller service lost: %s", error)
+        self._in_flight = False
         for row in self._rows.values():
             if row.ended is None:
                 row.ended = f"wasmshare controller service lost: {error}"
@@ -316,37 +319,71 @@ class WasmshareLogitsProcessor(_Base):
 
     # -- applying -----------------------------------------------------------------------------
 
-    def apply(self, logits: torch.Tensor) -> torch.Tensor:
-        if not self._rows:
-            return logits
-        n = logits.shape[0]
-        rows = {i: r for i, r in self._rows.items() if i < n}
+    def _begin_step(self) -> None:
+        """Send this step's sampled tokens to the service, so controllers run beside the forward pass.
+
+        vLLM calls :meth:`update_state` before the model runs and :meth:`apply` after it;
+        the tokens sampled at the last step are already in each row's output list, so the
+        controllers' work overlaps the forward pass and :meth:`apply` only collects it.
+        Rows that already hold an answer (a step vLLM ran without sampling) are not stepped.
+        """
+        if self._in_flight or not self._rows:
+            return
         tokens: dict[str, list[int]] = {}
-        held: dict[str, dict[str, Any]] = {}  # rows that need no step this time
-        for row in rows.values():
-            new = row.output_ids[row.sent :]
-            row.sent += len(new)
-            dropped = min(row.skip, len(new))
-            new, row.skip = new[dropped:], row.skip - dropped
+        for row in self._rows.values():
+            if row.key in self._ready:
+                continue
+            known = row.output_ids[row.sent :]
+            if -1 in known:  # asynchronous scheduling: a placeholder until the token is known
+                known = known[: known.index(-1)]
+            row.sent += len(known)
+            dropped = min(row.skip, len(known))
+            new, row.skip = known[dropped:], row.skip - dropped
             if row.ended is not None:
                 continue
             if row.forced:
-                held[row.key] = {"action": "continue", "output": "none", "force": row.forced.pop(0)}
+                self._ready[row.key] = {"action": "continue", "output": "none", "force": row.forced.pop(0)}
                 row.skip += 1
             elif row.after_forced is not None:
-                held[row.key], row.after_forced = row.after_forced, None
+                self._ready[row.key], row.after_forced = row.after_forced, None
             else:
-                tokens[row.key] = [t for t in new if t >= 0]
-        results: dict[str, Any] = {}
+                tokens[row.key] = new
         if tokens and self._client is not None:
+            started = time.perf_counter()
             try:
-                reply = self._client.request({"op": "step", "tokens": tokens})
-                if not reply.get("ok"):
-                    raise ValueError(reply.get("error", "step refused"))
-                results = reply["results"]
-            except (OSError, EOFError, ValueError) as e:
+                _framing.send_message(self._client.sock, {"op": "step", "tokens": tokens})
+                self._in_flight = True
+            except (OSError, ValueError) as e:
                 self._lost(e)
-        results.update(held)
+            self._stats.send_s += time.perf_counter() - started
+
+    def _collect(self) -> None:
+        """Read the outstanding step's reply into :attr:`_ready` (waiting if the service is at work)."""
+        if not self._in_flight:
+            return
+        self._in_flight = False
+        client = self._client
+        assert client is not None
+        started = time.perf_counter()
+        try:
+            reply, _ = _framing.recv_message(client.sock)
+            if not reply.get("ok"):
+                raise ValueError(reply.get("error", "step refused"))
+            self._ready.update(reply["results"])
+        except (OSError, EOFError, ValueError) as e:
+            self._lost(e)
+        self._stats.wait_s += time.perf_counter() - started
+
+    def apply(self, logits: torch.Tensor) -> torch.Tensor:
+        if not self._rows:
+            self._ready.clear()
+            return logits
+        started = time.perf_counter()
+        n = logits.shape[0]
+        self._begin_step()  # a no-op unless update_state did not run for this step
+        self._collect()
+        results, self._ready = self._ready, {}
+        rows = {i: r for i, r in self._rows.items() if i < n}
         masked: list[tuple[int, int]] = []
         forced: list[tuple[int, int]] = []
         biased: list[tuple[int, int]] = []
@@ -383,6 +420,7 @@ class WasmshareLogitsProcessor(_Base):
                         "wasmshare steering of request row %d (%s) ended: %s", index, row.key, row.ended
                     )
                     row.logged = True
+                    _report(row)
                 only_eos.append(index)
         if masked:
             self._apply_masks(logits, masked)
@@ -393,22 +431,27 @@ class WasmshareLogitsProcessor(_Base):
         for index, token in forced:
             logits[index].fill_(float("-inf"))
             logits[index, token] = 0.0
+        self._stats.count(time.perf_counter() - started)
         return logits
 
     def _apply_masks(self, logits: torch.Tensor, masked: list[tuple[int, int]]) -> None:
-        """Forbidden tokens to -inf: the rows' mask bytes through the bit table, one fill."""
+        """Forbidden tokens to -inf, in place: the rows' mask bits unpacked once, one add.
+
+        Bit ``t % 32`` of little-endian word ``t // 32`` allows token ``t``. Adding -inf
+        (its bit pattern is built with integer arithmetic) is several times faster on the
+        CPU than a masked fill; tokens past the controllers' vocabulary (vLLM pads the
+        logits) are forbidden."""
         client = self._client
         assert client is not None
-        index = torch.tensor([i for i, _ in masked], dtype=torch.long, device=logits.device)
-        words = np.ascontiguousarray(client.mask[[s for _, s in masked]])
-        allowed = _BIT_TABLE[torch.from_numpy(words.view(np.uint8)).long()].reshape(len(masked), -1)
         width = logits.shape[1]
-        forbid = torch.ones((len(masked), width), dtype=torch.bool)
         v = min(width, client.vocab_size)
-        forbid[:, :v] = ~allowed[:, :v]
-        sub = logits.index_select(0, index)
-        sub.masked_fill_(forbid.to(logits.device), float("-inf"))
-        logits.index_copy_(0, index, sub)
+        rows = torch.tensor([i for i, _ in masked], dtype=torch.long, device=logits.device)
+        words = client.mask[[s for _, s in masked]]  # a copy of just these rows
+        allowed = np.unpackbits(words.view(np.uint8), axis=1, count=v, bitorder="little")
+        add = ((1 - allowed).astype(np.uint32) * _NEG_INF_BITS).view(np.float32)
+        logits[:, :v].index_add_(0, rows, torch.from_numpy(add).to(logits.device, logits.dtype))
+        if v < width:
+            logits[:, v:].index_fill_(0, rows, float("-inf"))
 
     def _apply_biases(self, logits: torch.Tensor, biased: list[tuple[int, int]]) -> None:
         client = self._client

@@ -20,6 +20,11 @@ has ``ok`` and, when false, a one-line ``error``:
     "source": text}``, ``{"kind": "choice", "options": [str]}`` or ``{"kind":
     "controller", "sha256": hex, "arg": str | [uint32]}`` (the module is
     ``<controllers-dir>/<sha256>.wasm``; a list argument is packed little-endian).
+``prepare {steer}``
+    Check and compile a steering ahead of its request (a constraint goes into the compile
+    cache, so the ``add`` at the request's join is a cache hit; a controller's module is
+    read and checked). Reply ``ok``, or ``ok: false`` with the one-line ``error`` a client
+    should see. ``wasmshare vllm serve`` sends it before it queues a request with vLLM.
 ``remove {key}``
     End a sequence (unknown keys are ignored: a failed sequence is already gone).
 ``step {tokens: {key: [ids]}}``
@@ -34,7 +39,9 @@ has ``ok`` and, when false, a one-line ``error``:
 A controller's fault ends only its own sequence (``action: error``); the service carries
 on. Backtrack has no counterpart in vLLM's sampler yet, so a controller that asks for it
 ends with an error saying so. The service exits when its last client
-disconnects, so it never outlives the vLLM worker that started it.
+disconnects, so it never outlives the vLLM worker that started it; with ``--persist`` it
+serves until it is terminated (its owner, ``wasmshare vllm serve``, starts it before vLLM and
+points every worker at it with ``$WASMSHARE_SERVICE_SOCKET``).
 """
 
 from __future__ import annotations
@@ -134,6 +141,15 @@ class ControllerService:
                 self._keys[key] = self.batch.add(what, prompt)
             except Exception as e:  # a controller's create fault ends only this request
                 return {"ok": False, "error": _one_line(e)}
+        return {"ok": True}
+
+    def prepare(self, steer: object) -> dict[str, Any]:
+        try:
+            what = self._steering(steer)
+            if isinstance(what, constraints.ConstraintSpec):
+                constraints.compile_constraint(what, self.table, backend=self.batch.grammar_backend)
+        except (WasmshareError, ValueError, OSError) as e:
+            return {"ok": False, "error": _one_line(e)}
         return {"ok": True}
 
     def remove(self, key: object) -> dict[str, Any]:
@@ -244,9 +260,10 @@ class ControllerService:
 class _Server:
     """Accepts clients, one thread each; exits when the last one has gone."""
 
-    def __init__(self, service: ControllerService, listener: socket.socket) -> None:
+    def __init__(self, service: ControllerService, listener: socket.socket, *, persist: bool = False) -> None:
         self.service = service
         self.listener = listener
+        self.persist = persist
         self._clients = 0
         self._lock = threading.Lock()
         self.done = threading.Event()
@@ -279,7 +296,7 @@ class _Server:
         finally:
             with self._lock:
                 self._clients -= 1
-                if self._clients == 0:
+                if self._clients == 0 and not self.persist:
                     self.done.set()
 
     def _answer(self, conn: socket.socket, message: dict[str, Any]) -> None:
@@ -293,6 +310,8 @@ class _Server:
         try:
             if op == "add":
                 reply = service.add(message.get("key"), message.get("steer"), message.get("prompt", []))
+            elif op == "prepare":
+                reply = service.prepare(message.get("steer"))
             elif op == "remove":
                 reply = service.remove(message.get("key"))
             elif op == "step":
@@ -317,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--capacity", type=int, default=256, help="concurrent steered sequences")
     parser.add_argument("--vocab-size", type=int, default=None, help="logits width (pads the token table)")
+    parser.add_argument(
+        "--persist", action="store_true", help="serve until terminated, not until the last client leaves"
+    )
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="wasmshare service: %(message)s")
     try:
@@ -331,7 +353,7 @@ def main(argv: list[str] | None = None) -> int:
             os.unlink(args.socket)
         listener.bind(args.socket)
         listener.listen(16)
-        _Server(service, listener).serve()
+        _Server(service, listener, persist=args.persist).serve()
     finally:
         listener.close()
         service.close()
