@@ -14,6 +14,7 @@ from ..errors import WasmshareError
 from . import bench, check, demo, guests, info, run, serve
 from ._output import errors
 from .plugins import plugins_app
+from .vllm import vllm_app
 
 __all__ = ["app", "main"]
 
@@ -34,6 +35,7 @@ app.command()(info.info)
 app.command()(demo.demo)
 app.command()(bench.bench)
 app.add_typer(plugins_app, name="plugins")
+app.add_typer(vllm_app, name="vllm")
 
 
 def main() -> None:
