@@ -395,7 +395,12 @@ def test_more_requests_than_slots_queue_and_all_finish(live: LiveServer, client:
         t.start()
     for t in threads:
         t.join(timeout=300)
-    assert all(r is not None and r.usage.completion_tokens == 6 for r in results)
+    assert all(r is not None for r in results)  # every request queued, ran and finished
+    for r in results:  # greedy decoding may meet EOS early on some CPUs: then it says so
+        finish = r.choices[0].finish_reason
+        assert (finish, r.usage.completion_tokens) == ("length", 6) or (
+            finish == "stop" and r.usage.completion_tokens < 6
+        )
 
 
 def test_client_disconnect_frees_the_slot(live: LiveServer) -> None:
