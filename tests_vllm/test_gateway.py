@@ -214,3 +214,19 @@ def test_bodies_that_are_not_requests_are_refused(gateway: str) -> None:
     r = httpx.post(f"{gateway}/v1/controllers", content=b"not wasm", timeout=30)
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_controller"
     assert httpx.get(f"{gateway}/v1/models").json()["data"][0]["id"] == MODEL
+
+
+def test_a_killed_service_is_restarted_for_the_next_request(gateway: str, client: openai.OpenAI) -> None:
+    found = subprocess.run(
+        ["pgrep", "-f", "wasmshare.vllm.service .*--persist"], capture_output=True, text=True
+    )
+    (pid,) = [int(p) for p in found.stdout.split()]
+    os.kill(pid, signal.SIGKILL)
+    digits = client.completions.create(
+        model=MODEL, prompt="Three digits: ", max_tokens=8, temperature=0, extra_body={"regex": "[0-9]{3}"}
+    )
+    assert re.fullmatch("[0-9]{3}", digits.choices[0].text), digits.choices[0].text
+    again = subprocess.run(
+        ["pgrep", "-f", "wasmshare.vllm.service .*--persist"], capture_output=True, text=True
+    )
+    assert again.stdout.split() and int(again.stdout.split()[0]) != pid

@@ -160,9 +160,15 @@ class ServiceHandle:
             if self.process is not None and self.process.poll() is None and self._sock is not None:
                 return
             self._close_sock()
-            if self.process is None or self.process.poll() is not None:
-                self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
-            self._sock = self._connect()
+            for attempt in range(2):
+                if self.process is None or self.process.poll() is not None:
+                    self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
+                try:
+                    self._sock = self._connect()
+                    return
+                except WasmshareError:
+                    if attempt:  # it exited at start twice: give up
+                        raise
 
     def _connect(self) -> socket.socket:
         assert self.process is not None
@@ -183,18 +189,33 @@ class ServiceHandle:
                 time.sleep(0.1)
 
     def prepare(self, steer: dict[str, Any]) -> str | None:
-        """Compile (or check) a steering in the service; its one-line error, or None."""
-        self.ensure()
-        with self._lock:
-            sock = self._sock
-            assert sock is not None
-            try:
-                _framing.send_message(sock, {"op": "prepare", "steer": steer})
-                reply, _ = _framing.recv_message(sock)
-            except (OSError, EOFError, ValueError) as e:
-                self._close_sock()
-                raise WasmshareError(f"the controller service is unavailable: {e}") from None
+        """Compile (or check) a steering in the service; its one-line error, or None.
+
+        A connection that fails is tried once more after the service is restarted: a
+        service killed a moment ago may not have been reaped yet when the next request comes."""
+        for attempt in range(2):
+            self.ensure()
+            with self._lock:
+                sock = self._sock
+                assert sock is not None
+                try:
+                    _framing.send_message(sock, {"op": "prepare", "steer": steer})
+                    reply, _ = _framing.recv_message(sock)
+                    break
+                except (OSError, EOFError, ValueError) as e:
+                    self._close_sock()
+                    if attempt:
+                        raise WasmshareError(f"the controller service is unavailable: {e}") from None
+                    self._reap()
         return None if reply.get("ok") else str(reply.get("error", "refused"))
+
+    def _reap(self) -> None:
+        """Wait briefly for a service whose connection broke to exit (it is then restarted)."""
+        if self.process is not None:
+            try:
+                self.process.wait(5)
+            except subprocess.TimeoutExpired:
+                pass  # it lives: the connection alone broke, and a new one is made
 
     def _close_sock(self) -> None:
         if self._sock is not None:
@@ -250,6 +271,13 @@ def create_gateway(config: GatewayConfig, store: ControllerStore, service: Servi
     @app.exception_handler(APIError)
     async def _api_error(request: Request, exc: APIError) -> JSONResponse:
         return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(httpx2.HTTPError)
+    async def _vllm_unreachable(request: Request, exc: httpx2.HTTPError) -> JSONResponse:
+        error = APIError(
+            503, f"vLLM's server is unavailable: {exc}", type="server_error", code="vllm_unavailable"
+        )
+        return JSONResponse(error.body(), status_code=503)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:

@@ -144,20 +144,19 @@ class _Stats:
 
     ``apply_s`` is every :meth:`WasmshareLogitsProcessor.apply` call with steered rows (the
     wait for the service included), ``wait_s`` the part spent waiting for the controllers,
-    ``send_s`` sending the tokens before the forward pass. The file (JSON, rewritten every
-    :data:`EVERY` steps) is for benchmarks: ``$WASMSHARE_VLLM_STATS``."""
+    ``send_s`` sending the tokens before the forward pass. The file (JSON, rewritten after
+    every step, outside the times it counts) is for benchmarks: ``$WASMSHARE_VLLM_STATS``."""
 
     path: str | None
     steps: int = 0
     apply_s: float = 0.0
     wait_s: float = 0.0
     send_s: float = 0.0
-    EVERY = 16
 
     def count(self, apply_s: float) -> None:
         self.steps += 1
         self.apply_s += apply_s
-        if self.path and self.steps % self.EVERY == 0:
+        if self.path:
             figures = {
                 "steps": self.steps,
                 "apply_s": self.apply_s,
@@ -197,6 +196,20 @@ def _report(row: _Row) -> None:
         log.warning("cannot write the status of %s: %s", row.key, e)
 
 
+def _tensor_parallel_rank(vllm_config: Any) -> tuple[int, int]:
+    """This worker's tensor-parallel rank and the number of ranks ((0, 1) when not parallel)."""
+    ranks = int(getattr(getattr(vllm_config, "parallel_config", None), "tensor_parallel_size", 1) or 1)
+    if ranks <= 1:
+        return 0, 1
+    try:
+        from vllm.distributed.parallel_state import get_tensor_model_parallel_rank
+
+        return int(get_tensor_model_parallel_rank()), ranks
+    except (ImportError, AssertionError, RuntimeError):
+        rank = getattr(vllm_config.parallel_config, "rank", None)  # the worker's global rank
+        return (int(rank) % ranks, ranks) if isinstance(rank, int) else (0, 1)
+
+
 class WasmshareLogitsProcessor(_Base):
     """vLLM V1 logits processor giving each request that asks its own wasmshare steering.
 
@@ -216,6 +229,17 @@ class WasmshareLogitsProcessor(_Base):
         self._in_flight = False  # a step message sent, its reply not read yet
         self._ready: dict[str, dict[str, Any]] = {}  # this step's answers, by key
         self._stats = _Stats(os.environ.get("WASMSHARE_VLLM_STATS"))
+        # Tensor parallelism with a shared service: rank 0 leads (adds, removes and steps the
+        # sequences), the other ranks follow (read the same step's answers and the same rows),
+        # so each controller runs once per step and every rank applies the same masks. Keys
+        # are named by the engine's instance, which every rank of it shares.
+        rank, ranks = _tensor_parallel_rank(vllm_config)
+        shared = bool(os.environ.get("WASMSHARE_SERVICE_SOCKET"))
+        instance = str(getattr(vllm_config, "instance_id", "") or "")
+        self._shared_tp = shared and ranks > 1 and bool(instance)
+        self._follower = self._shared_tp and rank > 0
+        self._group = instance if self._shared_tp else f"{os.getpid()}-{id(self):x}"
+        self._step_id = 0
         eos = getattr(vllm_config.model_config.hf_config, "eos_token_id", None)
         self._eos: int | None = (
             eos[0] if isinstance(eos, list) and eos else eos if isinstance(eos, int) else None
@@ -273,15 +297,27 @@ class WasmshareLogitsProcessor(_Base):
     def _start(
         self, steer: dict[str, Any], tag: str | None, prompt: list[int], output_ids: list[int]
     ) -> _Row:
-        key = f"{os.getpid()}.{self._next_key}"  # unique among the workers sharing a service
+        key = f"{self._group}.{self._next_key}"  # unique among the engines sharing a service
         self._next_key += 1
         row = _Row(key, tag, output_ids)
-        try:
-            reply = self._service().request({"op": "add", "key": key, "steer": steer, "prompt": list(prompt)})
-        except (OSError, EOFError, RuntimeError, ValueError) as e:
-            self._lost(e)
-            row.ended = f"wasmshare controller service unavailable: {e}"
+        if self._follower:  # the leader adds it; a follower only needs the regions mapped
+            try:
+                self._service()
+            except (OSError, EOFError, RuntimeError, ValueError) as e:
+                self._lost(e)
+                row.ended = f"wasmshare controller service unavailable: {e}"
             return row
+        message = {"op": "add", "key": key, "steer": steer, "prompt": list(prompt)}
+        for attempt in range(2):
+            fresh = self._client is None
+            try:
+                reply = self._service().request(message)
+                break
+            except (OSError, EOFError, RuntimeError, ValueError) as e:
+                self._lost(e)
+                if fresh or attempt:  # a connection that was idle may have outlived its service: retry once
+                    row.ended = f"wasmshare controller service unavailable: {e}"
+                    return row
         if not reply.get("ok"):
             row.ended = str(reply.get("error", "refused"))
         return row
@@ -294,7 +330,7 @@ class WasmshareLogitsProcessor(_Base):
     def _remove_key(self, row: _Row) -> None:
         # A row that ended on a stop still holds its service slot; the service ignores keys it
         # already dropped (a failed controller's), so every row is removed.
-        if self._client is None:
+        if self._client is None or self._follower:
             return
         try:
             self._client.request({"op": "remove", "key": row.key})
@@ -348,10 +384,16 @@ class WasmshareLogitsProcessor(_Base):
                 self._ready[row.key], row.after_forced = row.after_forced, None
             else:
                 tokens[row.key] = new
-        if tokens and self._client is not None:
+        # ranks of one engine step together even when nothing was sampled, so they agree on step ids
+        if (tokens or self._shared_tp) and self._client is not None:
+            self._step_id += 1
+            if self._follower:  # the leader sends the same tokens; _collect reads its answers
+                self._in_flight = True
+                return
             started = time.perf_counter()
+            message = {"op": "step", "tokens": tokens, "group": self._group, "step_id": self._step_id}
             try:
-                _framing.send_message(self._client.sock, {"op": "step", "tokens": tokens})
+                _framing.send_message(self._client.sock, message)
                 self._in_flight = True
             except (OSError, ValueError) as e:
                 self._lost(e)
@@ -366,6 +408,10 @@ class WasmshareLogitsProcessor(_Base):
         assert client is not None
         started = time.perf_counter()
         try:
+            if self._follower:
+                _framing.send_message(
+                    client.sock, {"op": "follow", "group": self._group, "step_id": self._step_id}
+                )
             reply, _ = _framing.recv_message(client.sock)
             if not reply.get("ok"):
                 raise ValueError(reply.get("error", "step refused"))
@@ -420,7 +466,8 @@ class WasmshareLogitsProcessor(_Base):
                         "wasmshare steering of request row %d (%s) ended: %s", index, row.key, row.ended
                     )
                     row.logged = True
-                    _report(row)
+                    if not self._follower:
+                        _report(row)
                 only_eos.append(index)
         if masked:
             self._apply_masks(logits, masked)

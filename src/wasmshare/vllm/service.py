@@ -27,7 +27,7 @@ has ``ok`` and, when false, a one-line ``error``:
     should see. ``wasmshare vllm serve`` sends it before it queues a request with vLLM.
 ``remove {key}``
     End a sequence (unknown keys are ignored: a failed sequence is already gone).
-``step {tokens: {key: [ids]}}``
+``step {tokens: {key: [ids]}, group?, step_id?}``
     Step the named sequences with the tokens each sampled since its last step. Reply
     ``results: {key: {slot, action, output, ids?, values?, error?}}``: ``action`` is
     ``continue`` / ``stop`` / ``error``; ``output`` is ``none`` / ``bitmask`` / ``bias`` /
@@ -35,6 +35,12 @@ has ``ok`` and, when false, a one-line ``error``:
     slot's row of the shared regions. ``forced``: fast-forward tokens the sequence now
     holds (constraints force the text a grammar leaves no choice about); the client must
     emit them before the output applies, and must not send them back as sampled.
+    With ``group`` and ``step_id`` (a tensor-parallel leader's), the reply is kept for
+    the group's followers.
+``follow {group, step_id}``
+    The reply of the group leader's step ``step_id``, waiting for it (up to
+    :data:`FOLLOW_TIMEOUT_S`): the other tensor-parallel ranks read the answers and rows
+    of the step rank 0 ran, so a controller runs once per step for all of them.
 
 A controller's fault ends only its own sequence (``action: error``); the service carries
 on. Backtrack has no counterpart in vLLM's sampler yet, so a controller that asks for it
@@ -71,6 +77,10 @@ __all__ = ["ControllerService", "main"]
 log = logging.getLogger("wasmshare.vllm.service")
 
 _SHA256 = re.compile(r"[0-9a-f]{64}")
+FOLLOW_TIMEOUT_S = 60.0
+"""How long a follower waits for its leader's step before it gives up on the service."""
+KEPT_STEPS = 8
+"""Replies kept per group for followers that run behind their leader."""
 _OUTPUT_NAMES = {
     Output.NONE: "none",
     Output.BITMASK: "bitmask",
@@ -104,6 +114,8 @@ class ControllerService:
         self.batch = ControllerBatch(table, capacity=capacity, mode="threads")
         self._keys: dict[str, int] = {}
         self._lock = threading.Lock()
+        self._led: dict[str, dict[int, dict[str, Any]]] = {}  # group -> step_id -> reply
+        self._led_changed = threading.Condition()
 
     def close(self) -> None:
         """Tear the batch down (safe twice)."""
@@ -159,7 +171,32 @@ class ControllerService:
                 self.batch.remove(sid)
         return {"ok": True}
 
-    def step(self, tokens: object) -> dict[str, Any]:
+    def step(self, tokens: object, group: object = None, step_id: object = None) -> dict[str, Any]:
+        reply = self._step(tokens)
+        if isinstance(group, str) and isinstance(step_id, int):
+            with self._led_changed:
+                kept = self._led.setdefault(group, {})
+                kept[step_id] = reply
+                for old in [k for k in kept if k <= step_id - KEPT_STEPS]:
+                    del kept[old]
+                self._led_changed.notify_all()
+        return reply
+
+    def follow(self, group: object, step_id: object) -> dict[str, Any]:
+        if not isinstance(group, str) or not isinstance(step_id, int):
+            return {"ok": False, "error": "follow needs a group and a step_id"}
+        with self._led_changed:
+            found = self._led_changed.wait_for(
+                lambda: step_id in self._led.get(group, {}), timeout=FOLLOW_TIMEOUT_S
+            )
+            if not found:
+                return {
+                    "ok": False,
+                    "error": f"group {group!r} ran no step {step_id} within {FOLLOW_TIMEOUT_S:.0f} s",
+                }
+            return self._led[group][step_id]
+
+    def _step(self, tokens: object) -> dict[str, Any]:
         if not isinstance(tokens, dict):
             return {"ok": False, "error": "step needs tokens: {key: [ids]}"}
         results: dict[str, dict[str, Any]] = {}
@@ -315,7 +352,9 @@ class _Server:
             elif op == "remove":
                 reply = service.remove(message.get("key"))
             elif op == "step":
-                reply = service.step(message.get("tokens"))
+                reply = service.step(message.get("tokens"), message.get("group"), message.get("step_id"))
+            elif op == "follow":
+                reply = service.follow(message.get("group"), message.get("step_id"))
             else:
                 reply = {"ok": False, "error": f"unknown op {op!r}"}
         except Exception as e:  # the service's own bug: this message fails, the service lives
