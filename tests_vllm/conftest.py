@@ -19,6 +19,17 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 
 ROOT = Path(__file__).resolve().parent.parent
 
+# A small JSON Schema the steered requests answer under.
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "name": {"type": "string", "maxLength": 12},
+        "age": {"type": "integer", "minimum": 0, "maximum": 150},
+    },
+    "required": ["name", "age"],
+    "additionalProperties": False,
+}
+
 
 @pytest.fixture(scope="session")
 def wasmshare_python() -> str:

@@ -26,17 +26,8 @@ import jsonschema
 import openai
 import pytest
 
-from conftest import ROOT
+from conftest import ROOT, SCHEMA
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 MODEL = "smollm2-135m"
 
 

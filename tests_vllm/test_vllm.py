@@ -23,18 +23,9 @@ import jsonschema
 import pytest
 from vllm import LLM, SamplingParams
 
-from conftest import controller_id
+from conftest import SCHEMA, controller_id
 from wasmshare.vllm.processor import WasmshareLogitsProcessor
 
-SCHEMA = {
-    "type": "object",
-    "properties": {
-        "name": {"type": "string", "maxLength": 12},
-        "age": {"type": "integer", "minimum": 0, "maximum": 150},
-    },
-    "required": ["name", "age"],
-    "additionalProperties": False,
-}
 PLAIN_PROMPT = "The capital of France is"
 CHOICES = ["red", "green", "blue"]
 

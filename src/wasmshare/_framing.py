@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import socket
 import struct
+import subprocess
+import time
 from typing import Any
 
 _HEADER = struct.Struct("<II")  # JSON length, payload length
@@ -43,3 +45,26 @@ def recv_message(sock: socket.socket) -> tuple[dict[str, Any], bytes]:
         raise ValueError("message is not a JSON object")
     payload = recv_exact(sock, payload_len) if payload_len else b""
     return message, payload
+
+
+def connect_unix(path: str, timeout_s: float, server: subprocess.Popen[bytes] | None = None) -> socket.socket:
+    """Connect to the Unix socket at ``path``, retrying while its ``server`` process starts.
+
+    Raises ChildProcessError when ``server`` exits first, TimeoutError when nothing
+    listens within ``timeout_s`` (both OSError, with a one-line message)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        code = None if server is None else server.poll()
+        if code is not None:
+            raise ChildProcessError(f"the wasmshare controller service exited with code {code}")
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.connect(path)
+            return sock
+        except OSError:
+            sock.close()
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"the wasmshare controller service did not listen at {path} within {timeout_s:.0f} s"
+                ) from None
+            time.sleep(0.05)

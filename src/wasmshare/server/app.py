@@ -32,6 +32,7 @@ from ..llm.controller_store import ControllerStore
 from ..llm.limits import DEFAULT_DEADLINE_MS
 from ..llm.requests import GenerationRequest, GenerationResult, default_max_work
 from ._middleware import AuthAndCount, BodyLimit
+from .controller_routes import add_controller_routes
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
 from .service import EngineService, Ticket, TokenEvent
 
@@ -133,36 +134,7 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
         check_model(name)
         return _model_card(model_name, created)
 
-    # -- controllers -------------------------------------------------------------------------------------
-
-    @app.post("/v1/controllers")
-    async def upload_controller(request: Request, name: str | None = None) -> dict[str, Any]:
-        wasm = await request.body()
-        try:
-            record = await run_in_threadpool(store.add, wasm, name)
-        except WasmshareError as e:
-            raise APIError(
-                400, f"controller rejected: {_one_line(str(e))}", code="invalid_controller", param="body"
-            ) from None
-        return record.as_json()
-
-    @app.get("/v1/controllers")
-    async def list_controllers() -> dict[str, Any]:
-        records = await run_in_threadpool(store.list)
-        return {"object": "list", "data": [r.as_json() for r in records]}
-
-    @app.get("/v1/controllers/{controller_id}")
-    async def get_controller(controller_id: str) -> dict[str, Any]:
-        record = await run_in_threadpool(store.get, controller_id)
-        if record is None:
-            raise APIError(404, f"no controller {controller_id!r}", code="controller_not_found")
-        return record.as_json()
-
-    @app.delete("/v1/controllers/{controller_id}")
-    async def delete_controller(controller_id: str) -> dict[str, Any]:
-        if not await run_in_threadpool(store.delete, controller_id):
-            raise APIError(404, f"no controller {controller_id!r}", code="controller_not_found")
-        return {"id": controller_id, "object": "controller", "deleted": True}
+    add_controller_routes(app, store, max_bytes=config.max_controller_bytes)
 
     # -- generation --------------------------------------------------------------------------------------
 

@@ -46,6 +46,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from .. import _framing
 from ..errors import APIError, ControllerRejected, WasmshareError
 from ..llm.controller_store import ControllerStore
+from ..server.controller_routes import add_controller_routes, read_body
 from .steering import PREFIX, TAG, steering_of
 
 __all__ = ["GatewayConfig", "ServiceHandle", "create_gateway", "translate"]
@@ -171,22 +172,10 @@ class ServiceHandle:
                         raise
 
     def _connect(self) -> socket.socket:
-        assert self.process is not None
-        deadline = time.monotonic() + self.start_s
-        while True:
-            if self.process.poll() is not None:
-                raise WasmshareError(f"the controller service exited with code {self.process.returncode}")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(self.socket_path)
-                return sock
-            except OSError:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise WasmshareError(
-                        f"the controller service did not listen within {self.start_s:.0f} s"
-                    ) from None
-                time.sleep(0.1)
+        try:
+            return _framing.connect_unix(self.socket_path, self.start_s, self.process)
+        except OSError as e:
+            raise WasmshareError(str(e)) from None
 
     def prepare(self, steer: dict[str, Any]) -> str | None:
         """Compile (or check) a steering in the service; its one-line error, or None.
@@ -286,41 +275,12 @@ def create_gateway(config: GatewayConfig, store: ControllerStore, service: Servi
             APIError(500, f"internal error: {message}", type="server_error").body(), status_code=500
         )
 
-    # -- controllers (as wasmshare serve) ------------------------------------------------------------
-
-    @app.post("/v1/controllers")
-    async def upload_controller(request: Request, name: str | None = None) -> dict[str, Any]:
-        wasm = await _read_body(request, config.max_controller_bytes)
-        try:
-            record = await run_in_threadpool(store.add, wasm, name)
-        except WasmshareError as e:
-            raise APIError(
-                400, f"controller rejected: {_first_line(str(e))}", code="invalid_controller", param="body"
-            ) from None
-        return record.as_json()
-
-    @app.get("/v1/controllers")
-    async def list_controllers() -> dict[str, Any]:
-        records = await run_in_threadpool(store.list)
-        return {"object": "list", "data": [r.as_json() for r in records]}
-
-    @app.get("/v1/controllers/{controller_id}")
-    async def get_controller(controller_id: str) -> dict[str, Any]:
-        record = await run_in_threadpool(store.get, controller_id)
-        if record is None:
-            raise APIError(404, f"no controller {controller_id!r}", code="controller_not_found")
-        return record.as_json()
-
-    @app.delete("/v1/controllers/{controller_id}")
-    async def delete_controller(controller_id: str) -> dict[str, Any]:
-        if not await run_in_threadpool(store.delete, controller_id):
-            raise APIError(404, f"no controller {controller_id!r}", code="controller_not_found")
-        return {"id": controller_id, "object": "controller", "deleted": True}
+    add_controller_routes(app, store, max_bytes=config.max_controller_bytes)
 
     # -- generation -----------------------------------------------------------------------------------
 
     async def generate(request: Request) -> Response:
-        raw = await _read_body(request, config.max_body_bytes)
+        raw = await read_body(request, config.max_body_bytes)
         try:
             body = json.loads(raw)
         except ValueError:
@@ -360,7 +320,7 @@ def create_gateway(config: GatewayConfig, store: ControllerStore, service: Servi
 
     @app.api_route("/{path:path}", methods=["GET", "POST", "PUT", "DELETE", "PATCH"], response_model=None)
     async def passthrough(path: str, request: Request) -> Response:
-        body = await _read_body(request, config.max_body_bytes)
+        body = await read_body(request, config.max_body_bytes)
         upstream = await gate.client.send(
             gate.client.build_request(
                 request.method,
@@ -486,22 +446,6 @@ def _forward_headers(request: Request) -> dict[str, str]:
         for k, v in request.headers.items()
         if k.lower() not in _HOP_HEADERS and k.lower() != "authorization"
     }
-
-
-async def _read_body(request: Request, limit: int) -> bytes:
-    """The body, refused with 413 as soon as it passes ``limit`` (never read whole first)."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise APIError(
-            413, f"the body is {int(declared):,} bytes; the limit is {limit:,}", code="body_too_large"
-        )
-    chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise APIError(413, f"the body passes the limit of {limit:,} bytes", code="body_too_large")
-        chunks.append(chunk)
-    return b"".join(chunks)
 
 
 def _first_line(text: str) -> str:

@@ -96,22 +96,7 @@ class _ServiceClient:
         )
 
     def _connect(self, path: str) -> socket.socket:
-        deadline = time.monotonic() + SERVICE_START_S
-        while True:
-            code = None if self.process is None else self.process.poll()
-            if code is not None:
-                raise RuntimeError(f"the wasmshare controller service exited with code {code} at start")
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-            try:
-                sock.connect(path)
-                return sock
-            except OSError:
-                sock.close()
-                if time.monotonic() > deadline:
-                    raise RuntimeError(
-                        f"the wasmshare controller service did not listen within {SERVICE_START_S:.0f} s"
-                    ) from None
-                time.sleep(0.05)
+        return _framing.connect_unix(path, SERVICE_START_S, self.process)
 
     def request(self, message: dict[str, Any]) -> dict[str, Any]:
         _framing.send_message(self.sock, message)
