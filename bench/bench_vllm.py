@@ -66,33 +66,13 @@ def _processor_figures(path: Path) -> dict[str, float]:
         return {"steps": 0, "apply_s": 0.0, "wait_s": 0.0, "send_s": 0.0}
 
 
-def _tokens_per_s(
-    llm: Any, params: Any, batch: int, repeats: int, stats: Path | None = None
-) -> tuple[float, float, dict[str, float] | None]:
-    """Median generated tokens/s over ``repeats`` calls of ``batch`` prompts, mean tokens, and
-    the processor's time per step on the critical path over those calls (when ``stats``)."""
-    llm.generate([PROMPT] * batch, [params] * batch, use_tqdm=False)  # warm-up
-    before = _processor_figures(stats) if stats else None
-    speeds, lengths = [], []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        outputs = llm.generate([PROMPT] * batch, [params] * batch, use_tqdm=False)
-        elapsed = time.perf_counter() - started
-        tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
-        speeds.append(tokens / elapsed)
-        lengths.append(tokens / batch)
-    per_step = None
-    if stats and before is not None:
-        after = _processor_figures(stats)
-        steps = after["steps"] - before["steps"]
-        if steps > 0:
-            per_step = {
-                "steps": steps,
-                "apply_us": round(1e6 * (after["apply_s"] - before["apply_s"]) / steps, 1),
-                "wait_us": round(1e6 * (after["wait_s"] - before["wait_s"]) / steps, 1),
-                "send_us": round(1e6 * (after["send_s"] - before["send_s"]) / steps, 1),
-            }
-    return statistics.median(speeds), statistics.mean(lengths), per_step
+def _run(llm: Any, params: Any, batch: int) -> tuple[float, float]:
+    """One ``generate`` of ``batch`` prompts: generated tokens/s and tokens per answer."""
+    started = time.perf_counter()
+    outputs = llm.generate([PROMPT] * batch, [params] * batch, use_tqdm=False)
+    elapsed = time.perf_counter() - started
+    tokens = sum(len(o.outputs[0].token_ids) for o in outputs)
+    return tokens / elapsed, tokens / batch
 
 
 def _measure(quick: bool) -> list[dict[str, Any]]:
@@ -104,52 +84,86 @@ def _measure(quick: bool) -> list[dict[str, Any]]:
 
     python = os.environ["WASMSHARE_PYTHON"]
     folder = _model_folder(python)
-    repeats = 1 if quick else 3
+    repeats = 1 if quick else 5
     controllers = Path(tempfile.mkdtemp(prefix="wasmshare-bench-controllers-"))
     wasm = ROOT / "guests" / "controllers" / "bench_mask.wasm"
     controller = hashlib.sha256(wasm.read_bytes()).hexdigest()
     shutil.copy(wasm, controllers / f"{controller}.wasm")
     os.environ["WASMSHARE_CONTROLLERS_DIR"] = str(controllers)
-    common = {"enforce_eager": True, "max_model_len": 512, "seed": 0, "max_num_seqs": max(BATCHES)}
-
-    speed: dict[tuple[str, int], tuple[float, float, dict[str, float] | None]] = {}
     stats = controllers / "processor-stats.json"
     os.environ["WASMSHARE_VLLM_STATS"] = str(stats)
-    llm = LLM(model=folder, logits_processors=[WasmshareLogitsProcessor], **common)
-    ids = llm.get_tokenizer().encode(" yes no", add_special_tokens=False)
-    ours_json = SamplingParams(
-        temperature=0.0, max_tokens=NEW_TOKENS, extra_args={"wasmshare_json_schema": json.dumps(SCHEMA)}
-    )
-    ours_wasm = SamplingParams(
-        temperature=0.0,
-        max_tokens=NEW_TOKENS,
-        extra_args={"wasmshare_controller": controller, "wasmshare_arg": list(ids)},
-    )
+    common = {"enforce_eager": True, "max_model_len": 512, "seed": 0, "max_num_seqs": max(BATCHES)}
+
+    # Both engines stay up and every repeat runs every case once, in turn, so a drift of the
+    # shared machine's speed lands on all of them alike. Each engine waits idle while the other runs.
+    ours = LLM(model=folder, logits_processors=[WasmshareLogitsProcessor], **common)
+    alone = LLM(model=folder, structured_outputs_config={"backend": "guidance"}, **common)
+    ids = ours.get_tokenizer().encode(" yes no", add_special_tokens=False)
+
+    def greedy(**kw: Any) -> Any:
+        return SamplingParams(temperature=0.0, **kw)
+
+    cases: dict[str, tuple[Any, Any]] = {
+        "ours_json": (
+            ours,
+            greedy(max_tokens=NEW_TOKENS, extra_args={"wasmshare_json_schema": json.dumps(SCHEMA)}),
+        ),
+        "ours_wasm": (
+            ours,
+            greedy(
+                max_tokens=NEW_TOKENS,
+                extra_args={"wasmshare_controller": controller, "wasmshare_arg": list(ids)},
+            ),
+        ),
+        "vllm": (alone, greedy(max_tokens=NEW_TOKENS)),
+        "guidance": (
+            alone,
+            greedy(max_tokens=NEW_TOKENS, structured_outputs=StructuredOutputsParams(json=SCHEMA)),
+        ),
+    }
+    # A JSON answer ends after ~20 tokens, and a request's fixed costs (prefill, set-up) weigh
+    # more on a short answer, so a JSON row's unconstrained baseline generates as many tokens.
+    for key in ("ours_json", "guidance"):
+        engine, params = cases[key]
+        same = max(1, round(_run(engine, params, 1)[1]))  # greedy: every answer is this long
+        cases[f"vllm_as_{key}"] = (alone, greedy(max_tokens=same, ignore_eos=True))
+    figures: dict[tuple[str, int], list[tuple[float, float]]] = {}
+    steps_of: dict[tuple[str, int], list[dict[str, float]]] = {}
     for b in BATCHES:
-        speed[("ours_json", b)] = _tokens_per_s(llm, ours_json, b, repeats, stats)
-        speed[("ours_wasm", b)] = _tokens_per_s(llm, ours_wasm, b, repeats, stats)
-    del llm
+        for engine, params in cases.values():
+            _run(engine, params, b)  # warm-up
+    for _ in range(repeats):
+        for b in BATCHES:
+            for key, (engine, params) in cases.items():
+                before = _processor_figures(stats)
+                figures.setdefault((key, b), []).append(_run(engine, params, b))
+                if engine is ours:
+                    after = _processor_figures(stats)
+                    steps_of.setdefault((key, b), []).append(
+                        {k: after[k] - before[k] for k in ("steps", "apply_s", "wait_s", "send_s")}
+                    )
+    forward_rows = _fast_forward(alone, SamplingParams, repeats)
+    del ours, alone
     gc.collect()
     shutil.rmtree(controllers, ignore_errors=True)
 
-    # The baselines, on an LLM without the processor. A JSON answer ends after ~20 tokens,
-    # and a request's fixed costs (prefill, set-up) weigh more on a short answer, so the
-    # unconstrained baseline of a JSON row generates as many tokens as that row's answers.
-    guided = SamplingParams(
-        temperature=0.0, max_tokens=NEW_TOKENS, structured_outputs=StructuredOutputsParams(json=SCHEMA)
-    )
-    llm = LLM(model=folder, structured_outputs_config={"backend": "guidance"}, **common)
-    for b in BATCHES:
-        speed[("vllm", b)] = _tokens_per_s(
-            llm, SamplingParams(temperature=0.0, max_tokens=NEW_TOKENS), b, repeats
+    speed: dict[tuple[str, int], tuple[float, float, dict[str, float] | None]] = {}
+    for (key, b), runs in figures.items():
+        per_step = None
+        counted = steps_of.get((key, b))
+        if counted:
+            steps = sum(c["steps"] for c in counted)
+            if steps > 0:
+                per_step = {
+                    name: round(1e6 * sum(c[f"{name}_s"] for c in counted) / steps, 1)
+                    for name in ("apply", "wait", "send")
+                }
+                per_step = {f"{k}_us": v for k, v in per_step.items()}
+        speed[(key, b)] = (
+            statistics.median(t for t, _ in runs),
+            statistics.mean(n for _, n in runs),
+            per_step,
         )
-        speed[("guidance", b)] = _tokens_per_s(llm, guided, b, repeats)
-        for key in ("ours_json", "guidance"):
-            same = max(1, round(speed[(key, b)][1]))
-            plain = SamplingParams(temperature=0.0, max_tokens=same, ignore_eos=True)
-            speed[(f"vllm_as_{key}", b)] = _tokens_per_s(llm, plain, b, repeats)
-    del llm
-    gc.collect()
 
     rows = []
     for b in BATCHES:
@@ -185,6 +199,57 @@ def _measure(quick: bool) -> list[dict[str, Any]]:
                     **critical,
                 }
             )
+    return rows + forward_rows
+
+
+FORCED = (4, 16, 64)
+"""Fast-forward lengths compared: tokens a controller forces at once."""
+PREFIX_TOKENS = 304  # a whole number of vLLM's 16-token blocks, so the prefix cache holds it all
+
+
+def _fast_forward(llm: Any, sampling: Any, repeats: int) -> list[dict[str, Any]]:
+    """Forcing k tokens one per step against ending the request and resubmitting prompt + k.
+
+    vLLM samples one token a step, so the processor forces a fast-forward one token per
+    step: k decode steps, measured as a k+1-token generation less a 1-token one. The
+    alternative ends the request and resubmits its prompt with the k tokens appended: the
+    prompt is in the prefix cache, so that costs a prefill of k tokens, measured with
+    tokens no earlier run has cached (a fresh random run each repeat)."""
+    import random
+
+    tokenizer = llm.get_tokenizer()
+    ids = tokenizer.encode(" ".join(["the quick brown fox jumps over the lazy dog"] * 60))
+    prompt = {"prompt_token_ids": ids[:PREFIX_TOKENS]}
+    rng = random.Random(0)
+    vocab = len(tokenizer)
+
+    def timed(request: dict[str, Any], tokens: int) -> float:
+        params = sampling(temperature=0.0, max_tokens=tokens, ignore_eos=True)
+        started = time.perf_counter()
+        llm.generate([request], params, use_tqdm=False)
+        return time.perf_counter() - started
+
+    cold_s = timed(prompt, 1)  # a cold prefill; the prompt is now in the prefix cache
+    rows = []
+    for k in FORCED:
+        per_step, resubmit = [], []
+        for _ in range(repeats + 1):  # the first of each is a warm-up
+            per_step.append(timed(prompt, k + 1) - timed(prompt, 1))
+            forced = [rng.randrange(1000, vocab) for _ in range(k)]
+            resubmit.append(timed({"prompt_token_ids": prompt["prompt_token_ids"] + forced}, 1))
+        steps_s, again_s = statistics.median(per_step[1:]), statistics.median(resubmit[1:])
+        rows.append(
+            {
+                "case": f"fast-forward {k} tokens: end and resubmit vs one forced token per step",
+                "ours_us": round(1e6 * again_s, 1),
+                "baseline": f"{k} forced decode steps",
+                "baseline_us": round(1e6 * steps_s, 1),
+                "ratio": round(steps_s / again_s, 3),
+                "B": 1,
+                "prompt_tokens": PREFIX_TOKENS,
+                "cold_prompt_us": round(1e6 * cold_s, 1),
+            }
+        )
     return rows
 
 
