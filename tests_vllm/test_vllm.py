@@ -58,15 +58,25 @@ def test_mixed_batch_each_request_gets_its_own_steering(model_folder: str, contr
         ("Three digits: ", _greedy(8, wasmshare_regex="[0-9]{3}")),
         ("My favourite colour is", _greedy(8, wasmshare_choice=CHOICES)),
         ("Answer:", _greedy(6, wasmshare_controller=wasm.stem, wasmshare_arg=allowed)),
+        (
+            "Say something:",
+            _greedy(8, wasmshare_controller=controller_id("boost_words"), wasmshare_arg="Paris\t8\n"),
+        ),
+        (
+            "Trap me:",
+            _greedy(12, wasmshare_controller=controller_id("hostile_controller"), wasmshare_arg="error"),
+        ),
     ]
     outputs = llm.generate([p for p, _ in requests], [s for _, s in requests])
-    plain, as_json, digits, colour, listed = (o.outputs[0] for o in outputs)
+    plain, as_json, digits, colour, listed, biased, trapped = (o.outputs[0] for o in outputs)
 
     assert plain.token_ids == plain_expected
     jsonschema.validate(json.loads(as_json.text), SCHEMA)
     assert re.fullmatch("[0-9]{3}", digits.text), digits.text
     assert colour.text in CHOICES, colour.text
     assert len(listed.token_ids) == 6 and set(listed.token_ids) <= set(allowed), listed.token_ids
+    assert "Paris" in biased.text, biased.text  # the bias row steered it
+    assert list(trapped.token_ids) == [tokenizer.eos_token_id], trapped.token_ids  # it ended alone, at once
     print(f"mixed batch test: {time.perf_counter() - started:.1f} s")
     assert hashlib.sha256(wasm.read_bytes()).hexdigest() == wasm.stem
 
