@@ -123,6 +123,15 @@ def _stop_service(
     folder.cleanup()
 
 
+def _write_replacing(path: str, text: str) -> None:
+    """Write ``text`` to ``path`` whole: through a temporary file renamed over it, so a reader
+    in another process never sees a half-written file."""
+    temporary = f"{path}.{os.getpid()}.tmp"
+    with open(temporary, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(temporary, path)
+
+
 @dataclass
 class _Stats:
     """Time the processor adds to vLLM's critical path, written to ``path`` when one is given.
@@ -148,10 +157,7 @@ class _Stats:
                 "wait_s": self.wait_s,
                 "send_s": self.send_s,
             }
-            temporary = f"{self.path}.{os.getpid()}.tmp"
-            with open(temporary, "w") as f:
-                json.dump(figures, f)
-            os.replace(temporary, self.path)
+            _write_replacing(self.path, json.dumps(figures))
 
 
 @dataclass
@@ -172,11 +178,8 @@ def _report(row: _Row) -> None:
     folder = os.environ.get("WASMSHARE_STATUS_DIR")
     if row.tag is None or not folder or row.ended is None:
         return
-    path = os.path.join(folder, f"{row.tag}.error")
     try:
-        with open(f"{path}.{os.getpid()}.tmp", "w", encoding="utf-8") as f:
-            f.write(row.ended)
-        os.replace(f"{path}.{os.getpid()}.tmp", path)
+        _write_replacing(os.path.join(folder, f"{row.tag}.error"), row.ended)
     except OSError as e:
         log.warning("cannot write the status of %s: %s", row.key, e)
 
