@@ -145,76 +145,58 @@ def translate(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | No
 
 
 class ServiceHandle:
-    """The controller service this gateway owns: started, restarted when it died, asked to prepare."""
+    """The controller service this gateway owns: started, restarted when it died, asked to prepare.
+
+    Each ``prepare`` opens its own connection (a Unix connect is cheap), so requests compile
+    their constraints in parallel on the service's threads and no connection outlives a
+    service that died."""
 
     def __init__(self, command: list[str], socket_path: str, start_s: float = 120.0) -> None:
         self.command = command
         self.socket_path = socket_path
         self.start_s = start_s
         self.process: subprocess.Popen[bytes] | None = None
-        self._sock: socket.socket | None = None
         self._lock = threading.Lock()
 
     def ensure(self) -> None:
-        """Start the service if it is not running (again, if it died), and connect to it."""
-        with self._lock:
-            if self.process is not None and self.process.poll() is None and self._sock is not None:
-                return
-            self._close_sock()
-            for attempt in range(2):
+        """Start the service if it is not running (again, if it died) and wait until it listens.
+
+        A service killed a moment ago can still look alive until the kernel has torn it down:
+        the wait then sees it exit, and it is started once more."""
+        for attempt in range(2):
+            with self._lock:
                 if self.process is None or self.process.poll() is not None:
                     self.process = subprocess.Popen(self.command, stdin=subprocess.DEVNULL)
-                try:
-                    self._sock = self._connect()
-                    return
-                except WasmshareError:
-                    if attempt:  # it exited at start twice: give up
-                        raise
-
-    def _connect(self) -> socket.socket:
-        try:
-            return _framing.connect_unix(self.socket_path, self.start_s, self.process)
-        except OSError as e:
-            raise WasmshareError(str(e)) from None
+                process = self.process
+            try:
+                _framing.connect_unix(self.socket_path, self.start_s, process).close()
+                return
+            except ChildProcessError as e:
+                if attempt:  # it exited at start twice
+                    raise WasmshareError(str(e)) from None
+            except OSError as e:  # it never listened
+                raise WasmshareError(str(e)) from None
 
     def prepare(self, steer: dict[str, Any]) -> str | None:
         """Compile (or check) a steering in the service; its one-line error, or None.
 
-        A connection that fails is tried once more after the service is restarted: a
-        service killed a moment ago may not have been reaped yet when the next request comes."""
+        A connection that breaks (its service died after :meth:`ensure` saw it) is made
+        once more, to a service started again."""
         for attempt in range(2):
-            self.ensure()
-            with self._lock:
-                sock = self._sock
-                assert sock is not None
-                try:
+            try:
+                self.ensure()
+                with _framing.connect_unix(self.socket_path, self.start_s, self.process) as sock:
                     _framing.send_message(sock, {"op": "prepare", "steer": steer})
                     reply, _ = _framing.recv_message(sock)
-                    break
-                except (OSError, EOFError, ValueError) as e:
-                    self._close_sock()
-                    if attempt:
-                        raise WasmshareError(f"the controller service is unavailable: {e}") from None
-                    self._reap()
+                break
+            except (WasmshareError, OSError, EOFError, ValueError) as e:
+                if attempt:
+                    raise WasmshareError(f"the controller service is unavailable: {e}") from None
         return None if reply.get("ok") else str(reply.get("error", "refused"))
-
-    def _reap(self) -> None:
-        """Wait briefly for a service whose connection broke to exit (it is then restarted)."""
-        if self.process is not None:
-            try:
-                self.process.wait(5)
-            except subprocess.TimeoutExpired:
-                pass  # it lives: the connection alone broke, and a new one is made
-
-    def _close_sock(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
 
     def close(self) -> None:
         """Stop the service."""
         with self._lock:
-            self._close_sock()
             if self.process is not None and self.process.poll() is None:
                 self.process.terminate()
                 try:
