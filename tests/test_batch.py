@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import signal
 import struct
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -548,3 +549,69 @@ def test_a_host_failure_inside_a_step_ends_only_that_sequence(
         step = batch.step({bad: [5], good: [7]})
         assert step.results[bad].action is Action.ERROR and "TypeError" in str(step.results[bad].error)
         assert step.results[good].action is Action.CONTINUE
+
+
+# -- cuttable steps: controllers that answer late ------------------------------------------------
+
+
+def slow_ctrl(units: int) -> Controller:
+    """slow.wasm: ``units`` × 1000 loop iterations per step, then a mask of the odd ids."""
+    return ctrl("slow", struct.pack("<4I", units, 0, 0, 0))
+
+
+def odd_ids(vocab_size: int) -> list[int]:
+    return list(range(1, vocab_size, 2))
+
+
+def test_a_cut_step_returns_what_answered_and_the_late_answer_follows(table: TokenTable, mode: str) -> None:
+    """After the cut the step holds the controllers that answered; the slow one is late, no
+    step may include it, and collect_late hands over its answer when it comes."""
+    with ControllerBatch(table, capacity=4, mode=mode, limits=Limits(deadline_ms=60_000)) as batch:
+        slow = batch.add(slow_ctrl(200_000))  # far longer than the cut below
+        fast = batch.add(ctrl("allow_list", u32s(tid(b"good"))))
+        if mode == "workers":
+            # a worker runs its slots one after another: keep the fast one off the slow one's worker
+            assert batch._sequences[slow].worker != batch._sequences[fast].worker
+        cut = batch.new_cut()
+
+        threading.Timer(0.05, cut.set).start()
+        step = batch.step({slow: [], fast: []}, only=[slow, fast], cut=cut)
+        assert step.sequences == (fast,) and step.late == (slow,)
+        assert batch.late == {slow}
+        assert allowed_ids(batch, batch.slot(fast)) == [tid(b"good")]
+        with pytest.raises(WasmshareError, match=f"sequence {slow} is still in a step that was cut"):
+            batch.step({slow: [1]}, only=[slow])
+        with pytest.raises(WasmshareError, match="still in a step that was cut"):
+            batch.step()
+        again = batch.step({fast: [tid(b"good")]}, only=[fast], cut=batch.new_cut())  # the others go on
+        assert again.sequences == (fast,) and again.late == ()
+        late = batch.collect_late(wait=[slow])
+        assert late is not None and late.sequences == (slow,) and late.outputs == (Output.BITMASK,)
+        assert allowed_ids(batch, batch.slot(slow)) == odd_ids(table.vocab_size)
+        assert batch.late == frozenset() and batch.collect_late() is None
+        outputs = batch.row_outputs(late)
+        assert outputs[slow].allowed.tolist() == odd_ids(table.vocab_size)
+
+
+def test_a_cut_step_does_not_wait_for_expendable_sequences(table: TokenTable) -> None:
+    """A sequence named expendable is not waited for: the step returns once the others answer."""
+    with ControllerBatch(table, capacity=2, limits=Limits(deadline_ms=60_000)) as batch:
+        slow = batch.add(slow_ctrl(100_000))
+        fast = batch.add(ctrl("allow_list", u32s(tid(b"good"))))
+        step = batch.step({slow: [], fast: []}, only=[slow, fast], cut=batch.new_cut(expendable=[slow]))
+        assert step.sequences == (fast,) and step.late == (slow,)
+        batch.remove(slow)  # waits for its running call, then tears it down
+        assert batch.late == frozenset() and batch.sequences == (fast,)
+
+
+def test_a_late_controller_past_its_deadline_fails_in_its_late_answer(table: TokenTable, mode: str) -> None:
+    """The hard deadline holds for a late controller: its late answer is the error."""
+    with ControllerBatch(table, capacity=2, mode=mode, limits=Limits(deadline_ms=40)) as batch:
+        slow = batch.add(slow_ctrl(2_000_000))
+        step = batch.step({slow: []}, only=[slow], cut=batch.new_cut(expendable=[slow]))
+        assert step.late == (slow,)
+        late = batch.collect_late(wait=[slow])
+        assert late is not None
+        (failure,) = late.failed
+        assert failure.sequence_id == slow and "deadline" in str(failure.error)
+        assert slow not in batch.sequences

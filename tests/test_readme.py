@@ -1,4 +1,4 @@
-"""Every Python snippet of the README runs as written (from the repository root)."""
+"""Every Python snippet of the README (and of docs/engine.md) runs as written (from the repository root)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,12 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
 SNIPPETS = re.findall(r"^```python\n(.*?)^```", README, re.S | re.M)
+DOC_SNIPPETS = re.findall(r"^```python\n(.*?)^```", (ROOT / "docs" / "engine.md").read_text(), re.S | re.M)
 
 
 def test_the_readme_has_snippets_and_stays_short_enough_to_read() -> None:
-    assert len(SNIPPETS) >= 6
+    assert len(SNIPPETS) >= 6 and DOC_SNIPPETS
+    assert len(README.encode()) < 20_000
 
 
 @pytest.fixture(scope="module")
@@ -28,14 +30,14 @@ def live(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
     server.close()
 
 
-@pytest.mark.parametrize("index", range(len(SNIPPETS)))
+@pytest.mark.parametrize("index", range(len(SNIPPETS) + len(DOC_SNIPPETS)))
 def test_readme_snippet_runs(
     index: int,
     monkeypatch: pytest.MonkeyPatch,
     capsys: pytest.CaptureFixture[str],
     request: pytest.FixtureRequest,
 ) -> None:
-    code = SNIPPETS[index]
+    code = [*SNIPPETS, *DOC_SNIPPETS][index]
     if "torch" in code or "wasmshare.llm" in code:
         pytest.importorskip("torch", reason="the LLM snippets need torch")
     if "from openai import OpenAI" in code:

@@ -68,6 +68,7 @@ def gateway(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TestClient]:
         ),
         ({"response_format": {"type": "text"}}, None),
         ({"regex": None}, None),
+        ({"stall_policy": "wait"}, None),  # what vLLM does anyway
     ],
 )
 def test_steering_fields_become_vllm_xargs(body: dict[str, Any], xargs: dict[str, Any] | None) -> None:
@@ -91,6 +92,8 @@ def test_steering_fields_become_vllm_xargs(body: dict[str, Any], xargs: dict[str
         ({"controller": "../../etc/passwd"}, "sha256"),
         ({"controller": "a" * 64, "controller_arg": [-1]}, "controller_arg as a list holds uint32"),
         ({"regex": "a" * (300 << 10)}, "the limit is 262,144"),
+        ({"stall_policy": "sit_out"}, "a row cannot sit out here"),
+        ({"stall_policy": 3}, "a row cannot sit out here"),
     ],
 )
 def test_bad_steering_is_refused_in_one_line(body: dict[str, Any], message: str) -> None:

@@ -22,6 +22,7 @@ BENCHMARKS = (
     "serve",
     "plugins",
     "whitespace",
+    "stall",
     "vllm",
 )
 

@@ -9,6 +9,7 @@ stats) to stderr, so ``wasmshare run ... --json > out.jsonl`` is a file a progra
 from __future__ import annotations
 
 import json
+import math
 import struct
 import sys
 import time
@@ -19,6 +20,9 @@ import typer
 from rich.console import Console
 
 from ..errors import WasmshareError
+from ..llm.limits import DEFAULT_DEADLINE_MS, Limits
+from ..llm.requests import StallPolicy
+from ._options import check_stall_options
 from ._output import errors, fail
 
 __all__ = [
@@ -54,6 +58,9 @@ class RunOptions:
         self.stop: list[str] = values.get("stop") or []
         self.grammar_backend: str = values.get("grammar_backend") or "llguidance"
         self.flexible_whitespace: bool = values.get("flexible_whitespace", False)
+        self.stall_policy: StallPolicy = values.get("stall_policy") or "sit_out"
+        self.step_budget_ms: float | None = values.get("step_budget_ms")
+        self.controller_deadline_ms: float = values.get("controller_deadline_ms") or DEFAULT_DEADLINE_MS
 
 
 PLAIN_MAX_TOKENS = 128
@@ -107,6 +114,19 @@ def run(
             help="Allow any JSON whitespace under --json-schema (default: compact separators).",
         ),
     ] = False,
+    stall_policy: Annotated[
+        str,
+        typer.Option(
+            help="sit_out (default): a late controller's row sits the step out; wait: hold the batch."
+        ),
+    ] = "sit_out",
+    step_budget_ms: Annotated[
+        float | None,
+        typer.Option(help="How long past the forward pass to wait for controllers (default: 10% of it)."),
+    ] = None,
+    controller_deadline_ms: Annotated[
+        float, typer.Option(help="Per-step deadline of a controller, in ms.")
+    ] = DEFAULT_DEADLINE_MS,
 ) -> None:
     """Generate with the embedded model, steered by a constraint or a wasm controller.
 
@@ -131,7 +151,12 @@ def run(
         stop=stop,
         grammar_backend=grammar_backend,
         flexible_whitespace=flexible_whitespace,
+        stall_policy=check_stall_options(stall_policy, step_budget_ms),
+        step_budget_ms=step_budget_ms,
+        controller_deadline_ms=controller_deadline_ms,
     )
+    if not (controller_deadline_ms > 0 and math.isfinite(controller_deadline_ms)):
+        raise fail(f"--controller-deadline-ms must be a positive number, got {controller_deadline_ms}")
     try:
         code = run_command(options, errors)
     except WasmshareError as e:
@@ -290,7 +315,12 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
 
     started = time.perf_counter()
     with Engine(
-        loaded, max_batch=min(8, len(requests)), grammar_backend=parse_backend(opts.grammar_backend)
+        loaded,
+        max_batch=min(8, len(requests)),
+        grammar_backend=parse_backend(opts.grammar_backend),
+        limits=Limits(deadline_ms=opts.controller_deadline_ms),
+        stall_policy=opts.stall_policy,
+        step_budget_ms=opts.step_budget_ms,
     ) as engine:
         with torch.inference_mode():
             if single:
@@ -338,7 +368,13 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
             f"[dim]{_count(stats.generated_tokens, 'token')} in {elapsed:.1f} s; decode {stats.tokens_per_s:.1f} tok/s; "
             f"controllers {stats.work_us_per_step:.0f} µs/step "
             f"({stats.critical_us_per_step:.0f} µs on the critical path); "
-            f"bytes copied between host and guests: {stats.bytes_copied}[/]",
+            f"bytes copied between host and guests: {stats.bytes_copied}"
+            + (
+                f"; {_count(stats.sat_out_steps, 'step')} sat out by late controllers"
+                if stats.sat_out_steps
+                else ""
+            )
+            + "[/]",
             highlight=False,
         )
     return code

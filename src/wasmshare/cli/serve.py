@@ -10,6 +10,7 @@ import typer
 
 from ..errors import WasmshareError
 from ..llm.limits import DEFAULT_DEADLINE_MS
+from ._options import check_stall_options
 from ._output import console, fail
 
 __all__ = ["serve"]
@@ -46,6 +47,16 @@ def serve(
     ] = 10.0,
     controllers_dir: Annotated[Path | None, typer.Option(help="Where uploaded controllers are kept.")] = None,
     grammar_backend: Annotated[str, typer.Option(help="llguidance (default) or xgrammar.")] = "llguidance",
+    stall_policy: Annotated[
+        str,
+        typer.Option(
+            help="sit_out (default): a late controller's row sits the step out; wait: hold the batch."
+        ),
+    ] = "sit_out",
+    step_budget_ms: Annotated[
+        float | None,
+        typer.Option(help="How long past the forward pass to wait for controllers (default: 10% of it)."),
+    ] = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, with controller upload."""
@@ -68,6 +79,7 @@ def serve(
         raise fail(f"--controller-deadline-ms must be positive, got {controller_deadline_ms}")
     if controller_compile_s <= 0:
         raise fail(f"--controller-compile-s must be positive, got {controller_compile_s}")
+    policy = check_stall_options(stall_policy, step_budget_ms)
     from ..llm.constraints import parse_backend
 
     try:
@@ -89,6 +101,8 @@ def serve(
         grammar_backend=backend,
         max_prompt_tokens=max_prompt_tokens,
         controller_compile_s=controller_compile_s,
+        stall_policy=policy,
+        step_budget_ms=step_budget_ms,
     )
     try:
         run_server(model, config, host=host, port=port, log_level=log_level, console=console, device=device)

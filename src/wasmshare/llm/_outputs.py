@@ -90,18 +90,31 @@ class OutputRows:
 
     # -- deferred masks ----------------------------------------------------------------------------
 
-    def new_step(self, stepped: Sequence[_Stepped], defer_masks: Container[int], *, partial: bool) -> None:
+    def new_step(
+        self,
+        stepped: Sequence[_Stepped],
+        defer_masks: Container[int],
+        *,
+        partial: bool,
+        running: Container[int] = (),
+    ) -> None:
         """A step of the ``stepped`` sequences begins: tell the constraints of ``defer_masks``
         to leave this step's mask uncomputed.
 
-        Every flag of an earlier step is cleared first, stepped now or not. The stepped
-        sequences' waiting masks are forgotten (they are about to move on); with ``partial``
-        (a step with ``only=``) the others' stay, as their state does. Only llguidance
-        constraints can defer; the others compute their masks as usual."""
+        Every flag of an earlier step is cleared first, stepped now or not, except those of
+        the slots in ``running`` (constraints still in a step that was cut, which read their
+        flag and are settled by :meth:`settle_late`). The stepped sequences' waiting masks
+        are forgotten (they are about to move on); with ``partial`` (a step with ``only=``)
+        the others' stay, as their state does. Only llguidance constraints can defer; the
+        others compute their masks as usual."""
         self._generation += 1
+        kept = []
         for flagged in self._flagged:
-            flagged.defer_mask = False
-        self._flagged = []
+            if flagged.slot in running:
+                kept.append(flagged)
+            else:
+                flagged.defer_mask = False
+        self._flagged = kept
         if not partial:
             self.deferred.clear()
         elif self.deferred:
@@ -119,11 +132,27 @@ class OutputRows:
                 instance.defer_mask = True
                 self._flagged.append(instance)
 
-    def end_step(self) -> None:
-        """The step ran: the flagged constraints that left their mask uncomputed now wait."""
+    def end_step(self, late: Container[int] = ()) -> None:
+        """The step ran: the flagged constraints that left their mask uncomputed now wait.
+
+        Those of the slots in ``late`` are still running (the step was cut): they wait for
+        :meth:`settle_late` instead."""
         for instance in self._flagged:
-            if instance.mask_deferred:
+            if instance.slot not in late and instance.mask_deferred:
                 self.deferred[instance.slot] = instance
+
+    def settle_late(self, slots: Iterable[int]) -> None:
+        """The late steps of ``slots`` are over: their deferred masks wait like this step's."""
+        chosen = set(slots)
+        kept = []
+        for instance in self._flagged:
+            if instance.slot in chosen:
+                instance.defer_mask = False
+                if instance.mask_deferred:
+                    self.deferred[instance.slot] = instance
+            else:
+                kept.append(instance)
+        self._flagged = kept
 
     def fill_deferred(self, slots: Iterable[int] | None = None) -> None:
         """Compute the last step's deferred masks (of ``slots``, default all) into the bitmask."""

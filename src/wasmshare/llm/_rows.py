@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from ..errors import WasmshareError
 from .constraints import ConstraintSpec
-from .requests import FinishReason, GenerationRequest, GenerationResult, default_max_work
+from .requests import STALL_POLICIES, FinishReason, GenerationRequest, GenerationResult, default_max_work
 
 if TYPE_CHECKING:
     import torch
@@ -55,8 +55,12 @@ class Row:
     read_offset: int = 0
     reported: bool = False  # its result has been handed to the caller
     work: int = 0  # tokens produced: sampled and fast-forwarded, backtracked ones included
-    steps: int = 0  # decode steps taken in the batch
+    steps: int = 0  # decode steps taken in the batch (sat-out ones not counted)
     work_limit: int = 0
+    kept_logits: Any = None  # its logits while its controller is late: drawn from when it answers
+    late_last: bool = False  # its controller was late at its last step (the next cut need not wait)
+    sat_out: int = 0  # steps the batch took without it while its controller was late
+    lag: int = 0  # of them, the ones in a row up to now
 
     @property
     def over_work_limit(self) -> bool:
@@ -80,7 +84,9 @@ class Row:
             cut = text.find(stop)
             if cut >= 0:
                 text = text[:cut]
-        return GenerationResult(self.request, len(self.prompt), list(self.tokens), text, finish, self.error)
+        return GenerationResult(
+            self.request, len(self.prompt), list(self.tokens), text, finish, self.error, self.sat_out
+        )
 
 
 @dataclass
@@ -105,7 +111,7 @@ def build_row(
 
     Raises :class:`~wasmshare.errors.WasmshareError` naming request ``index`` for a prompt
     that is empty, holds ids outside ``vocab_size`` or reaches ``context_length``, and for
-    a bad ``max_tokens``, ``temperature``, ``top_p``, ``seed`` or ``max_work``.
+    a bad ``max_tokens``, ``temperature``, ``top_p``, ``seed``, ``max_work`` or ``stall_policy``.
     """
     import torch
 
@@ -138,6 +144,10 @@ def build_row(
     limit = default_max_work(request.max_tokens) if request.max_work is None else request.max_work
     if not isinstance(limit, int) or limit < request.max_tokens:
         raise WasmshareError(f"request {index}: max_work must be an int >= max_tokens, got {limit!r}")
+    if request.stall_policy is not None and request.stall_policy not in STALL_POLICIES:
+        raise WasmshareError(
+            f"request {index}: stall_policy must be 'wait' or 'sit_out', got {request.stall_policy!r}"
+        )
     row = Row(request, index, prompt, work_limit=limit)
     if request.temperature > 0:
         row.generator = torch.Generator(device=device)  # multinomial draws where the logits are

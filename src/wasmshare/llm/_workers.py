@@ -15,7 +15,7 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from typing import Any
 
 import numpy as np
@@ -68,6 +68,7 @@ class WorkerHandle:
         self._copied: np.ndarray[Any, Any] | None = regions.worker_bytes_copied(index)
         self._ended_copied = 0  # bytes copied by this worker's earlier processes
         self._pending = 0
+        self._step_timeout_at = 0.0  # monotonic time past which the pending step is hung
         self._start()
 
     @property
@@ -224,6 +225,20 @@ class WorkerHandle:
     def start_step(self) -> None:
         """Wake the worker to step every slot whose run flag is set."""
         self._pending = self._bump(CMD_STEP)
+        self._step_timeout_at = time.monotonic() + self._step_timeout_s()
+
+    def step_answered(self) -> bool:
+        """Without waiting: True once the pending step is over, answered or not (the worker
+        died or is past its timeout); :meth:`finish_step` then returns at once."""
+        return (
+            int(self._words[1]) == self._pending
+            or self.process.poll() is not None
+            or time.monotonic() >= self._step_timeout_at
+        )
+
+    def _step_timeout_s(self) -> float:
+        per_call = (self.limits.deadline_ms or 1000.0) / 1000
+        return 2 * per_call * max(1, len(self.slots)) + WORKER_GRACE_S
 
     def finish_step(self) -> None:
         """Wait for the step :meth:`start_step` began; a worker that dies or hangs is restarted.
@@ -232,9 +247,8 @@ class WorkerHandle:
         functions check the rest), so a step takes at most the sum of its controllers'
         deadlines; the grace covers a loaded machine's scheduling delays, where a worker can
         wait seconds for a core, and still catches a worker that hangs."""
-        per_call = (self.limits.deadline_ms or 1000.0) / 1000
-        timeout = 2 * per_call * max(1, len(self.slots)) + WORKER_GRACE_S
-        if not self._wait_done(self._pending, timeout):
+        timeout = self._step_timeout_s()
+        if not self._wait_done(self._pending, max(0.0, self._step_timeout_at - time.monotonic())):
             self._crashed(
                 "died during a step"
                 if self.process.poll() is not None
@@ -303,10 +317,16 @@ class WorkerPool:
     def __len__(self) -> int:
         return len(self.handles)
 
-    def least_loaded(self, among: int | None = None) -> int:
-        """The index of the worker running the fewest slots, of the first ``among`` (default all)."""
+    def least_loaded(self, among: int | None = None, avoid: Container[int] = ()) -> int:
+        """The index of the worker running the fewest slots, of the first ``among`` (default all).
+
+        Workers in ``avoid`` (those still running a step that was cut) come last: a message
+        to one waits until its step is over."""
         handles = self.handles
-        return min(range(len(handles) if among is None else among), key=lambda w: len(handles[w].slots))
+        return min(
+            range(len(handles) if among is None else among),
+            key=lambda w: (w in avoid, len(handles[w].slots)),
+        )
 
     def step(self, busy: Sequence[int], local: Callable[[], None]) -> None:
         """Step the flagged slots of the ``busy`` workers, running ``local`` on this thread meanwhile."""

@@ -23,31 +23,21 @@ carries on.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Container, Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from ..errors import WasmshareError
-from . import _futex, _records
 from . import _layout as L
-from ._inputs import StepInputs
-from ._outputs import OutputRows
-from ._regions import BatchRegions
-from ._threads import ThreadRunner, run_chunk
-from ._workers import WorkerPool
+from . import _records
+from ._late import StepCut
+from ._slots import BatchSlots, SlotSequence
+from ._threads import run_chunk
 from .constraints import (
-    Backend,
     ConstraintInstance,
-    ConstraintSpec,
-    compile_constraint,
-    parse_backend,
 )
-from .controller import Controller, ControllerInstance
-from .limits import Limits
 from .results import (
     ACTION_ERROR_CODE,
     Action,
@@ -59,7 +49,6 @@ from .results import (
     SequenceFailed,
     StepResult,
 )
-from .tokens import TokenTable
 
 if TYPE_CHECKING:
     from .logits import Tensor
@@ -73,26 +62,14 @@ __all__ = [
     "PreparedOutputs",
     "RowOutput",
     "SequenceFailed",
+    "StepCut",
     "StepResult",
 ]
 
-Mode = Literal["threads", "workers"]
-
-# Constrained sequences carry a Controller record only for its name; it is never instantiated.
-_CONSTRAINT_PLACEHOLDER = b"\0asm\x01\0\0\0"
 _SMALL_BATCH = 32  # up to this many sequences, per-step writes and checks run on Python lists
 
 
-@dataclass
-class _Sequence:
-    sequence_id: int
-    slot: int
-    controller: Controller
-    worker: int = -1
-    instance: ControllerInstance | ConstraintInstance | None = None
-
-
-class ControllerBatch:
+class ControllerBatch(BatchSlots):
     """The wasm controllers of one engine batch (see the module docstring).
 
     Parameters
@@ -119,262 +96,6 @@ class ControllerBatch:
         ``True`` always spreads a step over the pool; ``False`` always runs inline.
     """
 
-    def __init__(
-        self,
-        token_table: TokenTable,
-        *,
-        capacity: int = 64,
-        mode: Mode = "threads",
-        workers: int | None = None,
-        limits: Limits | None = None,
-        step_slot_bytes: int = L.DEFAULT_STEP_SLOT_BYTES,
-        parallel: bool | None = None,
-        grammar_backend: Backend = "llguidance",
-    ) -> None:
-        if not isinstance(capacity, int) or capacity <= 0:
-            raise WasmshareError(f"capacity must be a positive int, got {capacity!r}")
-        if mode not in ("threads", "workers"):
-            raise WasmshareError(f"mode must be 'threads' or 'workers', got {mode!r}")
-        if mode == "workers" and not _futex.AVAILABLE:
-            raise WasmshareError("mode='workers' needs Linux (futex wake-ups); use mode='threads'")
-        if step_slot_bytes < L.TOKENS_OFFSET + 4096:
-            raise WasmshareError(f"step_slot_bytes must be at least {L.TOKENS_OFFSET + 4096}")
-        self.token_table = token_table
-        self.vocab_size = token_table.vocab_size
-        self.capacity = capacity
-        self.mode: Mode = mode
-        self.limits = limits if limits is not None else Limits()
-        n = workers if workers is not None else min(os.cpu_count() or 1, capacity)
-        if not isinstance(n, int) or n <= 0:
-            raise WasmshareError(f"workers must be a positive int, got {workers!r}")
-        if mode == "workers" and n > BatchRegions.MAX_WORKERS:
-            raise WasmshareError(f"at most {BatchRegions.MAX_WORKERS} workers")
-        self.n_workers = n
-        self.regions = BatchRegions.create(token_table.region, self.vocab_size, capacity, step_slot_bytes)
-        self._outputs = OutputRows(self.regions)
-        self._mask_rows = self._outputs.mask_rows
-        self._bias_rows = self._outputs.bias_rows
-        self._run_flags = self.regions.run_flags()
-        self._inputs = StepInputs(self.regions)
-        self._step_words = self._inputs.words
-        self._status_words = self.regions.status_words()
-        self._result_records = [self.regions.result_record(slot)[0] for slot in range(capacity)]
-        self._status_records = [self.regions.status_record(slot)[0] for slot in range(capacity)]
-        self._sequences: dict[int, _Sequence] = {}
-        self._free_slots = list(range(capacity - 1, -1, -1))
-        self._next_id = 0
-        self._slot_output = np.zeros(capacity, dtype=np.int8)
-        self._steps = np.zeros(capacity, dtype=np.int64)  # per slot: the next step number
-        self._lengths = np.zeros(capacity, dtype=np.int64)  # per slot: tokens in the sequence
-        self._sequence_ids = np.full(capacity, -1, dtype=np.int64)
-        self._order_cache: (
-            tuple[list[_Sequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]] | None
-        ) = None
-        self.grammar_backend: Backend = parse_backend(grammar_backend)
-        self._closed = False
-        self._threads: ThreadRunner | None = None
-        self._ended_copied = 0  # bytes copied by the guests this process ran that have ended
-        self._last_step: BatchStep | None = None
-        # slot -> why its worker's sequences ended when the worker died outside a step; the
-        # next step reports it (a step resets every stepped slot's status first)
-        self._lost: dict[int, str] = {}
-        if mode == "threads":
-            self._threads = ThreadRunner(n, parallel)
-        n_processes = n if mode == "workers" else 0
-        self._workers = WorkerPool(self.regions, self.limits, token_table, n_processes, self.lose_slot)
-
-    # -- views ---------------------------------------------------------------------------------
-
-    @property
-    def mask(self) -> np.ndarray[Any, Any]:
-        """Zero-copy ``[capacity, ceil(V/32)]`` int32 view of the batch bitmask (row = slot).
-
-        Rows whose mask the last step deferred are stale until :meth:`fill_deferred_masks`."""
-        return self._mask_rows
-
-    @property
-    def bias(self) -> np.ndarray[Any, Any]:
-        """Zero-copy ``[capacity, V]`` float32 view of the batch bias (row = slot). The row
-        of a sequence that answered a sparse bias holds its (id, value) pairs, not a dense
-        bias: :meth:`row_outputs` and :meth:`apply` read them as checked."""
-        return self._bias_rows
-
-    def mask_tensor(self) -> Tensor:
-        """Zero-copy torch view of :attr:`mask` (CPU; page-locked when CUDA is available).
-
-        Rows whose mask the last step deferred are stale until :meth:`fill_deferred_masks`."""
-        tensor: Tensor = self._torch_views()["mask"]
-        return tensor
-
-    def bias_tensor(self) -> Tensor:
-        """Zero-copy torch view of :attr:`bias`."""
-        tensor: Tensor = self._torch_views()["bias"]
-        return tensor
-
-    @property
-    def sequences(self) -> tuple[int, ...]:
-        """Ids of the live sequences, in slot order."""
-        return tuple(s.sequence_id for s in sorted(self._sequences.values(), key=lambda s: s.slot))
-
-    def slot(self, sequence_id: int) -> int:
-        """The slot (row of :attr:`mask` / :attr:`bias`) of a live sequence."""
-        return self._get(sequence_id).slot
-
-    @property
-    def bytes_copied(self) -> int:
-        """Bytes copied between the host and this batch's guests so far, ended guests included.
-
-        The sum of every controller guest's own counter (:attr:`~wasmshare.guest.Guest.bytes_copied`):
-        0 where loans map the regions' pages into the guests and no host function copies;
-        in copy mode, each lent row copied in before a call and out after it. In worker mode
-        each worker reports its guests' sum in the control region at the end of every
-        command. Constraints copy nothing: their masks are computed in place."""
-        total = self._ended_copied
-        for seq in self._sequences.values():
-            if seq.instance is not None:
-                total += seq.instance.bytes_copied
-        return total + self._workers.bytes_copied
-
-    def label(self, sequence_id: int) -> str:
-        """The name of a live sequence's controller or constraint, as error messages give it."""
-        return self._get(sequence_id).controller.label
-
-    def _get(self, sequence_id: int) -> _Sequence:
-        seq = self._sequences.get(sequence_id)
-        if seq is None:
-            raise WasmshareError(f"no live sequence {sequence_id} in this batch")
-        return seq
-
-    def _require_open(self) -> None:
-        if self._closed:
-            raise WasmshareError("the controller batch is closed")
-
-    # -- joining and leaving ---------------------------------------------------------------------
-
-    def add(
-        self,
-        controller: Controller | ConstraintSpec,
-        prompt: Sequence[int] = (),
-        *,
-        sequence_id: int | None = None,
-    ) -> int:
-        """Start a sequence in a free slot, driven by a wasm controller or a constraint.
-
-        A :class:`Controller` is instantiated and its ``ws_ctrl_create`` runs; a
-        :class:`~wasmshare.llm.constraints.ConstraintSpec` (JSON Schema, regex, grammar,
-        choice) is compiled for the batch's tokenizer (cached) and runs on the host, writing
-        its masks into the same bitmask. Returns the sequence id. Raises :class:`BatchFull`,
-        :class:`ConstraintError`, :class:`GuestError` (bad module, ABI mismatch) or
-        :class:`SequenceFailed` (create trapped or returned an error); the slot is freed
-        again in every failure case.
-        """
-        self._require_open()
-        compiled = None
-        spec: ConstraintSpec | None = None
-        if isinstance(controller, ConstraintSpec):
-            spec = controller
-            compiled = compile_constraint(spec, self.token_table, backend=self.grammar_backend)
-            controller = Controller(_CONSTRAINT_PLACEHOLDER, name=f"constraint:{spec.kind}")
-        if not self._free_slots:
-            raise BatchFull(f"all {self.capacity} slots of the batch are taken")
-        if sequence_id is None:
-            sequence_id = self._next_id
-        if sequence_id in self._sequences:
-            raise WasmshareError(f"sequence {sequence_id} is already in the batch")
-        self._next_id = max(self._next_id, sequence_id + 1)
-        arg = controller.arg_bytes
-        tokens = self._inputs.check_prompt(prompt, arg)
-        slot = self._free_slots.pop()
-        seq = _Sequence(sequence_id, slot, controller)
-        try:
-            self._reset_slot(slot)
-            arg_offset = self._inputs.write_prompt(slot, tokens, arg)
-            lane = self._constraint_lane() if compiled is not None else -1
-            if lane >= 0:
-                # Worker processes each have their own GIL: constrained sequences spread over
-                # them and this thread compute their masks truly in parallel, still in place
-                # in the shared rows.
-                assert spec is not None
-                seq.worker = lane
-                self._workers[lane].constrain(slot, sequence_id, spec)
-            elif compiled is not None:
-                seq.instance = ConstraintInstance(compiled, self.regions, slot, sequence_id)
-                seq.instance.create(int(tokens.size), arg_offset, len(arg))
-            elif self.mode == "threads":
-                seq.instance = ControllerInstance(
-                    controller, self.regions, slot, sequence_id, self.limits, tokenizer=self.token_table
-                )
-                seq.instance.create(int(tokens.size), arg_offset, len(arg))
-            else:
-                seq.worker = self._workers.least_loaded()
-                self._workers[seq.worker].create(
-                    slot, sequence_id, controller, int(tokens.size), arg_offset, len(arg)
-                )
-            failure = self._status_failure(seq, "ws_ctrl_create")
-            if failure is not None:
-                raise failure
-        except BaseException:
-            self._drop(seq)
-            raise
-        self._sequences[sequence_id] = seq
-        self._steps[slot] = 0
-        self._lengths[slot] = tokens.size
-        self._sequence_ids[slot] = sequence_id
-        self._invalidate_order()
-        return sequence_id
-
-    def _constraint_lane(self) -> int:
-        """Where a new constrained sequence runs: -1 for this thread, else a worker index.
-
-        In worker mode (llguidance backend) the lanes are this thread, which would otherwise
-        wait for the workers, and all workers but one (so lanes match cores); the emptiest
-        lane wins.
-        """
-        if self.mode != "workers" or self.grammar_backend != "llguidance" or self.n_workers < 2:
-            return -1
-        local = sum(
-            1 for q in self._sequences.values() if q.worker < 0 and isinstance(q.instance, ConstraintInstance)
-        )
-        best = self._workers.least_loaded(among=self.n_workers - 1)
-        return best if len(self._workers[best].slots) < local else -1
-
-    def remove(self, sequence_id: int) -> None:
-        """End a sequence: tear its controller down and free its slot."""
-        seq = self._get(sequence_id)
-        del self._sequences[sequence_id]
-        self._drop(seq)
-
-    def _drop(self, seq: _Sequence) -> None:
-        self._outputs.forget(seq.slot)
-        self._lost.pop(seq.slot, None)
-        if seq.instance is not None:
-            seq.instance.close()
-            self._ended_copied += seq.instance.bytes_copied
-            seq.instance = None
-        if seq.worker >= 0:
-            self._workers[seq.worker].remove(seq.slot)
-            seq.worker = -1
-        self._reset_slot(seq.slot)
-        self._run_flags[seq.slot] = 0
-        self._slot_output[seq.slot] = L.OUTPUT_NONE
-        self._sequence_ids[seq.slot] = -1
-        self._invalidate_order()
-        if seq.slot not in self._free_slots:
-            self._free_slots.append(seq.slot)
-
-    def lose_slot(self, slot: int, message: str) -> None:
-        """End the sequence of ``slot`` with ``message`` because its runner (a worker) died.
-
-        The slot's status record says so at once; the batch also keeps the message, so the
-        next step reports it even when the runner died outside a step (a step resets every
-        stepped slot's status first). Called by the worker handles."""
-        L.write_status(self._status_records[slot], L.STATUS_HOST_ERROR, 0, message)
-        self._lost[slot] = message
-
-    def _reset_slot(self, slot: int) -> None:
-        """The safe value of a slot: every token allowed, no bias."""
-        self._outputs.reset(slot)
-
     # -- stepping -----------------------------------------------------------------------------------
 
     def step(
@@ -383,6 +104,7 @@ class ControllerBatch:
         *,
         only: Iterable[int] | None = None,
         defer_masks: Container[int] = (),
+        cut: StepCut | None = None,
     ) -> BatchStep:
         """Run every live controller once, in parallel where it pays, and check what each wrote.
 
@@ -404,6 +126,14 @@ class ControllerBatch:
         the deferred masks they read; :meth:`fill_deferred_masks` computes them all (say,
         before reading :attr:`mask` directly).
 
+        ``cut`` (from :meth:`new_cut`) makes the step cuttable: every controller runs as a
+        task of its own (:mod:`._late`), and once the cut is set (from any thread) the step
+        returns with those that have answered. The others are listed in
+        :attr:`BatchStep.late`: they keep running, no step may include them, and
+        :meth:`collect_late` hands over their results when they answer. A sequence's hard
+        limits (deadline, fuel) hold as ever; a late controller that overruns them fails
+        in its late result.
+
         The bookkeeping is vectorised over the step region, so the engine-side cost per
         sequence stays below the cost of the controller call itself.
         """
@@ -413,10 +143,21 @@ class ControllerBatch:
         if outputs.copy_event is not None:
             outputs.wait_for_copy()  # before controllers write the rows being copied again
         order, slots, index = self._order()
+        running = self._flights.running
+        if only is None and running:
+            raise WasmshareError(
+                f"sequences {sorted(running)} are still in a step that was cut: step the others "
+                "with only=, and take their results with collect_late()"
+            )
         if only is not None:
             chosen = set(only)
             for sid in chosen:
                 self._get(sid)
+                if sid in running:
+                    raise WasmshareError(
+                        f"sequence {sid} is still in a step that was cut: take its result with collect_late()"
+                    )
+            self._settle_busy_workers(chosen)
             order = [seq for seq in order if seq.sequence_id in chosen]
             slots = np.array([seq.slot for seq in order], dtype=np.intp)
             index = slots
@@ -435,8 +176,16 @@ class ControllerBatch:
                 message = self._lost.get(seq.slot)
                 if message is not None:
                     L.write_status(self._status_records[seq.slot], L.STATUS_HOST_ERROR, 0, message)
-        outputs.new_step(order, defer_masks if self.mode == "threads" else (), partial=only is not None)
+        running_slots = {f.slot for f in running.values()}
+        outputs.new_step(
+            order,
+            defer_masks if self.mode == "threads" else (),
+            partial=only is not None,
+            running=running_slots,
+        )
         phase_start = time.perf_counter()
+        if cut is not None:
+            return self._step_until_cut(order, index, steps, cut, started, phase_start)
         if self.mode == "threads":
             # A sequence's first step may do one-off work (an engine computes a joining
             # constraint's first mask and defers the later ones): not a fair sample of the cost.
@@ -454,6 +203,82 @@ class ControllerBatch:
         self._last_step = self._collect_all(order, slots, index, started, controller_us)
         return self._last_step
 
+    def new_cut(self, expendable: Iterable[int] = ()) -> StepCut:
+        """A :class:`StepCut` for one cuttable :meth:`step`; it does not wait for ``expendable``."""
+        return self._flights.new_cut(expendable)
+
+    @property
+    def late(self) -> frozenset[int]:
+        """Sequences still in a step that was cut (see :meth:`step`)."""
+        return frozenset(self._flights.running)
+
+    def _step_until_cut(
+        self,
+        order: list[SlotSequence],
+        index: slice | np.ndarray[Any, Any],
+        steps: np.ndarray[Any, Any],
+        cut: StepCut,
+        started: float,
+        phase_start: float,
+    ) -> BatchStep:
+        """The controller phase of a cuttable :meth:`step`: run each controller as its own
+        task, return with those that answered by the cut; the others stay in flight."""
+        self._steps[index] = steps + 1  # a late sequence is not stepped again before it answers
+        self._run_flags[index] = 1  # read by worker processes only
+        flights = self._flights.start(order)
+        self._flights.wait(flights, cut)
+        answered = [f for f in flights if self._flights.answered(f)]
+        controller_us = (time.perf_counter() - phase_start) * 1e6
+        self._land(answered)
+        late = tuple(f.sequence_id for f in flights if f.sequence_id in self._flights.running)
+        self._outputs.end_step(late={f.slot for f in self._flights.running.values()})
+        landed = {f.sequence_id for f in answered}
+        answered_order = [seq for seq in order if seq.sequence_id in landed]
+        self._last_step = self._collect_subset(answered_order, started, controller_us)
+        self._last_step.late = late
+        return self._last_step
+
+    def collect_late(
+        self, *, wait: Iterable[int] = (), first: bool = False, timeout_s: float | None = None
+    ) -> BatchStep | None:
+        """The results of late sequences (see :meth:`step`) that have answered since; None if none.
+
+        Waits first for those of ``wait`` still running (each at most its deadline; with
+        ``first``, for any one of them; at most ``timeout_s`` when given). The results are
+        read like a step's: :meth:`row_outputs`, :meth:`prepare` and :meth:`apply` take the
+        returned step until the next :meth:`step`.
+        """
+        self._require_open()
+        running = self._flights.running
+        if not running:
+            return None
+        started = time.perf_counter()
+        must = [running[sid] for sid in set(wait) if sid in running]
+        if must:
+            self._flights.wait(must, first=first, timeout_s=timeout_s)
+        answered = [f for f in running.values() if self._flights.answered(f)]
+        if not answered:
+            return None
+        landed = {f.sequence_id for f in self._land(answered)}
+        self._outputs.settle_late(f.slot for f in answered)
+        order = [seq for seq in self._order()[0] if seq.sequence_id in landed]
+        self._last_late = self._collect_subset(order, started, 0.0)
+        return self._last_late
+
+    def _settle_busy_workers(self, chosen: Container[int]) -> None:
+        """Before stepping ``chosen``: wait for the running steps of the workers they live on
+        (a worker runs one step at a time; rare, as new sequences avoid busy workers)."""
+        if self.mode != "workers" or not self._flights.running:
+            return
+        workers = {seq.worker for sid, seq in self._sequences.items() if sid in chosen and seq.worker >= 0}
+        for flight in self._flights.finish_workers(workers):
+            self._run_flags[flight.slot] = 0  # answered: the next step must not run it again
+
+    def _collect_subset(self, order: list[SlotSequence], started: float, controller_us: float) -> BatchStep:
+        """:meth:`_collect_all` over some sequences (in slot order)."""
+        slots = np.array([seq.slot for seq in order], dtype=np.intp)
+        return self._collect_all(order, slots, slots, started, controller_us)
+
     def fill_deferred_masks(self, slots: Iterable[int] | None = None) -> None:
         """Compute the last step's deferred masks (of ``slots``, default all) into the bitmask."""
         self._outputs.fill_deferred(slots)
@@ -464,27 +289,9 @@ class ControllerBatch:
         instance = seq.instance if seq is not None else None
         return instance.mask_error if isinstance(instance, ConstraintInstance) else None
 
-    def _order(self) -> tuple[list[_Sequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]]:
-        """Live sequences in slot order, their slots, and an index for the per-slot arrays:
-        a slice when the slots are contiguous (the usual case: basic slicing is several
-        times cheaper than fancy indexing), else the slot array."""
-        if self._order_cache is None:
-            order = sorted(self._sequences.values(), key=lambda s: s.slot)
-            slots = np.array([s.slot for s in order], dtype=np.intp)
-            index: slice | np.ndarray[Any, Any] = slots
-            if len(order) and int(slots[-1]) - int(slots[0]) + 1 == len(order):
-                index = slice(int(slots[0]), int(slots[-1]) + 1)
-            self._order_cache = (order, slots, index)
-        return self._order_cache
-
-    def _invalidate_order(self) -> None:
-        self._order_cache = None
-        if self._threads is not None:
-            self._threads.forget()
-
     def _collect_all(
         self,
-        order: list[_Sequence],
+        order: list[SlotSequence],
         slots: np.ndarray[Any, Any],
         index: slice | np.ndarray[Any, Any],
         started: float,
@@ -495,7 +302,7 @@ class ControllerBatch:
         candidates = _records.unusual_rows(header, status, small_batch=_SMALL_BATCH)
         action, output = header[:, 0].astype(np.int8), header[:, 1].astype(np.int8)
         special: dict[int, StepResult] = {}
-        dropped: list[_Sequence] = []
+        dropped: list[SlotSequence] = []
         for i in candidates:
             seq = order[i]
             result = self._collect(seq)
@@ -520,7 +327,7 @@ class ControllerBatch:
             controller_us=controller_us,
         )
 
-    def _run_threads(self, order: list[_Sequence], *, measure: bool = True) -> None:
+    def _run_threads(self, order: list[SlotSequence], *, measure: bool = True) -> None:
         """Step the controllers inline or on the pool, whichever measures faster (:mod:`._threads`).
 
         The line-up is dealt again after the sequences change; a step run with
@@ -536,18 +343,14 @@ class ControllerBatch:
         """The thread runner's measured step costs, µs: ``[inline, pooled]`` (0.0: not yet)."""
         return self._threads.run_cost if self._threads is not None else [0.0, 0.0]
 
-    def _run_workers(self, order: list[_Sequence]) -> None:
+    def _run_workers(self, order: list[SlotSequence]) -> None:
         busy = sorted({seq.worker for seq in order if seq.worker >= 0})
         # constrained sequences run here while the workers run their controllers
         self._workers.step(
             busy, lambda: run_chunk([s.instance for s in order if s.worker < 0 and s.instance is not None])
         )
 
-    def _status_failure(self, seq: _Sequence, what: str) -> SequenceFailed | None:
-        label = seq.controller.label
-        return _records.status_failure(self._status_records[seq.slot], label, seq.sequence_id, what)
-
-    def _collect(self, seq: _Sequence) -> StepResult:
+    def _collect(self, seq: SlotSequence) -> StepResult:
         failure = self._status_failure(seq, "ws_ctrl_step")
         if failure is None:
             failure, result = _records.check_result(
@@ -571,14 +374,6 @@ class ControllerBatch:
         return self._outputs.sparse_bias(slot)
 
     # -- applying to logits -------------------------------------------------------------------------------
-
-    def _torch_views(self) -> dict[str, Any]:
-        return self._outputs.torch_views()
-
-    @property
-    def _torch(self) -> dict[str, Any]:
-        """The torch views made so far (``{}`` before the first use): see :mod:`.logits`."""
-        return self._outputs.torch
 
     def apply(
         self, logits: Tensor, step: BatchStep | None = None, *, sequences: Sequence[int] | None = None
@@ -639,7 +434,8 @@ class ControllerBatch:
         forbids the columns past the vocabulary). Masks the step deferred (``defer_masks``)
         are handed out deferred: nothing is computed or copied for them until needed.
         """
-        return self._outputs.row_outputs(step, analyse=analyse, latest=step is self._last_step)
+        latest = step is self._last_step or step is self._last_late
+        return self._outputs.row_outputs(step, analyse=analyse, latest=latest)
 
     def apply_prepared(
         self, logits: Tensor, prepared: PreparedOutputs, rows: Sequence[int] | None = None
@@ -671,6 +467,7 @@ class ControllerBatch:
         if self._closed:
             return
         self._closed = True
+        self._flights.close()  # no controller is torn down under a running call
         for seq in list(self._sequences.values()):
             if seq.instance is not None:
                 seq.instance.close()

@@ -31,9 +31,11 @@ from typing import TYPE_CHECKING, Any, Literal, NamedTuple
 import numpy as np
 
 from ..errors import WasmshareError
+from ._actions import apply_dense, take_actions
 from ._kv_cache import KVCache
+from ._late_rows import NO_ANSWERS, STEP_BUDGET_FRACTION, LateAnswers, LateRows, check_policy
 from ._rows import PendingPrefill, Row, RowText, accept_tokens, build_row, plan_controller_phase, start_error
-from .batch import ControllerBatch
+from .batch import ControllerBatch, StepCut
 from .constraints import Backend
 from .limits import Limits
 from .requests import (
@@ -42,9 +44,10 @@ from .requests import (
     GenerationResult,
     QueueFull,
     RequestQueue,
+    StallPolicy,
     default_max_work,
 )
-from .results import Action, BatchStep, Output, PreparedOutputs, RowOutput
+from .results import BatchStep, Output, RowOutput
 from .sampling import first_choices, sample, sample_steered, unusable_reason
 from .stats import EngineStats
 
@@ -62,10 +65,13 @@ __all__ = [
     "MaskApply",
     "QueueFull",
     "RequestQueue",
+    "STEP_BUDGET_FRACTION",
+    "StallPolicy",
     "default_max_work",
 ]
 
 MaskApply = Literal["auto", "sparse", "dense"]
+
 
 OnToken = Callable[[int, int, str], None]
 OnFinish = Callable[[int, GenerationResult], None]
@@ -99,6 +105,21 @@ class Engine:
     prefilled a chunk per step in a cache of its own while the running rows decode, and
     joins the batch (its controller starts then) when it is done.
 
+    ``stall_policy`` says what the batch does about a controller that has not answered when
+    the forward pass is done. ``"sit_out"`` (the default) waits at most the step budget
+    (``step_budget_ms``, or :data:`STEP_BUDGET_FRACTION` of the forward pass and prefill),
+    then samples the rows that have answered and goes on without the others: a late row
+    keeps its logits, is fed nothing, and when its controller answers (a later step) it
+    samples from those logits under that answer and rejoins with the token. Nothing is
+    sampled without its controller's output, so greedy outputs are those of ``"wait"``,
+    which holds every row until every controller has answered. A row late at its last
+    step is not waited for at all (its answer is taken when it comes). The hard limits
+    (:class:`Limits`) still end a runaway controller's sequence with its error. A request
+    may set its own ``stall_policy``. Sitting out needs ``overlap``; a late row's
+    cancellation waits for its running call (at most its deadline). Counted in
+    :class:`EngineStats` (``sat_out_steps``, ``late_answers``, ``max_lag_steps``) and per
+    result (``sat_out_steps``).
+
     What fails: an invalid request (empty prompt, ``max_tokens <= 0``, a prompt as long as
     :attr:`LoadedModel.context_length`) raises :class:`~wasmshare.errors.WasmshareError`
     from :meth:`generate` and ends alone with an error under :meth:`run`; a controller that
@@ -119,9 +140,14 @@ class Engine:
         mask_apply: MaskApply = "auto",
         defer_masks: bool = True,
         prefill_chunk_tokens: int = 256,
+        stall_policy: StallPolicy = "sit_out",
+        step_budget_ms: float | None = None,
     ) -> None:
         if max_batch <= 0:
             raise WasmshareError(f"max_batch must be positive, got {max_batch}")
+        check_policy(stall_policy, step_budget_ms)
+        self.stall_policy: StallPolicy = stall_policy
+        self.step_budget_ms = step_budget_ms
         if not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens <= 0:
             raise WasmshareError(f"prefill_chunk_tokens must be a positive int, got {prefill_chunk_tokens!r}")
         self.prefill_chunk_tokens = prefill_chunk_tokens
@@ -150,6 +176,7 @@ class Engine:
         self._inflight: Future[_ControllerPhase] | None = None
         self._busy = threading.Lock()
         self._kv = KVCache(self.device)
+        self._late = LateRows(self.batch, self.stats, stall_policy, step_budget_ms)
 
     def close(self) -> None:
         """Stop the controller batch and helper thread. Safe to call twice."""
@@ -276,6 +303,7 @@ class Engine:
         logits: torch.Tensor | None = None
         ctrl: BatchStep | None = None
         outputs: dict[int, RowOutput] | None = None
+        late: LateAnswers = NO_ANSWERS
         with torch.inference_mode():
             while True:
                 if not rows and not prebuilt and not self._prefilling and not queue.wait_for_work():
@@ -296,13 +324,16 @@ class Engine:
                         self._report(pending.row, finish)
                 if rows:
                     assert logits is not None
-                    for row in self._handle_controller_results(rows, ctrl, on_token):
+                    ended = self._take_actions(rows, ctrl, on_token) + self._take_actions(
+                        rows, late[0], on_token
+                    )
+                    for row in ended:
                         self._report(row, finish)
                     rows[:], logits = self._drop_finished(rows, logits)
                 sampled: dict[int, int] = {}
                 if rows:
                     assert logits is not None
-                    sampled = self._draw(rows, logits, ctrl, outputs, on_token)
+                    sampled = self._draw(rows, logits, ctrl, outputs, late, on_token)
                     for row in rows:
                         self._check_limits(row)
                         if row.finish is not None:
@@ -319,23 +350,35 @@ class Engine:
                     self._advance_prefill(rows, finish)
                 # The controller phase for the next step runs beside the joining rows' prefill
                 # and the forward pass.
-                steer = self._sampled_by_slot(rows, sampled)
                 future: Future[_ControllerPhase] | None = None
-                ctrl, outputs = None, None
+                ctrl, outputs, late = None, None, NO_ANSWERS
                 has_controllers, analyse, defer = plan_controller_phase(
                     rows, new_rows, defer_masks=self.defer_masks, overlap=self.overlap
                 )
+                cut = self._late.cut_for(rows, new_rows) if has_controllers and self.overlap else None
+                steer: np.ndarray[Any, Any] | dict[int, list[int]]
+                steer = (
+                    self._sampled_by_slot(rows, sampled) if cut is None else self._late.steer(rows, sampled)
+                )
+                submitted = time.perf_counter()
                 if has_controllers and self.overlap:
-                    future = self._inflight = self._helper.submit(self._timed_step, steer, analyse, defer)
+                    future = self._inflight = self._helper.submit(
+                        self._timed_step, steer, analyse, defer, cut
+                    )
                 prefill_started = time.perf_counter()
                 prefilled = self._prefill(new_rows) if new_rows else None
                 prefill_s = time.perf_counter() - prefill_started
-                decoded = bool(rows)
-                if rows:
+                waiting = self.batch.late
+                # a row whose controller is late is fed nothing: it keeps its place
+                feeds = [r.feed if r.feed else [sampled[id(r)]] if id(r) in sampled else [] for r in rows]
+                idle = bool(rows) and not new_rows and not any(feeds)  # every row waits for its controller
+                decoded = bool(rows) and not idle
+                if decoded:
                     for r in rows:
-                        r.steps += 1
-                    feeds = [r.feed if r.feed else [sampled[id(r)]] for r in rows]
-                    for r in rows:
+                        if r.sequence_id in waiting:
+                            self._late.sit_out(r)
+                        else:
+                            r.steps += 1
                         r.feed = []
                     forward_started = time.perf_counter()
                     logits = self._forward(feeds, rows)
@@ -350,9 +393,16 @@ class Engine:
                 if has_controllers:
                     wait_started = time.perf_counter()
                     ctrl, outputs = (
-                        future.result() if future is not None else self._timed_step(steer, analyse, defer)
+                        self._late.await_phase(future, cut, wait_started - submitted)
+                        if future is not None
+                        else self._timed_step(steer, analyse, defer)
                     )
                     self._inflight = None
+                    if cut is not None:
+                        assert logits is not None
+                        late = self._late.note(
+                            rows, logits, ctrl, analyse, sparse=self.sparse_apply, idle=idle
+                        )
                     self.stats.critical_controller_s += time.perf_counter() - wait_started
                 if decoded:
                     self.stats.steps += 1
@@ -365,28 +415,41 @@ class Engine:
         logits: torch.Tensor,
         ctrl: BatchStep | None,
         outputs: dict[int, RowOutput] | None,
+        late: LateAnswers,
         on_token: OnToken | None,
     ) -> dict[int, int]:
         """Draw and accept each row's next token under its controller's output; ``id(row)`` → token.
 
-        A row still to feed fast-forward tokens draws after the next forward pass. A row whose
-        draw fails, or that is left with nothing sound to draw from, ends alone with an error.
+        A row still to feed fast-forward tokens draws after the next forward pass; a row
+        whose controller is late sits this step out; a row whose late answer came (``late``)
+        draws from the logits it kept. A row whose draw fails, or that is left with nothing
+        sound to draw from, ends alone with an error.
         """
-        dense = outputs is None and ctrl is not None and any(r.sequence_id is not None for r in rows)
+        late_ctrl, late_outputs = late
+        returning = self._late.restore(rows, logits, late_ctrl)
+        steps = [step for step in (ctrl, late_ctrl) if step is not None]
+        dense = not self.sparse_apply and bool(steps) and any(r.sequence_id is not None for r in rows)
         if dense:
-            assert ctrl is not None
             apply_started = time.perf_counter()
-            self._apply(rows, logits, ctrl)
+            for step in steps:
+                apply_dense(self.batch, rows, logits, step, self._width)
             self.stats.apply_s += time.perf_counter() - apply_started
+        if late_outputs:
+            outputs = {**(outputs or {}), **late_outputs}
         firsts = first_choices(logits, masked=dense, greedy=(r.request.temperature == 0 for r in rows))
         sampled: dict[int, int] = {}
+        waiting = self.batch.late
         for i, row in enumerate(rows):
+            if row.sequence_id in waiting:
+                continue  # its controller is late: it sits this step out
+            row.lag = 0
             if row.feed:
                 continue  # its logits predate a fast-forward: it samples after the next forward
             out = outputs.get(row.sequence_id) if outputs and row.sequence_id is not None else None
             first = firsts[i] if firsts is not None else None
             if first is not None and first < 0:  # nothing sound to draw from
-                kind = _output_kind(ctrl, row.sequence_id) if dense else None
+                answered = late_ctrl if row.sequence_id in returning else ctrl
+                kind = _output_kind(answered, row.sequence_id) if dense else None
                 self._end_with_unusable_output(row, first, kind)
                 continue
             request = row.request
@@ -504,7 +567,11 @@ class Engine:
         return np.fromiter((token_of.get(sid, -1) for sid in live), dtype=np.int64, count=len(live))
 
     def _timed_step(
-        self, steer: np.ndarray[Any, Any], analyse: Container[int] = (), defer: Container[int] = ()
+        self,
+        steer: np.ndarray[Any, Any] | dict[int, list[int]],
+        analyse: Container[int] = (),
+        defer: Container[int] = (),
+        cut: StepCut | None = None,
     ) -> _ControllerPhase:
         """Run the controller phase, timed into ``stats.controller_s``; on the helper thread when overlapping.
 
@@ -515,70 +582,25 @@ class Engine:
         between its kernels, so the work here is kept short.
         """
         started = time.perf_counter()
-        step = self.batch.step(steer, defer_masks=defer)
+        if cut is None:
+            step = self.batch.step(steer, defer_masks=defer)
+        else:
+            assert isinstance(steer, dict)
+            step = self.batch.step(steer, only=steer, defer_masks=defer, cut=cut)
         outputs = self.batch.row_outputs(step, analyse=analyse) if self.sparse_apply else None
         self.stats.controller_s += time.perf_counter() - started
         return _ControllerPhase(step, outputs)
 
-    def _handle_controller_results(
-        self, rows: list[Row], ctrl: BatchStep | None, on_token: OnToken | None
-    ) -> list[Row]:
-        """Apply stop / error / backtrack / fast-forward from the controller phase; the rows it ended.
-
-        Fast-forward tokens are accepted now and fed in the *next* forward pass together with
-        the other rows' sampled tokens (the row samples again after it), instead of costing an
-        extra forward pass of their own. A backtrack with nothing to splice re-feeds the last
-        kept token so the row samples from the trimmed state.
-        """
-        if ctrl is None:
-            return []
-        done: list[Row] = []
-        actions = dict(zip(ctrl.sequence_ids.tolist(), ctrl.action_codes.tolist()))
-        for i, row in enumerate(rows):
-            if row.sequence_id is None:
-                continue
-            result = ctrl.special.get(row.sequence_id)
-            if result is None:
-                if actions.get(row.sequence_id) == 1:  # STOP without fast-forward
-                    row.finish = "controller"
-                    done.append(row)
-                continue
-            if result.action is Action.ERROR:
-                row.finish, row.error = "error", str(result.error)
-                done.append(row)
-                continue
-            if result.backtrack:
-                self._backtrack(i, row, result.backtrack)
-            if result.fast_forward:
-                self.stats.fast_forward_tokens += len(result.fast_forward)
-                self._accept(row, list(result.fast_forward), on_token)
-                row.feed = list(result.fast_forward)
-            elif result.backtrack:
-                self._refeed_last(i, row)
-            if result.action is Action.STOP and row.finish is None:
-                row.finish = "controller"
-            self._check_limits(row)
-            if row.finish is not None:
-                done.append(row)
-        if any(r.backtrack for r in ctrl.special.values()):
-            self._kv.compact()
-        return done
-
-    def _refeed_last(self, i: int, row: Row) -> None:
-        """Forget the last cached position of row ``i`` and feed its token again next step."""
-        self._kv.forget(i, 1)
-        row.position -= 1
-        row.feed = [row.tokens[-1] if row.tokens else row.prompt[-1]]
-
-    def _backtrack(self, i: int, row: Row, count: int) -> None:
-        """Forget the last ``count`` tokens of row ``i``: trim its output, mask its cache positions."""
-        count = min(count, len(row.tokens))
-        if count == 0:
-            return
-        del row.tokens[-count:]
-        row.text_cache, row.prefix_offset, row.read_offset = "", 0, 0  # decode afresh
-        self._kv.forget(i, count)
-        row.position -= count
+    def _take_actions(self, rows: list[Row], ctrl: BatchStep | None, on_token: OnToken | None) -> list[Row]:
+        """Apply the step's stop / error / backtrack / fast-forward (:func:`take_actions`); the rows it ended."""
+        return take_actions(
+            rows,
+            ctrl,
+            self._kv,
+            accept=lambda row, tokens: self._accept(row, tokens, on_token),
+            check_limits=self._check_limits,
+            stats=self.stats,
+        )
 
     def _drop_finished(self, rows: list[Row], logits: torch.Tensor) -> tuple[list[Row], torch.Tensor]:
         keep = [i for i, r in enumerate(rows) if r.finish is None]
@@ -617,27 +639,6 @@ class Engine:
             self._end_with_unusable_output(row, token, kind)
             return None
         return token
-
-    def _apply(self, rows: list[Row], logits: torch.Tensor, ctrl: BatchStep) -> None:
-        """Masks and biases for the constrained rows: one add of the prepared tensor into the logits."""
-        prepared = self.batch.prepare(ctrl, self._width, self.device)
-        if prepared.additive is None:
-            return
-        row_of = {r.sequence_id: i for i, r in enumerate(rows) if r.sequence_id is not None}
-        live = set(self.batch.sequences)
-        targets = [row_of.get(sid, -1) if sid in live else -1 for sid in prepared.sequence_ids]
-        if -1 not in targets:  # the usual case: every prepared row lands, in any order
-            self.batch.apply_prepared(logits, prepared, targets)
-            return
-        keep = [k for k, i in enumerate(targets) if i >= 0]
-        if keep:
-            import torch
-
-            subset = PreparedOutputs(
-                tuple(prepared.sequence_ids[k] for k in keep),
-                prepared.additive.index_select(0, torch.tensor(keep, device=logits.device)),
-            )
-            self.batch.apply_prepared(logits, subset, [targets[k] for k in keep])
 
     # -- the model and its cache ---------------------------------------------------------------------
 

@@ -24,10 +24,14 @@ __all__ = [
     "GenerationResult",
     "QueueFull",
     "RequestQueue",
+    "STALL_POLICIES",
+    "StallPolicy",
     "default_max_work",
 ]
 
 FinishReason = Literal["stop", "length", "controller", "error", "cancelled"]
+StallPolicy = Literal["wait", "sit_out"]
+STALL_POLICIES: tuple[StallPolicy, ...] = ("wait", "sit_out")
 
 
 @dataclass
@@ -43,6 +47,10 @@ class GenerationRequest:
     produces counts, fast-forwarded and later backtracked ones included, so a controller
     that backtracks and fast-forwards forever ends with an error instead of running on at
     a constant length. None means :func:`default_max_work` of ``max_tokens``.
+
+    ``stall_policy`` overrides the engine's for this request: ``"sit_out"`` lets the batch
+    go on without it while its controller is late, ``"wait"`` holds the batch for it
+    (see :class:`~wasmshare.llm.engine.Engine`); None takes the engine's.
     """
 
     prompt: str | Sequence[int]
@@ -54,6 +62,7 @@ class GenerationRequest:
     stop: Sequence[str] = ()
     chat: bool | None = None
     max_work: int | None = None
+    stall_policy: StallPolicy | None = None
 
     def stop_strings(self) -> list[str]:
         """Where the output is cut: ``stop`` plus the strings of a :func:`~wasmshare.llm.constraints.stop` steer."""
@@ -72,7 +81,10 @@ def default_max_work(max_tokens: int) -> int:
 
 @dataclass
 class GenerationResult:
-    """A finished request: its tokens, text, why it ended, and an error if it failed."""
+    """A finished request: its tokens, text, why it ended, and an error if it failed.
+
+    ``sat_out_steps`` counts the decode steps the batch took without this request while
+    its controller was late (``stall_policy="sit_out"``)."""
 
     request: GenerationRequest
     prompt_tokens: int
@@ -80,6 +92,7 @@ class GenerationResult:
     text: str
     finish_reason: FinishReason
     error: str | None = None
+    sat_out_steps: int = 0
 
 
 class RequestQueue:

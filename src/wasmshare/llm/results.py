@@ -94,6 +94,7 @@ class BatchStep:
         special: dict[int, StepResult],
         elapsed_us: float,
         controller_us: float,
+        late: tuple[int, ...] = (),
     ) -> None:
         self.sequence_ids = sequence_ids
         self.slots = slots
@@ -104,6 +105,10 @@ class BatchStep:
         """Wall time of the whole step (bookkeeping included), µs."""
         self.controller_us = controller_us
         """Wall time of the controller phase alone, µs."""
+        self.late = late
+        """Sequences stepped but not answered when the step was cut (``step(cut=...)``): they
+        are still running, have no result here, and answer in a later
+        :meth:`ControllerBatch.collect_late`."""
         self._results: dict[int, StepResult] | None = None
 
     @property

@@ -19,6 +19,12 @@ class EngineStats:
     ``deferred_masks`` counts the constraint masks left uncomputed beside the forward pass;
     ``late_masks`` those of them computed after it because the draw was forbidden, and
     ``runner_up_draws`` those never computed because one of the next few argmaxes was allowed.
+
+    Under ``stall_policy="sit_out"``: ``sat_out_steps`` counts row-steps the batch took
+    without a row whose controller was late, ``late_answers`` the late controller answers
+    taken up afterwards, ``max_lag_steps`` the most steps in a row one sequence sat out,
+    and ``budget_wait_s`` the time spent waiting for controllers past the forward pass
+    within the step budget.
     """
 
     steps: int = 0
@@ -34,6 +40,10 @@ class EngineStats:
     deferred_masks: int = 0
     late_masks: int = 0
     runner_up_draws: int = 0
+    sat_out_steps: int = 0
+    late_answers: int = 0
+    max_lag_steps: int = 0
+    budget_wait_s: float = 0.0
 
     @property
     def controller_us_per_step(self) -> float:

@@ -30,7 +30,7 @@ from ..llm.constraints import Backend, ConstraintSpec
 from ..llm.controller import Controller
 from ..llm.controller_store import ControllerStore
 from ..llm.limits import DEFAULT_DEADLINE_MS
-from ..llm.requests import GenerationRequest, GenerationResult, default_max_work
+from ..llm.requests import GenerationRequest, GenerationResult, StallPolicy, default_max_work
 from ._middleware import AuthAndCount, BodyLimit
 from .controller_routes import add_controller_routes
 from .protocol import ChatCompletionRequest, CompletionRequest, error_body, new_id, now
@@ -60,6 +60,8 @@ class ServerConfig:
     controllers_dir: Path | None = None
     grammar_backend: Backend = "llguidance"
     served_model_name: str | None = None
+    stall_policy: StallPolicy = "sit_out"
+    step_budget_ms: float | None = None
 
 
 def create_app(service: EngineService, store: ControllerStore, config: ServerConfig) -> FastAPI:
@@ -192,6 +194,7 @@ def create_app(service: EngineService, store: ControllerStore, config: ServerCon
                         steer=steer,
                         stop=stops,
                         max_work=default_max_work(limit),
+                        stall_policy=body.stall_policy,
                     )
                 )
         return requests

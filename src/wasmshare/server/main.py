@@ -40,6 +40,8 @@ def build_server(
         max_waiting=config.max_waiting,
         controller_limits=Limits(deadline_ms=config.controller_deadline_ms),
         grammar_backend=config.grammar_backend,
+        stall_policy=config.stall_policy,
+        step_budget_ms=config.step_budget_ms,
     )
     folder = config.controllers_dir or default_cache_dir() / "controllers"
     try:

@@ -118,3 +118,14 @@ class _EngineCollector:
         yield CounterMetricFamily(
             "wasmshare_bytes_copied", "Bytes copied between host and controllers", value=stats.bytes_copied
         )
+        yield CounterMetricFamily(
+            "wasmshare_sat_out_steps",
+            "Row-steps the batch took without a row whose controller was late",
+            value=stats.sat_out_steps,
+        )
+        yield CounterMetricFamily(
+            "wasmshare_late_answers", "Controller answers taken up after their step", value=stats.late_answers
+        )
+        yield GaugeMetricFamily(
+            "wasmshare_max_lag_steps", "Most steps in a row one sequence sat out", value=stats.max_lag_steps
+        )

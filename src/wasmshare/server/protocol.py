@@ -109,6 +109,7 @@ class _Steering(BaseModel):
     grammar: str | None = None
     controller: str | None = None
     controller_arg: str | list[int] | None = None
+    stall_policy: Literal["wait", "sit_out"] | None = None
 
     def stop_strings(self) -> list[str]:
         """``stop`` as a list (OpenAI allows a string or up to 4 strings)."""

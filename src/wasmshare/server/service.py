@@ -21,7 +21,7 @@ from ..errors import Overloaded, QueueFull
 from ..llm.constraints import Backend
 from ..llm.engine import Engine
 from ..llm.limits import Limits
-from ..llm.requests import GenerationRequest, GenerationResult, RequestQueue
+from ..llm.requests import GenerationRequest, GenerationResult, RequestQueue, StallPolicy
 from ..llm.stats import EngineStats
 from .metrics import ServerMetrics
 
@@ -82,6 +82,8 @@ class EngineService:
         controller_limits: Limits | None = None,
         metrics: ServerMetrics | None = None,
         grammar_backend: Backend = "llguidance",
+        stall_policy: StallPolicy = "sit_out",
+        step_budget_ms: float | None = None,
     ) -> None:
         self.loaded = loaded
         self.engine = Engine(
@@ -89,6 +91,8 @@ class EngineService:
             max_batch=max_batch,
             limits=controller_limits,
             grammar_backend=grammar_backend,
+            stall_policy=stall_policy,
+            step_budget_ms=step_budget_ms,
         )
         self.queue = RequestQueue(max_waiting=max_waiting)
         self.metrics = metrics or ServerMetrics()

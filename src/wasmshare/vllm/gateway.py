@@ -80,9 +80,18 @@ def translate(body: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any] | No
 
     Raises :class:`APIError` (400) for the mistakes ``wasmshare serve`` refuses: two
     steerings, ``controller_arg`` without ``controller``, a malformed ``response_format``,
-    values of the wrong type, and ``vllm_xargs`` that spell ``wasmshare_`` keys themselves.
+    values of the wrong type, ``vllm_xargs`` that spell ``wasmshare_`` keys themselves, and
+    ``stall_policy: "sit_out"``, which vLLM cannot honour.
     """
     forwarded = dict(body)
+    policy = forwarded.pop("stall_policy", None)
+    if policy not in (None, "wait"):
+        raise APIError(
+            400,
+            "stall_policy: vLLM samples every row at every step, so a row cannot sit out here; "
+            "leave it unset or 'wait' (wasmshare serve sits rows out)",
+            param="stall_policy",
+        )
     fmt = forwarded.pop("response_format", None)
     fields = {name: forwarded.pop(name) for name in (*STEERING_FIELDS, "controller_arg") if name in body}
     fields = {k: v for k, v in fields.items() if v is not None}
