@@ -615,3 +615,19 @@ def test_a_late_controller_past_its_deadline_fails_in_its_late_answer(table: Tok
         (failure,) = late.failed
         assert failure.sequence_id == slow and "deadline" in str(failure.error)
         assert slow not in batch.sequences
+
+
+def test_a_worker_with_a_late_step_takes_a_new_sequence_without_a_restart(table: TokenTable) -> None:
+    """A message to a worker whose cut step still runs waits for that step first: the late
+    answer is kept, the worker is not taken for hung, and the new sequence steps."""
+    with ControllerBatch(
+        table, capacity=4, mode="workers", workers=1, limits=Limits(deadline_ms=60_000)
+    ) as batch:
+        slow = batch.add(slow_ctrl(200_000))
+        step = batch.step({slow: []}, only=[slow], cut=batch.new_cut(expendable=[slow]))
+        assert step.late == (slow,)
+        fast = batch.add(ctrl("allow_list", u32s(tid(b"good"))))  # same worker, which is busy
+        late = batch.collect_late(wait=[slow])
+        assert late is not None and late.sequences == (slow,) and not late.failed
+        assert batch.step({fast: []}, only=[fast]).outputs == (Output.BITMASK,)
+        assert batch._workers[0].restarts == 0

@@ -169,6 +169,46 @@ def test_sitting_out_keeps_backtrack_and_fast_forward_exact(loaded: Any, work: d
     assert stats.fast_forward_tokens == 2
 
 
+def test_sitting_out_under_dense_masks_and_beside_biases_changes_no_output(
+    loaded: Any, work: dict[str, float], references: dict[str, Any]
+) -> None:
+    """With masks applied as one dense tensor, a late answer's mask reaches its kept logits
+    the same way; biases (whole-row and sparse) beside it are unchanged."""
+    boosts = [
+        GenerationRequest(
+            "List numbers.", max_tokens=MAX_TOKENS, steer=Controller(CONTROLLERS / f"{n}.wasm", "seven\t30")
+        )
+        for n in ("boost_words", "boost_words_sparse")
+    ]
+    beside, _ = generate(loaded, boosts, stall_policy="wait")
+    results, stats = generate(
+        loaded, [*boosts, slow_request(work["units"])], stall_policy="sit_out", mask_apply="dense"
+    )
+    assert [r.tokens for r in results[:2]] == [r.tokens for r in beside]
+    assert results[0].tokens == results[1].tokens  # the sparse bias is the whole-row bias
+    assert results[2].tokens == references["alone"] and results[2].sat_out_steps > 0
+
+
+@pytest.mark.parametrize("mode", ["threads", "workers"])
+def test_a_constraint_answers_in_a_cut_step_beside_a_late_controller(loaded: Any, mode: str) -> None:
+    """Constraints run as tasks of a cut step too: a choice constraint answers its mask while
+    a slow controller is late, and its next step goes on while the slow one still runs."""
+    import numpy as np
+
+    with ControllerBatch(loaded.token_table, capacity=4, mode=mode, limits=ROOMY) as batch:
+        late = batch.add(slow(1_000_000))
+        choice = batch.add(C.choice(["yes", "no"]))
+        step = batch.step({late: [], choice: []}, only=[late, choice], cut=batch.new_cut(expendable=[late]))
+        assert step.late == (late,) and step.sequences == (choice,)
+        allowed = batch.row_outputs(step)[choice].allowed
+        assert 0 < len(allowed) < 100 and batch.late == {late}
+        first = int(np.asarray(allowed)[0])
+        again = batch.step({choice: [first]}, only=[choice], cut=batch.new_cut(expendable=[late]))
+        assert again.sequences == (choice,) and late in batch.late
+        answer = batch.collect_late(wait=[late])
+        assert answer is not None and answer.sequences == (late,)
+
+
 def test_a_request_sets_its_own_policy(
     loaded: Any, work: dict[str, float], references: dict[str, Any]
 ) -> None:

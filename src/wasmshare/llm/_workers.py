@@ -69,6 +69,7 @@ class WorkerHandle:
         self._ended_copied = 0  # bytes copied by this worker's earlier processes
         self._pending = 0
         self._step_timeout_at = 0.0  # monotonic time past which the pending step is hung
+        self._step_open = False  # a step was started and not finished
         self._start()
 
     @property
@@ -146,6 +147,10 @@ class WorkerHandle:
     def _message(
         self, message: dict[str, Any], payload: bytes = b"", timeout_s: float = 60.0
     ) -> dict[str, Any]:
+        if self._step_open:
+            # A message moves the done word on: the step still running (one that was cut)
+            # is finished first, or it would never be seen answered.
+            self.finish_step()
         go = self._bump(CMD_MESSAGE)
         try:
             send_message(self.sock, message, payload)
@@ -226,12 +231,14 @@ class WorkerHandle:
         """Wake the worker to step every slot whose run flag is set."""
         self._pending = self._bump(CMD_STEP)
         self._step_timeout_at = time.monotonic() + self._step_timeout_s()
+        self._step_open = True
 
     def step_answered(self) -> bool:
         """Without waiting: True once the pending step is over, answered or not (the worker
         died or is past its timeout); :meth:`finish_step` then returns at once."""
         return (
-            int(self._words[1]) == self._pending
+            not self._step_open
+            or int(self._words[1]) == self._pending
             or self.process.poll() is not None
             or time.monotonic() >= self._step_timeout_at
         )
@@ -246,7 +253,11 @@ class WorkerHandle:
         Every call a worker makes is bounded by its deadline (the epoch stops wasm, the host
         functions check the rest), so a step takes at most the sum of its controllers'
         deadlines; the grace covers a loaded machine's scheduling delays, where a worker can
-        wait seconds for a core, and still catches a worker that hangs."""
+        wait seconds for a core, and still catches a worker that hangs. Returns at once
+        when no step is open."""
+        if not self._step_open:
+            return
+        self._step_open = False
         timeout = self._step_timeout_s()
         if not self._wait_done(self._pending, max(0.0, self._step_timeout_at - time.monotonic())):
             self._crashed(
@@ -257,6 +268,7 @@ class WorkerHandle:
 
     def _crashed(self, what: str) -> None:
         """End this worker's sequences with a clear error, then restart it."""
+        self._step_open = False
         code = self.process.poll()
         if code is None:
             self.process.kill()

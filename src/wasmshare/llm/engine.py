@@ -174,6 +174,7 @@ class Engine:
         self._text = RowText(loaded.tokenizer, set(loaded.eos_token_ids))
         self._width = int(loaded.vocab_size)
         self._inflight: Future[_ControllerPhase] | None = None
+        self._inflight_cut: StepCut | None = None
         self._busy = threading.Lock()
         self._kv = KVCache(self.device)
         self._late = LateRows(self.batch, self.stats, stall_policy, step_budget_ms)
@@ -274,6 +275,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - contained by request, see docstring
                 inflight, self._inflight = self._inflight, None
                 if inflight is not None:
+                    if self._inflight_cut is not None:
+                        self._inflight_cut.set()  # take what answered; late ones are waited for by remove()
                     concurrent.futures.wait([inflight])  # the controller phase must end before cleanup
                 pending, self._prefilling = [p.row for p in self._prefilling], []
                 for row in rows + joining + pending:
@@ -360,15 +363,16 @@ class Engine:
                 steer = (
                     self._sampled_by_slot(rows, sampled) if cut is None else self._late.steer(rows, sampled)
                 )
+                waiting = self.batch.late  # before this step's own flights start
                 submitted = time.perf_counter()
                 if has_controllers and self.overlap:
                     future = self._inflight = self._helper.submit(
                         self._timed_step, steer, analyse, defer, cut
                     )
+                    self._inflight_cut = cut
                 prefill_started = time.perf_counter()
                 prefilled = self._prefill(new_rows) if new_rows else None
                 prefill_s = time.perf_counter() - prefill_started
-                waiting = self.batch.late
                 # a row whose controller is late is fed nothing: it keeps its place
                 feeds = [r.feed if r.feed else [sampled[id(r)]] if id(r) in sampled else [] for r in rows]
                 idle = bool(rows) and not new_rows and not any(feeds)  # every row waits for its controller
