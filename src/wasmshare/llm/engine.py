@@ -275,8 +275,8 @@ class Engine:
             except Exception as e:  # noqa: BLE001 - contained by request, see docstring
                 inflight, self._inflight = self._inflight, None
                 if inflight is not None:
-                    if self._inflight_cut is not None:
-                        self._inflight_cut.set()  # take what answered; late ones are waited for by remove()
+                    if self._inflight_cut is not None:  # take what answered; remove() waits for the rest
+                        self._inflight_cut.set()
                     concurrent.futures.wait([inflight])  # the controller phase must end before cleanup
                 pending, self._prefilling = [p.row for p in self._prefilling], []
                 for row in rows + joining + pending:
@@ -351,8 +351,7 @@ class Engine:
                 # it joins the running rows and that token is its first feed.
                 if self._prefilling:
                     self._advance_prefill(rows, finish)
-                # The controller phase for the next step runs beside the joining rows' prefill
-                # and the forward pass.
+                # The controller phase for the next step runs beside the prefill and the forward pass.
                 future: Future[_ControllerPhase] | None = None
                 ctrl, outputs, late = None, None, NO_ANSWERS
                 has_controllers, analyse, defer = plan_controller_phase(
@@ -373,8 +372,7 @@ class Engine:
                 prefill_started = time.perf_counter()
                 prefilled = self._prefill(new_rows) if new_rows else None
                 prefill_s = time.perf_counter() - prefill_started
-                # a row whose controller is late is fed nothing: it keeps its place
-                feeds = [r.feed if r.feed else [sampled[id(r)]] if id(r) in sampled else [] for r in rows]
+                feeds = [r.feed or ([sampled[id(r)]] if id(r) in sampled else []) for r in rows]  # late: []
                 idle = bool(rows) and not new_rows and not any(feeds)  # every row waits for its controller
                 decoded = bool(rows) and not idle
                 if decoded:
