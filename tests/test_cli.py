@@ -258,3 +258,21 @@ def test_long_lines_are_not_wrapped_when_piped() -> None:
     from wasmshare.cli._output import console, errors
 
     assert console.soft_wrap and errors.soft_wrap
+
+
+@pytest.mark.parametrize("command", ["run", "serve"])
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--stall-policy", "never"], "--stall-policy must be 'wait' or 'sit_out', got 'never'"),
+        (["--step-budget-ms", "-1"], "--step-budget-ms must be a finite number >= 0"),
+        (["--step-budget-ms", "nan"], "--step-budget-ms must be a finite number >= 0"),
+    ],
+)
+def test_bad_stall_flags_fail_in_one_line_before_anything_loads(
+    command: str, flags: list[str], message: str
+) -> None:
+    args = [command, *(["Hello"] if command == "run" else []), *flags]
+    result = runner.invoke(app, args)
+    assert result.exit_code == 1, result.output
+    assert message in " ".join(result.output.split()) and "Traceback" not in result.output

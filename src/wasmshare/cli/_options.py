@@ -1,19 +1,39 @@
-"""Option checks that ``wasmshare run`` and ``wasmshare serve`` share, each failing in one line."""
+"""Options that ``wasmshare run`` and ``wasmshare serve`` share, and their check (one line on failure)."""
 
 from __future__ import annotations
 
-import math
+from typing import Annotated
 
-from ..llm.requests import STALL_POLICIES, StallPolicy
+import typer
+
+from ..errors import WasmshareError
+from ..llm.limits import DEFAULT_DEADLINE_MS
+from ..llm.requests import StallPolicy, check_stall_settings
 from ._output import fail
 
-__all__ = ["check_stall_options"]
+__all__ = [
+    "DEFAULT_DEADLINE_MS",
+    "ControllerDeadlineOption",
+    "StallPolicyOption",
+    "StepBudgetOption",
+    "check_stall_options",
+]
+
+StallPolicyOption = Annotated[
+    str,
+    typer.Option(help="sit_out (default): a late controller's row sits the step out; wait: hold the batch."),
+]
+StepBudgetOption = Annotated[
+    float | None,
+    typer.Option(help="How long past the forward pass to wait for controllers (default: 10% of it)."),
+]
+ControllerDeadlineOption = Annotated[float, typer.Option(help="Per-step deadline of a controller, in ms.")]
 
 
 def check_stall_options(stall_policy: str, step_budget_ms: float | None) -> StallPolicy:
     """``--stall-policy`` as the engine takes it; a bad value or ``--step-budget-ms`` fails."""
-    if stall_policy not in STALL_POLICIES:
-        raise fail(f"--stall-policy must be sit_out or wait, got {stall_policy!r}")
-    if step_budget_ms is not None and not (math.isfinite(step_budget_ms) and step_budget_ms >= 0):
-        raise fail(f"--step-budget-ms must be a finite number >= 0, got {step_budget_ms}")
-    return stall_policy
+    try:
+        check_stall_settings(stall_policy, step_budget_ms, names=("--stall-policy", "--step-budget-ms"))
+    except WasmshareError as e:
+        raise fail(str(e)) from None
+    return stall_policy  # type: ignore[return-value]  # checked just above

@@ -22,7 +22,7 @@ from rich.console import Console
 from ..errors import WasmshareError
 from ..llm.limits import DEFAULT_DEADLINE_MS, Limits
 from ..llm.requests import StallPolicy
-from ._options import check_stall_options
+from ._options import ControllerDeadlineOption, StallPolicyOption, StepBudgetOption, check_stall_options
 from ._output import errors, fail
 
 __all__ = [
@@ -114,19 +114,9 @@ def run(
             help="Allow any JSON whitespace under --json-schema (default: compact separators).",
         ),
     ] = False,
-    stall_policy: Annotated[
-        str,
-        typer.Option(
-            help="sit_out (default): a late controller's row sits the step out; wait: hold the batch."
-        ),
-    ] = "sit_out",
-    step_budget_ms: Annotated[
-        float | None,
-        typer.Option(help="How long past the forward pass to wait for controllers (default: 10% of it)."),
-    ] = None,
-    controller_deadline_ms: Annotated[
-        float, typer.Option(help="Per-step deadline of a controller, in ms.")
-    ] = DEFAULT_DEADLINE_MS,
+    stall_policy: StallPolicyOption = "sit_out",
+    step_budget_ms: StepBudgetOption = None,
+    controller_deadline_ms: ControllerDeadlineOption = DEFAULT_DEADLINE_MS,
 ) -> None:
     """Generate with the embedded model, steered by a constraint or a wasm controller.
 

@@ -10,7 +10,7 @@ import typer
 
 from ..errors import WasmshareError
 from ..llm.limits import DEFAULT_DEADLINE_MS
-from ._options import check_stall_options
+from ._options import ControllerDeadlineOption, StallPolicyOption, StepBudgetOption, check_stall_options
 from ._output import console, fail
 
 __all__ = ["serve"]
@@ -36,9 +36,7 @@ def serve(
     max_controller_bytes: Annotated[
         int, typer.Option(help="Largest uploaded controller module in bytes.")
     ] = 8 << 20,
-    controller_deadline_ms: Annotated[
-        float, typer.Option(help="Per-step deadline of a controller, in ms.")
-    ] = DEFAULT_DEADLINE_MS,
+    controller_deadline_ms: ControllerDeadlineOption = DEFAULT_DEADLINE_MS,
     max_prompt_tokens: Annotated[
         int, typer.Option(help="Longest prompt in tokens (also below the model's context).")
     ] = 8192,
@@ -47,16 +45,8 @@ def serve(
     ] = 10.0,
     controllers_dir: Annotated[Path | None, typer.Option(help="Where uploaded controllers are kept.")] = None,
     grammar_backend: Annotated[str, typer.Option(help="llguidance (default) or xgrammar.")] = "llguidance",
-    stall_policy: Annotated[
-        str,
-        typer.Option(
-            help="sit_out (default): a late controller's row sits the step out; wait: hold the batch."
-        ),
-    ] = "sit_out",
-    step_budget_ms: Annotated[
-        float | None,
-        typer.Option(help="How long past the forward pass to wait for controllers (default: 10% of it)."),
-    ] = None,
+    stall_policy: StallPolicyOption = "sit_out",
+    step_budget_ms: StepBudgetOption = None,
     log_level: Annotated[str, typer.Option(help="uvicorn log level.")] = "info",
 ) -> None:
     """Serve the model over an OpenAI-compatible HTTP API, with controller upload."""

@@ -11,16 +11,14 @@ except :meth:`LateRows.await_phase`'s cut, which the helper thread's step sees.
 from __future__ import annotations
 
 import concurrent.futures
-import math
 import time
 from collections.abc import Container, Sequence
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, TypeVar
 
-from ..errors import WasmshareError
 from ._rows import Row
 from .batch import BatchStep, ControllerBatch, RowOutput, StepCut
-from .requests import STALL_POLICIES, StallPolicy
+from .requests import StallPolicy
 from .stats import EngineStats
 
 if TYPE_CHECKING:
@@ -43,21 +41,10 @@ NO_ANSWERS: LateAnswers = (None, None)
 _Phase = TypeVar("_Phase")
 
 
-def check_policy(stall_policy: object, step_budget_ms: object) -> None:
-    """Raise :class:`WasmshareError` for a stall policy or step budget an engine cannot take."""
-    if stall_policy not in STALL_POLICIES:
-        raise WasmshareError(f"stall_policy must be 'wait' or 'sit_out', got {stall_policy!r}")
-    if step_budget_ms is not None and (
-        isinstance(step_budget_ms, bool)
-        or not isinstance(step_budget_ms, (int, float))
-        or not math.isfinite(step_budget_ms)
-        or step_budget_ms < 0
-    ):
-        raise WasmshareError(f"step_budget_ms must be a finite number >= 0 or None, got {step_budget_ms!r}")
-
-
 class LateRows:
-    """One engine's stall policy at work over its :class:`ControllerBatch` (see the module docstring)."""
+    """One engine's stall policy at work over its :class:`ControllerBatch` (see the module docstring).
+
+    ``policy`` and ``step_budget_ms`` come checked (:func:`~wasmshare.llm.requests.check_stall_settings`)."""
 
     def __init__(
         self,
@@ -66,7 +53,6 @@ class LateRows:
         policy: StallPolicy,
         step_budget_ms: float | None,
     ) -> None:
-        check_policy(policy, step_budget_ms)
         self.batch = batch
         self.stats = stats
         self.default: StallPolicy = policy

@@ -33,7 +33,7 @@ import numpy as np
 from ..errors import WasmshareError
 from ._actions import apply_dense, take_actions
 from ._kv_cache import KVCache
-from ._late_rows import NO_ANSWERS, STEP_BUDGET_FRACTION, LateAnswers, LateRows, check_policy
+from ._late_rows import NO_ANSWERS, STEP_BUDGET_FRACTION, LateAnswers, LateRows
 from ._rows import PendingPrefill, Row, RowText, accept_tokens, build_row, plan_controller_phase, start_error
 from .batch import ControllerBatch, StepCut
 from .constraints import Backend
@@ -45,6 +45,7 @@ from .requests import (
     QueueFull,
     RequestQueue,
     StallPolicy,
+    check_stall_settings,
     default_max_work,
 )
 from .results import BatchStep, Output, RowOutput
@@ -145,7 +146,7 @@ class Engine:
     ) -> None:
         if max_batch <= 0:
             raise WasmshareError(f"max_batch must be positive, got {max_batch}")
-        check_policy(stall_policy, step_budget_ms)
+        check_stall_settings(stall_policy, step_budget_ms)
         self.stall_policy: StallPolicy = stall_policy
         self.step_budget_ms = step_budget_ms
         if not isinstance(prefill_chunk_tokens, int) or prefill_chunk_tokens <= 0:

@@ -9,6 +9,7 @@ a fixed list of requests.
 from __future__ import annotations
 
 import itertools
+import math
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ __all__ = [
     "RequestQueue",
     "STALL_POLICIES",
     "StallPolicy",
+    "check_stall_settings",
     "default_max_work",
 ]
 
@@ -68,6 +70,26 @@ class GenerationRequest:
         """Where the output is cut: ``stop`` plus the strings of a :func:`~wasmshare.llm.constraints.stop` steer."""
         extra = self.steer.stop_strings if isinstance(self.steer, ConstraintSpec) else []
         return [*self.stop, *extra]
+
+
+def check_stall_settings(
+    stall_policy: object,
+    step_budget_ms: object,
+    *,
+    names: tuple[str, str] = ("stall_policy", "step_budget_ms"),
+) -> None:
+    """Raise :class:`WasmshareError` for a stall policy or step budget an engine cannot take.
+
+    ``names`` are what the message calls the two settings (the CLI names its flags)."""
+    if stall_policy not in STALL_POLICIES:
+        raise WasmshareError(f"{names[0]} must be 'wait' or 'sit_out', got {stall_policy!r}")
+    if step_budget_ms is not None and (
+        isinstance(step_budget_ms, bool)
+        or not isinstance(step_budget_ms, (int, float))
+        or not math.isfinite(step_budget_ms)
+        or step_budget_ms < 0
+    ):
+        raise WasmshareError(f"{names[1]} must be a finite number >= 0 or None, got {step_budget_ms!r}")
 
 
 def default_max_work(max_tokens: int) -> int:
