@@ -49,11 +49,19 @@ instance that passed.
 
 Rows: ``ratio = baseline_us / ours_us`` (above 1: ours is faster). Coverage (schemas
 compiled, timeouts, valid instances passed, invalid instances rejected) per engine is in the
-``coverage`` field; it counts llguidance's strict mode (unknown ``format`` values are an
-error), which is what ``json_schema`` compiles.
+``coverage`` field. llguidance direct is its strict mode (a keyword it does not implement is
+an error). Ours is ``json_schema``: a schema direct refuses is planned (relaxed grammar +
+checks, :mod:`wasmshare.llm.schema_plan`) and walked by ours alone; a step that backtracks
+is a value the checks rejected, and at the end of an instance ours takes EOS, where the whole
+schema is checked. ``schemas_enforced`` counts the schemas by the grammar, with checks and
+refused (each with its reason), the dropped keywords, and the instances of accepted schemas:
+a valid instance passes as written or, failing that, with its keys in the order the schema
+lists them (llguidance writes properties in that order; MaskBench upstream reorders its
+instances the same way); every exception is listed with its reason.
 
 Targets (issue): ours per-token p50 within 1.1× of llguidance direct; the batch of 64 masked in
-parallel on 2 cores at ≥ 1.8× the throughput of one thread. Also checked: every mask equal to
+parallel on 2 cores at ≥ 1.8× the throughput of one thread; schemas accepted, valid instances
+passed and invalid ones rejected ≥ 99 % each. Also checked: every mask equal to
 llguidance direct's. Beside the parallel row: the fraction of a one-thread step that holds
 the GIL (llguidance releases it only while computing a mask; ``consume_tokens``,
 ``compute_ff_tokens`` and the Python around them hold it), the Amdahl bound that follows, and
@@ -150,6 +158,7 @@ def _load(quick: bool) -> list[dict[str, Any]]:
                     "name": d.get("name", str(i)),
                     "schema": d["schema"],
                     "tests": [(bool(t["valid"]), t["data"]) for t in d.get("tests", [])],
+                    "descriptions": [str(t.get("description", "")) for t in d.get("tests", [])],
                 }
             )
     return out
@@ -233,12 +242,17 @@ class _Llg:
         self.disagreements: list[str] = []
         self.ff_retokenized = 0
         self.ff_diverged = {"valid": 0, "invalid": 0}
+        self.plans: dict[Any, Any] = {}  # spec -> CompiledConstraint (its plan and checker)
 
     def close(self) -> None:
         self.batch.close()
 
     def compile(self, s: dict[str, Any], order: int) -> tuple[Any, Any, float, float, str | None, str | None]:
-        """Compile for both; returns (spec+compiled, direct grammar, ours ms, direct ms, errors)."""
+        """Compile for both; returns (ours spec, direct grammar, ours ms, direct ms, errors).
+
+        Ours plans the schema first (:func:`wasmshare.llm.constraints.schema_plan`): a schema
+        llguidance refuses is relaxed and the rest left to checks, so ours compiles schemas
+        direct refuses. ``self.plans`` keeps each compiled spec's plan."""
         from wasmshare.llm.constraints import ConstraintError, compile_constraint, json_schema
 
         llg = self.llguidance
@@ -252,6 +266,7 @@ class _Llg:
                 spec = json_schema(s["schema"], whitespace="flexible")  # like for like with llguidance direct
                 compiled = compile_constraint(spec, self.table)
                 ours, ours_ms = spec, compiled.compile_ms
+                self.plans[spec] = compiled
             except ConstraintError as e:
                 ours_err = str(e)[:200]
 
@@ -277,7 +292,12 @@ class _Llg:
     def walk(
         self, spec: Any, grammar: Any, ids: list[int], valid: bool, order: int, record: bool, label: str = ""
     ) -> dict[str, Any]:
-        """Walk one instance on both; returns per-step ns (ours instance, ours batch.step, direct)."""
+        """Walk one instance on both (ours alone when ``grammar`` is None: direct refused it).
+
+        Returns per-step ns (ours instance, ours batch.step, direct) and the verdicts: the
+        grammar's (the masks alone, which is direct's verdict too) and ours (the masks and the
+        checks: a step that backtracks is a value the checks rejected; at the end ours also
+        takes EOS, where the whole schema is checked)."""
         llg = self.llguidance
         batch = self.batch
         pc = time.perf_counter_ns
@@ -293,7 +313,7 @@ class _Llg:
             inst_ns.append(pc() - t0)
 
         inst.step = timed_step  # the batch calls instance.step(): this times exactly that call
-        m = llg.LLMatcher(self.tok, grammar, log_level=0)
+        m = llg.LLMatcher(self.tok, grammar, log_level=0) if grammar is not None else None
         mask = batch.mask[slot]
         buf = self.buf
         batch_ns: list[int] = []
@@ -304,6 +324,9 @@ class _Llg:
         accepted = ours_alive = True
         feeds: list[list[int]] = []
         ours_error: list[str] = []
+        backtracked = [False]
+        cut_by: str | None = None
+        grammar_accepted = False
         while True:
 
             def run_ours(feed: list[int] = feed) -> tuple[int, list[int]]:
@@ -314,6 +337,8 @@ class _Llg:
                 special = res.special.get(sid)
                 if special is not None and special.error is not None:
                     ours_error.append(str(special.error)[:160])
+                if special is not None and special.backtrack:
+                    backtracked[0] = True
                 return code, list(special.fast_forward) if special is not None else []
 
             def run_direct(feed: list[int] = feed) -> tuple[int, list[int]]:
@@ -322,13 +347,21 @@ class _Llg:
                 direct_ns.append(pc() - t0)
                 return r
 
-            if order % 2 == 0:
+            if m is None:
+                o = d = run_ours()
+            elif order % 2 == 0:
                 o, d = run_ours(), run_direct()
             else:
                 d = run_direct()
                 o = run_ours()
             feeds.append(feed)
-            if o[0] != d[0] or o[1] != d[1] or (o[0] == 0 and not np.array_equal(mask, buf)):
+            if backtracked[0]:
+                cut_by, grammar_accepted = "checks", True  # the masks allowed every token so far
+                accepted = False
+                break
+            if m is not None and (
+                o[0] != d[0] or o[1] != d[1] or (o[0] == 0 and not np.array_equal(mask, buf))
+            ):
                 if len(self.disagreements) < 20:
                     self.disagreements.append(
                         f"{label} step {len(feeds)}: ours {o[0]} ff {o[1][:8]}, direct {d[0]} ff {d[1][:8]}"
@@ -340,6 +373,8 @@ class _Llg:
             if code == 2:
                 ours_alive = False  # the batch removed the sequence
                 accepted = False
+                if ours_error and "violates the schema" in ours_error[-1]:
+                    cut_by, grammar_accepted = "checks", True
                 break
             if ff:
                 if toks[pos : pos + len(ff)] == ff:
@@ -360,10 +395,16 @@ class _Llg:
                     pos += len(ff)
                     self.ff_retokenized += 1
             if code == 1:
-                accepted = pos == len(toks)
+                accepted = grammar_accepted = pos == len(toks)
                 break
             if pos == len(toks):
-                accepted = _bit(mask, self.eos)
+                accepted = grammar_accepted = _bit(mask, self.eos)
+                if accepted:  # ours takes EOS: the last values and the whole schema are checked
+                    res = batch.step({sid: [self.eos]})
+                    special = res.special.get(sid)
+                    if int(res.action_codes[0]) != 1 or (special is not None and special.backtrack):
+                        accepted, cut_by = False, "checks"
+                        ours_alive = sid in batch.sequences
                 break
             tk = toks[pos]
             if not _bit(mask, tk):
@@ -371,34 +412,73 @@ class _Llg:
                 break
             feed = [tk]
             pos += 1
+        if not grammar_accepted and cut_by is None:
+            cut_by = "grammar"
+        violation = None
+        if cut_by == "checks" and inst.checks is not None and inst.checks.last is not None:
+            violation = inst.checks.last.describe()
+        elif cut_by == "checks" and ours_error:
+            violation = ours_error[-1]
         if ours_alive:
             batch.remove(sid)
-        out: dict[str, Any] = {"accepted": accepted}
+        out: dict[str, Any] = {
+            "accepted": accepted,
+            "grammar_accepted": grammar_accepted,
+            "cut_by": None if accepted else cut_by,
+            "violation": violation,
+            "cut_at": pos,
+        }
         if record:
             out.update(inst_ns=inst_ns, batch_ns=batch_ns, direct_ns=direct_ns, feeds=feeds)
         return out
 
 
+def _unknown_formats(schema: Any) -> list[str]:
+    """``format`` values in ``schema`` that jsonschema does not check (annotations only)."""
+    import jsonschema
+
+    from wasmshare.llm.schema_plan import schema_nodes
+
+    known = set(jsonschema.Draft202012Validator.FORMAT_CHECKER.checkers) | set(
+        jsonschema.Draft7Validator.FORMAT_CHECKER.checkers
+    )
+    return sorted(
+        {str(n["format"]) for _, n in schema_nodes(schema) if "format" in n and n["format"] not in known}
+    )
+
+
+def _new_coverage(n: int) -> dict[str, Any]:
+    return {
+        "schemas": n,
+        "compiled": 0,
+        "errors": 0,
+        "timeouts": 0,
+        "valid_total": 0,
+        "valid_passed": 0,
+        "invalid_total": 0,
+        "invalid_rejected": 0,
+    }
+
+
 def _run_llg(table: Any, schemas: list[dict[str, Any]]) -> dict[str, Any]:
     eng = _Llg(table)
-    cov = {
-        e: {
-            "schemas": len(schemas),
-            "compiled": 0,
-            "errors": 0,
-            "timeouts": 0,
-            "valid_total": 0,
-            "valid_passed": 0,
-            "invalid_total": 0,
-            "invalid_rejected": 0,
-        }
-        for e in ("ours", "llguidance")
-    }
+    cov = {e: _new_coverage(len(schemas)) for e in ("ours", "llguidance")}
+    cov["ours"].update(
+        by_grammar=0,
+        with_checks=0,
+        invalid_rejected_by_grammar=0,
+        invalid_rejected_by_checks=0,
+        valid_passed_in_schema_order=0,
+    )
+    dropped: dict[str, int] = {}
+    exceptions: list[dict[str, Any]] = []
+    refused: list[dict[str, str]] = []
     compile_ms: dict[str, dict[int, float]] = {"ours": {}, "llguidance": {}}
     per_instance: dict[tuple[int, int], dict[str, np.ndarray[Any, Any]]] = {}
     feeds: dict[tuple[int, int], list[list[int]]] = {}
     errors: dict[str, list[str]] = {"ours": [], "llguidance": []}
     invalid_rejected_keys: list[tuple[int, int]] = []
+    valid_passed_keys: list[tuple[int, int]] = []
     started = time.perf_counter()
     gc_was = gc.isenabled()
     gc.disable()
@@ -423,23 +503,55 @@ def _run_llg(table: Any, schemas: list[dict[str, Any]]) -> dict[str, Any]:
                     cov[e]["errors"] += 1
                     if len(errors[e]) < 10:
                         errors[e].append(f"{s['name']}: {err}")
+            compiled = eng.plans.pop(spec, None) if spec is not None else None
+            if spec is None:
+                refused.append({"schema": s["name"], "reason": str(ours_err)})
+            elif compiled.plan is not None and compiled.plan.needs_checks:
+                cov["ours"]["with_checks"] += 1
+                for keyword in compiled.plan.keywords:
+                    dropped[keyword] = dropped.get(keyword, 0) + 1
+            else:
+                cov["ours"]["by_grammar"] += 1
             for j, ((valid, _), ids) in enumerate(zip(s["tests"], s["token_ids"])):
+                kind = "valid" if valid else "invalid"
                 for e in cov:
-                    cov[e]["valid_total" if valid else "invalid_total"] += 1
-                if spec is None or grammar is None:
-                    if spec is None and grammar is None:
-                        continue
-                    # only one side compiled (should not happen): count it as a disagreement
-                    eng.disagreements.append(f"{s['name']}: compiled by one side only")
+                    cov[e][f"{kind}_total"] += 1
+                if spec is None:
+                    if grammar is not None:
+                        eng.disagreements.append(f"{s['name']}: compiled by direct only")
                     continue
                 r = eng.walk(spec, grammar, ids, valid, n + j, record=valid, label=f"{s['name']}#{j}")
-                ok = r["accepted"] == valid
-                for e in cov:
-                    if ok:
-                        cov[e]["valid_passed" if valid else "invalid_rejected"] += 1
-                if ok and not valid:
-                    invalid_rejected_keys.append((s["index"], j))
-                if valid and ok:
+                if grammar is not None and r["grammar_accepted"] == valid:
+                    cov["llguidance"]["valid_passed" if valid else "invalid_rejected"] += 1
+                if r["accepted"] == valid:
+                    cov["ours"]["valid_passed" if valid else "invalid_rejected"] += 1
+                    if valid:
+                        cov["ours"]["valid_passed_in_schema_order"] += 1
+                        valid_passed_keys.append((s["index"], j))
+                    else:
+                        cov["ours"][f"invalid_rejected_by_{r['cut_by']}"] += 1
+                        invalid_rejected_keys.append((s["index"], j))
+                elif valid:
+                    exceptions.append(_valid_exception(eng, s, j, spec, compiled, r))
+                    if exceptions[-1]["passes_in_schema_order"]:
+                        cov["ours"]["valid_passed_in_schema_order"] += 1
+                else:
+                    formats = _unknown_formats(s["schema"])
+                    exceptions.append(
+                        {
+                            "schema": s["name"],
+                            "instance": j,
+                            "valid": False,
+                            "description": s["descriptions"][j][:120],
+                            "reason": (
+                                f"format {', '.join(map(repr, formats))} is not checked by jsonschema "
+                                "(an annotation, as the JSON Schema spec allows)"
+                                if formats
+                                else "the grammar and jsonschema (full schema, format checker on) both accept it"
+                            ),
+                        }
+                    )
+                if valid and r["accepted"] and grammar is not None:
                     key = (s["index"], j)
                     per_instance[key] = {
                         k: np.asarray(r[k], np.int64) for k in ("inst_ns", "batch_ns", "direct_ns")
@@ -451,15 +563,49 @@ def _run_llg(table: Any, schemas: list[dict[str, Any]]) -> dict[str, Any]:
         eng.close()
     return {
         "coverage": cov,
+        "dropped_keywords": dict(sorted(dropped.items(), key=lambda kv: -kv[1])),
+        "exceptions": exceptions,
+        "refused": refused,
         "compile_ms": compile_ms,
         "per_instance": per_instance,
         "feeds": feeds,
         "errors": errors,
         "invalid_rejected_keys": invalid_rejected_keys,
+        "valid_passed_keys": valid_passed_keys,
         "disagreements": eng.disagreements,
         "ff_retokenized": eng.ff_retokenized,
         "ff_diverged": eng.ff_diverged,
         "seconds": time.perf_counter() - started,
+    }
+
+
+def _valid_exception(
+    eng: Any, s: dict[str, Any], j: int, spec: Any, compiled: Any, r: dict[str, Any]
+) -> dict[str, Any]:
+    """A valid instance ours did not pass, with why, and whether it passes with its keys in
+    the schema's order (llguidance generates properties in that order)."""
+    data = s["tests"][j][1]
+    reordered = compiled.checker.in_schema_order(data) if compiled.checker is not None else data
+    in_order = False
+    if reordered != data or json.dumps(reordered) != json.dumps(data):
+        ids = eng.hf.encode(json.dumps(reordered, ensure_ascii=False), add_special_tokens=False).ids
+        in_order = bool(eng.walk(spec, None, ids, True, 0, record=False)["accepted"])
+    text = json.dumps(data, ensure_ascii=False)
+    if r["cut_by"] == "checks":
+        reason = f"checks: {r['violation']}"
+    elif in_order:
+        reason = "property order: llguidance generates properties in the order the schema lists them"
+    else:
+        cut = eng.table.decode(s["token_ids"][j][: max(0, r["cut_at"] - 1)]).decode("utf-8", "replace")
+        reason = f"grammar: cut after {cut[-50:]!r}"
+    return {
+        "schema": s["name"],
+        "instance": j,
+        "valid": True,
+        "description": s["descriptions"][j][:120],
+        "reason": reason,
+        "passes_in_schema_order": in_order,
+        "text": text[:160],
     }
 
 
@@ -1123,7 +1269,7 @@ def run(quick: bool = False) -> dict[str, Any]:
         coverage[engine]["ours_on_the_same_subset"] = {
             "schemas": len(sub),
             "compiled": len([i for i in co if i in sub]),
-            "valid_passed": len([k for k in keys if k[0] in sub]),
+            "valid_passed": sum(1 for k in llg["valid_passed_keys"] if k[0] in sub),
             "valid_total": sum(v for s in schemas if s["index"] in sub for v, _ in s["tests"]),
             "invalid_rejected": sum(1 for k in llg["invalid_rejected_keys"] if k[0] in sub),
             "invalid_total": sum(1 - v for s in schemas if s["index"] in sub for v, _ in s["tests"]),
@@ -1134,6 +1280,26 @@ def run(quick: bool = False) -> dict[str, Any]:
             "target": "ours per-token p50 within 1.1× of llguidance direct (ours/direct)",
             "met": p50_ratio is not None and p50_ratio <= 1.1,
             "value": round(p50_ratio, 3) if p50_ratio is not None else "no valid instance passed",
+        },
+    ]
+    enforced = _enforced_summary(llg)
+    target_list += [
+        {
+            "target": "schemas accepted (grammar, or grammar + checks) ≥ 99 % of the split",
+            "met": enforced["schemas_accepted_fraction"] >= 0.99,
+            "value": enforced["schemas_accepted_fraction"],
+        },
+        {
+            "target": "valid instances of accepted schemas passing grammar + checks (as written, "
+            "else in the schema's property order) ≥ 99 %",
+            "met": enforced["valid_passed_in_schema_order_fraction"] >= 0.99,
+            "value": enforced["valid_passed_in_schema_order_fraction"],
+            "as_written": enforced["valid_passed_fraction"],
+        },
+        {
+            "target": "invalid instances of accepted schemas rejected by grammar or checks ≥ 99 %",
+            "met": enforced["invalid_rejected_fraction"] >= 0.99,
+            "value": enforced["invalid_rejected_fraction"],
         },
     ]
     if par is not None:
@@ -1202,11 +1368,38 @@ def run(quick: bool = False) -> dict[str, Any]:
             "forced_text_differs_from_instance": llg["ff_diverged"],
         },
         "disagreements_with_direct": llg["disagreements"][:20],
+        "schemas_enforced": _enforced_summary(llg),
         "parallel": par,
         "seconds": round(time.perf_counter() - t_start, 1),
         "targets": target_list,
     }
     return {"rows": rows, "extra": extra}
+
+
+def _enforced_summary(llg: dict[str, Any]) -> dict[str, Any]:
+    """Ours with checks against the grammar alone: accepted schemas, instances, every exception."""
+    c = llg["coverage"]["ours"]
+    valid_on_accepted = c["valid_passed"] + sum(1 for e in llg["exceptions"] if e["valid"])
+    invalid_on_accepted = c["invalid_rejected"] + sum(1 for e in llg["exceptions"] if not e["valid"])
+    return {
+        "schemas_accepted": c["compiled"],
+        "schemas_accepted_fraction": round(c["compiled"] / max(1, c["schemas"]), 4),
+        "by_grammar": c["by_grammar"],
+        "with_checks": c["with_checks"],
+        "refused": llg["refused"],
+        "dropped_keywords": llg["dropped_keywords"],
+        "valid_passed_fraction": round(c["valid_passed"] / max(1, valid_on_accepted), 4),
+        "valid_passed_in_schema_order_fraction": round(
+            c["valid_passed_in_schema_order"] / max(1, valid_on_accepted), 4
+        ),
+        "invalid_rejected_fraction": round(c["invalid_rejected"] / max(1, invalid_on_accepted), 4),
+        "instances_of_accepted_schemas": {"valid": valid_on_accepted, "invalid": invalid_on_accepted},
+        "invalid_rejected_by": {
+            "grammar": c["invalid_rejected_by_grammar"],
+            "checks": c["invalid_rejected_by_checks"],
+        },
+        "exceptions": llg["exceptions"],
+    }
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -64,20 +64,24 @@ def test_info_reports_zero_copy_on_linux() -> None:
     assert "wasmtime" in result.output and "50.0.1" in result.output
 
 
-def test_check_reports_supported_unsupported_and_invalid_schemas(tmp_path: Path) -> None:
+def test_check_reports_grammar_checks_refused_and_invalid_schemas(tmp_path: Path) -> None:
     pytest.importorskip("llguidance", reason="schema checks need llguidance")
     ok = tmp_path / "ok.json"
     ok.write_text('{"type": "object", "properties": {"a": {"type": "integer"}}}')
-    unsupported = tmp_path / "one_of.json"
-    unsupported.write_text('{"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 2}]}')
+    checked = tmp_path / "one_of.json"
+    checked.write_text(
+        '{"oneOf": [{"type": "string"}, {"type": "string", "maxLength": 2}], "not": {"const": "x"}}'
+    )
+    remote = tmp_path / "remote.json"
+    remote.write_text('{"$ref": "https://example.com/remote.json"}')
     broken = tmp_path / "broken.json"
     broken.write_text("{nope")
-    result = runner.invoke(app, ["check", str(ok), str(unsupported), str(broken)])
+    result = runner.invoke(app, ["check", str(ok), str(checked), str(remote), str(broken)])
     assert result.exit_code == 1
     out = " ".join(result.output.split())
-    assert "supported" in out and "unsupported: oneOf" in out and "invalid:" in out
-    assert "1 supported, 1 unsupported, 1 invalid" in out and "Traceback" not in out
-    assert runner.invoke(app, ["check", str(ok)]).exit_code == 0
+    assert "grammar + checks:" in out and "refused: Resource" in out and "invalid:" in out
+    assert "1 by the grammar, 1 with checks, 1 refused, 1 invalid" in out and "Traceback" not in out
+    assert runner.invoke(app, ["check", str(ok), str(checked)]).exit_code == 0
 
 
 def test_run_generates_a_schema_constrained_answer(tmp_path: Path) -> None:
@@ -234,14 +238,14 @@ def test_bad_steering_is_one_line_before_the_model_loads(
         raise AssertionError("the model must not load for a bad spec")
 
     monkeypatch.setattr(models, "load_model", no_model)
-    unsupported = tmp_path / "not.json"
-    unsupported.write_text(json.dumps({"type": "object", "not": {"required": ["a"]}}))
+    unsupported = tmp_path / "remote.json"
+    unsupported.write_text(json.dumps({"$ref": "https://example.com/remote.json"}))  # never fetched
     result = runner.invoke(app, ["run", "hi", *args])
     assert result.exit_code == 1, result.output
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "tok/s" not in result.output
     result = runner.invoke(app, ["run", "hi", "--json-schema", str(unsupported)])
-    assert result.exit_code == 1 and 'Unimplemented keys: ["not"]' in result.stderr
+    assert result.exit_code == 1 and "example.com/remote.json" in result.stderr
 
 
 def test_check_takes_the_model_names_run_takes() -> None:

@@ -231,6 +231,55 @@ def test_response_format_json_schema_validates(client: Any) -> None:
     jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
 
 
+def test_a_schema_llguidance_refuses_is_answered_with_checks_and_says_so(client: Any) -> None:
+    """``uniqueItems`` and ``not`` are left to checks; the answer validates and the choice says
+    how it was enforced. A schema no answer meets ends in a 422 ``schema_violation`` naming the
+    keyword, while a plain request sent beside it is answered in full."""
+    schema = {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": {"type": "integer"}, "maxItems": 3, "uniqueItems": True},
+            "name": {"type": "string", "maxLength": 8, "not": {"const": "Bob"}},
+        },
+        "required": ["tags", "name"],
+        "additionalProperties": False,
+    }
+    r = client.chat.completions.create(
+        model="smollm2-135m",
+        messages=[{"role": "user", "content": 'Reply with JSON like {"tags": [1, 1, 1], "name": "Bob"}.'}],
+        max_tokens=60,
+        temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "t", "schema": schema}},
+    )
+    choice = r.choices[0]
+    jsonschema.validate(json.loads(choice.message.content), schema)
+    extra = choice.model_extra["wasmshare"]
+    assert extra["enforced_by"].startswith("grammar + checks (") and "uniqueItems" in extra["enforced_by"]
+    assert extra["backtracks"] > 0
+    impossible = {"type": "string", "maxLength": 2, "not": {"pattern": "^"}}
+    outcome: dict[str, Any] = {}
+
+    def plain() -> None:
+        outcome["plain"] = client.completions.create(
+            model="smollm2-135m", prompt="Hello", max_tokens=8, temperature=0
+        )
+
+    beside = threading.Thread(target=plain)
+    beside.start()
+    with pytest.raises(openai.UnprocessableEntityError) as failed:
+        client.completions.create(
+            model="smollm2-135m",
+            prompt="x",
+            max_tokens=40,
+            extra_body={
+                "response_format": {"type": "json_schema", "json_schema": {"name": "i", "schema": impossible}}
+            },
+        )
+    beside.join()
+    assert failed.value.code == "schema_violation" and "'not' at $" in failed.value.message
+    assert outcome["plain"].choices[0].finish_reason in ("length", "stop")  # answered in full
+
+
 def test_json_object_regex_and_choice(client: Any) -> None:
     obj = client.chat.completions.create(
         model="smollm2-135m",
@@ -331,8 +380,19 @@ def test_bad_uploads_are_refused(live: LiveServer) -> None:
         assert http.post("/v1/controllers", content=b"").status_code == 400
 
 
+def _faults(live: LiveServer) -> float:
+    with live.http() as http:
+        line = next(
+            x
+            for x in http.get("/metrics").text.splitlines()
+            if x.startswith("wasmshare_controller_faults_total ")
+        )
+    return float(line.split()[1])
+
+
 def test_hostile_controller_fails_only_its_own_request(live: LiveServer, client: Any) -> None:
     ident = upload(live, "hostile_controller")
+    faults_before = _faults(live)
     outcome: dict[str, Any] = {}
 
     def good() -> None:
@@ -363,7 +423,8 @@ def test_hostile_controller_fails_only_its_own_request(live: LiveServer, client:
     assert outcome["good"].choices[0].finish_reason == "length"
     with httpx.Client(base_url=live.base) as http:
         assert http.get("/health").json()["status"] == "ok"
-        assert "wasmshare_controller_faults_total 2.0" in http.get("/metrics").text
+        assert "wasmshare_controller_faults_total " in http.get("/metrics").text
+    assert _faults(live) == faults_before + 2
 
 
 # -- limits, auth, continuous batching -------------------------------------------------------------------

@@ -221,7 +221,9 @@ def test_a_request_sets_its_own_policy(
         loaded, [others()[0], slow_request(work["units"], stall_policy="sit_out")], stall_policy="wait"
     )
     assert sat[1].sat_out_steps > 0 and sat[1].tokens == references["alone"]
-    assert waited[0].tokens == sat[0].tokens == references["base"][0]
+    # The same two rows either way: a batch of 2, not the 3 of references["base"], whose bf16
+    # sums may round differently on some CPUs.
+    assert waited[0].tokens == sat[0].tokens
 
 
 def test_a_late_row_that_is_cancelled_ends_and_the_others_go_on(

@@ -23,6 +23,7 @@ BENCHMARKS = (
     "plugins",
     "whitespace",
     "stall",
+    "schema_checks",
     "vllm",
 )
 

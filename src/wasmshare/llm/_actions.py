@@ -56,6 +56,7 @@ def take_actions(
             done.append(row)
             continue
         if result.backtrack:
+            row.backtracks += 1
             backtrack(kv, i, row, result.backtrack)
         if result.fast_forward:
             stats.fast_forward_tokens += len(result.fast_forward)

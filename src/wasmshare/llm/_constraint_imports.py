@@ -133,6 +133,15 @@ def constraint_imports(
         except (WasmshareError, UnicodeDecodeError, ValueError) as e:
             log.warning("controller '%s': ws_constraint_open failed: %s", guest.name, e)
             return ERR_SPEC
+        if compiled.plan is not None and compiled.plan.needs_checks:
+            # The controller drives the matcher token by token; the host cannot repair its
+            # answer, so a grammar that only over-approximates the schema is not offered.
+            log.warning(
+                "controller '%s': ws_constraint_open: the schema needs checks (%s), which controllers cannot use",
+                guest.name,
+                ", ".join(compiled.plan.keywords),
+            )
+            return ERR_SPEC
         handle = max(matchers, default=0) + 1
         matchers[handle] = compiled.matcher()
         opened[handle] = (compiled, [])

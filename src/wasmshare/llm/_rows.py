@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from ..errors import WasmshareError
-from .constraints import ConstraintSpec
+from .constraints import ConstraintSpec, enforcement
 from .requests import STALL_POLICIES, FinishReason, GenerationRequest, GenerationResult, default_max_work
 
 if TYPE_CHECKING:
@@ -61,6 +61,7 @@ class Row:
     late_last: bool = False  # its controller was late at its last step (the next cut need not wait)
     sat_out: int = 0  # steps the batch took without it while its controller was late
     lag: int = 0  # of them, the ones in a row up to now
+    backtracks: int = 0  # steps whose controller or constraint went back (schema repairs included)
 
     @property
     def over_work_limit(self) -> bool:
@@ -84,8 +85,17 @@ class Row:
             cut = text.find(stop)
             if cut >= 0:
                 text = text[:cut]
+        steer = self.request.steer
         return GenerationResult(
-            self.request, len(self.prompt), list(self.tokens), text, finish, self.error, self.sat_out
+            self.request,
+            len(self.prompt),
+            list(self.tokens),
+            text,
+            finish,
+            self.error,
+            self.sat_out,
+            self.backtracks,
+            enforcement(steer) if isinstance(steer, ConstraintSpec) else None,
         )
 
 

@@ -112,6 +112,10 @@ class BatchSlots:
             tuple[list[SlotSequence], np.ndarray[Any, Any], slice | np.ndarray[Any, Any]] | None
         ) = None
         self.grammar_backend: Backend = parse_backend(grammar_backend)
+        # Whoever steps this batch can splice a sequence (drop tokens, add forced ones): then a
+        # JSON Schema answer that fails a check backtracks out of the value. A logits processor
+        # cannot take tokens back; it sets this False and such an answer ends with the error.
+        self.constraint_repairs = True
         self._closed = False
         self._threads: ThreadRunner | None = None
         self._ended_copied = 0  # bytes copied by the guests this process ran that have ended
@@ -239,9 +243,11 @@ class BatchSlots:
                 # in the shared rows.
                 assert spec is not None
                 seq.worker = lane
-                self._workers[lane].constrain(slot, sequence_id, spec)
+                self._workers[lane].constrain(slot, sequence_id, spec, repairs=self.constraint_repairs)
             elif compiled is not None:
-                seq.instance = ConstraintInstance(compiled, self.regions, slot, sequence_id)
+                seq.instance = ConstraintInstance(
+                    compiled, self.regions, slot, sequence_id, can_backtrack=self.constraint_repairs
+                )
                 seq.instance.create(int(tokens.size), arg_offset, len(arg))
             elif self.mode == "threads":
                 seq.instance = ControllerInstance(

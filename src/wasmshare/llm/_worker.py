@@ -102,7 +102,9 @@ def main(argv: list[str]) -> int:
                 try:
                     spec = ConstraintSpec(message["spec_kind"], message["spec_source"])
                     compiled = compile_constraint(spec, tokenizer)  # type: ignore[arg-type]  # llguidance needs no more
-                    constrained = ConstraintInstance(compiled, regions, slot, message["sequence_id"])
+                    constrained = ConstraintInstance(
+                        compiled, regions, slot, message["sequence_id"], can_backtrack=message["repairs"]
+                    )
                 except Exception as e:  # noqa: BLE001 - reported to the engine, which raises it
                     send_message(sock, {"ok": False, "error": str(e), "type": type(e).__name__})
                 else:

@@ -205,7 +205,7 @@ class WorkerHandle:
             )
         self.slots.add(slot)
 
-    def constrain(self, slot: int, sequence_id: int, spec: ConstraintSpec) -> None:
+    def constrain(self, slot: int, sequence_id: int, spec: ConstraintSpec, *, repairs: bool = True) -> None:
         """Run a constrained sequence in this worker (compiled there, cached per process)."""
         reply = self._message(
             {
@@ -214,6 +214,7 @@ class WorkerHandle:
                 "sequence_id": sequence_id,
                 "spec_kind": spec.kind,
                 "spec_source": spec.source,
+                "repairs": repairs,
             }
         )
         if not reply.get("ok"):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import array
 import ctypes
+import functools
 import hashlib
 import json
 import re
@@ -31,7 +32,10 @@ import numpy as np
 
 from ..errors import ConstraintError
 from . import _layout as L
+from ._answer_checks import AnswerChecks
 from ._layout import write_status
+from .schema_checks import SchemaChecker, Violation
+from .schema_plan import SchemaPlan, one_line, plan_schema
 
 if TYPE_CHECKING:
     from ._regions import BatchRegions
@@ -138,7 +142,10 @@ def json_schema(
             guidance = guidance if isinstance(guidance, dict) else {}
             schema = {**schema, "x-guidance": {**guidance, "whitespace_flexible": whitespace == "flexible"}}
     # Key order is kept: properties are generated in the order the schema lists them.
-    return ConstraintSpec("json_schema", json.dumps(schema, separators=(",", ":")))
+    try:
+        return ConstraintSpec("json_schema", json.dumps(schema, separators=(",", ":")))
+    except RecursionError:
+        raise ConstraintError("the JSON schema is nested too deep") from None
 
 
 def check_spec(spec: ConstraintSpec) -> None:
@@ -152,26 +159,10 @@ def check_spec(spec: ConstraintSpec) -> None:
     text = _to_grammar(spec)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, None)
     if is_error:
-        reason = _one_line(messages)
+        reason = one_line(messages)
         if spec.kind != "grammar":  # positions are in the grammar built from the spec, not in the spec
             reason = re.sub(r"^at \d+\(\d+\): ", "", reason)
         raise ConstraintError(f"{spec.describe()}: {reason}")
-
-
-def _one_line(messages: Sequence[str]) -> str:
-    """llguidance's multi-line diagnostics as one line: the ``error:`` line of a regex parse
-    error when there is one, else the first line of each message."""
-    parts = []
-    for message in messages:
-        lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-        detail = next((line.removeprefix("error: ") for line in lines if line.startswith("error:")), None)
-        head = lines[0] if lines else ""
-        if detail is not None:
-            head = head.split(" (in ", 1)[0].split(": regex parse error", 1)[0]
-            parts.append(f"{head}: {detail}")
-        elif head:
-            parts.append(head)
-    return "; ".join(parts) or "refused"
 
 
 def any_json() -> ConstraintSpec:
@@ -253,6 +244,13 @@ class CompiledConstraint:
     _engine: Any
     _template: Any
     backend: Backend = "llguidance"
+    checker: SchemaChecker | None = None
+    """For a JSON Schema (llguidance backend): the whole schema, checked on completed values."""
+
+    @property
+    def plan(self) -> SchemaPlan | None:
+        """For a JSON Schema: the grammar's relaxations (see :mod:`.schema_plan`)."""
+        return self.checker.plan if self.checker is not None else None
 
     def matcher(self) -> Any:
         """A fresh matcher at the start of the constraint (llguidance ``LLMatcher``).
@@ -266,6 +264,15 @@ class CompiledConstraint:
         """Whether ``error`` is llguidance's cap on a shared lexer's size, which
         :meth:`renewed_matcher` recovers from."""
         return self.backend == "llguidance" and "too many expressions constructed" in error
+
+    def matcher_at(self, history: Sequence[int]) -> Any:
+        """A fresh matcher advanced by ``history`` (a sequence going back to an earlier point)."""
+        fresh = self.matcher()
+        if history and not fresh.consume_tokens(list(history)):
+            raise ConstraintError(
+                f"{self.spec.describe()}: replaying {len(history)} tokens failed: {fresh.get_error()}"
+            )
+        return fresh
 
     def renewed_matcher(self, history: Sequence[int]) -> Any:
         """A matcher on a newly built lexer, advanced by ``history``.
@@ -295,8 +302,12 @@ _lock = threading.Lock()
 
 
 def prepare_tokenizer(table: TokenTable) -> None:
-    """Build llguidance's tokenizer for ``table`` now (it is built once per process and kept)."""
+    """Build llguidance's tokenizer for ``table`` now (it is built once per process and kept),
+    and load the schema checks' validator and format checkers, so no step deadline pays for them."""
     _engine_tokenizer(table)
+    import jsonschema
+
+    _ = jsonschema.Draft7Validator.FORMAT_CHECKER
 
 
 def _engine_tokenizer(table: TokenTable) -> Any:
@@ -326,7 +337,8 @@ def _to_grammar(spec: ConstraintSpec) -> str:
 
     try:
         if spec.kind == "json_schema":
-            return str(llguidance.LLMatcher.grammar_from_json_schema(spec.source))
+            grammar_schema = schema_plan(spec).grammar_schema
+            return str(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(grammar_schema)))
         if spec.kind == "regex":
             return str(llguidance.LLMatcher.grammar_from_regex(spec.source))
         if spec.kind == "grammar":
@@ -338,8 +350,31 @@ def _to_grammar(spec: ConstraintSpec) -> str:
             )
         options = json.loads(spec.source)
         return str(llguidance.LLMatcher.grammar_from_regex("|".join(re.escape(o) for o in options)))
+    except ConstraintError as e:
+        raise ConstraintError(f"{spec.describe()}: {e}") from e
     except Exception as e:  # noqa: BLE001 - llguidance raises ValueError and others for bad input
         raise ConstraintError(f"{spec.describe()}: {e}") from e
+
+
+@functools.lru_cache(maxsize=MAX_COMPILED_CONSTRAINTS)
+def schema_plan(spec: ConstraintSpec) -> SchemaPlan:
+    """How a ``json_schema`` spec is enforced: the grammar llguidance compiles and the keywords
+    left to checks (see :mod:`.schema_plan`). Raises :class:`ConstraintError` for a schema
+    that cannot be planned (a remote ``$ref``, a schema too large)."""
+    if spec.kind != "json_schema":
+        raise ConstraintError(f"{spec.describe()}: not a JSON Schema")
+    return plan_schema(json.loads(spec.source))
+
+
+def enforcement(spec: ConstraintSpec) -> str | None:
+    """How answers under ``spec`` are enforced, for results and reports: ``grammar``,
+    ``grammar + checks (not, oneOf)``, or None for a spec that is not a JSON Schema."""
+    if spec.kind != "json_schema":
+        return None
+    try:
+        return schema_plan(spec).describe()
+    except ConstraintError:
+        return None
 
 
 def compile_constraint(
@@ -378,12 +413,18 @@ def _compile_llguidance(spec: ConstraintSpec, table: TokenTable) -> CompiledCons
     text = _to_grammar(spec)
     is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, engine)
     if is_error:
-        raise ConstraintError(f"{spec.describe()}: {_one_line(messages)}")
+        raise ConstraintError(f"{spec.describe()}: {one_line(messages)}")
     matcher = llguidance.LLMatcher(engine, text, log_level=0)  # builds the lexer once
     if matcher.is_error():
         raise ConstraintError(f"{spec.describe()}: {matcher.get_error()}")
+    checker = None
+    if spec.kind == "json_schema":
+        try:
+            checker = SchemaChecker(schema_plan(spec))
+        except ConstraintError as e:
+            raise ConstraintError(f"{spec.describe()}: {e}") from e
     return CompiledConstraint(
-        spec, text, (time.perf_counter() - started) * 1e3, tuple(messages), engine, matcher
+        spec, text, (time.perf_counter() - started) * 1e3, tuple(messages), engine, matcher, checker=checker
     )
 
 
@@ -403,6 +444,10 @@ def _compile_xgrammar(spec: ConstraintSpec, table: TokenTable) -> CompiledConstr
 
 # -- running in a batch ------------------------------------------------------------------------
 
+MAX_REPAIRS_PER_STEP = 16
+"""Repairs one step may make before it gives up: a repair whose grammar-forced continuation fails
+again at once costs a round of its own."""
+
 
 class ConstraintInstance:
     """A constrained sequence in a batch slot: the host-side counterpart of a controller.
@@ -414,7 +459,13 @@ class ConstraintInstance:
     """
 
     def __init__(
-        self, compiled: CompiledConstraint, regions: BatchRegions, slot: int, sequence_id: int
+        self,
+        compiled: CompiledConstraint,
+        regions: BatchRegions,
+        slot: int,
+        sequence_id: int,
+        *,
+        can_backtrack: bool = True,
     ) -> None:
         self.compiled = compiled
         self.regions = regions
@@ -439,6 +490,12 @@ class ConstraintInstance:
         self.defer_mask = False
         self.mask_deferred = False
         self.mask_error: str | None = None  # why the last mask computed on demand allows nothing
+        # Schema checks (JSON Schema, llguidance): every token consumed is followed; a value
+        # that fails is repaired by backtracking (when the batch can splice) or ends the row.
+        self.can_backtrack = can_backtrack
+        self.checks: AnswerChecks | None = None
+        if compiled.checker is not None and engine is not None:
+            self.checks = AnswerChecks(compiled.checker, lambda t: bytes(engine.decode_bytes([t])), self._eos)
 
     def create(self, n_prompt_tokens: int, arg_offset_bytes: int, arg_len: int) -> None:
         """Nothing to run at creation (the prompt is not constrained); reports OK."""
@@ -459,45 +516,84 @@ class ConstraintInstance:
         n = words[L.W_N_TOKENS]
         tokens = words[L.W_TOKENS : L.W_TOKENS + n].tolist() if n else []
         base = len(self._history)
+        repairs = self.checks.repairs if self.checks is not None else 0
         self.mask_deferred = False
         error = self._step_once(tokens)
         if error is not None and self.compiled.recovers_from(error):
+            if self.checks is not None and (self.checks.repairs != repairs or len(self._history) < base):
+                self._fail(error)  # a repair already moved the answer: no clean state to redo from
+                return
             del self._history[base:]
+            if self.checks is not None:
+                self.checks.rewind(base)
             try:
                 self.matcher = self.compiled.renewed_matcher(self._history)
             except ConstraintError as e:
                 self._fail(str(e))
                 return
             words[L.W_RESULT + 1] = L.ACTION_CONTINUE
+            words[L.W_RESULT + 3] = 0
             words[L.W_RESULT + 4] = 0
             error = self._step_once(tokens)
         if error is not None:
             self._fail(error)
 
     def _step_once(self, tokens: list[int]) -> str | None:
-        """One step on the current matcher; the error message, or None."""
+        """One step on the current matcher; the error message, or None.
+
+        The step's result is a splice of the engine's copy of the answer: ``backtrack`` drops
+        the tokens after the lowest point a repair went back to (``low``), and the forced
+        tokens are everything after it now."""
         words = self._words
-        matcher = self.matcher
+        checks = self.checks
         if tokens:
-            if not matcher.consume_tokens(tokens):
-                return f"sampled tokens {tokens} rejected: {matcher.get_error() or 'not allowed here'}"
+            if not self.matcher.consume_tokens(tokens):
+                return f"sampled tokens {tokens} rejected: {self.matcher.get_error() or 'not allowed here'}"
             self._history.extend(tokens)
-        if matcher.is_stopped():
+        held = low = len(self._history)  # what the engine holds now; the lowest point kept
+        if tokens and checks is not None and (violation := checks.push(tokens, forced=False)) is not None:
+            error = self._repair(violation)
+            if error is not None:
+                return error
+            low = min(low, len(self._history))
+        stopped = False
+        for _ in range(MAX_REPAIRS_PER_STEP):
+            matcher = self.matcher
+            if matcher.is_stopped():
+                violation = checks.finish() if checks is not None else None
+                if violation is None:
+                    stopped = True
+                    break
+            else:
+                forced = matcher.compute_ff_tokens()
+                if matcher.is_error():
+                    return str(matcher.get_error())
+                forced = forced[: max(0, L.MAX_FF_TOKENS - (len(self._history) - low))]
+                if not forced:
+                    break
+                if not matcher.consume_tokens(forced):
+                    return f"forced tokens rejected: {matcher.get_error()}"
+                self._history.extend(forced)
+                violation = checks.push(forced, forced=True) if checks is not None else None
+                if violation is None:
+                    if matcher.is_stopped():
+                        continue
+                    break
+            error = self._repair(violation)
+            if error is not None:
+                return error
+            low = min(low, len(self._history))
+        else:
+            return f"no valid answer after {MAX_REPAIRS_PER_STEP} repairs in one step"
+        if held > low:
+            words[L.W_RESULT + 3] = held - low
+        spliced = self._history[low:]
+        if spliced:
+            words[L.W_RESULT + 4] = len(spliced)
+            words[L.W_FF_TOKENS : L.W_FF_TOKENS + len(spliced)] = array.array("I", spliced)
+        if stopped:
             words[L.W_RESULT + 1] = L.ACTION_STOP
             return None
-        forced = matcher.compute_ff_tokens()
-        if matcher.is_error():
-            return str(matcher.get_error())
-        if forced:
-            forced = forced[: L.MAX_FF_TOKENS]
-            if not matcher.consume_tokens(forced):
-                return f"forced tokens rejected: {matcher.get_error()}"
-            self._history.extend(forced)
-            words[L.W_RESULT + 4] = len(forced)
-            words[L.W_FF_TOKENS : L.W_FF_TOKENS + len(forced)] = array.array("I", forced)
-            if matcher.is_stopped():
-                words[L.W_RESULT + 1] = L.ACTION_STOP
-                return None
         if self.defer_mask and self.can_defer:
             self.mask_deferred = True
         else:
@@ -507,16 +603,54 @@ class ConstraintInstance:
         words[L.W_RESULT + 2] = L.OUTPUT_BITMASK
         return None
 
+    def _repair(self, violation: Violation) -> str | None:
+        """Go back out of the value ``violation`` names; the error when that cannot be done."""
+        checks = self.checks
+        assert checks is not None
+        repair = checks.repair(violation, self._history) if self.can_backtrack else None
+        if repair is None:
+            tries = f" after {checks.repairs} repairs" if checks.repairs else ""
+            return f"answer violates the schema{tries}: {violation.describe()}"
+        try:
+            self.matcher = self.compiled.matcher_at(self._history[: repair.keep])
+        except ConstraintError as e:
+            return str(e)
+        del self._history[repair.keep :]
+        checks.rewind(repair.keep, repair.token)
+        return None
+
     def _compute_mask(self) -> str | None:
-        """Write the matcher's mask into the slot's row of the batch bitmask; its error, or None."""
+        """Write the matcher's mask into the slot's row of the batch bitmask; its error, or None.
+
+        Tokens a repair forbade here are taken out; when nothing is left, the repair failed."""
         self.matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
-        return str(self.matcher.get_error()) if self.matcher.is_error() else None
+        if self.matcher.is_error():
+            return str(self.matcher.get_error())
+        forbidden = self.checks.forbidden_now() if self.checks is not None else None
+        if self.checks is not None and self._eos is not None and self.checks.end_fails() is not None:
+            forbidden = {*(forbidden or ()), self._eos}  # ending here would return an invalid answer
+            if self.checks.last is None:
+                self.checks.last = self.checks.end_fails()
+        if forbidden:
+            row = (ctypes.c_uint32 * (self._mask_nbytes // 4)).from_address(self._mask_address)
+            for token in forbidden:
+                if token >> 5 < len(row):
+                    row[token >> 5] &= ~(1 << (token & 31)) & 0xFFFFFFFF
+            if not any(row):
+                assert self.checks is not None and self.checks.last is not None
+                tries = f" after {self.checks.repairs} repairs" if self.checks.repairs else ""
+                return f"answer violates the schema{tries}: {self.checks.last.describe()}"
+        return None
 
     def allows(self, token: int) -> bool:
         """Whether this step's mask allows ``token``, asked of the matcher without computing
         the mask (a small fraction of a mask's cost). Valid between
         a step and the next; the batch calls it for a deferred mask."""
+        if self.checks is not None and token in self.checks.forbidden_now():
+            return False
         if token == self._eos:  # a stopped matcher refuses EOS in validate_tokens, not in its mask
+            if self.checks is not None and self.checks.end_fails() is not None:
+                return False
             return bool(self.matcher.is_accepting())
         return bool(self.matcher.validate_tokens([token]) == 1)
 

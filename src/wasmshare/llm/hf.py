@@ -86,6 +86,7 @@ class WasmshareLogitsProcessor(_Base):
         if len(steers) != rows:
             raise WasmshareError(f"{len(steers)} steers for a batch of {rows} rows")
         self.batch = ControllerBatch(self.token_table, capacity=rows, limits=self.limits)
+        self.batch.constraint_repairs = False  # generate() cannot take tokens back
         for row, steer in enumerate(steers):
             if steer is None:
                 self._rows.append(None)

@@ -106,7 +106,10 @@ class GenerationResult:
     """A finished request: its tokens, text, why it ended, and an error if it failed.
 
     ``sat_out_steps`` counts the decode steps the batch took without this request while
-    its controller was late (``stall_policy="sit_out"``)."""
+    its controller was late (``stall_policy="sit_out"``). ``backtracks`` counts the steps at
+    which its controller or constraint went back, a JSON Schema's repairs included.
+    ``enforced_by`` says how a JSON Schema answer was held to its schema: ``grammar``, or
+    ``grammar + checks (...)`` naming the keywords checked on each completed value."""
 
     request: GenerationRequest
     prompt_tokens: int
@@ -115,6 +118,8 @@ class GenerationResult:
     finish_reason: FinishReason
     error: str | None = None
     sat_out_steps: int = 0
+    backtracks: int = 0
+    enforced_by: str | None = None
 
 
 class RequestQueue:

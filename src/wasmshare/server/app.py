@@ -340,9 +340,20 @@ def _submit_all(service: EngineService, requests: list[GenerationRequest]) -> li
 
 
 def _failure(result: GenerationResult) -> APIError:
+    if "answer violates the schema" in (result.error or ""):
+        return APIError(
+            422, f"generation failed: {result.error}", type="constraint_error", code="schema_violation"
+        )
     return APIError(
         422, f"generation failed: {result.error}", type="controller_error", code="controller_failed"
     )
+
+
+def _enforcement(result: GenerationResult) -> dict[str, Any]:
+    """A choice's ``wasmshare`` field: how a JSON Schema answer was held to its schema."""
+    if result.enforced_by is None:
+        return {}
+    return {"wasmshare": {"enforced_by": result.enforced_by, "backtracks": result.backtracks}}
 
 
 async def _answer(
@@ -377,11 +388,18 @@ async def _answer(
                     "message": {"role": "assistant", "content": r.text},
                     "finish_reason": _FINISH[r.finish_reason],
                     "logprobs": None,
+                    **_enforcement(r),
                 }
             )
         else:
             choices.append(
-                {"index": i, "text": r.text, "finish_reason": _FINISH[r.finish_reason], "logprobs": None}
+                {
+                    "index": i,
+                    "text": r.text,
+                    "finish_reason": _FINISH[r.finish_reason],
+                    "logprobs": None,
+                    **_enforcement(r),
+                }
             )
     return {
         "id": ident,
@@ -454,7 +472,14 @@ async def _stream(
     created = now()
     obj = "chat.completion.chunk" if chat else "text_completion"
 
-    def chunk(index: int, text: str | None, finish: str | None, *, role: bool = False) -> bytes:
+    def chunk(
+        index: int,
+        text: str | None,
+        finish: str | None,
+        *,
+        role: bool = False,
+        extra: dict[str, Any] | None = None,
+    ) -> bytes:
         if chat:
             delta: dict[str, Any] = {}
             if role:
@@ -469,6 +494,7 @@ async def _stream(
             }
         else:
             choice = {"index": index, "text": text or "", "finish_reason": finish, "logprobs": None}
+        choice.update(extra or {})
         payload = {"id": ident, "object": obj, "created": created, "model": model_name, "choices": [choice]}
         if usage:
             payload["usage"] = None
@@ -506,7 +532,7 @@ async def _stream(
                 break
             if len(event.text) > sent[i]:
                 yield chunk(i, event.text[sent[i] :], None)
-            yield chunk(i, None if chat else "", _FINISH[event.finish_reason])
+            yield chunk(i, None if chat else "", _FINISH[event.finish_reason], extra=_enforcement(event))
         else:
             if usage:
                 done = [r for r in results if r is not None]

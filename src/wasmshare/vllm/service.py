@@ -112,6 +112,7 @@ class ControllerService:
         self.table = table
         self.controllers_dir = controllers_dir
         self.batch = ControllerBatch(table, capacity=capacity, mode="threads")
+        self.batch.constraint_repairs = False  # vLLM samples every row every step: no splicing
         self._keys: dict[str, int] = {}
         self._lock = threading.Lock()
         self._led: dict[str, dict[int, dict[str, Any]]] = {}  # group -> step_id -> reply
