@@ -791,18 +791,7 @@ class _WorkerProcess:
 def _run_external(
     engine: str, schemas: list[dict[str, Any]], timeout_s: float, budget_s: float
 ) -> dict[str, Any]:
-    cov = {
-        "schemas": len(schemas),
-        "run": 0,
-        "not_run_budget": 0,
-        "compiled": 0,
-        "errors": 0,
-        "timeouts": 0,
-        "valid_total": 0,
-        "valid_passed": 0,
-        "invalid_total": 0,
-        "invalid_rejected": 0,
-    }
+    cov = {"run": 0, "not_run_budget": 0, **_new_coverage(len(schemas))}
     compile_ms: dict[int, float] = {}
     per_instance: dict[tuple[int, int], np.ndarray[Any, Any]] = {}
     errors: list[str] = []

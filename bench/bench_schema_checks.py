@@ -55,6 +55,7 @@ KEYWORDS = (
     "pattern",
 )
 TOKENS = 96
+_SUMMARY = ("valid", "named_error", "length", "invalid_returned_as_success", "other", "backtracks", "tokens")
 REPEATS = 2
 
 
@@ -208,30 +209,8 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     t_ours = statistics.median(r["seconds"] for r in ours)
     t_base = statistics.median(r["seconds"] for r in base)
     first_o, first_b = ours[0], base[0]
-    summary = {
-        k: first_o[k]
-        for k in (
-            "valid",
-            "named_error",
-            "length",
-            "invalid_returned_as_success",
-            "other",
-            "backtracks",
-            "tokens",
-        )
-    }
-    summary_b = {
-        k: first_b[k]
-        for k in (
-            "valid",
-            "named_error",
-            "length",
-            "invalid_returned_as_success",
-            "other",
-            "backtracks",
-            "tokens",
-        )
-    }
+    summary = {k: first_o[k] for k in _SUMMARY}
+    summary_b = {k: first_b[k] for k in _SUMMARY}
     return [
         {
             "case": f"{len(items)} schemas needing checks: grammar + checks vs grammar alone (wall s)",

@@ -286,12 +286,7 @@ class CompiledConstraint:
 
         with _lock:
             self._template = llguidance.LLMatcher(self._engine, self.grammar, log_level=0)
-            fresh = self._template.deep_copy()
-        if history and not fresh.consume_tokens(list(history)):
-            raise ConstraintError(
-                f"{self.spec.describe()}: replaying {len(history)} tokens failed: {fresh.get_error()}"
-            )
-        return fresh
+        return self.matcher_at(history)
 
 
 _tokenizers: dict[str, Any] = {}
@@ -337,8 +332,7 @@ def _to_grammar(spec: ConstraintSpec) -> str:
 
     try:
         if spec.kind == "json_schema":
-            grammar_schema = schema_plan(spec).grammar_schema
-            return str(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(grammar_schema)))
+            return schema_plan(spec).grammar  # built (and accepted) while planning
         if spec.kind == "regex":
             return str(llguidance.LLMatcher.grammar_from_regex(spec.source))
         if spec.kind == "grammar":
@@ -350,9 +344,7 @@ def _to_grammar(spec: ConstraintSpec) -> str:
             )
         options = json.loads(spec.source)
         return str(llguidance.LLMatcher.grammar_from_regex("|".join(re.escape(o) for o in options)))
-    except ConstraintError as e:
-        raise ConstraintError(f"{spec.describe()}: {e}") from e
-    except Exception as e:  # noqa: BLE001 - llguidance raises ValueError and others for bad input
+    except Exception as e:  # noqa: BLE001 - llguidance raises ValueError and others; a plan, ConstraintError
         raise ConstraintError(f"{spec.describe()}: {e}") from e
 
 
@@ -626,21 +618,26 @@ class ConstraintInstance:
         self.matcher.unsafe_compute_mask_ptr(self._mask_address, self._mask_nbytes)
         if self.matcher.is_error():
             return str(self.matcher.get_error())
-        forbidden = self.checks.forbidden_now() if self.checks is not None else None
-        if self.checks is not None and self._eos is not None and self.checks.end_fails() is not None:
-            forbidden = {*(forbidden or ()), self._eos}  # ending here would return an invalid answer
-            if self.checks.last is None:
-                self.checks.last = self.checks.end_fails()
-        if forbidden:
-            row = (ctypes.c_uint32 * (self._mask_nbytes // 4)).from_address(self._mask_address)
-            for token in forbidden:
-                if token >> 5 < len(row):
-                    row[token >> 5] &= ~(1 << (token & 31)) & 0xFFFFFFFF
-            if not any(row):
-                assert self.checks is not None and self.checks.last is not None
-                tries = f" after {self.checks.repairs} repairs" if self.checks.repairs else ""
-                return f"answer violates the schema{tries}: {self.checks.last.describe()}"
-        return None
+        checks = self.checks
+        if checks is None:
+            return None
+        forbidden = checks.forbidden_now()
+        eos = self._eos
+        ending = checks.end_fails() if eos is not None else None
+        if ending is not None and eos is not None:
+            forbidden = {*forbidden, eos}  # ending here would return an invalid answer
+        if not forbidden:
+            return None
+        row = (ctypes.c_uint32 * (self._mask_nbytes // 4)).from_address(self._mask_address)
+        for token in forbidden:
+            if token >> 5 < len(row):
+                row[token >> 5] &= ~(1 << (token & 31)) & 0xFFFFFFFF
+        if any(row):
+            return None
+        violation = checks.last or ending
+        assert violation is not None
+        tries = f" after {checks.repairs} repairs" if checks.repairs else ""
+        return f"answer violates the schema{tries}: {violation.describe()}"
 
     def allows(self, token: int) -> bool:
         """Whether this step's mask allows ``token``, asked of the matcher without computing

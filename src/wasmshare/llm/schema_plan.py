@@ -100,6 +100,8 @@ class SchemaPlan:
     grammar_schema: dict[str, Any] | bool
     """The relaxed schema the grammar is built from (equal to ``schema`` when nothing is dropped)."""
     dropped: tuple[Dropped, ...]
+    grammar: str
+    """llguidance's grammar for ``grammar_schema``, as planning built and validated it."""
 
     @property
     def needs_checks(self) -> bool:
@@ -359,16 +361,16 @@ def _relax_once(relaxer: _Relaxer, message: str) -> bool:
     return False
 
 
-def _llguidance_refusal(schema: Any) -> str | None:
-    """llguidance's refusal of ``schema`` as one message, or None when it accepts it."""
+def _llguidance_grammar(schema: Any) -> tuple[str | None, str | None]:
+    """(llguidance's grammar for ``schema``, None) when it accepts it, else (None, its refusal)."""
     import llguidance
 
     try:
-        text = llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema))
+        text = str(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema)))
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, None)
     except Exception as e:  # noqa: BLE001 - llguidance raises ValueError and others for bad input
-        return str(e) or type(e).__name__
-    return "\n".join(str(m) for m in messages) if is_error else None
+        return None, str(e) or type(e).__name__
+    return (None, "\n".join(str(m) for m in messages)) if is_error else (text, None)
 
 
 def plan_schema(schema: dict[str, Any] | bool, *, checks: bool = True) -> SchemaPlan:
@@ -400,9 +402,10 @@ def _plan(schema: dict[str, Any] | bool, checks: bool) -> SchemaPlan:
             )
     refusal: str | None = None
     for _ in range(MAX_RELAXATIONS):
-        refusal = _llguidance_refusal(relaxer.schema)
-        if refusal is None:
-            return SchemaPlan(schema, relaxer.schema, tuple(relaxer.dropped))
+        grammar, refusal = _llguidance_grammar(relaxer.schema)
+        if grammar is not None:
+            return SchemaPlan(schema, relaxer.schema, tuple(relaxer.dropped), grammar)
+        assert refusal is not None
         if not checks or not _relax_once(relaxer, refusal):
             raise ConstraintError(one_line([refusal]))
     raise ConstraintError(f"still refused after {MAX_RELAXATIONS} relaxations: {one_line([refusal or ''])}")
