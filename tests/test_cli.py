@@ -172,6 +172,35 @@ def test_run_json_is_one_object_per_line_on_stdout_and_stats_on_stderr(tmp_path:
     assert all(r["complete"] == (r["finish_reason"] == "stop") for r in records)
 
 
+def test_run_repairs_an_answer_the_grammar_alone_would_let_through(tmp_path: Path) -> None:
+    """uniqueItems is not in llguidance's grammar: the check cuts the repeat the prompt asks for."""
+    _needs_model()
+    jsonschema = pytest.importorskip("jsonschema")
+    tag = {"type": "string", "enum": ["red", "blue"]}
+    schema = {
+        "type": "object",
+        "properties": {
+            "tags": {"type": "array", "items": tag, "minItems": 2, "maxItems": 2, "uniqueItems": True}
+        },
+        "required": ["tags"],
+        "additionalProperties": False,
+    }
+    path = tmp_path / "unique.json"
+    path.write_text(json.dumps(schema))
+    prompt = 'Reply with {"tags": ["red", "red"]} exactly.'
+    result = runner.invoke(app, ["run", prompt, "--json-schema", str(path), "--json", "--max-tokens", "40"])
+    assert result.exit_code == 0, result.output
+    [record] = [json.loads(line) for line in result.stdout.splitlines()]
+    jsonschema.validate(json.loads(record["text"]), schema)
+    assert record["complete"] and record["enforced_by"] == "grammar + checks (uniqueItems)"
+    assert record["backtracks"] >= 1, record  # the model did write the repeat first
+    plural = "" if record["backtracks"] == 1 else "s"
+    assert (
+        f"enforced by grammar + checks (uniqueItems); {record['backtracks']} backtrack{plural}"
+        in result.stderr
+    )
+
+
 def test_run_flags_a_constrained_answer_cut_by_max_tokens() -> None:
     _needs_model()
     cut = runner.invoke(

@@ -186,6 +186,33 @@ def test_what_cannot_be_planned_is_refused_in_one_line() -> None:
             C.check_spec(C.json_schema(deep))
 
 
+def test_every_unknown_format_goes_in_one_round() -> None:
+    names = ["", *(f"made-up-{i}" for i in range(30))]  # "" is a real schema's
+    schema = _obj({f"p{i}": {"type": "string", "format": name} for i, name in enumerate(names)})
+    plan = plan_schema(schema)  # one round per name would pass MAX_RELAXATIONS
+    expected = sorted(f"/properties/p{i}" for i in range(len(names)))
+    assert sorted(d.pointer for d in plan.dropped) == expected
+    assert plan.keywords == ("format",)
+
+
+def test_a_large_schema_that_needs_many_relaxations_is_refused_with_the_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from wasmshare.llm import schema_plan
+
+    schema = _obj(
+        {
+            "a": {"oneOf": [{"type": "integer", "minimum": 0}, {"type": "integer", "multipleOf": 2}]},
+            "b": {"type": "string", "format": "made-up"},
+            "c": {"type": "integer", "not": {"const": 1}},
+        }
+    )
+    assert len(plan_schema(schema).keywords) == 3  # three rounds, within the real budget
+    monkeypatch.setattr(schema_plan, "PLAN_BUDGET_BYTES", 2 * len(json.dumps(schema)))
+    with pytest.raises(ConstraintError, match=r"needs more relaxing than planning allows \(2 rounds"):
+        plan_schema(schema)
+
+
 def test_dropping_pattern_properties_takes_additional_properties_along() -> None:
     """The grammar must only widen: without its patternProperties, additionalProperties: false
     would refuse the very keys they allowed."""

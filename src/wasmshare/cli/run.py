@@ -335,6 +335,8 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
                         "finish_reason": r.finish_reason,
                         "complete": problem is None and r.error is None,
                         "error": r.error,
+                        "enforced_by": r.enforced_by,
+                        "backtracks": r.backtracks,
                     },
                     ensure_ascii=False,
                 )
@@ -344,6 +346,9 @@ def run_command(opts: RunOptions, console: Console, out: TextIO | None = None) -
             console.print(f"[bold][{i}][/] {r.request.prompt[:60]}", highlight=False)
             out.write(r.text + "\n")
         label = "" if len(results) == 1 else f"answer {i}: "
+        if r.enforced_by is not None and r.enforced_by != "grammar":
+            repairs = f"; {_count(r.backtracks, 'backtrack')}" if r.backtracks else ""
+            console.print(f"[dim]{label}enforced by {r.enforced_by}{repairs}[/]", highlight=False)
         if r.error:
             code = max(code, 1)
             console.print(f"[red]error:[/] {label}{r.error}", highlight=False)

@@ -18,6 +18,7 @@ takes ``then`` and ``else``). The plan is a function of the schema alone (no tok
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import re
 from collections.abc import Callable, Iterator, Sequence
@@ -34,10 +35,19 @@ __all__ = [
     "schema_nodes",
     "validator_class",
     "MAX_RELAXATIONS",
+    "PLAN_BUDGET_BYTES",
 ]
 
 MAX_RELAXATIONS = 24
 """Rounds of compile-and-relax before a schema is refused (each round relaxes one cause)."""
+
+PLAN_BUDGET_BYTES = 8 << 20
+"""Schema bytes llguidance may compile for one plan, all rounds together.
+
+A round costs about one compile of the whole schema, so a large schema that needs many
+relaxations would hold a server thread for many compiles; past this budget it is refused
+with the count instead. It admits every MaskBench schema with room to spare and a schema at
+the server's 1 MiB body limit for eight rounds."""
 
 # Keywords whose value is a schema, a list of schemas, or a map of name -> schema: the ones a
 # walk over a schema's subschemas descends into. Others hold data (enum, const, default).
@@ -283,24 +293,26 @@ class _Relaxer:
 
 
 _UNIMPLEMENTED = re.compile(r"Unimplemented keys: \[([^\]]*)\]")
-_UNKNOWN_FORMAT = re.compile(r"Unknown format: (.*)")
+_UNKNOWN_FORMAT = re.compile(r"Unknown format:[ ]?(.*)")
 _NOT_DISJOINT = re.compile(r"patternProperty regexes /(.*)/ and /(.*)/ are not disjoint")
 _CIRCULAR = re.compile(r"sibling keys are not supported: (\S*?)#(/\S*)")
 _WHERE = re.compile(r"while processing (\S*?)#(/\S*)")
 
 
+def _accepted(schema: dict[str, Any]) -> bool:
+    """Whether llguidance accepts the small ``schema`` (one keyword tried on its own)."""
+    return _llguidance_grammar(json.dumps(schema))[0] is not None
+
+
 def _regex_ok(pattern: str) -> bool:
     """Whether llguidance accepts ``pattern`` as a JSON Schema ``pattern``."""
-    import llguidance
+    return _accepted({"type": "string", "pattern": pattern})
 
-    try:
-        text = llguidance.LLMatcher.grammar_from_json_schema(
-            json.dumps({"type": "string", "pattern": pattern})
-        )
-        is_error, _ = llguidance.LLMatcher.validate_grammar_with_warnings(text, None)
-    except Exception:  # noqa: BLE001 - llguidance raises ValueError and others for bad input
-        return False
-    return not is_error
+
+@functools.lru_cache(maxsize=256)
+def _format_ok(name: Any) -> bool:
+    """Whether llguidance knows ``format: name`` (no format at all counts as known)."""
+    return not isinstance(name, str) or _accepted({"type": "string", "format": name})
 
 
 def _relax_once(relaxer: _Relaxer, message: str) -> bool:
@@ -314,7 +326,11 @@ def _relax_once(relaxer: _Relaxer, message: str) -> bool:
         return relaxer.coerce_one_of(reason)
     if (m := _UNKNOWN_FORMAT.search(first)) is not None:
         name = m.group(1).strip()
-        return relaxer.drop({"format"}, reason, where=lambda node: node.get("format") == name)
+        return relaxer.drop(
+            {"format"},
+            reason,
+            where=lambda node: node.get("format") == name or not _format_ok(node.get("format")),
+        )
     if "min/maxProperties" in message:
         return relaxer.drop({"minProperties"}, reason)
     if (m := _NOT_DISJOINT.search(message)) is not None:
@@ -361,12 +377,12 @@ def _relax_once(relaxer: _Relaxer, message: str) -> bool:
     return False
 
 
-def _llguidance_grammar(schema: Any) -> tuple[str | None, str | None]:
-    """(llguidance's grammar for ``schema``, None) when it accepts it, else (None, its refusal)."""
+def _llguidance_grammar(schema_text: str) -> tuple[str | None, str | None]:
+    """(llguidance's grammar for a schema's JSON, None) when it accepts it, else (None, its refusal)."""
     import llguidance
 
     try:
-        text = str(llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema)))
+        text = str(llguidance.LLMatcher.grammar_from_json_schema(schema_text))
         is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(text, None)
     except Exception as e:  # noqa: BLE001 - llguidance raises ValueError and others for bad input
         return None, str(e) or type(e).__name__
@@ -401,8 +417,16 @@ def _plan(schema: dict[str, Any] | bool, checks: bool) -> SchemaPlan:
                 if "oneOf" in node
             )
     refusal: str | None = None
-    for _ in range(MAX_RELAXATIONS):
-        grammar, refusal = _llguidance_grammar(relaxer.schema)
+    compiled = 0
+    for rounds in range(MAX_RELAXATIONS):
+        text = json.dumps(relaxer.schema)
+        compiled += len(text)
+        if rounds and compiled > PLAN_BUDGET_BYTES:
+            raise ConstraintError(
+                f"the schema needs more relaxing than planning allows ({rounds} rounds over "
+                f"{compiled >> 10} KiB compiled); simplify it or drop the keywords llguidance refuses"
+            )
+        grammar, refusal = _llguidance_grammar(text)
         if grammar is not None:
             return SchemaPlan(schema, relaxer.schema, tuple(relaxer.dropped), grammar)
         assert refusal is not None
