@@ -9,7 +9,7 @@ BENCH_STAMP := $(VENV)/.installed-bench
 VLLM_VENV := .venv-vllm
 VLLM_STAMP := $(VLLM_VENV)/.installed
 
-.PHONY: run run-vllm test lint test-vllm vllm-env bench typecheck guests clean
+.PHONY: run run-vllm test lint test-vllm vllm-env bench typecheck guests rust-toolchain clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,16 @@ test: lint $(STAMP)
 	$(BIN)/python -m pytest -q
 
 # Style: ruff lint and format, before any test runs (mypy strict runs as a test).
+# Rust guests (sdk/rust) need a rustc with the wasm32 standard library, which rustup cannot
+# fetch offline; Debian packages it. Without it the tests that rebuild Rust guests skip.
+rust-toolchain:
+	@if /usr/bin/rustc --print target-libdir --target wasm32-unknown-unknown >/dev/null 2>&1 \
+		&& ls "$$(/usr/bin/rustc --print target-libdir --target wasm32-unknown-unknown)" | grep -q '^libcore-'; then \
+		echo "rust-toolchain: /usr/bin/rustc has the wasm32-unknown-unknown target"; \
+	else \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rustc cargo libstd-rust-dev-wasm32; \
+	fi
+
 lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

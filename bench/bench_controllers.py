@@ -19,8 +19,13 @@ Controllers (``guests/controllers``): ``bench_mask`` rewrites its whole bitmask 
 (clear ``ceil(V/32)`` words, allow two ids); ``bench_bias`` writes all V floats of its bias.
 The token tables are synthetic vocabularies of V tokens.
 
+Guest languages: the ``allow_list`` controller written in C (``guests/controllers``), Rust
+(``sdk/rust/examples``) and Zig (``sdk/zig/examples``), the same argument, in the same batch
+configurations, measured alternately (C, Rust, Zig, then the reverse order; the mean of the two
+medians each), every mask row compared with C's.
+
 Targets (issue): bitmask B=64, V=128k under 1 ms a step and at least 5× faster than the copy
-design; bias mode within 2× of the memset of B×V floats.
+design; bias mode within 2× of the memset of B×V floats; the Rust allow-list within 1.2× of C's.
 
 Run from the repo root: ``PYTHONPATH=src .venv/bin/python bench/bench_controllers.py [--quick] [--out DIR]``.
 """
@@ -126,11 +131,16 @@ class _CopyDesign:
 
 
 def _ours(
-    table: Any, output: str, batch: int, mode: str, timing: dict[str, Any]
+    table: Any,
+    output: str,
+    batch: int,
+    mode: str,
+    timing: dict[str, Any],
+    controller: tuple[Path, bytes] | None = None,
 ) -> tuple[dict[str, Any], np.ndarray[Any, Any]]:
     from wasmshare.llm import Controller, ControllerBatch
 
-    module, arg = _controller(output)
+    module, arg = controller or _controller(output)
     with ControllerBatch(
         table, capacity=batch, mode=mode, workers=min(2, batch), limits=Limits(deadline_ms=50)
     ) as cb:
@@ -192,6 +202,55 @@ def _bench(v: int, timing: dict[str, Any], batch_sizes: tuple[int, ...]) -> list
     return rows
 
 
+GUEST_LANGUAGES = {
+    "C": CONTROLLERS / "allow_list.wasm",
+    "Rust": ROOT / "sdk" / "rust" / "examples" / "allow_list.wasm",
+    "Zig": ROOT / "sdk" / "zig" / "examples" / "allow_list.wasm",
+}
+
+
+def _languages(v: int, timing: dict[str, Any], batch_sizes: tuple[int, ...]) -> list[dict[str, Any]]:
+    """The allow-list controller in each guest language against the C one, same configurations."""
+    from wasmshare.llm import TokenTable
+
+    arg = struct.pack("<3I", 1, 1000, v - 1)
+    modules = {name: path for name, path in GUEST_LANGUAGES.items() if path.exists()}
+    rows: list[dict[str, Any]] = []
+    with TokenTable.from_tokens([b"t%d" % i for i in range(v)], name=f"synthetic-{v}") as table:
+        for b in batch_sizes:
+            for mode in MODES:
+                medians: dict[str, list[float]] = {name: [] for name in modules}
+                mins: dict[str, list[float]] = {name: [] for name in modules}
+                masks: dict[str, np.ndarray[Any, Any]] = {}
+                for order in (list(modules), list(reversed(modules))):
+                    for name in order:
+                        t, mask = _ours(table, "bitmask", b, mode, timing, (modules[name], arg))
+                        medians[name].append(float(t["median_us"]))
+                        mins[name].append(float(t["min_us"]))
+                        masks[name] = mask
+                c = {"median_us": float(np.mean(medians["C"])), "min_us": min(mins["C"])}
+                for name in modules:
+                    if name == "C":
+                        continue
+                    if not np.array_equal(masks[name], masks["C"]):
+                        raise AssertionError(f"allow_list {name} B={b} V={v}: mask rows differ from C's")
+                    ours = {"median_us": float(np.mean(medians[name])), "min_us": min(mins[name])}
+                    rows.append(
+                        _common.make_row(
+                            f"allow-list in {name} B={b} V={v // 1024}k {mode}",
+                            ours,
+                            "the same controller in C (same run)",
+                            c,
+                            output="allow_list",
+                            language=name,
+                            B=b,
+                            V=v,
+                            mode=mode,
+                        )
+                    )
+    return rows
+
+
 def run(quick: bool = False) -> list[dict[str, Any]]:
     timing: dict[str, Any] = {"repeat": 3, "min_time_s": 0.05} if quick else {"repeat": 5, "min_time_s": 0.4}
     sizes = (1, 8) if quick else BATCH_SIZES
@@ -200,12 +259,23 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     for v in vocabs:
         print(f"V={v} ...", file=sys.stderr, flush=True)
         rows.extend(_bench(v, timing, sizes))
+    for v in vocabs[:2]:
+        print(f"guest languages, V={v} ...", file=sys.stderr, flush=True)
+        rows.extend(_languages(v, timing, sizes))
     return rows
 
 
 def targets(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out: list[dict[str, Any]] = []
     for r in rows:
+        if r["output"] == "allow_list" and r["language"] == "Rust" and r["B"] == max(BATCH_SIZES):
+            out.append(
+                {
+                    "target": f"{r['case']}: within 1.2× of C (Rust time / C time)",
+                    "met": r["ratio"] >= 1 / 1.2,
+                    "value": round(1 / r["ratio"], 3),
+                }
+            )
         if r["output"] == "bitmask" and r["B"] == TARGET_B and r["V"] == TARGET_V:
             out.append(
                 {
