@@ -1,4 +1,8 @@
-"""The guest side of wasmshare: the C header's constants and the guest compiler.
+"""The guest side of wasmshare: the C header's constants and the guest compilers.
+
+C guests build with :func:`build_guest`; Rust and Zig guests with
+:func:`wasmshare.abi.rust.build_rust_guest` and :func:`wasmshare.abi.zig.build_zig_guest`,
+against the SDKs in ``sdk/`` (reached through this package's ``sdk`` link).
 
 ``ABI_VERSION`` and the constants exported here mirror ``include/wasmshare.h``
 (the host defines them in :mod:`wasmshare._abi`); a test parses the header and

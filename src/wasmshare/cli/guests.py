@@ -1,4 +1,4 @@
-"""``wasmshare build`` and ``wasmshare inspect``: compile C guests and show what a module holds."""
+"""``wasmshare build`` and ``wasmshare inspect``: compile C, Rust and Zig guests; show what a module holds."""
 
 from __future__ import annotations
 
@@ -15,38 +15,59 @@ __all__ = ["build", "inspect"]
 
 
 def build(
-    sources: Annotated[list[Path], typer.Argument(help="C source files of one guest module.")],
+    sources: Annotated[
+        list[Path], typer.Argument(help="C sources of one guest module, or one .rs or .zig file.")
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="The .wasm file to write.")],
     wasi: Annotated[
-        bool, typer.Option("--wasi", help="Target wasm32-wasi with libc (a reactor module).")
+        bool, typer.Option("--wasi", help="C only: target wasm32-wasi with libc (a reactor module).")
     ] = False,
     optimize: Annotated[
         str, typer.Option("--optimize", "-O", help="fast (-O2), small (-Oz) or debug.")
     ] = "fast",
     initial_memory: Annotated[
-        int | None, typer.Option(help="Initial linear memory in bytes (64 KiB multiple).")
+        int | None, typer.Option(help="C only: initial linear memory in bytes (64 KiB multiple).")
     ] = None,
     max_memory: Annotated[
-        int | None, typer.Option(help="Maximum linear memory in bytes (64 KiB multiple).")
+        int | None, typer.Option(help="C only: maximum linear memory in bytes (64 KiB multiple).")
     ] = None,
 ) -> None:
-    """Compile C guest sources with Zig (from PyPI) against wasmshare.h."""
-    from ..abi import build_guest
-
+    """Compile a guest: C against wasmshare.h (Zig's clang), Rust against sdk/rust, Zig against sdk/zig."""
     if optimize not in ("fast", "small", "debug"):
         raise fail(f"--optimize must be fast, small or debug, not {optimize!r}")
+    languages = {_language(src) for src in sources}
+    if len(languages) > 1 or (languages & {"rust", "zig"} and len(sources) > 1):
+        raise fail("give C sources, or one .rs file, or one .zig file: one guest module per build")
+    language = languages.pop() if languages else "c"
+    if language != "c" and (wasi or initial_memory is not None or max_memory is not None):
+        raise fail("--wasi, --initial-memory and --max-memory apply to C guests only")
     try:
-        out = build_guest(
-            sources,
-            output,
-            wasi=wasi,
-            optimize=optimize,  # type: ignore[arg-type]
-            initial_memory=initial_memory,
-            max_memory=max_memory,
-        )
+        if language == "rust":
+            from ..abi.rust import build_rust_guest
+
+            out = build_rust_guest(sources[0], output, optimize=optimize)  # type: ignore[arg-type]
+        elif language == "zig":
+            from ..abi.zig import build_zig_guest
+
+            out = build_zig_guest(sources[0], output, optimize=optimize)  # type: ignore[arg-type]
+        else:
+            from ..abi import build_guest
+
+            out = build_guest(
+                sources,
+                output,
+                wasi=wasi,
+                optimize=optimize,  # type: ignore[arg-type]
+                initial_memory=initial_memory,
+                max_memory=max_memory,
+            )
     except (WasmshareError, ValueError, TypeError) as e:
         raise fail(str(e)) from None
     console.print(f"built [bold]{out}[/] ({out.stat().st_size:,} bytes)")
+
+
+def _language(source: Path) -> str:
+    return {".rs": "rust", ".zig": "zig"}.get(source.suffix, "c")
 
 
 def inspect(module: Annotated[Path, typer.Argument(help="A .wasm or .wat module.")]) -> None:
