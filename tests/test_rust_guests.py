@@ -179,6 +179,16 @@ def test_a_misbehaving_rust_guest_fails_alone(table: TokenTable, mode: str, host
         assert "hostile" in str(error)
 
 
+def test_a_panic_logs_where_it_happened(table: TokenTable, caplog: pytest.LogCaptureFixture) -> None:
+    """The SDK's panic handler logs the panic's source location through ws_log before trapping."""
+    with caplog.at_level("INFO", logger="wasmshare.guest"), ControllerBatch(table, capacity=1) as batch:
+        bad = batch.add(Controller(RUST / "hostile.wasm", b"panic"))
+        batch.step()
+        assert batch.step({bad: [5]}).results[bad].action is Action.ERROR
+    [line] = [r.getMessage() for r in caplog.records if "panicked" in r.getMessage()]
+    assert "panicked at ./hostile.rs:" in line, line
+
+
 def test_a_panic_at_create_fails_that_sequence_only(table: TokenTable) -> None:
     with ControllerBatch(table, capacity=1) as batch:
         with pytest.raises(SequenceFailed) as info:
