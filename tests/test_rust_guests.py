@@ -56,7 +56,13 @@ def twins(name: str, arg: bytes) -> tuple[Controller, Controller]:
 
 
 def test_every_source_has_a_prebuilt_module() -> None:
-    assert {p.stem for p in SOURCES} >= {"allow_list", "ban_strings", "boost_words_sparse", "hostile"}
+    assert {p.stem for p in SOURCES} >= {
+        "allow_list",
+        "ban_strings",
+        "boost_words_sparse",
+        "typecheck",
+        "hostile",
+    }
     assert [p.stem for p in SOURCES] == [p.stem for p in sorted(RUST.glob("*.wasm"))]
 
 

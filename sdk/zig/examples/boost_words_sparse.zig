@@ -1,12 +1,19 @@
 //! boost_words_sparse: adds a logit bias to whole-word tokens, answered as sparse
-//! (token, value) pairs (twin of guests/controllers/boost_words_sparse.c).
+//! (token, value) pairs; the twin of guests/controllers/boost_words_sparse.c (same
+//! argument, same rejections, same pairs in the same order).
 //!
 //! Argument: lines `word<TAB>bias` separated by `\n` (a trailing `\r` is dropped, empty
 //! lines are skipped), at most 256 lines; the word is 1 to 255 bytes, the bias a decimal
 //! float: optional sign, digits with an optional `.`, optional exponent (`2.5`, `-1`,
-//! `.5`, `1e-2`). create writes one pair per non-special token whose bytes equal a word or
-//! `" " + word` (the last matching line wins); steps answer `sparse_bias` with their count
-//! without touching the slot, which keeps its contents between steps.
+//! `.5`, `1e-2`). Example: `"hello\t2.5\nworld\t-1\n"`.
+//!
+//! create: writes one (token, bias) pair per non-special token whose bytes equal a word or
+//!         `" " + word` (the leading-space variant BPE vocabularies use), in token order;
+//!         when a token matches several lines the last one wins. More matching tokens
+//!         than the slot holds pairs (V / 2) fails create.
+//! step:   answers `sparse_bias` with their count without touching the slot, which keeps
+//!         its contents between steps: the host adds a few values per step instead of a
+//!         whole V-entry row.
 const std = @import("std");
 const ws = @import("wasmshare");
 
@@ -19,7 +26,9 @@ fn isDigit(c: u8) bool {
     return c >= '0' and c <= '9';
 }
 
-/// Parses a decimal float filling all of `s`; `null` when malformed or out of range.
+/// Parses a decimal float filling all of `s`; `null` when malformed or out of range. The
+/// same arithmetic as the C twin's parse_float (f64 digits, exponent applied by repeated
+/// multiplication, then one rounding to f32), so both give bit-identical values.
 fn parseFloat(s: []const u8) ?f32 {
     var i: usize = 0;
     var negative = false;
@@ -67,6 +76,7 @@ fn parseFloat(s: []const u8) ?f32 {
     return if (std.math.isFinite(f)) f else null;
 }
 
+/// The parsed lines; the words are slices of the argument, which is valid during create only.
 var words_buf: [boost_max]Word = undefined;
 
 /// Parses the argument into `words_buf`; the words, or an error when malformed.
@@ -86,6 +96,7 @@ fn parseArg(a: []const u8) ![]const Word {
     return words_buf[0..n];
 }
 
+/// Whether a token's bytes are `word` or `" " + word`.
 fn matches(bytes: []const u8, word: []const u8) bool {
     return std.mem.eql(u8, bytes, word) or
         (bytes.len == word.len + 1 and bytes[0] == ' ' and std.mem.eql(u8, bytes[1..], word));
@@ -95,12 +106,13 @@ const BoostWordsSparse = struct {
     n_bias: u32,
 
     pub fn create(ctx: *ws.Create) !BoostWordsSparse {
-        const words = try parseArg(ws.arg(ctx.in));
-        const table = try ws.tokenTable(ctx.in);
-        const v = ctx.in.vocab_size;
+        const words = try parseArg(ctx.arg());
+        const table = try ctx.tokenTable();
+        const v = ctx.vocabSize();
         if (table.len() < v) return error.BadTable;
-        const ids = ws.sparseIds(ctx.in);
-        const values = ws.sparseValues(ctx.in);
+        const pairs = ctx.sparseBias();
+        const ids = pairs.ids;
+        const values = pairs.values;
         var n: usize = 0;
         var it = table.iterator();
         while (it.next()) |tok| {
@@ -123,6 +135,9 @@ const BoostWordsSparse = struct {
         s.answer(.{ .sparse_bias = self.n_bias });
     }
 };
+
+/// A failed safety check traps at once; like the C twin, the module imports nothing.
+pub const panic = ws.trap_panic;
 
 comptime {
     ws.exportController(BoostWordsSparse);
